@@ -1,0 +1,60 @@
+"""The item catalog as the model sees it: titles, merged duplicates, and its hash.
+
+A catalog is the ordered list of (item id, title) pairs of one database. Its sha256 is what a model is
+bound to: the converter writes it into the GGUF (``genrec.catalog_sha256``) and the runtime refuses a
+model whose hash differs from the database's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+def catalog_sha256(items: list[tuple[int, str]]) -> str:
+    """sha256 over the catalog's titles in item-id order: JSON ``[[id, title], ...]``, UTF-8, no spaces."""
+    ordered = sorted(items, key=lambda pair: pair[0])
+    payload = json.dumps(ordered, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Items by id, plus the merge of duplicate titles (a hit is a title match)."""
+
+    item_ids: tuple[int, ...]
+    titles: tuple[str, ...]
+    sha256: str = ""
+    title_to_items: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False, hash=False)
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[int, str]]) -> Catalog:
+        ordered = sorted(pairs, key=lambda pair: pair[0])
+        merged: dict[str, list[int]] = {}
+        for item_id, title in ordered:
+            merged.setdefault(title, []).append(item_id)
+        return cls(
+            item_ids=tuple(i for i, _ in ordered),
+            titles=tuple(t for _, t in ordered),
+            sha256=catalog_sha256(ordered),
+            title_to_items={t: tuple(ids) for t, ids in merged.items()},
+        )
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def unique_titles(self) -> list[str]:
+        """Distinct titles, in order of first appearance (item-id order)."""
+        return list(self.title_to_items)
+
+    def title_of(self, item_id: int) -> str:
+        return self._title_by_id()[item_id]
+
+    def _title_by_id(self) -> dict[int, str]:
+        cached = self.__dict__.get("_by_id")
+        if cached is None:
+            cached = dict(zip(self.item_ids, self.titles))
+            object.__setattr__(self, "_by_id", cached)
+        return cached

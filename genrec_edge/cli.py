@@ -1,0 +1,88 @@
+"""The ``genrec-edge`` command: a thin dispatcher over the library.
+
+Each stage's commands live in ``genrec_edge/commands/<stage>.py``; those modules import only typer at
+import time and import their stage's module inside the command body, so ``genrec-edge --help`` stays fast.
+Every :class:`~genrec_edge.errors.GenrecError` becomes one line on stderr and its exit code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from .errors import GenrecError
+
+COMMAND_MODULES = (
+    "data",
+    "history",
+    "prompts",
+    "baseline",
+    "train",
+    "convert",
+    "recommend",
+    "bench",
+    "serve",
+    "doctor",
+)
+
+app = typer.Typer(
+    name="genrec-edge",
+    help="LLM generative recommendation on a laptop: a LoRA-tuned LLaMA served by llama.cpp, "
+    "constrained to your catalog.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from . import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f".commands.{_name}", __package__)
+    except ModuleNotFoundError as exc:  # a stage not built yet
+        if exc.name != f"{__package__}.commands.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+def error_line(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app, turning our errors into one line and an exit code."""
+    try:
+        app(args=argv, prog_name="genrec-edge", standalone_mode=True)
+    except GenrecError as exc:
+        error_line(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:  # a bug: still one line unless debugging
+        if os.environ.get("GENREC_EDGE_DEBUG"):
+            raise
+        error_line(f"internal error ({type(exc).__name__}): {exc}. Set GENREC_EDGE_DEBUG=1 for a traceback.")
+        return 70
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The small error hierarchy the CLI turns into one line on stderr and an exit code."""
+
+
+class GenrecError(Exception):
+    """Base class: a problem the user can act on. The CLI prints ``error: <message>`` and exits non-zero."""
+
+    exit_code = 1
+
+
+class UsageError(GenrecError):
+    """Bad arguments or options."""
+
+    exit_code = 2
+
+
+class DatabaseError(GenrecError):
+    """Missing, corrupt, locked or read-only database, or a schema we do not know."""
+
+    exit_code = 3
+
+
+class NotFoundError(GenrecError):
+    """Unknown user, item or file."""
+
+    exit_code = 4
+
+
+class EmptyHistoryError(GenrecError):
+    """The user exists but has no history to recommend from."""
+
+    exit_code = 5
+
+
+class IngestError(GenrecError):
+    """Malformed input data; the message names the file and line."""
+
+    exit_code = 6
+
+
+class CorruptModelError(GenrecError):
+    """A model file that is truncated, corrupt, foreign or unsupported."""
+
+    exit_code = 7
+
+
+class CatalogMismatchError(GenrecError):
+    """A model trained for another catalog than the database's."""
+
+    exit_code = 8
+
+
+class GrammarError(GenrecError):
+    """A GBNF grammar that would crash or dead-end llama.cpp."""
+
+    exit_code = 9
+
+
+class DownloadError(GenrecError):
+    """A download that failed or whose checksum does not match."""
+
+    exit_code = 10
