@@ -1,0 +1,1 @@
+"""HF-LLaMA → GGUF conversion and GGUF header validation (installed as ``genrec_edge.convert``)."""
