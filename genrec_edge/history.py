@@ -1,0 +1,397 @@
+"""The history database: one SQLite file with items, users and their interactions.
+
+Schema (created and upgraded by the versioned migrations ``m001_…`` below, recorded by
+``sqlite_utils.Migrations`` in ``_sqlite_migrations``)::
+
+    datasets(name TEXT PK, source TEXT, catalog_sha256 TEXT, ingested_at TEXT)
+    items(id INTEGER PK, title TEXT NOT NULL, year INTEGER, genres TEXT, extra TEXT)   -- genres "|"-joined
+    users(id INTEGER PK)
+    interactions(user_id, item_id, timestamp INTEGER, rating REAL,
+                 PRIMARY KEY (user_id, timestamp, item_id)) WITHOUT ROWID
+
+The interactions primary key *is* the "history of user U in time order" index: a user's rows are
+contiguous in the table's b-tree, so reading one history is a range scan however large the table is
+(ML-25M). ``idx_interactions_item`` serves per-item lookups. Chronological order everywhere is
+``timestamp``, then ``item_id``.
+
+The file runs in WAL mode (readers never block the writer) with a busy timeout; every sqlite3 error is
+turned into a one-line :class:`~genrec_edge.errors.DatabaseError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from .catalog import Catalog, catalog_sha256
+from .errors import DatabaseError, NotFoundError
+
+DEFAULT_BUSY_TIMEOUT = 5.0
+
+migrations = sqlite_utils.Migrations("genrec_edge")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.execute(
+        "CREATE TABLE datasets (name TEXT PRIMARY KEY, source TEXT, catalog_sha256 TEXT, ingested_at TEXT)"
+    )
+    db.execute(
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, title TEXT NOT NULL, year INTEGER, genres TEXT, extra TEXT)"
+    )
+    db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    db.execute(
+        "CREATE TABLE interactions ("
+        " user_id INTEGER NOT NULL REFERENCES users(id),"
+        " item_id INTEGER NOT NULL REFERENCES items(id),"
+        " timestamp INTEGER NOT NULL,"
+        " rating REAL,"
+        " PRIMARY KEY (user_id, timestamp, item_id)"
+        ") WITHOUT ROWID"
+    )
+    db.execute("CREATE INDEX idx_interactions_item ON interactions(item_id)")
+
+
+@migrations()
+def m002_items_title_index(db: sqlite_utils.Database) -> None:
+    # `history add --title` and item_by_title look titles up exactly; ML-25M has 62k items.
+    db.execute("CREATE INDEX idx_items_title ON items(title)")
+
+
+SCHEMA_VERSION = len(migrations._migrations)
+
+
+@dataclass(frozen=True)
+class Item:
+    id: int
+    title: str
+    year: int | None
+    genres: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Interaction:
+    item_id: int
+    title: str
+    year: int | None
+    genres: tuple[str, ...]
+    timestamp: int
+    rating: float | None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    source: str
+    catalog_sha256: str
+    ingested_at: str
+
+
+def split_genres(genres: str | None) -> tuple[str, ...]:
+    if not genres or genres == "(no genres listed)":
+        return ()
+    return tuple(g for g in genres.split("|") if g)
+
+
+def _item_from_row(row: tuple) -> Item:
+    item_id, title, year, genres = row
+    return Item(item_id, title, year, split_genres(genres))
+
+
+def _interaction_from_row(row: tuple) -> Interaction:
+    item_id, title, year, genres, timestamp, rating = row
+    return Interaction(item_id, title, year, split_genres(genres), timestamp, rating)
+
+
+def _translate(exc: sqlite3.Error, path: Path, busy_timeout: float) -> DatabaseError:
+    """One sqlite3 error as the DatabaseError a user can act on."""
+    message = str(exc)
+    if "locked" in message or "busy" in message:
+        return DatabaseError(f"database is locked by another writer (waited {busy_timeout:g} s): {path}")
+    if "readonly" in message or "read-only" in message:
+        return DatabaseError(f"database is read-only: {path}")
+    if "not a database" in message:
+        return DatabaseError(f"not a SQLite database: {path}")
+    if "malformed" in message or "corrupt" in message:
+        return DatabaseError(f"database is corrupt ({message}): {path}")
+    if "unable to open" in message:
+        return DatabaseError(f"cannot open database ({message}): {path}")
+    return DatabaseError(f"database error ({message}): {path}")
+
+
+def _is_read_only_file(path: Path) -> bool:
+    # Root passes os.access for any file, so honour the permission bits too: a file nobody may write
+    # was made read-only on purpose.
+    mode = path.stat().st_mode
+    return not os.access(path, os.W_OK) or not (mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+class HistoryDB:
+    """A history database. Use :meth:`open`; it is a context manager."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, readonly: bool, busy_timeout: float):
+        self.path = path
+        self.conn = conn
+        self.readonly = readonly
+        self.busy_timeout = busy_timeout
+        self.db = sqlite_utils.Database(conn)
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        create: bool = False,
+        readonly: bool = False,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    ) -> HistoryDB:
+        """Open (or with ``create=True`` create) a database and bring its schema up to date.
+
+        Raises DatabaseError for a missing file (unless ``create``), a file that is not SQLite, a
+        read-only file opened for writing, a lock held past ``busy_timeout`` seconds, or a schema
+        newer than this version knows.
+        """
+        path = Path(path)
+        if path.is_dir():
+            raise DatabaseError(f"not a SQLite database (a directory): {path}")
+        if not path.exists():
+            if not create or readonly:
+                raise DatabaseError(f"no database at {path} (run `genrec-edge init`)")
+            path.parent.mkdir(parents=True, exist_ok=True)
+        elif not readonly and _is_read_only_file(path):
+            raise DatabaseError(f"database is read-only: {path} (fix its permissions or open it read-only)")
+        try:
+            if readonly:
+                conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout)
+            else:
+                conn = sqlite3.connect(str(path), timeout=busy_timeout)
+        except sqlite3.Error as exc:
+            raise _translate(exc, path, busy_timeout) from None
+        self = cls(path, conn, readonly, busy_timeout)
+        try:
+            with self._errors():
+                # Reading the schema is what detects a file that is not SQLite.
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                if not readonly:
+                    conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                self._migrate()
+        except BaseException:
+            conn.close()
+            raise
+        return self
+
+    def _migrate(self) -> None:
+        applied = [m.name for m in migrations.applied(self.db)]
+        known = {m.name for m in migrations._migrations}
+        unknown = [name for name in applied if name not in known]
+        if unknown:
+            raise DatabaseError(
+                f"database schema is newer than this genrec-edge (unknown migrations {unknown}): {self.path}"
+            )
+        pending = migrations.pending(self.db)
+        if not pending:
+            return
+        if self.readonly:
+            if not applied and not self.db.table_names():
+                raise DatabaseError(f"not a genrec-edge database (no schema): {self.path}")
+            raise DatabaseError(
+                f"database schema is version {len(applied)}, this genrec-edge needs {SCHEMA_VERSION}: "
+                f"open it for writing once to upgrade: {self.path}"
+            )
+        if not applied:
+            foreign = [t for t in self.db.table_names() if t != migrations.migrations_table]
+            if foreign:
+                raise DatabaseError(f"not a genrec-edge database (it has tables {foreign[:5]}): {self.path}")
+        migrations.apply(self.db)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if self.conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.conn.rollback()
+            raise _translate(exc, self.path, self.busy_timeout) from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> HistoryDB:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- reads
+    def schema_version(self) -> int:
+        """The number of applied migrations (m001 -> 1, ...)."""
+        with self._errors():
+            return len(migrations.applied(self.db))
+
+    def quick_check(self) -> str:
+        """SQLite's ``PRAGMA quick_check``: ``"ok"`` for a sound file, else the problems found."""
+        with self._errors():
+            rows = self.conn.execute("PRAGMA quick_check").fetchall()
+        return "\n".join(str(r[0]) for r in rows)
+
+    def dataset(self) -> Dataset | None:
+        """The most recently ingested dataset, or None for an empty database."""
+        with self._errors():
+            row = self.conn.execute(
+                "SELECT name, source, catalog_sha256, ingested_at FROM datasets "
+                "ORDER BY ingested_at DESC, name LIMIT 1"
+            ).fetchone()
+        return Dataset(*row) if row else None
+
+    def catalog(self) -> Catalog:
+        """Every item, in id order."""
+        with self._errors():
+            pairs = self.conn.execute("SELECT id, title FROM items ORDER BY id").fetchall()
+        return Catalog.from_pairs([(int(i), str(t)) for i, t in pairs])
+
+    def users(self) -> list[int]:
+        with self._errors():
+            return [r[0] for r in self.conn.execute("SELECT id FROM users ORDER BY id")]
+
+    def count_interactions(self) -> int:
+        with self._errors():
+            return self.conn.execute("SELECT count(*) FROM interactions").fetchone()[0]
+
+    def count_items(self) -> int:
+        with self._errors():
+            return self.conn.execute("SELECT count(*) FROM items").fetchone()[0]
+
+    def sequences(self) -> Iterator[tuple[int, list[int]]]:
+        """``(user_id, item ids oldest first)`` for every user with at least one interaction, by user id.
+
+        Streams in primary-key order, so it never holds more than one user's history in memory.
+        """
+        current_user: int | None = None
+        items: list[int] = []
+        with self._errors():
+            cursor = self.conn.execute(
+                "SELECT user_id, item_id FROM interactions ORDER BY user_id, timestamp, item_id"
+            )
+            for user_id, item_id in cursor:
+                if user_id != current_user:
+                    if current_user is not None:
+                        yield current_user, items
+                    current_user, items = user_id, []
+                items.append(item_id)
+        if current_user is not None:
+            yield current_user, items
+
+    def _require_user(self, user_id: int) -> None:
+        row = self.conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown user {user_id}")
+
+    def history(self, user_id: int, limit: int | None = None) -> list[Interaction]:
+        """The user's interactions oldest first; ``limit`` keeps the last N. Unknown user: NotFoundError."""
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be >= 0")
+        with self._errors():
+            self._require_user(user_id)
+            columns = "i.item_id, it.title, it.year, it.genres, i.timestamp, i.rating"
+            join = "FROM interactions i JOIN items it ON it.id = i.item_id WHERE i.user_id = ?"
+            if limit is None:
+                rows = self.conn.execute(
+                    f"SELECT {columns} {join} ORDER BY i.timestamp, i.item_id", (user_id,)
+                ).fetchall()
+            else:
+                rows = self.conn.execute(
+                    f"SELECT {columns} {join} ORDER BY i.timestamp DESC, i.item_id DESC LIMIT ?",
+                    (user_id, limit),
+                ).fetchall()
+                rows.reverse()
+        return [_interaction_from_row(r) for r in rows]
+
+    def seen_items(self, user_id: int) -> set[int]:
+        with self._errors():
+            self._require_user(user_id)
+            return {r[0] for r in self.conn.execute("SELECT item_id FROM interactions WHERE user_id = ?", (user_id,))}
+
+    def item(self, item_id: int) -> Item:
+        with self._errors():
+            row = self.conn.execute(
+                "SELECT id, title, year, genres FROM items WHERE id = ?", (item_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"unknown item {item_id}")
+        return _item_from_row(row)
+
+    def item_by_title(self, title: str) -> list[Item]:
+        """Items whose title is exactly ``title`` (MovieLens has a few duplicate titles)."""
+        with self._errors():
+            rows = self.conn.execute(
+                "SELECT id, title, year, genres FROM items WHERE title = ? ORDER BY id", (title,)
+            ).fetchall()
+        return [_item_from_row(r) for r in rows]
+
+    def find_items(self, text: str, limit: int = 20) -> list[Item]:
+        """Items whose title contains ``text`` (case-insensitive for ASCII): exact, then prefix, then by id."""
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._errors():
+            rows = self.conn.execute(
+                "SELECT id, title, year, genres FROM items WHERE title LIKE ? ESCAPE '\\' "
+                "ORDER BY (lower(title) = lower(?)) DESC, (lower(title) LIKE lower(?) || '%' ESCAPE '\\') DESC, id "
+                "LIMIT ?",
+                (pattern, text, pattern[1:-1], limit),
+            ).fetchall()
+        return [_item_from_row(r) for r in rows]
+
+    # ---------------------------------------------------------------- writes
+    def add_user(self, user_id: int) -> None:
+        """Create a user (no-op if it exists)."""
+        with self._errors(), self.conn:
+            self.conn.execute("INSERT OR IGNORE INTO users(id) VALUES (?)", (user_id,))
+
+    def add_interaction(
+        self, user_id: int, item_id: int, timestamp: int | None = None, rating: float | None = None
+    ) -> Interaction:
+        """Record that ``user_id`` interacted with ``item_id`` (now, unless ``timestamp``); creates the user.
+
+        Recording the same (user, timestamp, item) twice keeps the first rating.
+        """
+        item = self.item(item_id)
+        if timestamp is None:
+            timestamp = int(time.time())
+        with self._errors(), self.conn:
+            self.conn.execute("INSERT OR IGNORE INTO users(id) VALUES (?)", (user_id,))
+            self.conn.execute(
+                "INSERT OR IGNORE INTO interactions(user_id, item_id, timestamp, rating) VALUES (?, ?, ?, ?)",
+                (user_id, item_id, int(timestamp), rating),
+            )
+            stored = self.conn.execute(
+                "SELECT rating FROM interactions WHERE user_id = ? AND timestamp = ? AND item_id = ?",
+                (user_id, int(timestamp), item_id),
+            ).fetchone()
+        return Interaction(item.id, item.title, item.year, item.genres, int(timestamp), stored[0])
+
+    def record_dataset(self, name: str, source: str) -> None:
+        """Upsert a ``datasets`` row and refresh every row's catalog hash (the caller owns the transaction)."""
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+        self.conn.execute(
+            "INSERT INTO datasets(name, source, ingested_at) VALUES (?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET source = excluded.source, ingested_at = excluded.ingested_at",
+            (name, source, now),
+        )
+        self.refresh_catalog_sha256()
+
+    def refresh_catalog_sha256(self) -> str:
+        """Recompute the catalog hash over all items and store it on every dataset row."""
+        pairs = self.conn.execute("SELECT id, title FROM items ORDER BY id").fetchall()
+        digest = catalog_sha256([(int(i), str(t)) for i, t in pairs])
+        self.conn.execute("UPDATE datasets SET catalog_sha256 = ?", (digest,))
+        return digest

@@ -1,0 +1,616 @@
+"""Load MovieLens releases (and generic CSV files) into the history database.
+
+Formats (``FORMAT PATH``):
+
+- ``movielens-csv``: ml-latest-small, ml-latest, ml-20m, ml-25m - ``movies.csv`` and ``ratings.csv`` in PATH.
+- ``movielens-dat``: ml-1m, ml-10m - ``movies.dat`` and ``ratings.dat`` (``::``-separated). ml-1m is
+  latin-1, ml-10m UTF-8: ``encoding="auto"`` reads movies.dat as UTF-8 if the whole file decodes, else latin-1.
+- ``movielens-100k``: ml-100k - ``u.data`` (tab-separated ``user item rating timestamp``) and ``u.item``
+  (latin-1, ``|``-separated: id|title|release date|video release date|IMDb URL|19 genre flags).
+- ``csv``: generic - ``interactions`` and ``items`` CSV files with named columns; time as unix seconds
+  or an ISO date.
+
+The whole ingest is one transaction: a malformed row raises ``IngestError("FILE:LINE: reason")`` and
+leaves the database exactly as it was; with ``skip_bad`` bad rows are counted and skipped instead. Rows
+are streamed and written in chunks, so ML-25M never sits in memory. Inserts are ``INSERT OR IGNORE``,
+so ingesting the same data twice adds nothing the second time.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import IngestError, UsageError
+from .history import DEFAULT_BUSY_TIMEOUT, HistoryDB
+
+FORMATS = ("movielens-csv", "movielens-dat", "movielens-100k", "csv")
+CHUNK_ROWS = 50_000
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
+    "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western",
+)  # fmt: skip
+# "Heat (1995)", "Babylon 5 (1994-1998)", "Fargo (2014-)": the first year of a trailing parenthesis.
+YEAR_RE = re.compile(r"\((\d{4})(?:[-\u2013]\d{0,4})?\)\s*$")
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What one ingest added: counts of *new* rows (0 on a repeat), bad rows skipped, wall time."""
+
+    dataset: str
+    items: int
+    users: int
+    interactions: int
+    skipped: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    id: int
+    title: str
+    year: int | None
+    genres: str
+    extra: str | None = None
+
+
+@dataclass(frozen=True)
+class InteractionRow:
+    user_id: int
+    item_id: int
+    timestamp: int
+    rating: float | None
+
+
+class BadRow(Exception):
+    """One malformed row: ``where`` is "FILE:LINE"."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+
+
+def parse_year(title: str) -> int | None:
+    match = YEAR_RE.search(title)
+    return int(match.group(1)) if match else None
+
+
+# ----------------------------------------------------------------------------- reading lines
+class LineSource:
+    """Decoded lines of one file, one per physical line, with byte progress and decode errors.
+
+    A line that does not decode is replaced by an empty line and its error kept in ``decode_error``,
+    so the csv reader's line numbers stay equal to physical line numbers and the parser can report
+    (or skip) that exact line.
+    """
+
+    def __init__(self, path: Path, encoding: str, on_bytes: Callable[[int], None]):
+        self.path = path
+        self.encoding = encoding
+        self.on_bytes = on_bytes
+        self.line_no = 0
+        self.decode_error: tuple[int, str] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        with open(self.path, "rb") as fh:
+            for raw in fh:
+                self.line_no += 1
+                self.on_bytes(len(raw))
+                try:
+                    text = raw.decode(self.encoding)
+                except UnicodeDecodeError as exc:
+                    bad = raw[exc.start : exc.start + 1].hex()
+                    self.decode_error = (
+                        self.line_no,
+                        f"not valid {self.encoding.upper()} (byte 0x{bad} at column {exc.start + 1})",
+                    )
+                    text = "\n"
+                if self.line_no == 1 and text.startswith("\ufeff"):
+                    text = text[1:]
+                yield text
+
+    def take_decode_error(self, line_no: int) -> None:
+        if self.decode_error is not None:
+            err_line, reason = self.decode_error
+            self.decode_error = None
+            raise BadRow(f"{self.path}:{err_line}", reason)
+
+
+def _csv_rows(source: LineSource, delimiter: str = ",") -> Iterator[tuple[int, list[str] | BadRow]]:
+    """(line, fields) per record; a BadRow in place of the fields for a record that cannot be read."""
+    reader = csv.reader(iter(source), delimiter=delimiter, strict=True)
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield reader.line_num, BadRow(f"{source.path}:{reader.line_num}", f"bad CSV quoting ({exc})")
+            continue
+        try:
+            source.take_decode_error(reader.line_num)
+        except BadRow as bad:
+            yield reader.line_num, bad
+            continue
+        if not fields:
+            continue  # blank line
+        yield reader.line_num, fields
+
+
+def _split_rows(source: LineSource, separator: str) -> Iterator[tuple[int, list[str] | BadRow]]:
+    for text in source:
+        try:
+            source.take_decode_error(source.line_no)
+        except BadRow as bad:
+            yield source.line_no, bad
+            continue
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            continue
+        yield source.line_no, text.split(separator)
+
+
+def _int(value: str, what: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not an integer") from None
+
+
+def _rating(value: str) -> float | None:
+    value = value.strip()
+    if value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"rating {value!r} is not a number") from None
+
+
+def _timestamp(value: str) -> int:
+    """Unix seconds, or an ISO-8601 date / date-time (naive means UTC)."""
+    value = value.strip()
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return int(float(value))
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"timestamp {value!r} is neither unix seconds nor an ISO date") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+    return int(parsed.timestamp())
+
+
+def _expect(fields: list[str], count: int) -> None:
+    if len(fields) != count:
+        raise ValueError(f"expected {count} fields, got {len(fields)}")
+
+
+def _check_header(path: Path, fields: list[str], expected: list[str]) -> None:
+    if [f.strip() for f in fields] != expected:
+        raise BadRow(f"{path}:1", f"expected header {','.join(expected)}, got {','.join(fields)}")
+
+
+# ----------------------------------------------------------------------------- format parsers
+# Each parser yields (line, ItemRow | InteractionRow) or a BadRow; it opens files through a LineSource factory.
+Opener = Callable[[Path, str], LineSource]
+
+
+def _rows_with_reasons(path: Path, rows, parse) -> Iterator:
+    for line, fields in rows:
+        if isinstance(fields, BadRow):
+            yield fields
+            continue
+        try:
+            yield line, parse(fields)
+        except ValueError as exc:
+            yield BadRow(f"{path}:{line}", str(exc))
+
+
+def movielens_csv_items(path: Path, open_lines: Opener) -> Iterator:
+    rows = _csv_rows(open_lines(path, "utf-8"))
+    first = next(rows, None)
+    if first is None:
+        return
+    if isinstance(first[1], BadRow):
+        raise first[1]
+    _check_header(path, first[1], ["movieId", "title", "genres"])
+
+    def parse(fields):
+        _expect(fields, 3)
+        title = fields[1].strip()
+        return ItemRow(_int(fields[0], "movie id"), title, parse_year(title), fields[2].strip())
+
+    yield from _rows_with_reasons(path, rows, parse)
+
+
+def movielens_csv_interactions(path: Path, open_lines: Opener) -> Iterator:
+    rows = _csv_rows(open_lines(path, "utf-8"))
+    first = next(rows, None)
+    if first is None:
+        return
+    if isinstance(first[1], BadRow):
+        raise first[1]
+    _check_header(path, first[1], ["userId", "movieId", "rating", "timestamp"])
+
+    def parse(fields):
+        _expect(fields, 4)
+        return InteractionRow(
+            _int(fields[0], "user id"), _int(fields[1], "movie id"), _int(fields[3], "timestamp"), _rating(fields[2])
+        )
+
+    yield from _rows_with_reasons(path, rows, parse)
+
+
+def detect_encoding(path: Path) -> str:
+    """UTF-8 if the whole file decodes as UTF-8 (ml-10m), else latin-1 (ml-1m)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            while fh.read(1 << 20):
+                pass
+    except UnicodeDecodeError:
+        return "latin-1"
+    return "utf-8"
+
+
+def movielens_dat_items(path: Path, open_lines: Opener, encoding: str = "auto") -> Iterator:
+    if encoding == "auto":
+        encoding = detect_encoding(path)
+
+    def parse(fields):
+        # MovieID::Title::Genres - a title never contains "::", but be safe: id first, genres last.
+        if len(fields) < 3:
+            raise ValueError(f"expected 3 '::'-separated fields, got {len(fields)}")
+        title = "::".join(fields[1:-1]).strip()
+        return ItemRow(_int(fields[0], "movie id"), title, parse_year(title), fields[-1].strip())
+
+    source = open_lines(path, encoding)
+    yield from _rows_with_reasons(path, _split_rows(source, "::"), parse)
+
+
+def movielens_dat_interactions(path: Path, open_lines: Opener) -> Iterator:
+    def parse(fields):
+        if len(fields) != 4:
+            raise ValueError(f"expected 4 '::'-separated fields, got {len(fields)}")
+        return InteractionRow(
+            _int(fields[0], "user id"), _int(fields[1], "movie id"), _int(fields[3], "timestamp"), _rating(fields[2])
+        )
+
+    yield from _rows_with_reasons(path, _split_rows(open_lines(path, "utf-8"), "::"), parse)
+
+
+def movielens_100k_items(path: Path, open_lines: Opener) -> Iterator:
+    def parse(fields):
+        _expect(fields, 5 + len(ML100K_GENRES))
+        flags = fields[5:]
+        if any(f.strip() not in ("0", "1") for f in flags):
+            raise ValueError("genre flags must be 0 or 1")
+        genres = "|".join(g for g, f in zip(ML100K_GENRES, flags, strict=True) if f.strip() == "1" and g != "unknown")
+        title = fields[1].strip()
+        extra = {k: v for k, v in (("release_date", fields[2]), ("imdb_url", fields[4])) if v.strip()}
+        return ItemRow(
+            _int(fields[0], "item id"), title, parse_year(title), genres, json.dumps(extra) if extra else None
+        )
+
+    yield from _rows_with_reasons(path, _split_rows(open_lines(path, "latin-1"), "|"), parse)
+
+
+def movielens_100k_interactions(path: Path, open_lines: Opener) -> Iterator:
+    def parse(fields):
+        _expect(fields, 4)
+        return InteractionRow(
+            _int(fields[0], "user id"), _int(fields[1], "item id"), _int(fields[3], "timestamp"), _rating(fields[2])
+        )
+
+    yield from _rows_with_reasons(path, _split_rows(open_lines(path, "utf-8"), "\t"), parse)
+
+
+def _generic_columns(path: Path, header: list[str], wanted: dict[str, tuple[str | None, bool]]) -> dict[str, int]:
+    header = [h.strip() for h in header]
+    found: dict[str, int] = {}
+    for key, (column, required) in wanted.items():
+        if column and column in header:
+            found[key] = header.index(column)
+        elif required:
+            raise BadRow(f"{path}:1", f"no column {column!r} (columns: {', '.join(header)})")
+    return found
+
+
+def generic_items(path: Path, open_lines: Opener, *, item_id_col: str, title_col: str, genres_col: str | None, delimiter: str) -> Iterator:
+    rows = _csv_rows(open_lines(path, "utf-8"), delimiter)
+    first = next(rows, None)
+    if first is None:
+        return
+    if isinstance(first[1], BadRow):
+        raise first[1]
+    header = first[1]
+    cols = _generic_columns(path, header, {"id": (item_id_col, True), "title": (title_col, True), "genres": (genres_col, False)})
+
+    def parse(fields):
+        _expect(fields, len(header))
+        title = fields[cols["title"]].strip()
+        if not title:
+            raise ValueError("empty title")
+        genres = fields[cols["genres"]].strip() if "genres" in cols else ""
+        return ItemRow(_int(fields[cols["id"]], "item id"), title, parse_year(title), genres)
+
+    yield from _rows_with_reasons(path, rows, parse)
+
+
+def generic_interactions(
+    path: Path, open_lines: Opener, *, user_col: str, item_col: str, time_col: str, rating_col: str | None, delimiter: str
+) -> Iterator:
+    rows = _csv_rows(open_lines(path, "utf-8"), delimiter)
+    first = next(rows, None)
+    if first is None:
+        return
+    if isinstance(first[1], BadRow):
+        raise first[1]
+    header = first[1]
+    cols = _generic_columns(
+        path, header, {"user": (user_col, True), "item": (item_col, True), "time": (time_col, True), "rating": (rating_col, False)}
+    )
+
+    def parse(fields):
+        _expect(fields, len(header))
+        rating = _rating(fields[cols["rating"]]) if "rating" in cols else None
+        return InteractionRow(
+            _int(fields[cols["user"]], "user id"), _int(fields[cols["item"]], "item id"), _timestamp(fields[cols["time"]]), rating
+        )
+
+    yield from _rows_with_reasons(path, rows, parse)
+
+
+# ----------------------------------------------------------------------------- the ingest
+def _resolve_files(fmt: str, path: Path | None, interactions: Path | None, items: Path | None) -> tuple[Path, Path]:
+    if fmt == "csv":
+        if interactions is None or items is None:
+            raise UsageError("format csv needs --interactions FILE and --items FILE")
+        base = path if path is not None and path.is_dir() else Path(".")
+        files = (base / items, base / interactions)
+    else:
+        if path is None:
+            raise UsageError(f"format {fmt} needs the PATH of the extracted release folder")
+        names = {
+            "movielens-csv": ("movies.csv", "ratings.csv"),
+            "movielens-dat": ("movies.dat", "ratings.dat"),
+            "movielens-100k": ("u.item", "u.data"),
+        }[fmt]
+        if not path.is_dir():
+            raise IngestError(f"{path}: not a folder (expected the extracted release with {' and '.join(names)})")
+        files = (path / names[0], path / names[1])
+    for file in files:
+        if not file.is_file():
+            raise IngestError(f"{file}: no such file")
+    return files
+
+
+def ingest(
+    db_path: str | Path,
+    fmt: str,
+    path: str | Path | None = None,
+    *,
+    interactions: str | Path | None = None,
+    items: str | Path | None = None,
+    user_col: str = "user_id",
+    item_col: str = "item_id",
+    time_col: str = "timestamp",
+    rating_col: str | None = "rating",
+    title_col: str = "title",
+    item_id_col: str = "item_id",
+    genres_col: str | None = "genres",
+    delimiter: str = ",",
+    encoding: str = "auto",
+    dataset_name: str | None = None,
+    skip_bad: bool = False,
+    busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    progress: bool = True,
+) -> IngestReport:
+    """Ingest one dataset into ``db_path`` (created if missing) in a single transaction.
+
+    Example: ``ingest("my.db", "movielens-csv", "ml-latest-small")``. The interactions' items must be in
+    the items file or already in the database. Returns the counts of new rows.
+    """
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if encoding not in ("auto", "utf-8", "latin-1"):
+        raise UsageError(f"unknown encoding {encoding!r} (auto, utf-8 or latin-1)")
+    path = Path(path) if path is not None else None
+    items_file, interactions_file = _resolve_files(
+        fmt, path, Path(interactions) if interactions else None, Path(items) if items else None
+    )
+    if fmt == "movielens-csv":
+        item_rows = lambda opener: movielens_csv_items(items_file, opener)  # noqa: E731
+        interaction_rows = lambda opener: movielens_csv_interactions(interactions_file, opener)  # noqa: E731
+    elif fmt == "movielens-dat":
+        item_rows = lambda opener: movielens_dat_items(items_file, opener, encoding)  # noqa: E731
+        interaction_rows = lambda opener: movielens_dat_interactions(interactions_file, opener)  # noqa: E731
+    elif fmt == "movielens-100k":
+        item_rows = lambda opener: movielens_100k_items(items_file, opener)  # noqa: E731
+        interaction_rows = lambda opener: movielens_100k_interactions(interactions_file, opener)  # noqa: E731
+    else:
+        item_rows = lambda opener: generic_items(  # noqa: E731
+            items_file, opener, item_id_col=item_id_col, title_col=title_col, genres_col=genres_col, delimiter=delimiter
+        )
+        interaction_rows = lambda opener: generic_interactions(  # noqa: E731
+            interactions_file, opener, user_col=user_col, item_col=item_col, time_col=time_col,
+            rating_col=rating_col, delimiter=delimiter,
+        )  # fmt: skip
+    if fmt != "movielens-dat" and encoding != "auto":
+        forced = encoding
+        base_items, base_interactions = item_rows, interaction_rows
+        item_rows = lambda opener: base_items(lambda p, _enc: opener(p, forced))  # noqa: E731
+        interaction_rows = lambda opener: base_interactions(lambda p, _enc: opener(p, forced))  # noqa: E731
+    name = dataset_name or (path.resolve().name if path is not None else interactions_file.stem)
+    source = f"{fmt}:{(path or interactions_file).resolve()}"
+
+    started = time.perf_counter()
+    total_bytes = items_file.stat().st_size + interactions_file.stat().st_size
+    with HistoryDB.open(db_path, create=True, busy_timeout=busy_timeout) as db, _progress_bar(progress, total_bytes) as advance:
+        opener: Opener = lambda p, enc: LineSource(p, enc, advance)  # noqa: E731
+        with db._errors():
+            counts = _ingest_in_one_transaction(
+                db, name, source, item_rows(opener), interaction_rows(opener), interactions_file, skip_bad
+            )
+    return IngestReport(name, *counts, seconds=time.perf_counter() - started)
+
+
+def _ingest_in_one_transaction(
+    db: HistoryDB, name: str, source: str, item_rows, interaction_rows, interactions_file: Path, skip_bad: bool
+):
+    conn = db.conn
+    conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the PK b-tree of a big ingest stays in memory
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        skipped = 0
+
+        def good(rows):
+            nonlocal skipped
+            for row in rows:
+                if isinstance(row, BadRow):
+                    if not skip_bad:
+                        raise IngestError(str(row))
+                    skipped += 1
+                    continue
+                yield row[1]
+
+        before = conn.total_changes
+        item_ids = {r[0] for r in conn.execute("SELECT id FROM items")}
+        batch: list[tuple] = []
+        for item in good(item_rows):
+            item_ids.add(item.id)
+            batch.append((item.id, item.title, item.year, item.genres, item.extra))
+            if len(batch) >= CHUNK_ROWS:
+                conn.executemany("INSERT OR IGNORE INTO items(id, title, year, genres, extra) VALUES (?,?,?,?,?)", batch)
+                batch.clear()
+        conn.executemany("INSERT OR IGNORE INTO items(id, title, year, genres, extra) VALUES (?,?,?,?,?)", batch)
+        new_items = conn.total_changes - before
+
+        # A bulk load into an empty table is faster without the secondary index; build it once at the end.
+        empty = conn.execute("SELECT NOT EXISTS (SELECT 1 FROM interactions)").fetchone()[0]
+        if empty:
+            conn.execute("DROP INDEX IF EXISTS idx_interactions_item")
+        users_before = conn.execute("SELECT count(*) FROM users").fetchone()[0]
+        new_interactions = 0
+        users_batch: set[int] = set()
+        batch = []
+
+        def flush() -> int:
+            conn.executemany("INSERT OR IGNORE INTO users(id) VALUES (?)", [(u,) for u in users_batch])
+            mark = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO interactions(user_id, item_id, timestamp, rating) VALUES (?,?,?,?)", batch
+            )
+            users_batch.clear()
+            batch.clear()
+            return conn.total_changes - mark
+
+        def checked(rows):
+            for row in rows:
+                if not isinstance(row, BadRow) and row[1].item_id not in item_ids:
+                    yield BadRow(f"{interactions_file}:{row[0]}", f"unknown item {row[1].item_id} (not in the items file)")
+                else:
+                    yield row
+
+        for row in good(checked(interaction_rows)):
+            users_batch.add(row.user_id)
+            batch.append((row.user_id, row.item_id, row.timestamp, row.rating))
+            if len(batch) >= CHUNK_ROWS:
+                new_interactions += flush()
+        new_interactions += flush()
+        if empty:
+            conn.execute("CREATE INDEX IF NOT EXISTS idx_interactions_item ON interactions(item_id)")
+        new_users = conn.execute("SELECT count(*) FROM users").fetchone()[0] - users_before
+        exists = conn.execute("SELECT 1 FROM datasets WHERE name = ?", (name,)).fetchone()
+        if new_items or new_users or new_interactions or not exists:
+            db.record_dataset(name, source)
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
+    return new_items, new_users, new_interactions, skipped
+
+
+class _ProgressAdvance:
+    def __init__(self, bar, task):
+        self.bar, self.task = bar, task
+
+    def __call__(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+
+class _progress_bar:
+    """A byte-based rich progress bar on stderr (nothing when ``enabled`` is false)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.enabled, self.total = enabled, total
+        self.bar = None
+
+    def __enter__(self) -> Callable[[int], None]:
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("ingest"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+            console=Console(stderr=True), transient=True,
+        )  # fmt: skip
+        self.bar.start()
+        task = self.bar.add_task("ingest", total=self.total)
+        return _ProgressAdvance(self.bar, task)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def build_default_db(db_path: str | Path, *, force: bool = False, progress: bool = True) -> IngestReport | None:
+    """Build the default database from the bundled ml-latest-small; None if it already exists and is complete.
+
+    Builds into a temporary file next to ``db_path`` and renames it into place, so an interrupted
+    build never leaves a half database at ``db_path``.
+    """
+    from .paths import BUNDLED_DATASET
+
+    db_path = Path(db_path)
+    if db_path.exists() and not force:
+        try:
+            with HistoryDB.open(db_path) as db:
+                if db.dataset() is not None and db.count_interactions() > 0:
+                    return None
+        except Exception:
+            pass  # incomplete or broken: rebuild it
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = db_path.with_name(f".{db_path.name}.{os.getpid()}.tmp")
+    for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+        leftover.unlink(missing_ok=True)
+    try:
+        report = ingest(tmp, "movielens-csv", BUNDLED_DATASET, dataset_name="ml-latest-small", progress=progress)
+        # The last connection closed, so the WAL was checkpointed into tmp: the file alone is complete.
+        for stale in (Path(f"{db_path}-wal"), Path(f"{db_path}-shm")):
+            stale.unlink(missing_ok=True)
+        os.replace(tmp, db_path)
+    finally:
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            leftover.unlink(missing_ok=True)
+    return report
+
+
+__all__ = ["FORMATS", "IngestReport", "build_default_db", "ingest", "parse_year"]

@@ -1,0 +1,99 @@
+"""Shared fixtures: a tiny MovieLens-style dataset and a real SQLite history database built from it.
+
+``tiny_db`` (function scope) -> ``pathlib.Path`` of a fresh SQLite file built by our own ingest
+(``genrec_edge.ingest.ingest(db, "movielens-csv", folder)``) from ``tiny_movielens_dir``, so every test
+may write to it. Open it with ``HistoryDB.open(tiny_db)``. What it holds, written by hand below:
+
+- 20 items: ``TINY_ITEM_IDS`` = 10, 20, ..., 200 (ids are *not* positions), titles
+  ``tests/tinymodel.DEFAULT_TITLES`` in that order (quotes, a backslash, unicode, commas, colons);
+  title of id ``10 * (k + 1)`` is ``DEFAULT_TITLES[k]``; years parsed from the titles.
+- 8 users 1..8 with the chronological item sequences ``TINY_HISTORIES`` (lengths 1 to 12). The
+  ratings.csv rows are written in *reverse* order, so the database must sort by time itself. User 3's
+  2nd and 3rd items (120, 130) share one timestamp and are written 130 first: order is timestamp, then id.
+- ``EMPTY_USER`` = 9: a user with no interactions (added with ``HistoryDB.add_user`` after the ingest).
+- Timestamps: ``tiny_timestamp(user, position)``; ratings: ``tiny_rating(user, position)``.
+
+Fixtures: ``tiny_movielens_dir`` (session: the folder with movies.csv + ratings.csv), ``tiny_db``,
+``tiny_histories`` (a copy of ``TINY_HISTORIES``) and ``tiny_titles`` (item id -> title).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from tinymodel import DEFAULT_TITLES
+
+TINY_ITEM_IDS = [10 * (k + 1) for k in range(len(DEFAULT_TITLES))]
+TINY_TITLES = dict(zip(TINY_ITEM_IDS, DEFAULT_TITLES, strict=True))
+TINY_GENRES = ["Adventure|Animation|Children|Comedy|Fantasy", "Comedy", "Action|Crime|Thriller", "(no genres listed)"]
+TINY_HISTORIES: dict[int, list[int]] = {
+    1: [10, 20, 30, 40, 50],
+    2: [150, 160, 170, 180, 190, 200],
+    3: [110, 120, 130],
+    4: [30, 60, 90, 120, 150, 180, 10, 40],
+    5: [70, 80],
+    6: [90],
+    7: [140, 130, 120, 110, 100, 90, 80, 70, 60, 50, 40, 30],
+    8: [20, 110, 160],
+}
+EMPTY_USER = 9
+TIED_USER = 3  # positions 1 and 2 share a timestamp
+
+
+def tiny_timestamp(user: int, position: int) -> int:
+    if user == TIED_USER and position == 2:
+        position = 1
+    return 1_000_000_000 + user * 100_000 + position * 100
+
+
+def tiny_rating(user: int, position: int) -> float:
+    return 1.0 + ((user + position) % 9) / 2
+
+
+def write_tiny_movielens(folder: Path) -> Path:
+    """Write movies.csv and ratings.csv of the tiny dataset (MovieLens CSV layout) into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "movies.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["movieId", "title", "genres"])
+        for k, item_id in enumerate(TINY_ITEM_IDS):
+            writer.writerow([item_id, TINY_TITLES[item_id], TINY_GENRES[k % len(TINY_GENRES)]])
+    rows = [
+        [user, item_id, f"{tiny_rating(user, pos):.1f}", tiny_timestamp(user, pos)]
+        for user, items in TINY_HISTORIES.items()
+        for pos, item_id in enumerate(items)
+    ]
+    with open(folder / "ratings.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["userId", "movieId", "rating", "timestamp"])
+        writer.writerows(reversed(rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_movielens_dir(tmp_path_factory) -> Path:
+    return write_tiny_movielens(tmp_path_factory.mktemp("tiny-ml") / "tiny-ml")
+
+
+@pytest.fixture
+def tiny_db(tiny_movielens_dir, tmp_path) -> Path:
+    from genrec_edge.history import HistoryDB
+    from genrec_edge.ingest import ingest
+
+    path = tmp_path / "tiny.db"
+    ingest(path, "movielens-csv", tiny_movielens_dir, progress=False)
+    with HistoryDB.open(path) as db:
+        db.add_user(EMPTY_USER)
+    return path
+
+
+@pytest.fixture
+def tiny_histories() -> dict[int, list[int]]:
+    return {user: list(items) for user, items in TINY_HISTORIES.items()}
+
+
+@pytest.fixture
+def tiny_titles() -> dict[int, str]:
+    return dict(TINY_TITLES)
