@@ -1,0 +1,44 @@
+"""``genrec-edge prompts export``: the leave-one-out split of a database as train/valid/test JSONL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .history import DB_HELP, open_db_for_reading
+
+SPLITS = ("train", "valid", "test")
+
+
+def register(app: typer.Typer) -> None:
+    prompts_app = typer.Typer(help="Export training/evaluation prompts.", no_args_is_help=True)
+    app.add_typer(prompts_app, name="prompts")
+
+    @prompts_app.command("export")
+    def export(
+        out: Path = typer.Option(..., "--out", help="Folder for train.jsonl, valid.jsonl and test.jsonl."),
+        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        history_len: int = typer.Option(None, "--history-len", min=0, help="Titles of history per prompt "
+                                        "(default: the prompt template's)."),
+        min_history: int = typer.Option(1, "--min-history", min=1, help="Fewest history items an example needs."),
+        force: bool = typer.Option(False, "--force", help="Overwrite existing JSONL files."),
+    ) -> None:  # fmt: skip
+        """Write the chronological leave-one-out split as JSONL ({prompt, completion, user, item} per line).
+
+        Example: genrec-edge prompts export --db ml.db --out prompts/ --history-len 20
+        """
+        from ..errors import UsageError
+        from ..prompts import PromptTemplate, export_jsonl, leave_one_out
+
+        targets = {split: out / f"{split}.jsonl" for split in SPLITS}
+        existing = [str(p) for p in targets.values() if p.exists()]
+        if existing and not force:
+            raise UsageError(f"refusing to overwrite {', '.join(existing)} (use --force)")
+        template = PromptTemplate() if history_len is None else PromptTemplate(history_len=history_len)
+        with open_db_for_reading(db) as database:
+            catalog = database.catalog()
+            split = leave_one_out(database.sequences(), min_history=min_history)
+        counts = {name: export_jsonl(getattr(split, name), catalog.title_of, template, targets[name]) for name in SPLITS}
+        summary = ", ".join(f"{counts[name]} {name}" for name in SPLITS)
+        typer.echo(f"wrote {summary} examples to {out} (history_len {template.history_len})")

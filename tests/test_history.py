@@ -1,0 +1,236 @@
+"""HistoryDB on real SQLite files: schema, order, lookups, writes and every way opening can fail."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sqlite3
+import stat
+
+import pytest
+from conftest import EMPTY_USER, TINY_HISTORIES, TINY_ITEM_IDS, TINY_TITLES, tiny_rating, tiny_timestamp
+
+from genrec_edge.catalog import catalog_sha256
+from genrec_edge.cli import main
+from genrec_edge.errors import DatabaseError, NotFoundError
+from genrec_edge.history import SCHEMA_VERSION, HistoryDB, migrations
+from genrec_edge.paths import BUNDLED_DATASET
+
+
+def dump(path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+# ----------------------------------------------------------------------------- schema
+def test_schema_matches_the_architecture(tiny_db):
+    conn = sqlite3.connect(tiny_db)
+    sql = {name: s for name, s in conn.execute("SELECT name, sql FROM sqlite_master")}
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    pk = [r[1] for r in sorted(conn.execute("PRAGMA table_info(interactions)"), key=lambda r: r[5]) if r[5]]
+    assert pk == ["user_id", "timestamp", "item_id"]
+    assert "WITHOUT ROWID" in sql["interactions"]
+    assert [r[2] for r in conn.execute("PRAGMA index_info(idx_interactions_item)")] == ["item_id"]
+    assert {"datasets", "items", "users", "interactions"} <= set(sql)
+    # A user's history is a range scan of the primary key, never a sort of the table.
+    plan = " ".join(
+        r[3]
+        for r in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT item_id FROM interactions WHERE user_id = 4 ORDER BY timestamp, item_id"
+        )
+    )
+    assert "USING PRIMARY KEY" in plan and "TEMP B-TREE" not in plan
+    conn.close()
+
+
+def test_readonly_open_of_an_old_schema_is_refused_then_upgraded(tmp_path):
+    import sqlite_utils
+
+    path = tmp_path / "old.db"
+    old = sqlite_utils.Database(path)
+    migrations.apply(old, stop_before="m002_items_title_index")
+    old.close()
+    with pytest.raises(DatabaseError, match="schema is version 1, this genrec-edge needs 2"):
+        HistoryDB.open(path, readonly=True)
+    with HistoryDB.open(path) as db:
+        assert db.schema_version() == SCHEMA_VERSION == 2
+    assert "idx_items_title" in {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
+
+
+def test_unknown_future_migration_is_refused(tiny_db):
+    conn = sqlite3.connect(tiny_db)
+    with conn:
+        conn.execute(
+            "INSERT INTO _sqlite_migrations(migration_set, name, applied_at) VALUES ('genrec_edge', 'm999_x', 'now')"
+        )
+    conn.close()
+    with pytest.raises(DatabaseError, match=r"schema is newer than this genrec-edge \(unknown migrations \['m999_x'\]\)"):
+        HistoryDB.open(tiny_db)
+
+
+# ----------------------------------------------------------------------------- reads
+def test_history_is_chronological_with_titles_ratings_and_ties_by_item_id(tiny_db):
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        for user, items in TINY_HISTORIES.items():
+            history = db.history(user)
+            assert [h.item_id for h in history] == items
+            assert [h.title for h in history] == [TINY_TITLES[i] for i in items]
+            assert [h.rating for h in history] == [tiny_rating(user, p) for p in range(len(items))]
+            assert [h.timestamp for h in history] == [tiny_timestamp(user, p) for p in range(len(items))]
+        tied = db.history(3)
+        assert tied[1].timestamp == tied[2].timestamp and [h.item_id for h in tied[1:]] == [120, 130]
+
+
+def test_history_limit_keeps_the_last_n_oldest_first(tiny_db):
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        assert [h.item_id for h in db.history(7, limit=3)] == [50, 40, 30]
+        assert db.history(7, limit=0) == []
+        assert [h.item_id for h in db.history(6, limit=5)] == [90]
+
+
+def test_sequences_users_catalog_and_dataset(tiny_db):
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        assert dict(db.sequences()) == TINY_HISTORIES
+        assert [u for u, _ in db.sequences()] == sorted(TINY_HISTORIES)
+        assert db.users() == sorted([*TINY_HISTORIES, EMPTY_USER])
+        catalog = db.catalog()
+        assert list(catalog.item_ids) == TINY_ITEM_IDS
+        assert list(catalog.titles) == [TINY_TITLES[i] for i in TINY_ITEM_IDS]
+        dataset = db.dataset()
+        assert dataset.name == "tiny-ml" and dataset.source.startswith("movielens-csv:")
+        assert dataset.catalog_sha256 == catalog.sha256 == catalog_sha256(list(TINY_TITLES.items()))
+        assert db.count_interactions() == sum(map(len, TINY_HISTORIES.values()))
+        assert db.quick_check() == "ok"
+        assert db.seen_items(4) == set(TINY_HISTORIES[4])
+
+
+def test_items_lookup_search_and_year(tiny_db):
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        amelie = db.item(130)
+        assert amelie.title.startswith("Amélie") and amelie.year == 2001
+        assert db.item(110).title == 'Quote "Me" (2001)' and db.item(120).title == "Back\\slash (2002)"
+        assert db.item(10).genres == ("Adventure", "Animation", "Children", "Comedy", "Fantasy")
+        assert db.item(40).genres == ()  # "(no genres listed)"
+        assert [i.id for i in db.item_by_title("Heat (1995)")] == [30]
+        assert db.item_by_title("Heat") == []
+        # Exact title first, then prefix matches, then the rest by id; case-insensitive.
+        assert [i.id for i in db.find_items("matrix")] == [150, 160]
+        assert [i.id for i in db.find_items("Alien")] == [170, 180]
+        assert [i.id for i in db.find_items("Aliens (1986)")] == [180]
+        assert [i.id for i in db.find_items("(1995)", limit=3)] == [10, 20, 30]
+        assert db.find_items("100%") == [] and db.find_items("_") == []
+        assert [i.id for i in db.find_items("\\")] == [120]
+
+
+def test_unknown_user_and_item(tiny_db):
+    with HistoryDB.open(tiny_db) as db:
+        with pytest.raises(NotFoundError, match=r"^unknown user 99999$"):
+            db.history(99999)
+        with pytest.raises(NotFoundError, match=r"^unknown user 99999$"):
+            db.seen_items(99999)
+        with pytest.raises(NotFoundError, match=r"^unknown item 12345$"):
+            db.item(12345)
+        with pytest.raises(NotFoundError, match=r"^unknown item 12345$"):
+            db.add_interaction(1, 12345)
+        assert db.history(EMPTY_USER) == []
+
+
+# ----------------------------------------------------------------------------- writes
+def test_add_interaction_creates_the_user_and_keeps_order(tiny_db):
+    before = dump(tiny_db)
+    with HistoryDB.open(tiny_db) as db:
+        added = db.add_interaction(500, 30, timestamp=2_000_000_000, rating=4.5)
+        assert (added.item_id, added.title, added.timestamp, added.rating) == (30, "Heat (1995)", 2_000_000_000, 4.5)
+        db.add_interaction(500, 10, timestamp=1_000_000_000)
+        db.add_interaction(500, 10, timestamp=1_000_000_000, rating=1.0)  # same key: the first one stays
+        assert [(h.item_id, h.rating) for h in db.history(500)] == [(10, None), (30, 4.5)]
+        assert 500 in db.users()
+        now = db.add_interaction(1, 200)
+        assert db.history(1)[-1].item_id == 200 and now.timestamp > tiny_timestamp(8, 99)
+    assert dump(tiny_db) != before
+
+
+# ----------------------------------------------------------------------------- bad files
+def test_missing_database(tmp_path):
+    path = tmp_path / "nope.db"
+    with pytest.raises(DatabaseError, match=r"^no database at .*nope\.db \(run `genrec-edge init`\)$"):
+        HistoryDB.open(path)
+    assert not path.exists()
+
+
+def test_not_a_sqlite_file(tmp_path):
+    path = tmp_path / "text.db"
+    path.write_text("hello, this is not a database at all" * 10)
+    with pytest.raises(DatabaseError, match=r"^not a SQLite database: .*text\.db$"):
+        HistoryDB.open(path)
+    with pytest.raises(DatabaseError, match=r"^not a SQLite database: "):
+        HistoryDB.open(path, readonly=True)
+    assert path.read_text().startswith("hello")
+
+
+def test_a_foreign_sqlite_file_is_not_taken_over(tmp_path):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE notes (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(DatabaseError, match=r"not a genrec-edge database \(it has tables \['notes'\]\)"):
+        HistoryDB.open(path)
+
+
+def test_locked_by_another_writer(tiny_db):
+    other = sqlite3.connect(tiny_db, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO users(id) VALUES (777)")
+    try:
+        with HistoryDB.open(tiny_db, busy_timeout=0.2) as db:
+            assert len(db.history(1)) == 5  # WAL: readers are not blocked by the writer
+            with pytest.raises(DatabaseError, match=r"^database is locked by another writer \(waited 0\.2 s\): "):
+                db.add_interaction(1, 200, timestamp=5)
+        rc_main = main(["history", "add", "--user", "1", "--item", "200", "--db", str(tiny_db), "--busy-timeout", "0.2"])
+        assert rc_main == DatabaseError.exit_code
+    finally:
+        other.rollback()
+        other.close()
+    with HistoryDB.open(tiny_db) as db:
+        assert 777 not in db.users() and [h.item_id for h in db.history(1)] == TINY_HISTORIES[1]
+
+
+def test_read_only_file(tiny_db):
+    before = dump(tiny_db)
+    os.chmod(tiny_db, stat.S_IRUSR | stat.S_IRGRP)
+    try:
+        with pytest.raises(DatabaseError, match=r"^database is read-only: .*tiny\.db \(fix its permissions"):
+            HistoryDB.open(tiny_db)
+        with HistoryDB.open(tiny_db, readonly=True) as db:
+            assert [h.item_id for h in db.history(2)] == TINY_HISTORIES[2]
+            with pytest.raises(DatabaseError, match=r"^database is read-only: "):
+                db.add_interaction(2, 10)
+    finally:
+        os.chmod(tiny_db, stat.S_IRUSR | stat.S_IWUSR)
+    assert dump(tiny_db) == before
+
+
+# ----------------------------------------------------------------------------- the done-when check
+def test_init_then_history_show_user_42(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+    with open(BUNDLED_DATASET / "ratings.csv", encoding="utf-8", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["userId"] == "42"]
+    expected = [int(r["movieId"]) for r in sorted(rows, key=lambda r: (int(r["timestamp"]), int(r["movieId"])))]
+    assert len(expected) == 440
+
+    assert main(["init"]) == 0
+    assert (tmp_path / "home" / "default.db").exists()
+    capsys.readouterr()
+    assert main(["history", "show", "--user", "42", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [r["item_id"] for r in shown] == expected
+    assert [r["timestamp"] for r in shown] == sorted(r["timestamp"] for r in shown)
+
+    assert main(["history", "show", "--user", "42"]) == 0
+    table = capsys.readouterr().out
+    assert "Runaway Bride (1999)" in table and "440" in table
