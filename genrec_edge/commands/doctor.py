@@ -1,0 +1,38 @@
+"""``genrec-edge doctor``: check a database and a model before serving them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("doctor")
+    def doctor(
+        db: Path = typer.Option(None, "--db", help="History database (default: the one `init` builds)."),
+        model: Path = typer.Option(None, "--model", help="GGUF model to check against the database."),
+        as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+    ) -> None:
+        """Check that a database and a model are fit to serve: one line per check.
+
+        Database: quick_check, schema version, WAL, catalog hash. Model: GGUF header, architecture,
+        tokenizer, catalog hash against the database. Exits non-zero with one `error:` line per problem.
+
+        Example: genrec-edge doctor --db my.db --model model-Q8_0.gguf
+        """
+        from genrec_edge.doctor import exit_code, report_json, run_checks
+        from genrec_edge.paths import default_db
+
+        checks = run_checks(db if db is not None else default_db(), model)
+        if as_json:
+            typer.echo(report_json(checks))
+        else:
+            for check in checks:
+                typer.echo(check.line())
+            for check in checks:
+                if not check.ok:
+                    typer.echo(f"error: {check.name}: {check.detail}", err=True)
+        code = exit_code(checks)
+        if code:
+            raise typer.Exit(code)

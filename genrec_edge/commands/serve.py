@@ -1,0 +1,63 @@
+"""``genrec-edge serve``: the local JSON HTTP API."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("serve")
+    def serve(
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless --allow-remote)."),
+        port: int = typer.Option(8765, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
+        model: Path = typer.Option(None, "--model", help="GGUF model (default: the default model)."),
+        db: Path = typer.Option(None, "--db", help="History database (default: the one `init` builds)."),
+        threads: int = typer.Option(None, "--threads", min=1, help="llama.cpp threads."),
+        beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: k)."),
+        allow_remote: bool = typer.Option(
+            False, "--allow-remote", help="Allow a non-loopback --host (no TLS: anyone who can reach it can use it)."
+        ),
+        token: str = typer.Option(
+            None, "--token", envvar="GENREC_EDGE_TOKEN", show_envvar=True,
+            help="Require `Authorization: Bearer TOKEN` on every route but /health.",
+        ),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log."),
+    ) -> None:
+        """Serve recommendations and history over a local JSON HTTP API (OpenAPI at /openapi.json).
+
+        POST /recommend, POST /history, GET /users/{id}/history, GET /health. Stops on SIGTERM/SIGINT
+        after finishing the requests in flight.
+
+        Example: genrec-edge serve --db my.db --model model-Q8_0.gguf --port 8765
+        """
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before llama_cpp loads (see FINDINGS)
+        from genrec_edge.paths import default_db
+        from genrec_edge.serve import is_loopback
+        from genrec_edge.serve import serve as run_server
+
+        if model is None:
+            from genrec_edge.models import default_model_path
+
+            model = default_model_path()
+        if allow_remote and not is_loopback(host):
+            typer.echo(
+                f"warning: listening on {host}: anyone who can reach this address can read and write "
+                "the history; there is no TLS" + ("" if token else " and no --token"),
+                err=True,
+            )
+
+        def log(line: str) -> None:
+            if not quiet:
+                typer.echo(line, err=True)
+
+        def ready(server) -> None:
+            typer.echo(f"serving on {server.url} (model {model}, db {server.service.db}); Ctrl-C to stop", err=True)
+
+        run_server(
+            db if db is not None else default_db(), model, host=host, port=port, threads=threads, beam=beam,
+            allow_remote=allow_remote, token=token, log=log, ready=ready,
+        )
+        typer.echo("stopped", err=True)

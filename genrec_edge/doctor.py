@@ -1,0 +1,181 @@
+"""``genrec-edge doctor``: is this database and this model fit to serve? One line per check.
+
+Each check is a :class:`Check` (``ok``, ``warn`` or ``FAIL`` with a one-line detail). A FAIL carries the
+exit code of the error class that the same problem raises elsewhere (``DatabaseError`` 3,
+``CorruptModelError`` 7, ``CatalogMismatchError`` 8), so scripts can tell problems apart. Nothing here
+writes: the database is opened read-only (no migration, no WAL checkpoint), the model's header is read
+with the bounded validator and never handed to llama.cpp.
+
+Database checks: it opens as a genrec-edge database, ``PRAGMA quick_check``, schema version, WAL journal
+mode (and the WAL file's size), and that the stored catalog hash still matches the items.
+Model checks: header validity, architecture, tokenizer present, catalog hash against the database's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CatalogMismatchError, CorruptModelError, DatabaseError, GenrecError
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+LARGE_WAL_BYTES = 256 * 1024 * 1024  # a WAL this big means checkpoints are being starved by a reader
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # "ok" | "warn" | "FAIL"
+    detail: str
+    exit_code: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status != FAIL
+
+    def line(self) -> str:
+        return f"{self.status:<4} {self.name}: {self.detail}"
+
+
+def _fail(name: str, detail: str, error: type[GenrecError] | GenrecError = GenrecError) -> Check:
+    return Check(name, FAIL, detail, error.exit_code)
+
+
+def check_database(db_path: str | Path) -> tuple[list[Check], str | None]:
+    """The database checks, and the catalog hash of its items (None if it could not be read)."""
+    from .history import SCHEMA_VERSION, HistoryDB
+
+    path = Path(db_path)
+    checks: list[Check] = []
+    try:
+        db = HistoryDB.open(path, readonly=True)
+    except GenrecError as exc:
+        return [_fail("database", str(exc), exc)], None
+    with db:
+        try:
+            users = len(db.users())
+            items = db.count_items()
+            interactions = db.count_interactions()
+            checks.append(Check("database", OK, f"{path} ({items} items, {users} users, {interactions} interactions)"))
+
+            problems = db.quick_check()
+            if problems == "ok":
+                checks.append(Check("integrity", OK, "PRAGMA quick_check: ok"))
+            else:
+                first = problems.splitlines()[0]
+                checks.append(_fail("integrity", f"PRAGMA quick_check: {first} ({len(problems.splitlines())} problems)", DatabaseError))
+
+            version = db.schema_version()
+            if version == SCHEMA_VERSION:
+                checks.append(Check("schema", OK, f"version {version}"))
+            else:
+                checks.append(_fail("schema", f"version {version}, this genrec-edge needs {SCHEMA_VERSION}", DatabaseError))
+
+            mode = db.conn.execute("PRAGMA journal_mode").fetchone()[0]
+            wal = Path(str(path) + "-wal")
+            wal_size = wal.stat().st_size if wal.exists() else 0
+            if mode != "wal":
+                checks.append(Check("journal", WARN, f"journal_mode={mode}, expected wal (readers will block writers)"))
+            elif wal_size > LARGE_WAL_BYTES:
+                checks.append(Check("journal", WARN, f"wal, but the WAL file is {wal_size // 2**20} MiB (checkpoints starved by a long reader?)"))
+            else:
+                checks.append(Check("journal", OK, f"wal (WAL file {wal_size} bytes)"))
+
+            catalog = db.catalog()
+            dataset = db.dataset()
+            if items == 0:
+                checks.append(_fail("catalog", "no items: ingest a dataset (genrec-edge data ingest ...)", DatabaseError))
+            elif dataset is None:
+                checks.append(Check("catalog", WARN, f"{items} items but no dataset row (catalog {catalog.sha256[:12]})"))
+            elif dataset.catalog_sha256 != catalog.sha256:
+                checks.append(_fail(
+                    "catalog",
+                    f"stored catalog hash {str(dataset.catalog_sha256)[:12]} differs from the items' "
+                    f"{catalog.sha256[:12]} (items changed outside genrec-edge?)",
+                    DatabaseError,
+                ))
+            else:
+                checks.append(Check("catalog", OK, f"{dataset.name}: sha256 {catalog.sha256[:12]}"))
+            return checks, catalog.sha256
+        except GenrecError as exc:
+            checks.append(_fail("database", str(exc), exc))
+            return checks, None
+
+
+def check_model(model_path: str | Path, catalog_sha256: str | None) -> list[Check]:
+    """The model checks; ``catalog_sha256`` is the database's (None: skip the match check)."""
+    from gguf import Keys
+
+    from .convert import read_provenance, require_llama, validate_gguf_header
+
+    path = Path(model_path)
+    try:
+        info = validate_gguf_header(path)
+    except GenrecError as exc:
+        return [_fail("model", str(exc), exc)]
+    checks = [Check("model", OK, f"{path} (GGUF v{info.version}, {len(info.tensors)} tensors, {info.file_size} bytes)")]
+    try:
+        require_llama(info)
+        checks.append(Check("architecture", OK, "llama"))
+    except GenrecError as exc:
+        checks.append(_fail("architecture", str(exc), exc))
+
+    tokenizer = info.metadata.get(Keys.Tokenizer.MODEL)
+    n_tokens = info.array_lengths.get(Keys.Tokenizer.LIST, 0)
+    if isinstance(tokenizer, str) and n_tokens > 0:
+        checks.append(Check("tokenizer", OK, f"{tokenizer}, {n_tokens} tokens"))
+    else:
+        missing = Keys.Tokenizer.MODEL if not isinstance(tokenizer, str) else Keys.Tokenizer.LIST
+        checks.append(_fail("tokenizer", f"{path}: no tokenizer ({missing} missing)", CorruptModelError))
+
+    if catalog_sha256 is None:
+        checks.append(Check("catalog match", WARN, "skipped (no readable database)"))
+        return checks
+    try:
+        provenance = read_provenance(path)
+    except GenrecError as exc:
+        checks.append(_fail("catalog match", str(exc), exc))
+        return checks
+    trained_for = provenance.get("catalog_sha256")
+    if not trained_for:
+        checks.append(Check("catalog match", WARN, "model has no genrec.catalog_sha256 (a base model): served with a warning"))
+    elif trained_for != catalog_sha256:
+        checks.append(_fail(
+            "catalog match",
+            f"model was trained for catalog {str(trained_for)[:12]}, the database has {catalog_sha256[:12]}",
+            CatalogMismatchError,
+        ))
+    else:
+        checks.append(Check("catalog match", OK, f"model and database share catalog {catalog_sha256[:12]}"))
+    return checks
+
+
+def run_checks(db: str | Path | None, model: str | Path | None) -> list[Check]:
+    """Every check for the given database and/or model (None skips that side)."""
+    checks: list[Check] = []
+    catalog_sha = None
+    if db is not None:
+        db_checks, catalog_sha = check_database(db)
+        checks.extend(db_checks)
+    else:
+        checks.append(Check("database", WARN, "skipped (no --db)"))
+    if model is not None:
+        checks.extend(check_model(model, catalog_sha if db is not None else None))
+    else:
+        checks.append(Check("model", WARN, "skipped (no --model)"))
+    return checks
+
+
+def exit_code(checks: list[Check]) -> int:
+    """0 if no check failed, else the first failure's exit code."""
+    for check in checks:
+        if not check.ok:
+            return check.exit_code or 1
+    return 0
+
+
+def report_json(checks: list[Check]) -> str:
+    payload: dict[str, Any] = {"ok": exit_code(checks) == 0, "checks": [asdict(c) for c in checks]}
+    return json.dumps(payload, ensure_ascii=False, indent=2)

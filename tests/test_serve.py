@@ -1,0 +1,369 @@
+"""The local HTTP service, through a real HTTP client (urllib / raw sockets) on 127.0.0.1.
+
+Servers are started by the tests with ``make_server(..., port=0)`` in a thread, or as a real
+``genrec-edge serve`` process where signals matter. The model is a tiny random GGUF built for the
+tiny database's catalog; the database is a real SQLite file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES
+
+from genrec_edge.errors import UsageError
+from genrec_edge.history import HistoryDB
+from genrec_edge.serve import MAX_BODY, ROUTES, make_server, openapi_spec, openapi_text
+
+ROOT = Path(__file__).resolve().parents[1]
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an env proxy for loopback
+
+
+def http(url: str, method: str = "GET", body=None, headers: dict | None = None, timeout: float = 30.0):
+    """One request; returns ``(status, parsed JSON body, headers)`` for 2xx and 4xx/5xx alike."""
+    data = None
+    hdrs = dict(headers or {})
+    if body is not None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode("utf-8")
+        hdrs.setdefault("Content-Type", "application/json")
+    request = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    try:
+        with _OPENER.open(request, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read()), resp.headers
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), exc.headers
+
+
+def raw_request(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dict]:
+    """Send raw bytes, read the whole response; returns ``(status, JSON body)``."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), json.loads(body)
+
+
+@contextmanager
+def running(server):
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+@pytest.fixture
+def db_server(tiny_db):
+    """A server over the tiny database without a model (history and health routes)."""
+    with running(make_server(tiny_db, port=0, busy_timeout=0.3)) as server:
+        yield server
+
+
+# ------------------------------------------------------------------------------------------ no model needed
+def test_health(db_server):
+    status, body, headers = http(db_server.url + "/health")
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/json")
+    assert body["status"] == "ok"
+    assert body["recommend"] is False
+    assert body["db"]["users"] == len(TINY_HISTORIES) + 1
+    assert body["db"]["items"] == len(TINY_TITLES)
+
+
+def test_user_history_in_time_order_with_exact_titles(db_server):
+    status, body, _ = http(db_server.url + "/users/1/history")
+    assert status == 200
+    assert [row["item"] for row in body["history"]] == TINY_HISTORIES[1]
+    assert [row["title"] for row in body["history"]] == [TINY_TITLES[i] for i in TINY_HISTORIES[1]]
+    status, body, _ = http(db_server.url + "/users/7/history?limit=3")
+    assert [row["item"] for row in body["history"]] == TINY_HISTORIES[7][-3:]
+
+
+def test_add_history_by_item_and_by_adversarial_title(db_server, tiny_db):
+    status, body, _ = http(db_server.url + "/history", "POST", {"user": 1, "item": 200, "timestamp": 2_000_000_000})
+    assert status == 201, body
+    assert body == {"user": 1, "item": 200, "title": TINY_TITLES[200], "year": body["year"], "genres": body["genres"],
+                    "timestamp": 2_000_000_000, "rating": None}
+    quoted = 'Quote "Me" (2001)'
+    backslash = "Back\\slash (2002)"
+    status, body, _ = http(db_server.url + "/history", "POST", {"user": 42, "title": quoted, "rating": 4.5})
+    assert status == 201, body
+    assert body["title"] == quoted and body["rating"] == 4.5
+    status, body, _ = http(db_server.url + "/history", "POST", {"user": 42, "title": backslash, "timestamp": 3_000_000_000})
+    assert status == 201, body
+    status, body, _ = http(db_server.url + "/users/42/history")
+    assert [row["title"] for row in body["history"]] == [quoted, backslash]
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        assert [r.item_id for r in db.history(1)][-1] == 200
+
+
+BAD_REQUESTS = [
+    # (method, path, body bytes, content type, status, expected substring)
+    ("POST", "/history", b"{not json", "application/json", 400, "not valid JSON"),
+    ("POST", "/history", b"[1, 2]", "application/json", 400, "must be a JSON object"),
+    ("POST", "/history", b'{"user": 1, "item": NaN}', "application/json", 400, "NaN is not valid JSON"),
+    ("POST", "/history", b"\xff\xfe{}", "application/json", 400, "not UTF-8"),
+    ("POST", "/history", b"[" * 20000 + b"]" * 20000, "application/json", 400, "nested too deeply"),
+    ("POST", "/history", b'{"user": 1, "item": 10, "extra": 1}', "application/json", 400, "unknown field(s) ['extra']"),
+    ("POST", "/history", b'{"item": 10}', "application/json", 400, 'missing field "user"'),
+    ("POST", "/history", b'{"user": 1}', "application/json", 400, 'exactly one of "item" or "title"'),
+    ("POST", "/history", b'{"user": 1, "item": 10, "title": "x"}', "application/json", 400, 'exactly one of "item" or "title"'),
+    ("POST", "/history", b'{"user": "1", "item": 10}', "application/json", 400, "user must be an integer"),
+    ("POST", "/history", b'{"user": true, "item": 10}', "application/json", 400, "user must be an integer"),
+    ("POST", "/history", b'{"user": -1, "item": 10}', "application/json", 400, "user must be between 0"),
+    ("POST", "/history", b'{"user": 99999999999999999999, "item": 10}', "application/json", 400, "user must be between 0"),
+    ("POST", "/history", b'{"user": 1, "item": 10, "rating": "5"}', "application/json", 400, "rating must be a number"),
+    ("POST", "/history", b'{"user": 1, "title": ""}', "application/json", 400, "title must not be empty"),
+    ("POST", "/history", b'{"user": 1, "item": 11}', "application/json", 404, "unknown item 11"),
+    ("POST", "/history", b'{"user": 1, "title": "No Such Film (1900)"}', "application/json", 404, "unknown title"),
+    ("POST", "/history", b'{"user": 1, "item": 10}', "text/plain", 415, "Content-Type must be application/json"),
+    ("POST", "/recommend", b'{"user": 1, "k": 0}', "application/json", 400, "k must be an integer between 1 and 100"),
+    ("POST", "/recommend", b'{"user": 1, "k": 101}', "application/json", 400, "k must be an integer between 1 and 100"),
+    ("POST", "/recommend", b'{"user": 1, "k": 2.5}', "application/json", 400, "k must be an integer between 1 and 100"),
+    ("POST", "/recommend", b'{"user": 1, "history": ["x"]}', "application/json", 400, 'exactly one of "user" or "history"'),
+    ("POST", "/recommend", b"{}", "application/json", 400, 'exactly one of "user" or "history"'),
+    ("GET", "/users/999/history", None, None, 404, "unknown user 999"),
+    ("GET", "/users/1/history?limit=-1", None, None, 400, "limit must be an integer"),
+    ("GET", "/users/1/history?color=red", None, None, 400, "unknown query parameter"),
+    ("GET", "/users/abc/history", None, None, 404, "no route /users/abc/history"),
+    ("GET", "/nope", None, None, 404, "no route /nope"),
+    ("DELETE", "/history", None, None, 405, "DELETE is not allowed on /history"),
+    ("GET", "/recommend", None, None, 405, "GET is not allowed on /recommend"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "ctype", "status", "message"), BAD_REQUESTS,
+                         ids=[f"{m} {p} {s} {msg[:24]}" for m, p, _, _, s, msg in BAD_REQUESTS])
+def test_bad_requests_get_json_errors(db_server, method, path, body, ctype, status, message):
+    headers = {"Content-Type": ctype} if ctype else {}
+    got_status, got, resp_headers = http(db_server.url + path, method, body, headers)
+    assert got_status == status, got
+    assert set(got) == {"error"}
+    assert message in got["error"]
+    assert "Traceback" not in got["error"]
+    if status == 405:
+        assert resp_headers["Allow"]
+
+
+def test_recommend_without_model_is_503(db_server):
+    status, body, headers = http(db_server.url + "/recommend", "POST", {"user": 1, "k": 3})
+    assert status == 503 and "no model loaded" in body["error"]
+    assert headers["Retry-After"] == "1"
+
+
+def test_body_size_limit_and_content_length(db_server):
+    port = db_server.server_address[1]
+    head = f"POST /history HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+    status, body = raw_request(port, (head + f"Content-Length: {MAX_BODY + 1}\r\n\r\n").encode())
+    assert status == 413 and str(MAX_BODY) in body["error"]
+    status, body = raw_request(port, (head + "\r\n").encode())
+    assert status == 411 and "Content-Length" in body["error"]
+    status, body = raw_request(port, (head + "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode())
+    assert status == 411
+    # A body just under the limit is read and judged on its content.
+    padded = json.dumps({"user": 1, "title": "x" * (MAX_BODY - 100)}).encode()
+    status, body, _ = http(db_server.url + "/history", "POST", padded)
+    assert status == 400 and "longer than" in body["error"]
+    status, body = raw_request(port, b"GARBAGE\r\n\r\n")
+    assert status == 400
+
+
+def test_dns_rebinding_host_header_is_refused(db_server):
+    status, body, _ = http(db_server.url + "/health", headers={"Host": "evil.example:8765"})
+    assert status == 403 and "loopback" in body["error"]
+    status, _, _ = http(db_server.url + "/health", headers={"Host": "localhost:8765"})
+    assert status == 200
+
+
+def test_cors_preflight_is_not_granted(db_server):
+    status, body, headers = http(db_server.url + "/history", "OPTIONS", headers={"Origin": "http://evil.example"})
+    assert status == 405
+    assert "Access-Control-Allow-Origin" not in headers
+
+
+def test_bearer_token(tiny_db):
+    with running(make_server(tiny_db, port=0, token="s3cret")) as server:
+        assert http(server.url + "/health")[0] == 200  # liveness stays open
+        status, body, headers = http(server.url + "/users/1/history")
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
+        assert http(server.url + "/users/1/history", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert http(server.url + "/users/1/history", headers={"Authorization": "Bearer s3cret"})[0] == 200
+
+
+def test_locked_database_is_503(tiny_db, db_server):
+    holder = sqlite3.connect(tiny_db, timeout=0.1)
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the server's 0.3 s busy timeout
+    try:
+        started = time.monotonic()
+        status, body, headers = http(db_server.url + "/history", "POST", {"user": 1, "item": 10, "timestamp": 5})
+        assert status == 503, body
+        assert "locked" in body["error"] and headers["Retry-After"] == "1"
+        assert time.monotonic() - started < 5
+        # Readers are not blocked by a writer in WAL mode.
+        assert http(db_server.url + "/users/1/history")[0] == 200
+    finally:
+        holder.rollback()
+        holder.close()
+    status, body, _ = http(db_server.url + "/history", "POST", {"user": 1, "item": 10, "timestamp": 5})
+    assert status == 201, body
+
+
+def test_refuses_non_loopback_host_without_allow_remote(tiny_db, capsys):
+    with pytest.raises(UsageError, match="refusing to listen on 0.0.0.0"):
+        make_server(tiny_db, host="0.0.0.0", port=0)
+    from genrec_edge.cli import main
+
+    rc = main(["serve", "--host", "0.0.0.0", "--port", "0", "--db", str(tiny_db), "--model", str(tiny_db)])
+    err = capsys.readouterr().err
+    assert rc == UsageError.exit_code
+    assert "refusing to listen on 0.0.0.0" in err and "--allow-remote" in err
+    assert "Traceback" not in err
+
+
+def test_openapi_served_equals_saved_and_describes_every_route(db_server):
+    status, served, _ = http(db_server.url + "/openapi.json")
+    assert status == 200
+    saved = (ROOT / "docs" / "openapi.json").read_text(encoding="utf-8")
+    assert saved == openapi_text(), "docs/openapi.json is stale: python -m genrec_edge.serve docs/openapi.json"
+    assert served == openapi_spec() == json.loads(saved)
+    assert served["openapi"].startswith("3.")
+    described = {(method.upper(), path) for path, ops in served["paths"].items() for method in ops}
+    assert described == {(r.method, r.template) for r in ROUTES}
+    for path, ops in served["paths"].items():
+        for op in ops.values():
+            assert op["responses"], path
+            assert op["summary"], path
+    # every $ref resolves
+    refs = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                refs.add(node["$ref"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(served)
+    assert refs and all(ref.split("/")[-1] in served["components"]["schemas"] for ref in refs)
+
+
+# ------------------------------------------------------------------------------------------ with the model
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from tinymodel import tiny_model_for_tiny_db
+
+    return tiny_model_for_tiny_db(tmp_path_factory.mktemp("serve-model"))
+
+
+@pytest.fixture
+def model_server(tiny_db, tiny_model):
+    with running(make_server(tiny_db, tiny_model, port=0, threads=1)) as server:
+        yield server
+
+
+def test_recommend_for_user_and_for_history(model_server):
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "k": 5})
+    assert status == 200, body
+    assert [r["rank"] for r in body["items"]] == [1, 2, 3, 4, 5]
+    recommended = {i for r in body["items"] for i in r["items"]}
+    assert not recommended & set(TINY_HISTORIES[1]), "seen items must be excluded"
+    assert all(r["title"] in TINY_TITLES.values() for r in body["items"])
+    assert body["timings"]["total_ms"] > 0
+    history = [TINY_TITLES[10], 'Quote "Me" (2001)']
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"history": history, "k": 3})
+    assert status == 200, body
+    assert len(body["items"]) == 3
+    assert not {r["title"] for r in body["items"]} & set(history)
+
+
+def test_recommend_errors_with_model(model_server):
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 999, "k": 3})
+    assert status == 404 and "999" in body["error"]
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"user": EMPTY_USER, "k": 3})
+    assert status == 422, body
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"history": ["No Such Film"], "k": 3})
+    assert 400 <= status < 500 and "No Such Film" in body["error"]
+
+
+def _start_cli_server(tiny_db: Path, model: Path) -> tuple[subprocess.Popen, int]:
+    env = dict(os.environ, OMP_WAIT_POLICY="passive", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genrec_edge", "serve", "--port", "0", "--db", str(tiny_db), "--model", str(model),
+         "--threads", "1"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        if line.startswith("serving on http://127.0.0.1:"):
+            port = int(line.split("http://127.0.0.1:", 1)[1].split(" ", 1)[0])
+            return proc, port
+    proc.kill()
+    raise AssertionError(f"server did not start: {line!r} {proc.stderr.read()}")
+
+
+def test_sigterm_finishes_the_request_in_flight(tiny_db, tiny_model):
+    proc, port = _start_cli_server(tiny_db, tiny_model)
+    try:
+        body = json.dumps({"user": 5, "item": 200, "timestamp": 4_000_000_000}).encode()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+        sock.sendall(
+            f"POST /history HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10]
+        )
+        time.sleep(0.3)  # the request is now in flight: headers read, body half sent
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert proc.poll() is None, "the server must wait for the request in flight"
+        sock.sendall(body[10:])
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+        sock.close()
+        assert response.startswith(b"HTTP/1.0 201"), response[:200]
+        assert proc.wait(timeout=20) == 0
+        err = proc.stderr.read()
+        assert "stopped" in err and "Traceback" not in err
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        assert db.history(5)[-1].item_id == 200
+
+
+def test_sigint_stops_an_idle_server(tiny_db, tiny_model):
+    proc, port = _start_cli_server(tiny_db, tiny_model)
+    try:
+        assert http(f"http://127.0.0.1:{port}/health")[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
