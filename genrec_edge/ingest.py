@@ -203,7 +203,7 @@ def _expect(fields: list[str], count: int) -> None:
 
 def _check_header(path: Path, fields: list[str], expected: list[str]) -> None:
     if [f.strip() for f in fields] != expected:
-        raise BadRow(f"{path}:1", f"expected header {','.join(expected)}, got {','.join(fields)}")
+        raise IngestError(f"{path}:1: expected header {','.join(expected)}, got {','.join(fields)}")
 
 
 # ----------------------------------------------------------------------------- format parsers
@@ -228,7 +228,7 @@ def movielens_csv_items(path: Path, open_lines: Opener) -> Iterator:
     if first is None:
         return
     if isinstance(first[1], BadRow):
-        raise first[1]
+        raise IngestError(str(first[1]))
     _check_header(path, first[1], ["movieId", "title", "genres"])
 
     def parse(fields):
@@ -245,7 +245,7 @@ def movielens_csv_interactions(path: Path, open_lines: Opener) -> Iterator:
     if first is None:
         return
     if isinstance(first[1], BadRow):
-        raise first[1]
+        raise IngestError(str(first[1]))
     _check_header(path, first[1], ["userId", "movieId", "rating", "timestamp"])
 
     def parse(fields):
@@ -327,7 +327,7 @@ def _generic_columns(path: Path, header: list[str], wanted: dict[str, tuple[str 
         if column and column in header:
             found[key] = header.index(column)
         elif required:
-            raise BadRow(f"{path}:1", f"no column {column!r} (columns: {', '.join(header)})")
+            raise IngestError(f"{path}:1: no column {column!r} (columns: {', '.join(header)})")
     return found
 
 
@@ -337,7 +337,7 @@ def generic_items(path: Path, open_lines: Opener, *, item_id_col: str, title_col
     if first is None:
         return
     if isinstance(first[1], BadRow):
-        raise first[1]
+        raise IngestError(str(first[1]))
     header = first[1]
     cols = _generic_columns(path, header, {"id": (item_id_col, True), "title": (title_col, True), "genres": (genres_col, False)})
 
@@ -360,7 +360,7 @@ def generic_interactions(
     if first is None:
         return
     if isinstance(first[1], BadRow):
-        raise first[1]
+        raise IngestError(str(first[1]))
     header = first[1]
     cols = _generic_columns(
         path, header, {"user": (user_col, True), "item": (item_col, True), "time": (time_col, True), "rating": (rating_col, False)}

@@ -1,0 +1,245 @@
+"""Ingest every format into real SQLite files; malformed input names FILE:LINE and changes nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+
+import pytest
+from conftest import TINY_HISTORIES, TINY_TITLES, write_tiny_movielens
+
+import genrec_edge.ingest as ingest_module
+from genrec_edge.cli import main
+from genrec_edge.errors import IngestError, UsageError
+from genrec_edge.history import HistoryDB
+from genrec_edge.ingest import ingest, parse_year
+
+N_INTERACTIONS = sum(map(len, TINY_HISTORIES.values()))
+
+
+def dump(path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
+
+
+def test_parse_year():
+    assert parse_year("Toy Story (1995)") == 1995
+    assert parse_year("Babylon 5 (1994-1998)") == 1994
+    assert parse_year("Fargo (2014-) ") == 2014
+    assert parse_year("City of God (Cidade de Deus) (2002)") == 2002
+    assert parse_year("Hyena Road") is None
+    assert parse_year("1984 (Nineteen Eighty-Four)") is None
+
+
+def test_movielens_csv_counts_and_repeat_is_a_no_op(tiny_movielens_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(ingest_module, "CHUNK_ROWS", 7)  # several executemany chunks
+    db_path = tmp_path / "ml.db"
+    report = ingest(db_path, "movielens-csv", tiny_movielens_dir, progress=False)
+    assert (report.dataset, report.items, report.users, report.interactions, report.skipped) == (
+        "tiny-ml", 20, 8, N_INTERACTIONS, 0
+    )
+    with HistoryDB.open(db_path) as db:
+        assert dict(db.sequences()) == TINY_HISTORIES
+        assert db.item(150).year == 1999
+    before = dump(db_path)
+    again = ingest(db_path, "movielens-csv", tiny_movielens_dir, progress=False)
+    assert (again.items, again.users, again.interactions, again.skipped) == (0, 0, 0, 0)
+    assert dump(db_path) == before
+
+
+def test_cli_ingest_reports_counts(tiny_movielens_dir, tmp_path, capsys):
+    db_path = tmp_path / "cli.db"
+    assert main(["data", "ingest", "movielens-csv", str(tiny_movielens_dir), "--db", str(db_path)]) == 0
+    assert f"tiny-ml: 20 new items, 8 new users, {N_INTERACTIONS} new interactions, 0 bad rows skipped" in (
+        capsys.readouterr().out
+    )
+
+
+def _write_dat(folder, encoding):
+    folder.mkdir()
+    titles = {1: "Toy Story (1995)", 2: "Amélie (Fabuleux destin d'Amélie Poulain, Le) (2001)", 3: "Heat (1995)"}
+    (folder / "movies.dat").write_bytes(
+        "".join(f"{i}::{t}::Comedy|Drama\n" for i, t in titles.items()).encode(encoding)
+    )
+    (folder / "ratings.dat").write_text("1::2::5::978300760\n1::1::3::978300700\n2::3::4::978300000\n")
+    return titles
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-8"])  # ml-1m, ml-10m
+def test_movielens_dat_in_both_encodings(tmp_path, encoding):
+    titles = _write_dat(tmp_path / "ml-dat", encoding)
+    report = ingest(tmp_path / "dat.db", "movielens-dat", tmp_path / "ml-dat", progress=False)
+    assert (report.items, report.users, report.interactions) == (3, 2, 3)
+    with HistoryDB.open(tmp_path / "dat.db") as db:
+        assert db.item(2).title == titles[2] and db.item(2).year == 2001
+        assert db.item(2).genres == ("Comedy", "Drama")
+        assert [(h.item_id, h.rating) for h in db.history(1)] == [(1, 3.0), (2, 5.0)]
+
+
+def test_movielens_100k_format(tmp_path):
+    folder = tmp_path / "ml-100k"
+    folder.mkdir()
+    # u.item: id|title|release date|video release date|IMDb URL|19 flags (unknown, Action, Adventure, ...)
+    flags_toy = ["0", "0", "0", "1", "1", "1"] + ["0"] * 13  # Animation, Children's, Comedy
+    flags_unknown = ["1"] + ["0"] * 18
+    u_item = (
+        "1|Toy Story (1995)|01-Jan-1995||http://us.imdb.com/M/title-exact?Toy%20Story%20(1995)|" + "|".join(flags_toy) + "\n"
+        "2|Misérables, Les (1995)|01-Jan-1995|||" + "|".join(["0"] * 8 + ["1"] + ["0"] * 10) + "\n"
+        "267|unknown||||" + "|".join(flags_unknown) + "\n"
+    )
+    (folder / "u.item").write_bytes(u_item.encode("latin-1"))
+    (folder / "u.data").write_text("196\t1\t3\t881250949\n196\t2\t4\t881250000\n22\t267\t1\t878887116\n")
+    report = ingest(tmp_path / "100k.db", "movielens-100k", folder, progress=False)
+    assert (report.items, report.users, report.interactions) == (3, 2, 3)
+    with HistoryDB.open(tmp_path / "100k.db") as db:
+        assert db.item(1).genres == ("Animation", "Children's", "Comedy")
+        assert db.item(2).title == "Misérables, Les (1995)" and db.item(2).genres == ("Drama",)
+        assert db.item(267).year is None and db.item(267).genres == ()
+        assert [h.item_id for h in db.history(196)] == [2, 1]
+    extra = sqlite3.connect(tmp_path / "100k.db").execute("SELECT extra FROM items WHERE id = 1").fetchone()[0]
+    assert json.loads(extra)["release_date"] == "01-Jan-1995"
+
+
+def test_generic_csv_with_iso_dates_and_custom_columns(tmp_path, capsys):
+    (tmp_path / "events.csv").write_text(
+        "who;what;when;stars\n"
+        "1;5;2020-01-02T00:00:00Z;4\n"
+        "1;6;2020-01-01;\n"
+        "2;5;1577836800;2.5\n"
+    )
+    (tmp_path / "things.csv").write_text('id;name\n5;"Heat (1995)"\n6;Se7en (1995)\n')
+    args = [
+        "data", "ingest", "csv", str(tmp_path), "--db", str(tmp_path / "g.db"),
+        "--interactions", "events.csv", "--items", "things.csv", "--delimiter", ";",
+        "--user-col", "who", "--item-col", "what", "--time-col", "when", "--rating-col", "stars",
+        "--title-col", "name", "--item-id-col", "id", "--dataset-name", "mine",
+    ]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    with HistoryDB.open(tmp_path / "g.db") as db:
+        assert [(h.item_id, h.timestamp, h.rating) for h in db.history(1)] == [
+            (6, 1577836800, None),
+            (5, 1577923200, 4.0),
+        ]
+        assert db.dataset().name == "mine"
+
+
+def test_generic_csv_missing_column(tmp_path):
+    (tmp_path / "i.csv").write_text("user,item_id,timestamp\n1,5,0\n")
+    (tmp_path / "t.csv").write_text("item_id,title\n5,X\n")
+    with pytest.raises(IngestError, match=r"^.*i\.csv:1: no column 'user_id' \(columns: user, item_id, timestamp\)$"):
+        ingest(tmp_path / "g.db", "csv", interactions=tmp_path / "i.csv", items=tmp_path / "t.csv", progress=False)
+    with pytest.raises(UsageError, match="format csv needs --interactions FILE and --items FILE"):
+        ingest(tmp_path / "g.db", "csv", tmp_path, progress=False)
+
+
+# ----------------------------------------------------------------------------- malformed input
+BAD_MOVIES = {
+    "wrong column count": ('25,"Extra (1999)",Drama,oops\n', "expected 3 fields, got 4"),
+    "bad quoting": ('25,"Bad "quote" (1999)",Drama\n', "bad CSV quoting (',' expected after '\"')"),
+    "non-numeric id": ("x25,Words (1999),Drama\n", "movie id 'x25' is not an integer"),
+    "non-UTF-8": (b"25,Caf\xe9 (1999),Drama\n", "not valid UTF-8 (byte 0xe9 at column 7)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MOVIES))
+def test_malformed_row_stops_with_file_line_and_leaves_db_unchanged(case, tiny_db, tmp_path, capsys):
+    line, reason = BAD_MOVIES[case]
+    folder = write_tiny_movielens(tmp_path / "bad-ml")
+    movies = folder / "movies.csv"
+    with open(movies, "ab") as fh:
+        fh.write(line if isinstance(line, bytes) else line.encode())
+        fh.write(b"26,Fine Afterwards (2000),Drama\n")
+    (folder / "ratings.csv").open("a").write("50,25,4.0,1\n50,26,4.0,2\n")
+    bad_line = len(TINY_TITLES) + 2  # header + 20 items, then the bad row
+    before = dump(tiny_db)
+
+    with pytest.raises(IngestError) as info:
+        ingest(tiny_db, "movielens-csv", folder, progress=False)
+    assert str(info.value) == f"{movies}:{bad_line}: {reason}"
+    assert dump(tiny_db) == before
+
+    rc = main(["data", "ingest", "movielens-csv", str(folder), "--db", str(tiny_db)])
+    assert rc == IngestError.exit_code == 6
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {movies}:{bad_line}: {reason}"
+    assert dump(tiny_db) == before
+
+    # --skip-bad: the bad row is counted; the row after it and its rating of 26 go in; 25's rating is
+    # then an unknown item and is skipped too.
+    report = ingest(tiny_db, "movielens-csv", folder, skip_bad=True, progress=False)
+    assert (report.items, report.users, report.interactions, report.skipped) == (1, 1, 1, 2)
+    with HistoryDB.open(tiny_db) as db:
+        assert [h.item_id for h in db.history(50)] == [26]
+
+
+def test_bad_rating_row_names_the_ratings_file(tiny_db, tmp_path):
+    folder = write_tiny_movielens(tmp_path / "bad-ratings")
+    ratings = folder / "ratings.csv"
+    n_lines = len(ratings.read_text().splitlines())
+    with open(ratings, "a") as fh:
+        fh.write("1,10,four,5\n")
+    before = dump(tiny_db)
+    with pytest.raises(IngestError, match=rf"^{ratings}:{n_lines + 1}: rating 'four' is not a number$"):
+        ingest(tiny_db, "movielens-csv", folder, progress=False)
+    assert dump(tiny_db) == before
+
+
+def test_unknown_item_and_wrong_header(tmp_path):
+    folder = write_tiny_movielens(tmp_path / "x")
+    ratings = folder / "ratings.csv"
+    n_lines = len(ratings.read_text().splitlines())
+    with open(ratings, "a") as fh:
+        fh.write("1,99999,4.0,5\n")
+    with pytest.raises(IngestError, match=rf"^{ratings}:{n_lines + 1}: unknown item 99999 \(not in the items file\)$"):
+        ingest(tmp_path / "x.db", "movielens-csv", folder, progress=False)
+    with HistoryDB.open(tmp_path / "x.db") as db:  # the failed first ingest left an empty, valid database
+        assert db.count_interactions() == 0 and db.count_items() == 0 and db.dataset() is None
+    (folder / "movies.csv").write_text("id,name\n1,A\n")
+    with pytest.raises(IngestError, match=r"movies\.csv:1: expected header movieId,title,genres, got id,name$"):
+        ingest(tmp_path / "x.db", "movielens-csv", folder, progress=False)
+
+
+def test_missing_files_and_unknown_format(tmp_path, capsys):
+    with pytest.raises(IngestError, match=r"nowhere: not a folder"):
+        ingest(tmp_path / "a.db", "movielens-csv", tmp_path / "nowhere", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IngestError, match=r"empty/movies\.dat: no such file$"):
+        ingest(tmp_path / "a.db", "movielens-dat", tmp_path / "empty", progress=False)
+    assert main(["data", "ingest", "parquet", str(tmp_path), "--db", str(tmp_path / "a.db")]) == 2
+    assert "error: unknown format 'parquet' (choose from movielens-csv, movielens-dat, movielens-100k, csv)" in (
+        capsys.readouterr().err
+    )
+
+
+def test_init_builds_atomically_and_is_idempotent(tmp_path, monkeypatch, capsys):
+    from genrec_edge.ingest import build_default_db
+
+    target = tmp_path / "home" / "default.db"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ingest_module, "ingest", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_default_db(target, progress=False)
+    assert not target.exists() and list(target.parent.iterdir()) == []
+    monkeypatch.undo()
+
+    report = build_default_db(target, progress=False)
+    assert (report.items, report.users, report.interactions) == (9742, 610, 100836)
+    assert report.seconds < 10
+    assert build_default_db(target, progress=False) is None
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+    assert main(["init"]) == 0
+    assert "already exists and is complete" in capsys.readouterr().out
+    assert main(["init", "--force"]) == 0
+    assert "built " in capsys.readouterr().out
+
+
+def test_copy_of_fixture_folder_is_independent(tiny_movielens_dir, tmp_path):
+    # The fixture folder is session-scoped: prove nothing above wrote into it.
+    copy = shutil.copytree(tiny_movielens_dir, tmp_path / "copy")
+    assert (copy / "ratings.csv").read_text().count("\n") == N_INTERACTIONS + 1
