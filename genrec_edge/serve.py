@@ -172,7 +172,7 @@ def recommendations_json(recs: Any) -> dict[str, Any]:
     items = [
         {
             "rank": r.rank,
-            "items": list(r.item_ids),
+            "item_ids": list(r.item_ids),
             "title": r.title,
             "year": r.year,
             "genres": list(r.genres),
@@ -474,8 +474,8 @@ def openapi_spec() -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "rank": {"type": "integer"},
-                        "items": {"type": "array", "items": {"type": "integer"},
-                                  "description": "Item ids sharing this title."},
+                        "item_ids": {"type": "array", "items": {"type": "integer"},
+                                     "description": "The ids of the items with this title."},
                         "title": {"type": "string"},
                         "year": {"type": "integer", "nullable": True},
                         "genres": {"type": "array", "items": {"type": "string"}},

@@ -269,11 +269,30 @@ def test_openapi_served_equals_saved_and_describes_every_route(db_server):
 
 
 # ------------------------------------------------------------------------------------------ with the model
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from tinymodel import tiny_model_for_tiny_db
+_MODELS: dict[tuple, Path] = {}
 
-    return tiny_model_for_tiny_db(tmp_path_factory.mktemp("serve-model"))
+
+def tiny_model_for(db_path: Path, out_root: Path, extra_titles: tuple[str, ...] = ()) -> Path:
+    """A tiny random GGUF whose provenance names ``db_path``'s catalog (built once per catalog per session)."""
+    from tinymodel import DEFAULT_TITLES, tiny_gguf
+
+    with HistoryDB.open(db_path, readonly=True) as db:
+        sha = db.catalog().sha256
+    if sha not in _MODELS:
+        out = out_root / f"model-{sha[:12]}"
+        _MODELS[sha] = tiny_gguf(out, corpus=list(DEFAULT_TITLES) + list(extra_titles),
+                                 provenance={"catalog_sha256": sha})
+    return _MODELS[sha]
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def tiny_model(tiny_db, model_root) -> Path:
+    return tiny_model_for(tiny_db, model_root)
 
 
 @pytest.fixture
@@ -286,7 +305,7 @@ def test_recommend_for_user_and_for_history(model_server):
     status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "k": 5})
     assert status == 200, body
     assert [r["rank"] for r in body["items"]] == [1, 2, 3, 4, 5]
-    recommended = {i for r in body["items"] for i in r["items"]}
+    recommended = {i for r in body["items"] for i in r["item_ids"]}
     assert not recommended & set(TINY_HISTORIES[1]), "seen items must be excluded"
     assert all(r["title"] in TINY_TITLES.values() for r in body["items"])
     assert body["timings"]["total_ms"] > 0
