@@ -234,3 +234,92 @@ def test_init_then_history_show_user_42(tmp_path, monkeypatch, capsys):
     assert main(["history", "show", "--user", "42"]) == 0
     table = capsys.readouterr().out
     assert "Runaway Bride (1999)" in table and "440" in table
+
+
+# ----------------------------------------------------------------------------- CLI: one line and an exit code
+def _run(capsys, *args):
+    rc = main(list(args))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err.strip()
+
+
+def test_cli_bad_input_messages_and_exit_codes(tiny_db, tmp_path, capsys):
+    db = str(tiny_db)
+    assert _run(capsys, "history", "show", "--user", "99999", "--db", db) == (4, "", "error: unknown user 99999")
+    assert _run(capsys, "history", "add", "--user", "1", "--item", "12345", "--db", db) == (
+        4, "", "error: unknown item 12345",
+    )  # fmt: skip
+    missing = tmp_path / "missing.db"
+    assert _run(capsys, "history", "show", "--user", "1", "--db", str(missing)) == (
+        3, "", f"error: no database at {missing} (run `genrec-edge init`)",
+    )  # fmt: skip
+    assert not missing.exists()
+    text = tmp_path / "notes.txt"
+    text.write_text("not sqlite " * 100)
+    assert _run(capsys, "items", "search", "x", "--db", str(text)) == (3, "", f"error: not a SQLite database: {text}")
+    # A user with no interactions: not an error, an explicit message (JSON: an empty list).
+    assert _run(capsys, "history", "show", "--user", str(EMPTY_USER), "--db", db) == (
+        0, f"user {EMPTY_USER} has no interactions yet (add one with `genrec-edge history add`)\n", "",
+    )  # fmt: skip
+    assert _run(capsys, "history", "show", "--user", str(EMPTY_USER), "--db", db, "--json") == (0, "[]\n", "")
+    rc, _, err = _run(capsys, "history", "add", "--user", "1", "--db", db)
+    assert (rc, err) == (2, "error: give exactly one of --item ID or --title TITLE")
+
+
+def test_cli_history_add_by_title_and_show(tiny_db, capsys):
+    db = str(tiny_db)
+    rc, out, _ = _run(capsys, "history", "add", "--user", "1", "--title", "Heat (1995)", "--rating", "4.5",
+                      "--timestamp", "2000000000", "--db", db)  # fmt: skip
+    assert rc == 0 and "user 1: added item 30 'Heat (1995)' at 2033-05-18 03:33:20 UTC" in out
+    rc, _, err = _run(capsys, "history", "add", "--user", "1", "--title", "Matrix", "--db", db)
+    assert rc == 4
+    assert err == "error: no item titled 'Matrix'; did you mean: 'Matrix, The (1999)' (id 150), " \
+                  "'Matrix Reloaded, The (2003)' (id 160)"
+    rc, out, _ = _run(capsys, "history", "show", "--user", "1", "--db", db, "--json", "--limit", "2")
+    assert [(r["item_id"], r["rating"]) for r in json.loads(out)] == [(50, tiny_rating(1, 4)), (30, 4.5)]
+    rc, out, _ = _run(capsys, "history", "show", "--user", "1", "--db", db, "--limit", "2")
+    assert "the last 2 of 6 interactions" in out and "Heat (1995)" in out
+
+
+def test_cli_duplicate_title_lists_candidates(tiny_db, capsys):
+    import sqlite3 as sq
+
+    conn = sq.connect(tiny_db)
+    with conn:
+        conn.execute("INSERT INTO items(id, title) VALUES (999, 'Heat (1995)')")
+    conn.close()
+    rc, _, err = _run(capsys, "history", "add", "--user", "1", "--title", "Heat (1995)", "--db", str(tiny_db))
+    assert (rc, err) == (2, "error: title 'Heat (1995)' matches 2 items (ids 30, 999): use --item ID")
+
+
+def test_cli_items_search(tiny_db, capsys):
+    rc, out, _ = _run(capsys, "items", "search", "alien", "--db", str(tiny_db), "--json")
+    assert rc == 0 and [r["item_id"] for r in json.loads(out)] == [170, 180]
+    rc, out, _ = _run(capsys, "items", "search", "amélie", "--db", str(tiny_db), "--limit", "1")
+    assert rc == 0 and "130" in out
+    assert _run(capsys, "items", "search", "zzz", "--db", str(tiny_db)) == (0, "no item title contains 'zzz'\n", "")
+
+
+def test_cli_read_only_file_reads_but_refuses_writes(tiny_db, capsys):
+    os.chmod(tiny_db, stat.S_IRUSR)
+    try:
+        rc, out, _ = _run(capsys, "history", "show", "--user", "2", "--db", str(tiny_db), "--json")
+        assert rc == 0 and [r["item_id"] for r in json.loads(out)] == TINY_HISTORIES[2]
+        rc, _, err = _run(capsys, "history", "add", "--user", "2", "--item", "10", "--db", str(tiny_db))
+        assert (rc, err) == (3, f"error: database is read-only: {tiny_db} (fix its permissions or open it read-only)")
+    finally:
+        os.chmod(tiny_db, stat.S_IRUSR | stat.S_IWUSR)
+
+
+def test_every_command_has_help_with_an_example(capsys):
+    from genrec_edge.commands import data, history, prompts
+
+    for module in (data, history, prompts):
+        import typer
+
+        app = typer.Typer()
+        module.register(app)
+        commands = list(app.registered_commands) + [c for g in app.registered_groups for c in g.typer_instance.registered_commands]
+        assert commands
+        for command in commands:
+            assert "Example:" in (command.callback.__doc__ or ""), command.callback.__name__
