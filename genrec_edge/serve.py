@@ -749,14 +749,17 @@ def make_server(
     ``recommender`` is given (the server then does not close it). Call ``serve_forever()`` and, when
     done, ``shutdown()`` + ``server_close()``.
     """
-    from .history import HistoryDB
+    from .history import HistoryDB, _is_read_only_file
 
     check_host(host, allow_remote)
     if not 1 <= max_k <= 10_000:
         raise UsageError(f"max_k must be between 1 and 10000, not {max_k}")
     db = Path(db)
-    with HistoryDB.open(db, busy_timeout=busy_timeout):
-        pass  # missing / not SQLite / newer schema: refuse to start
+    # Missing / not SQLite / newer schema: refuse to start. A read-only file still serves reads (POST
+    # /history then answers 503 "read-only").
+    readonly = db.is_file() and _is_read_only_file(db)
+    with HistoryDB.open(db, readonly=readonly, busy_timeout=busy_timeout):
+        pass
     owns = False
     if recommender is None and model is not None:
         from .recommend import Recommender
