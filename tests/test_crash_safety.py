@@ -1,0 +1,134 @@
+"""Crash safety: ``kill -9`` a real ``genrec-edge data ingest`` process mid-way; the database must be exactly
+as it was before (the ingest is one transaction) and ``doctor`` must say it is sound.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_bad_input import snapshot
+
+from genrec_edge.cli import main
+from genrec_edge.doctor import run_checks
+from genrec_edge.history import HistoryDB
+
+N_ITEMS = 2000
+N_INTERACTIONS = 250_000
+PROGRESS = re.compile(rb"([0-9.]+)/([0-9.]+) MB")
+
+
+def write_big_csv(folder: Path) -> tuple[Path, Path]:
+    rng = random.Random(0)
+    items = folder / "items.csv"
+    inter = folder / "inter.csv"
+    with open(items, "w", encoding="utf-8") as fh:
+        fh.write("item_id,title,genres\n")
+        fh.writelines(f"{100_000 + i},Film {i} ({1950 + i % 70}),Drama\n" for i in range(1, N_ITEMS + 1))
+    with open(inter, "w", encoding="utf-8") as fh:
+        fh.write("user_id,item_id,timestamp,rating\n")
+        fh.writelines(
+            f"{1000 + n % 5000},{100_001 + rng.randrange(N_ITEMS)},{1_500_000_000 + n},{rng.randint(1, 5)}\n"
+            for n in range(N_INTERACTIONS)
+        )
+    return items, inter
+
+
+def lock_is_held(db: Path) -> bool:
+    conn = sqlite3.connect(db, timeout=0)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.rollback()
+        return False
+    except sqlite3.OperationalError as exc:
+        assert "locked" in str(exc)
+        return True
+    finally:
+        conn.close()
+
+
+def test_kill_9_mid_ingest_leaves_the_database_unchanged(tiny_db, tmp_path, capsys):
+    items, inter = write_big_csv(tmp_path)
+    before_rows = snapshot(tiny_db)
+    before_bytes = tiny_db.read_bytes()
+    env = dict(os.environ, FORCE_COLOR="1", COLUMNS="100", OMP_WAIT_POLICY="passive")  # rich draws progress
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genrec_edge", "data", "ingest", "csv", "--items", str(items),
+         "--interactions", str(inter), "--db", str(tiny_db)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    os.set_blocking(proc.stderr.fileno(), False)
+    seen = b""
+    done_mb = total_mb = 0.0
+    deadline = time.monotonic() + 40
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            chunk = proc.stderr.read() or b""
+            seen += chunk
+            found = PROGRESS.findall(seen[-400:])
+            if found:
+                done_mb, total_mb = (float(x) for x in found[-1])
+                if done_mb >= 1.0:  # well into the interactions, far from the end
+                    break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"ingest ended before it could be killed: {seen[-300:]!r}"
+        assert 1.0 <= done_mb < total_mb, (done_mb, total_mb)
+        assert lock_is_held(tiny_db), "the ingest's transaction should be open"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # WAL: uncommitted pages never reach the main file.
+    assert tiny_db.read_bytes() == before_bytes
+    assert snapshot(tiny_db) == before_rows
+    with HistoryDB.open(tiny_db) as db:  # a writer opens it fine: the dead process's lock is gone
+        assert db.quick_check() == "ok"
+        assert db.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert not db.item_by_title("Film 1 (1951)")
+    checks = run_checks(tiny_db, None)
+    assert all(c.status == "ok" for c in checks if c.name != "model"), [c.line() for c in checks]
+    rc = main(["doctor", "--db", str(tiny_db)])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "ok   integrity: PRAGMA quick_check: ok" in out, out + err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_ingest_rolls_back_and_says_so(tiny_db, tmp_path, sig):
+    """A polite stop (Ctrl-C, SIGTERM) rolls back too, and is one line, not a traceback."""
+    items, inter = write_big_csv(tmp_path)
+    before_rows = snapshot(tiny_db)
+    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genrec_edge", "data", "ingest", "csv", "--items", str(items),
+         "--interactions", str(inter), "--db", str(tiny_db)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not lock_is_held(tiny_db):
+            assert proc.poll() is None and time.monotonic() < deadline, "ingest never started its transaction"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert b"Traceback" not in err, err[-500:]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and b"error: interrupted" in err, (proc.returncode, err[-300:])
+    assert snapshot(tiny_db) == before_rows
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        assert db.quick_check() == "ok"
