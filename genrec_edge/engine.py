@@ -1,0 +1,536 @@
+"""The llama.cpp runtime: model + context on the low-level API, and exact catalog-constrained beam search.
+
+Why the low-level API: llama.cpp removed its beam search in 2024 and the high-level ``Llama`` class
+decodes one sequence at a time. Here every live beam is its own KV-cache sequence (``seq_id``); beams
+share the prompt's cells (``llama_memory_seq_cp`` on a unified KV cache copies no data), and each search
+step decodes all live beams in one ``llama_decode`` call.
+
+Sequence ids (``n_seq_max = beam + 3``, see ``recommend.Recommender``)::
+
+    0                  the instruction prefix, evaluated once per process and never modified
+    1 .. beam          the beams (and scratch space for sampling and reference scoring)
+    beam + 1           the request prompt (prefix copied from 0 + the history)
+    beam + 2           the graveyard: cells of beams that died during the current search
+
+Why the graveyard: in this llama.cpp build, a token written into a KV cell that was freed *below* cells
+its own sequence already holds gets wrong attention (logits off by ~1 nat; measured, not documented
+upstream). ``llama_memory_seq_rm`` frees cells and moves the cache's head back to the hole, so freeing a
+dead beam mid-search corrupts the next step. Dead beams are therefore moved to the graveyard sequence
+(their cells stay occupied) and all freed at once when the search ends; every sequence then always
+grows into cells after its existing ones.
+
+Pitfalls handled here (FINDINGS.md): ``OMP_WAIT_POLICY=passive`` must be set before llama_cpp is
+imported, or two threads spin to a halt under CPU contention; ``llama_decode`` returns non-zero without
+raising, so every return code is checked; a sequence's positions must stay consecutive; logits are read
+with ``llama_get_logits_ith``; llama.cpp's logging goes through a callback we keep alive.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import ctypes  # noqa: E402
+import hashlib  # noqa: E402
+import heapq  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .errors import CorruptModelError, GenrecError, GrammarError, NotFoundError  # noqa: E402
+from .trie import CatalogTrie  # noqa: E402
+
+PREFIX_SEQ = 0
+FIRST_BEAM_SEQ = 1
+
+
+class EngineError(GenrecError):
+    """llama.cpp refused an operation (a decode failed, the context is too small)."""
+
+    exit_code = 11
+
+
+# ---------------------------------------------------------------------------------------- logging
+_log_lock = threading.Lock()
+_log_callback = None  # module-level: llama.cpp keeps the pointer, so the ctypes object must stay alive
+_backend_ready = False
+
+
+def _quiet_llama() -> None:
+    global _log_callback, _backend_ready
+    with _log_lock:
+        if _log_callback is None:
+            if os.environ.get("GENREC_EDGE_LLAMA_LOG"):
+                _log_callback = llama_cpp.llama_log_callback(lambda level, text, data: print(
+                    text.decode("utf-8", "replace"), end="", flush=True))
+            else:
+                _log_callback = llama_cpp.llama_log_callback(lambda level, text, data: None)
+            llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p())
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+def default_threads() -> int:
+    """All physical-ish cores: llama-cpp-python's own default (cpu_count // 2) leaves half idle."""
+    return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------- engine
+class Engine:
+    """One model and one context. Not thread-safe by itself: callers hold :attr:`lock`."""
+
+    def __init__(self, path: Path, model, vocab, ctx, n_ctx: int, n_seq_max: int, n_batch: int, threads: int):
+        self.path = path
+        self.model = model
+        self.vocab = vocab
+        self.ctx = ctx
+        self.n_ctx = n_ctx
+        self.n_seq_max = n_seq_max
+        self.n_batch = n_batch
+        self.threads = threads
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.eos_id = int(llama_cpp.llama_vocab_eos(vocab))
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
+        self.lock = threading.RLock()
+        self._closed = False
+
+    # ---------------------------------------------------------------- life cycle
+    @classmethod
+    def load_model(cls, path: Path, vocab_only: bool = False):
+        """Load a GGUF (mmap) and return the raw model pointer; CorruptModelError if llama.cpp refuses."""
+        path = Path(path)
+        if not path.is_file():
+            raise NotFoundError(f"model file not found: {path}")
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise CorruptModelError(f"not a GGUF file (magic {magic!r}): {path}")
+        _quiet_llama()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = 0
+        params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+        params.vocab_only = vocab_only
+        model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        if not model:
+            raise CorruptModelError(f"llama.cpp could not load the model (truncated or unsupported?): {path}")
+        return model
+
+    @classmethod
+    def open(
+        cls, path: Path, n_ctx: int = 2048, n_seq_max: int = 4, threads: int | None = None, model=None
+    ) -> Engine:
+        """Load ``path`` and create a context of ``n_ctx`` cells shared by ``n_seq_max`` sequences."""
+        path = Path(path)
+        if model is None:
+            model = cls.load_model(path)
+        threads = threads or default_threads()
+        n_ctx = int(-(-n_ctx // 256) * 256)
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_ctx  # a whole prompt or a whole beam step is one decode call
+        cparams.n_ubatch = min(512, n_ctx)
+        cparams.n_seq_max = n_seq_max
+        cparams.kv_unified = True  # beams share the prompt's KV cells instead of copying them
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise EngineError(f"llama.cpp could not create a context (n_ctx={n_ctx}, seqs={n_seq_max})")
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return cls(path, model, vocab, ctx, n_ctx, n_seq_max, n_ctx, threads)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        llama_cpp.llama_batch_free(self.batch)
+        llama_cpp.llama_free(self.ctx)
+        llama_cpp.llama_model_free(self.model)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- vocabulary
+    def tokenize(self, text: str, add_special: bool = False) -> list[int]:
+        return tokenize(self.vocab, text, add_special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return detokenize(self.vocab, tokens)
+
+    def meta(self, key: str) -> str | None:
+        return model_meta(self.model, key)
+
+    def tokenizer_fingerprint(self) -> str:
+        return tokenizer_fingerprint(self.model, self.vocab)
+
+    # ---------------------------------------------------------------- KV cache
+    def seq_clear(self, seq: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self.memory, seq, -1, -1)
+
+    def seq_copy(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def seq_len(self, seq: int) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq)) + 1
+
+    def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], want: Sequence[bool]):
+        """One ``llama_decode`` of ``tokens`` (token i at ``positions[i]`` in sequence ``seqs[i]``)."""
+        n = len(tokens)
+        if n > self.n_batch:
+            raise EngineError(f"{n} tokens exceed the batch size {self.n_batch}")
+        batch = self.batch
+        batch.n_tokens = n
+        for i in range(n):
+            batch.token[i] = tokens[i]
+            batch.pos[i] = positions[i]
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seqs[i]
+            batch.logits[i] = 1 if want[i] else 0
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise EngineError(
+                f"llama_decode failed (code {rc}) for {n} tokens; the context has {self.n_ctx} cells"
+            )
+
+    def decode_sequence(self, tokens: Sequence[int], seq: int, start: int, last_logits: bool = True) -> None:
+        """Decode a run of tokens into one sequence, in chunks of the batch size."""
+        tokens = list(tokens)
+        for begin in range(0, len(tokens), self.n_batch):
+            chunk = tokens[begin : begin + self.n_batch]
+            last = begin + len(chunk) == len(tokens)
+            want = [False] * len(chunk)
+            if last and last_logits:
+                want[-1] = True
+            self.decode(chunk, range(start + begin, start + begin + len(chunk)), [seq] * len(chunk), want)
+
+    def logits(self, i: int) -> np.ndarray:
+        """A copy of the logits row of output ``i`` of the last decode (``-1``: the last one)."""
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, i)
+        if not ptr:
+            raise EngineError(f"no logits for output {i}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def log_probs(self, i: int) -> np.ndarray:
+        return log_softmax(self.logits(i))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis, in float64 (scores are sums of a dozen of these)."""
+    x = logits.astype(np.float64)
+    peak = x.max(axis=-1, keepdims=True)
+    return x - (peak + np.log(np.exp(x - peak).sum(axis=-1, keepdims=True)))
+
+
+# ---------------------------------------------------------------------------------------- vocab helpers
+def tokenize(vocab, text: str, add_special: bool) -> list[int]:
+    data = text.encode("utf-8")
+    capacity = len(data) + 8
+    buffer = (llama_cpp.llama_token * capacity)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, capacity, add_special, False)
+    if n < 0:  # buffer too small: llama.cpp returns minus the size it needs
+        capacity = -n
+        buffer = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, capacity, add_special, False)
+        if n < 0:
+            raise EngineError(f"llama_tokenize failed for {text[:40]!r}")
+    return list(buffer[:n])
+
+
+def token_bytes(vocab, token: int) -> bytes:
+    buffer = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, 64, 0, False)
+    if n < 0:
+        buffer = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, -n, 0, False)
+    return buffer.raw[:n]
+
+
+def detokenize(vocab, tokens: Sequence[int]) -> str:
+    return b"".join(token_bytes(vocab, t) for t in tokens).decode("utf-8", "replace")
+
+
+def model_meta(model, key: str) -> str | None:
+    size = 256
+    while True:
+        buffer = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_model_meta_val_str(model, key.encode("utf-8"), buffer, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buffer.value.decode("utf-8", "replace")
+        size = n + 1
+
+
+def tokenizer_fingerprint(model, vocab) -> str:
+    """Hash of what decides tokenization: tokenizer kind, pre-tokenizer, every token's text, EOS, and
+    the token ids of a probe text (which BPE merges affect). Keys the trie cache, so a different
+    model with the same tokenizer reuses the trie and any tokenizer change rebuilds it."""
+    digest = hashlib.sha256()
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
+        digest.update(f"{key}={model_meta(model, key)}\0".encode())
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    digest.update(f"n={n_vocab} eos={llama_cpp.llama_vocab_eos(vocab)}\0".encode())
+    for token in range(n_vocab):
+        digest.update(llama_cpp.llama_vocab_get_text(vocab, token) or b"")
+        digest.update(b"\0")
+    probe = "Amélie (Fabuleux destin d'Amélie Poulain, Le) (2001) Star Wars: Episode IV - A New Hope 1977 ß東京"
+    digest.update(np.asarray(tokenize(vocab, probe, False), dtype=np.int32).tobytes())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------- beam search
+@dataclass
+class SearchStats:
+    decode_steps: int = 0
+    decoded_tokens: int = 0
+    search_ms: float = 0.0
+
+
+@dataclass(order=True)
+class Finished:
+    neg_score: float
+    title_index: int = field(compare=False)
+
+    @property
+    def score(self) -> float:
+        return -self.neg_score
+
+
+def constrained_beam_search(
+    engine: Engine,
+    trie: CatalogTrie,
+    unseen: np.ndarray,
+    prompt_len: int,
+    prompt_log_probs: np.ndarray,
+    k: int,
+    beam: int,
+    stats: SearchStats | None = None,
+    prompt_seq: int = FIRST_BEAM_SEQ,
+    graveyard_seq: int | None = None,
+) -> list[tuple[int, float]]:
+    """Top-``k`` unseen titles by summed log-probability, as ``[(title index, score)]`` best first.
+
+    The prompt must already be decoded in sequence ``prompt_seq`` (``prompt_len`` tokens) with
+    ``prompt_log_probs`` its last position's log-softmax. Beams live in sequences ``FIRST_BEAM_SEQ ..
+    FIRST_BEAM_SEQ + beam - 1``; a ``prompt_seq`` outside that range is left untouched (so a second
+    search can reuse the prompt), one inside it becomes the first beam. ``unseen`` is
+    :meth:`CatalogTrie.unseen_counts`: children with no unseen title below are never expanded, so every
+    finished title is unseen and distinct. With ``beam`` >= the number of catalog titles nothing is
+    pruned and the result is exact; the search stops once ``k`` titles are finished and no live beam
+    (whose score bounds all its completions, log-probs being <= 0) can beat the k-th.
+    """
+    stats = stats if stats is not None else SearchStats()
+    started = time.perf_counter()
+    beam_seqs = range(FIRST_BEAM_SEQ, FIRST_BEAM_SEQ + beam)
+    if FIRST_BEAM_SEQ + beam > engine.n_seq_max:
+        raise EngineError(f"beam width {beam} needs {beam + 2} sequences; the context has {engine.n_seq_max}")
+    shared_prompt = prompt_seq not in beam_seqs
+    graveyard = graveyard_seq if graveyard_seq is not None else engine.n_seq_max - 1
+    if graveyard in beam_seqs or graveyard == prompt_seq:
+        raise EngineError(f"graveyard sequence {graveyard} overlaps the beams or the prompt")
+
+    def bury(seq: int) -> None:  # keep the cells occupied (see the module docstring), free the id
+        engine.seq_copy(seq, graveyard, -1, -1)
+        engine.seq_clear(seq)
+
+    eos = trie.eos_id
+    finished: list[Finished] = []  # max-heap by score through negation, bounded to k entries
+    # Live beams: (score, node, seq id). The root beam owns the prompt's sequence.
+    live_scores = np.zeros(1)
+    live_nodes = np.zeros(1, dtype=np.int64)
+    live_seqs = [prompt_seq]
+    rows = prompt_log_probs[None, :]
+    length = prompt_len  # every live beam has the same length: one token per step
+
+    def kth_score() -> float:
+        return -finished[0].neg_score if len(finished) >= k else -np.inf
+
+    while len(live_seqs):
+        # Expand: per beam, only the trie children that still lead to an unseen title.
+        cand_scores, cand_parent, cand_node, cand_token = [], [], [], []
+        for b in range(len(live_seqs)):
+            start, end = trie.child_offsets[live_nodes[b]], trie.child_offsets[live_nodes[b] + 1]
+            nodes = trie.child_node[start:end]
+            keep = unseen[nodes] > 0
+            if not keep.all():
+                nodes = nodes[keep]
+            tokens = trie.token[nodes]
+            scores = live_scores[b] + rows[b, tokens]
+            cand_scores.append(scores)
+            cand_parent.append(np.full(len(nodes), b))
+            cand_node.append(nodes)
+            cand_token.append(tokens)
+        scores = np.concatenate(cand_scores)
+        parents = np.concatenate(cand_parent)
+        nodes = np.concatenate(cand_node)
+        tokens = np.concatenate(cand_token)
+
+        # Finished titles (EOS children) go to the result heap; they are complete and need no decode.
+        done = tokens == eos
+        for score, node in zip(scores[done], nodes[done]):
+            entry = Finished(-float(score), int(trie.leaf_title[node]))
+            if len(finished) < k:
+                heapq.heappush(finished, _Worst(entry))
+            elif score > kth_score():
+                heapq.heapreplace(finished, _Worst(entry))
+        # Continuing candidates: only those that can still beat the k-th finished (log-probs are <= 0,
+        # so a prefix's score bounds all its completions), best ``beam`` of them. None left: done.
+        open_ = ~done & (scores > kth_score())
+        scores, parents, nodes, tokens = scores[open_], parents[open_], nodes[open_], tokens[open_]
+        if len(scores) > beam:
+            top = np.argpartition(-scores, beam - 1)[:beam]
+            scores, parents, nodes, tokens = scores[top], parents[top], nodes[top], tokens[top]
+        if len(scores) == 0:
+            break
+
+        # Assign sequences: a parent's first child inherits its sequence, further children copy it
+        # into sequences freed by parents that died. No source is overwritten: freed sequences only
+        # belonged to parents without children.
+        order = np.argsort(parents, kind="stable")
+        scores, parents, nodes, tokens = scores[order], parents[order], nodes[order], tokens[order]
+        used_parent = set(parents.tolist())
+        free = [live_seqs[b] for b in range(len(live_seqs)) if b not in used_parent and live_seqs[b] in beam_seqs]
+        for seq in free:
+            bury(seq)
+        free += [s for s in beam_seqs if s not in live_seqs]
+        new_seqs = []
+        inherited = set()
+        for parent in parents.tolist():
+            if parent not in inherited and not (shared_prompt and live_seqs[parent] == prompt_seq):
+                inherited.add(parent)
+                new_seqs.append(live_seqs[parent])
+            else:
+                seq = free.pop()
+                engine.seq_copy(live_seqs[parent], seq, -1, -1)
+                new_seqs.append(seq)
+
+        engine.decode(tokens.tolist(), [length] * len(tokens), new_seqs, [True] * len(tokens))
+        stats.decode_steps += 1
+        stats.decoded_tokens += len(tokens)
+        length += 1
+        rows = log_softmax(np.stack([engine.logits(i) for i in range(len(tokens))]))
+        live_scores, live_nodes, live_seqs = scores, nodes.astype(np.int64), new_seqs
+
+    for seq in list(beam_seqs) + [graveyard]:
+        engine.seq_clear(seq)  # frees only cells after the prompt's: the next search grows from there
+    stats.search_ms += (time.perf_counter() - started) * 1000
+    ranked = sorted((w.entry for w in finished), key=lambda e: (e.neg_score, e.title_index))
+    return [(e.title_index, e.score) for e in ranked]
+
+
+@dataclass(order=False)
+class _Worst:
+    """Heap item that puts the *worst* finished title on top, so the heap keeps the best k."""
+
+    entry: Finished
+
+    def __lt__(self, other: _Worst) -> bool:
+        return self.entry.neg_score > other.entry.neg_score
+
+    @property
+    def neg_score(self) -> float:
+        return self.entry.neg_score
+
+
+def score_continuations(
+    engine: Engine, prompt_seq: int, prompt_len: int, prompt_log_probs: np.ndarray, continuations, scratch: int
+) -> list[float]:
+    """Reference scorer: each continuation's summed log-probability, decoded on its own in ``scratch``.
+
+    Independent of the trie and the beam search (one sequence, one continuation at a time), so tests
+    use it as the brute-force ground truth.
+    """
+    out = []
+    for tokens in continuations:
+        engine.seq_clear(scratch)
+        engine.seq_copy(prompt_seq, scratch, -1, -1)
+        total = float(prompt_log_probs[tokens[0]])
+        for j in range(1, len(tokens)):
+            engine.decode([tokens[j - 1]], [prompt_len + j - 1], [scratch], [True])
+            total += float(engine.log_probs(0)[tokens[j]])
+        out.append(total)
+    engine.seq_clear(scratch)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- sampling
+class GrammarSampler:
+    """llama.cpp's grammar sampler + temperature + seeded distribution, one title per sample.
+
+    The grammar sampler is reset for every sample; the temperature/dist chain is not, so successive
+    samples draw from one seeded random stream.
+    """
+
+    def __init__(self, engine: Engine, grammar: str, temperature: float, seed: int):
+        from .grammar import validate_grammar
+
+        validate_grammar(grammar)  # llama.cpp would segfault or abort on a bad grammar
+        self.engine = engine
+        self.grammar = llama_cpp.llama_sampler_init_grammar(engine.vocab, grammar.encode("utf-8"), b"root")
+        if not self.grammar:
+            raise GrammarError("llama.cpp rejected the catalog grammar")
+        self.chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_temp(temperature))
+        llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        n = engine.n_vocab
+        self._data = (llama_cpp.llama_token_data * n)()
+        self._ids = np.arange(n, dtype=np.int32)
+        self._view = np.ctypeslib.as_array(self._data).view(
+            np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        )
+
+    def close(self) -> None:
+        if self.grammar:
+            llama_cpp.llama_sampler_free(self.grammar)
+            llama_cpp.llama_sampler_free(self.chain)
+            self.grammar = None
+
+    def sample_title(self, prompt_seq: int, prompt_tokens: Sequence[int], scratch: int, max_tokens: int):
+        """One sampled continuation's tokens (EOG excluded) or None if it ran past ``max_tokens``."""
+        engine = self.engine
+        llama_cpp.llama_sampler_reset(self.grammar)
+        engine.seq_clear(scratch)
+        n = len(prompt_tokens)
+        # The scratch sequence gets the prompt's cells but the last token is decoded again, because
+        # the logits of an earlier decode are gone by now.
+        engine.seq_copy(prompt_seq, scratch, 0, n - 1)
+        engine.decode([prompt_tokens[-1]], [n - 1], [scratch], [True])
+        out: list[int] = []
+        for step in range(max_tokens):
+            token = self._pick(engine.logits(0))
+            if llama_cpp.llama_vocab_is_eog(engine.vocab, token):
+                engine.seq_clear(scratch)
+                return out
+            out.append(token)
+            engine.decode([token], [n + step], [scratch], [True])
+        engine.seq_clear(scratch)
+        return None
+
+    def _pick(self, logits: np.ndarray) -> int:
+        view = self._view
+        view["id"] = self._ids
+        view["logit"] = logits
+        view["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            data=self._data, size=len(logits), selected=-1, sorted=False
+        )
+        llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
+        if array.selected < 0 or array.selected >= array.size:
+            raise GrammarError("the grammar allows no next token")
+        token = int(array.data[array.selected].id)
+        llama_cpp.llama_sampler_accept(self.grammar, token)
+        return token
