@@ -157,7 +157,7 @@ def convert(
     Refuses to overwrite ``out`` unless ``force``.
     """
     import gguf
-    from gguf import GGMLQuantizationType, LlamaFileType, MODEL_ARCH, MODEL_ARCH_NAMES, TensorNameMap
+    from gguf import MODEL_ARCH, MODEL_ARCH_NAMES, GGMLQuantizationType, LlamaFileType, TensorNameMap
 
     from .tokenizer import read_vocab
 

@@ -233,7 +233,7 @@ def _spm_space_prefix(tokenizer_json: dict) -> bool:
 
 def is_sentencepiece(tokenizer_json: dict, hf_dir: Path) -> bool:
     pt = tokenizer_json.get("pre_tokenizer") or {}
-    norm = json.dumps(tokenizer_json.get("normalizer"))
+    norm = json.dumps(tokenizer_json.get("normalizer"), ensure_ascii=False)  # keep "▁" searchable
     return pt.get("type") == "Metaspace" or "\u2581" in norm or (
         not tokenizer_json and (hf_dir / "tokenizer.model").is_file()
     )

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from genrec_edge.convert import convert, read_provenance, validate_gguf_header
 from tinymodel import DEFAULT_TITLES, make_tiny_llama, tiny_gguf
 
 from genrec_edge.cli import main
-from genrec_edge.convert import convert, read_provenance, validate_gguf_header
 from genrec_edge.errors import CorruptModelError, UsageError
 from genrec_edge.prompts import DEFAULT_INSTRUCTION, PromptTemplate
 
@@ -244,9 +244,8 @@ def test_smollm2_tokenizer_rebuilt_by_transformers_converts_as_smollm(tmp_path):
     """transformers rebuilds SmolLM2's tokenizer from the GGUF with a plain ByteLevel pre-tokenizer;
     llama.cpp's fingerprint still identifies it as "smollm", and the vocabulary round-trips exactly."""
     import gguf
-    from transformers import AutoTokenizer
-
     from genrec_edge.convert.tokenizer import read_vocab
+    from transformers import AutoTokenizer
 
     base = _smollm2_dir() / SMOLLM2_GGUF_NAME
     tok = AutoTokenizer.from_pretrained(base.parent, gguf_file=base.name)
@@ -311,3 +310,35 @@ def test_smollm2_135m_f16_logits_agree(smollm2_hf_dir, tmp_path):
     )
     assert agree_last >= 99
     assert agree_all / positions >= 0.99
+
+
+def test_tokenizer_kind_and_pretokenizer_decisions():
+    """The structural rules, on tokenizer.json fragments as HF writes them for real bases."""
+    from genrec_edge.convert.tokenizer import (
+        LLAMA3_REGEX,
+        _spm_space_prefix,
+        _structural_pre,
+        is_sentencepiece,
+    )
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    assert _structural_pre(byte_level) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert _structural_pre({"type": "Sequence", "pretokenizers": [digits, byte_level]}) == "smollm"
+    split = {"type": "Split", "pattern": {"Regex": LLAMA3_REGEX}, "behavior": "Isolated", "invert": False}
+    no_regex = dict(byte_level, use_regex=False)
+    assert _structural_pre({"type": "Sequence", "pretokenizers": [split, no_regex]}) == "llama-bpe"
+    assert _structural_pre(no_regex) is None  # ByteLevel without its regex splits nothing: not GPT-2
+    assert _structural_pre({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": False}, byte_level]}) is None
+    # Llama 2 (legacy): SentencePiece via normalizer; newer: Metaspace pre-tokenizer.
+    legacy = {
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}],
+        },
+        "pre_tokenizer": None,
+    }
+    assert is_sentencepiece(legacy, Path(".")) and _spm_space_prefix(legacy)
+    metaspace = {"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never"}}
+    assert is_sentencepiece(metaspace, Path(".")) and not _spm_space_prefix(metaspace)
+    assert not is_sentencepiece({"pre_tokenizer": byte_level, "normalizer": None}, Path("."))
