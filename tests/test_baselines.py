@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+
+# Before torch loads (baselines imports it lazily): spin-waiting OpenMP threads collapse under the CPU
+# contention of a shared test machine (a 3 s training took 89 s). `make test` exports the same.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 from genrec_edge.baselines import (
     SASRecModel,
