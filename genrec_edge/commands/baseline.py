@@ -88,8 +88,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train SASRec-CE (early-stopped on valid HR@10), then score it with seen titles masked.
 
-        Scoring --split valid reuses the split it was early-stopped on, so it is optimistic: tune with it,
-        report test.
+        --split valid scores the split it was early-stopped on (optimistic): tune on it, report test.
 
         Example: genrec-edge baseline sasrec --db movies.db --epochs 50 --save sasrec-ml
         """
