@@ -1,0 +1,112 @@
+"""``genrec-edge recommend`` (catalog-constrained top-k on llama.cpp) and ``genrec-edge grammar export``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+MODEL_HELP = "GGUF model (default: the model `genrec-edge` serves by default, now the zero-shot base)."
+DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("recommend")
+    def recommend(
+        user: int = typer.Option(None, "--user", help="User id in the database."),
+        history: list[str] = typer.Option(
+            None, "--history", help="Recommend for these exact catalog titles instead of a user (oldest first)."
+        ),
+        more_titles: list[str] = typer.Argument(None, help="More --history titles.", show_default=False),
+        k: int = typer.Option(10, "--k", min=1, help="How many items."),
+        model: Path = typer.Option(None, "--model", help=MODEL_HELP),
+        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for llama.cpp (default: all cores)."),
+        beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: max(10, 2k))."),
+        sample: bool = typer.Option(False, "--sample", help="Sample titles with the catalog grammar instead of beam search."),
+        seed: int = typer.Option(0, "--seed", help="Random seed for --sample."),
+        temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Temperature for --sample."),
+    ) -> None:
+        """Recommend the next items for a user: the top-k unseen catalog titles by model probability.
+
+        Decoding is constrained to the catalog (a token trie), so every result is a real, unseen item.
+        With --history, recommend for an ad-hoc list of titles instead of a database user.
+
+        Example: genrec-edge recommend --user 42 --k 10
+        Example: genrec-edge recommend --history "Toy Story (1995)" "Heat (1995)" --json
+        """
+        from ..errors import UsageError
+        from ..recommend import Recommender
+
+        titles = list(history or [])
+        if more_titles:
+            if not titles:
+                raise UsageError(f"unexpected argument {more_titles[0]!r} (titles go after --history)")
+            titles += list(more_titles)
+        if (user is None) == (not titles):
+            raise UsageError("give either --user or --history (one of them)")
+        with Recommender.open(model, db, threads=threads, beam=beam) as rec:
+            result = rec.recommend(
+                user=user, history=titles or None, k=k, sample=sample, seed=seed, temperature=temperature
+            )
+            model_name = rec.engine.path.name
+        if json_output:
+            payload = {"user": user, "history": titles or None, "model": model_name, **result.to_dict()}
+            typer.echo(json.dumps(payload, ensure_ascii=False, indent=1))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        who = f"user {user}" if user is not None else f"a history of {len(titles)} titles"
+        table = Table(title=f"top {len(result.items)} for {who} ({model_name})")
+        table.add_column("rank", justify="right")
+        table.add_column("title")
+        table.add_column("year", justify="right")
+        table.add_column("genres")
+        table.add_column("score" if not sample else "sampled", justify="right")
+        for r in result.items:
+            score = f"{r.score:.3f}" if r.score == r.score else "-"  # NaN for sampled titles
+            table.add_row(str(r.rank), r.title, "" if r.year is None else str(r.year), ", ".join(r.genres), score)
+        console = Console(soft_wrap=False)
+        console.print(table)
+        t = result.timings
+        console.print(
+            f"prefill {t.prefill_ms:.0f} ms ({t.prompt_tokens} prompt tokens) · search {t.search_ms:.0f} ms "
+            f"({t.decode_steps} steps, {t.decoded_tokens} tokens) · total {t.total_ms:.0f} ms",
+            highlight=False,
+        )
+        if len(result.items) < k:
+            console.print(f"only {len(result.items)} unseen catalog titles could be recommended", highlight=False)
+
+    grammar_app = typer.Typer(help="The catalog as a GBNF grammar.", no_args_is_help=True)
+    app.add_typer(grammar_app, name="grammar")
+
+    @grammar_app.command("export")
+    def export(
+        out: Path = typer.Option(..., "--out", help="Where to write the .gbnf file."),
+        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    ) -> None:
+        """Write the catalog as a GBNF grammar (language: exactly the catalog's titles) for llama.cpp tools.
+
+        Example: genrec-edge grammar export --out catalog.gbnf
+        """
+        from ..errors import UsageError
+        from ..grammar import grammar_for_titles
+        from ..history import HistoryDB
+        from ..paths import default_db
+
+        if out.exists() and not force:
+            raise UsageError(f"{out} exists (use --force to overwrite)")
+        with HistoryDB.open(Path(db) if db is not None else default_db(), readonly=True) as database:
+            catalog = database.catalog()
+        titles = catalog.unique_titles
+        if not titles:
+            raise UsageError("the database has no items: nothing to export")
+        text = grammar_for_titles(titles)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+        rules = text.count("\n")
+        typer.echo(f"wrote {out}: {len(titles)} titles, {rules} rules, {len(text.encode('utf-8'))} bytes")

@@ -1,0 +1,274 @@
+"""Recommender API and `genrec-edge recommend` / `grammar export` on real SQLite + real llama.cpp GGUFs."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import pytest
+from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES
+from tinymodel import DEFAULT_TITLES, tiny_gguf
+
+from genrec_edge.catalog import Catalog
+from genrec_edge.cli import main
+from genrec_edge.errors import (
+    CatalogMismatchError,
+    CorruptModelError,
+    EmptyHistoryError,
+    NotFoundError,
+    UsageError,
+)
+from genrec_edge.history import HistoryDB
+from genrec_edge.prompts import PromptTemplate, build_prompt_ids
+from genrec_edge.recommend import Recommender
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    cached = tmp_path_factory.getbasetemp() / "runtime-tiny-gguf-db" / "model-F32.gguf"
+    if not cached.exists():
+        tiny_gguf(cached.parent, corpus=DEFAULT_TITLES, seed=5)
+    return cached
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def rec(tiny_model, tiny_db, cache_home):
+    warnings = []
+    with Recommender.open(tiny_model, tiny_db, threads=2, warn=warnings.append) as recommender:
+        recommender.warnings = warnings
+        yield recommender
+
+
+def convert_with(tiny_model, out, provenance):
+    from genrec_edge.convert import convert
+
+    return convert(tiny_model.parent / "hf", out, outtype="f32", provenance=provenance, progress=False)
+
+
+def test_user_top_k_are_distinct_unseen_catalog_items(rec, tiny_db):
+    result = rec.recommend(user=1, k=5)
+    items = result.items
+    assert [r.rank for r in items] == [1, 2, 3, 4, 5]
+    assert len({r.title for r in items}) == 5
+    seen = {TINY_TITLES[i] for i in TINY_HISTORIES[1]}
+    assert not {r.title for r in items} & seen
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        for r in items:
+            assert all(TINY_TITLES[i] == r.title for i in r.item_ids)
+            item = db.item(r.item_ids[0])
+            assert (r.year, r.genres) == (item.year, item.genres)
+    scores = [r.score for r in items]
+    assert scores == sorted(scores, reverse=True) and all(s < 0 for s in scores)
+    t = result.timings
+    history = [TINY_TITLES[i] for i in TINY_HISTORIES[1]]
+    expected_prompt = build_prompt_ids(rec.engine.tokenize, rec.engine.eos_id, history, PromptTemplate())
+    assert t.prompt_tokens == len(expected_prompt)
+    assert t.decode_steps >= 1 and t.decoded_tokens >= t.decode_steps
+    assert 0 < t.prefill_ms <= t.total_ms and 0 < t.search_ms <= t.total_ms
+    assert rec.warnings and "genrec.catalog_sha256" in rec.warnings[0]  # the base-like tiny model
+
+
+def test_user_and_history_requests_agree_with_rank_titles(rec):
+    history = [TINY_TITLES[i] for i in TINY_HISTORIES[4]]
+    by_user = rec.recommend(user=4, k=4)
+    by_history = rec.recommend(history=history, k=4)
+    ranking = rec.rank_titles(history, set(history), 4)
+    assert [r.title for r in by_user.items] == [r.title for r in by_history.items] == list(ranking.titles)
+    assert [r.score for r in by_user.items] == pytest.approx(list(ranking.scores), abs=1e-9)
+
+
+def test_k_larger_than_the_unseen_catalog(rec):
+    result = rec.recommend(user=7, k=15)  # 12 of 20 titles seen
+    assert len(result.items) == 20 - len(set(TINY_HISTORIES[7]))
+
+
+def test_bad_requests(rec, tiny_db):
+    with pytest.raises(NotFoundError, match="unknown user 999"):
+        rec.recommend(user=999)
+    with pytest.raises(EmptyHistoryError):
+        rec.recommend(user=EMPTY_USER)
+    with pytest.raises(EmptyHistoryError):
+        rec.recommend(history=[])
+    with pytest.raises(NotFoundError, match="did you mean 'Heat \\(1995\\)'"):
+        rec.recommend(history=["Heat 1995"])
+    with pytest.raises(UsageError):
+        rec.recommend(user=1, history=["Heat (1995)"])
+    with pytest.raises(UsageError):
+        rec.recommend(user=1, k=0)
+    with pytest.raises(UsageError, match="already"):
+        rec.recommend(history=list(DEFAULT_TITLES))
+
+
+def test_user_who_has_seen_everything(tiny_model, tiny_db, cache_home):
+    with HistoryDB.open(tiny_db) as db:
+        for n, item_id in enumerate(TINY_TITLES):
+            db.add_interaction(42, item_id, timestamp=2_000_000_000 + n)
+    with Recommender.open(tiny_model, tiny_db, warn=lambda m: None) as recommender:
+        with pytest.raises(UsageError, match="every catalog title"):
+            recommender.recommend(user=42)
+
+
+def test_duplicate_titles_are_one_result_with_all_ids(tiny_model, tiny_db, cache_home):
+    conn = sqlite3.connect(tiny_db)
+    with conn:
+        conn.execute("INSERT INTO items(id, title, year, genres) VALUES (999, 'Heat (1995)', 1995, 'Drama')")
+    conn.close()
+    with Recommender.open(tiny_model, tiny_db, warn=lambda m: None) as recommender:
+        result = recommender.recommend(history=["Toy Story (1995)"], k=19)
+        heat = [r for r in result.items if r.title == "Heat (1995)"]
+        assert len(result.items) == 19 and len(heat) == 1 and heat[0].item_ids == (30, 999)
+        # A title is seen if any of its ids is: user 1 saw item 30.
+        assert "Heat (1995)" not in {r.title for r in recommender.recommend(user=1, k=15).items}
+
+
+def test_catalog_provenance_and_prompt_template(tiny_model, tiny_db, tmp_path, cache_home):
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        sha = db.catalog().sha256
+    foreign = convert_with(tiny_model, tmp_path / "foreign.gguf", {"catalog_sha256": "0" * 64})
+    with pytest.raises(CatalogMismatchError):
+        Recommender.open(foreign, tiny_db)
+    template = {"instruction": "Next:", "history_len": 2, "name": "short"}
+    own = convert_with(tiny_model, tmp_path / "own.gguf", {"catalog_sha256": sha, "prompt_template": template})
+    warnings = []
+    with Recommender.open(own, tiny_db, warn=warnings.append) as recommender:
+        assert warnings == []
+        assert recommender.template == PromptTemplate.from_dict(template)
+        result = recommender.recommend(user=2, k=3)
+        last_two = [TINY_TITLES[i] for i in TINY_HISTORIES[2][-2:]]
+        expected = build_prompt_ids(recommender.engine.tokenize, recommender.engine.eos_id, last_two,
+                                    PromptTemplate.from_dict(template))
+        assert result.timings.prompt_tokens == len(expected)
+        seen = {TINY_TITLES[i] for i in TINY_HISTORIES[2]}
+        assert not {r.title for r in result.items} & seen  # all seen excluded, not only the last two
+
+
+def test_missing_and_corrupt_models(tiny_db, tiny_model, tmp_path, cache_home):
+    with pytest.raises(NotFoundError):
+        Recommender.open(tmp_path / "missing.gguf", tiny_db)
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(CorruptModelError):
+        Recommender.open(corrupt, tiny_db)
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_model.read_bytes()[:100_000])
+    with pytest.raises(CorruptModelError):
+        Recommender.open(truncated, tiny_db)
+
+
+def test_one_instance_is_safe_from_several_threads(rec):
+    users = [1, 2, 4, 8]
+    serial = {u: [r.title for r in rec.recommend(user=u, k=3).items] for u in users}
+    results, errors = {}, []
+
+    def work(user):
+        try:
+            results[user] = [r.title for r in rec.recommend(user=user, k=3).items]
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == serial
+
+
+def test_sampling_returns_distinct_unseen_catalog_titles(rec):
+    result = rec.recommend(user=1, k=3, sample=True, seed=7, max_tries=30)
+    titles = [r.title for r in result.items]
+    assert 1 <= len(titles) <= 3 and len(set(titles)) == len(titles)
+    assert set(titles) <= set(DEFAULT_TITLES) - {TINY_TITLES[i] for i in TINY_HISTORIES[1]}
+    again = rec.recommend(user=1, k=3, sample=True, seed=7, max_tries=30)
+    assert [r.title for r in again.items] == titles  # seeded
+
+
+def test_trie_is_cached_on_disk(tiny_model, tiny_db, cache_home):
+    with Recommender.open(tiny_model, tiny_db, warn=lambda m: None):
+        pass
+    files = list((cache_home / "cache").glob("trie-*.npz"))
+    assert len(files) == 1
+    with Recommender.open(tiny_model, tiny_db, warn=lambda m: None) as again:
+        assert again.trie.titles == tuple(Catalog.from_pairs(list(TINY_TITLES.items())).unique_titles)
+    assert list((cache_home / "cache").glob("trie-*.npz")) == files
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_recommend_json_and_table(tiny_model, tiny_db, cache_home, capsys):
+    rc = main(["recommend", "--user", "1", "--k", "3", "--db", str(tiny_db), "--model", str(tiny_model), "--json"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    payload = json.loads(out.out)
+    assert payload["user"] == 1 and len(payload["items"]) == 3
+    assert set(payload["timings"]) == {"prefill_ms", "search_ms", "total_ms", "prompt_tokens", "decode_steps",
+                                       "decoded_tokens"}
+    rc = main(["recommend", "--history", "Toy Story (1995)", 'Quote "Me" (2001)', "--k", "2",
+               "--db", str(tiny_db), "--model", str(tiny_model), "--beam", "4", "--threads", "1"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "rank" in out.out and "prefill" in out.out and "total" in out.out
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--user", "999"], 4, "unknown user 999"),
+        (["--user", str(EMPTY_USER)], 5, "no history"),
+        (["--history", "Nope (1999)"], 4, "unknown title"),
+        ([], 2, "either --user or --history"),
+        (["--user", "1", "--history", "Heat (1995)"], 2, "either --user or --history"),
+        (["Heat (1995)"], 2, "titles go after --history"),
+    ],
+)
+def test_cli_recommend_errors_are_one_line(tiny_model, tiny_db, cache_home, capsys, args, code, message):
+    rc = main(["recommend", *args, "--db", str(tiny_db), "--model", str(tiny_model)])
+    err = capsys.readouterr().err
+    assert rc == code
+    error_lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+    assert "Traceback" not in err
+
+
+def test_cli_missing_model(tiny_db, tmp_path, cache_home, capsys):
+    rc = main(["recommend", "--user", "1", "--db", str(tiny_db), "--model", str(tmp_path / "none.gguf")])
+    assert rc == NotFoundError.exit_code
+    assert "model file not found" in capsys.readouterr().err
+
+
+def test_cli_grammar_export(tiny_db, tmp_path, capsys):
+    from genrec_edge.grammar import grammar_language
+
+    out = tmp_path / "catalog.gbnf"
+    assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(out)]) == 0
+    assert grammar_language(out.read_text(encoding="utf-8")) == set(DEFAULT_TITLES)
+    assert "20 titles" in capsys.readouterr().out
+    assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(out), "--force"]) == 0
+
+
+# ------------------------------------------------------------------------------------------ real model
+@pytest.mark.slow
+def test_real_base_model_top10_on_bundled_catalog(tmp_path, cache_home):
+    from genrec_edge.ingest import ingest
+    from genrec_edge.paths import BUNDLED_DATASET
+
+    db_path = tmp_path / "ml.db"
+    ingest(db_path, "movielens-csv", BUNDLED_DATASET)
+    history = ["Toy Story (1995)", "Jumanji (1995)", "Heat (1995)", "Matrix, The (1999)"]
+    with HistoryDB.open(db_path, readonly=True) as db:
+        catalog = db.catalog()
+    with Recommender.open(None, db_path, threads=2, warn=lambda m: None) as recommender:
+        result = recommender.recommend(history=history, k=10)
+        titles = [r.title for r in result.items]
+        assert len(titles) == 10 == len(set(titles))
+        assert set(titles) <= set(catalog.unique_titles) - set(history)
+        by_user = recommender.recommend(user=1, k=10)
+        assert len({r.title for r in by_user.items}) == 10
