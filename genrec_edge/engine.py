@@ -227,11 +227,24 @@ class Engine:
         return log_softmax(self.logits(i))
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-softmax over the last axis, in float64 (scores are sums of a dozen of these)."""
-    x = logits.astype(np.float64)
+def log_normalizers(logits: np.ndarray) -> np.ndarray:
+    """log(sum(exp(row))) per row, float64. One float32 pass over the vocabulary: the search then
+    needs only ``logits[b, token] - lse[b]`` for the few tokens a trie node allows."""
+    x = np.asarray(logits, dtype=np.float32)
     peak = x.max(axis=-1, keepdims=True)
-    return x - (peak + np.log(np.exp(x - peak).sum(axis=-1, keepdims=True)))
+    shifted = np.subtract(x, peak)
+    np.exp(shifted, out=shifted)
+    total = shifted.sum(axis=-1, dtype=np.float64)
+    return peak[..., 0].astype(np.float64) + np.log(total)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis. The exp-sum runs in float32 (the vocabulary pass is the cost);
+    the normaliser is float64 and so are the returned log-probs, which the search sums."""
+    x = np.asarray(logits, dtype=np.float32)
+    peak = x.max(axis=-1, keepdims=True)
+    total = np.exp(x - peak).sum(axis=-1, keepdims=True, dtype=np.float64)
+    return x.astype(np.float64) - (peak.astype(np.float64) + np.log(total))
 
 
 # ---------------------------------------------------------------------------------------- vocab helpers
@@ -297,6 +310,29 @@ class SearchStats:
     decode_steps: int = 0
     decoded_tokens: int = 0
     search_ms: float = 0.0
+    decode_ms: float = 0.0  # inside llama_decode + copying the logits out; the rest is the search's own
+    batch_sizes: list = field(default_factory=list)  # tokens per decode step (the bench replays these)
+
+
+def expand_beams(trie: CatalogTrie, unseen: np.ndarray, live_nodes, live_scores, logits, lse):
+    """All one-token extensions of the live beams that still lead to an unseen title.
+
+    Beam ``b``'s next-token log-probs are ``logits[b] - lse[b]`` (see :func:`log_normalizers`).
+    Returns ``(scores, parent beam index, child node, token)`` arrays. Work is O(children of the live
+    nodes): the trie's CSR slices, never a pass over the vocabulary or the catalog.
+    """
+    offsets, child_node, token = trie.child_offsets, trie.child_node, trie.token
+    cand_scores, cand_parent, cand_node = [], [], []
+    for b in range(len(live_nodes)):
+        nodes = child_node[offsets[live_nodes[b]] : offsets[live_nodes[b] + 1]]
+        keep = unseen[nodes] > 0
+        if not keep.all():
+            nodes = nodes[keep]
+        cand_scores.append((live_scores[b] - lse[b]) + logits[b, token[nodes]].astype(np.float64))
+        cand_parent.append(np.full(len(nodes), b))
+        cand_node.append(nodes)
+    nodes = np.concatenate(cand_node)
+    return np.concatenate(cand_scores), np.concatenate(cand_parent), nodes, token[nodes]
 
 
 @dataclass(order=True)
@@ -336,7 +372,7 @@ def constrained_beam_search(
     started = time.perf_counter()
     beam_seqs = range(FIRST_BEAM_SEQ, FIRST_BEAM_SEQ + beam)
     if FIRST_BEAM_SEQ + beam > engine.n_seq_max:
-        raise EngineError(f"beam width {beam} needs {beam + 2} sequences; the context has {engine.n_seq_max}")
+        raise EngineError(f"beam width {beam} needs {beam + 3} sequences; the context has {engine.n_seq_max}")
     shared_prompt = prompt_seq not in beam_seqs
     graveyard = graveyard_seq if graveyard_seq is not None else engine.n_seq_max - 1
     if graveyard in beam_seqs or graveyard == prompt_seq:
@@ -352,31 +388,14 @@ def constrained_beam_search(
     live_scores = np.zeros(1)
     live_nodes = np.zeros(1, dtype=np.int64)
     live_seqs = [prompt_seq]
-    rows = prompt_log_probs[None, :]
+    logits, lse = prompt_log_probs[None, :], np.zeros(1)  # already normalised
     length = prompt_len  # every live beam has the same length: one token per step
 
     def kth_score() -> float:
         return -finished[0].neg_score if len(finished) >= k else -np.inf
 
     while len(live_seqs):
-        # Expand: per beam, only the trie children that still lead to an unseen title.
-        cand_scores, cand_parent, cand_node, cand_token = [], [], [], []
-        for b in range(len(live_seqs)):
-            start, end = trie.child_offsets[live_nodes[b]], trie.child_offsets[live_nodes[b] + 1]
-            nodes = trie.child_node[start:end]
-            keep = unseen[nodes] > 0
-            if not keep.all():
-                nodes = nodes[keep]
-            tokens = trie.token[nodes]
-            scores = live_scores[b] + rows[b, tokens]
-            cand_scores.append(scores)
-            cand_parent.append(np.full(len(nodes), b))
-            cand_node.append(nodes)
-            cand_token.append(tokens)
-        scores = np.concatenate(cand_scores)
-        parents = np.concatenate(cand_parent)
-        nodes = np.concatenate(cand_node)
-        tokens = np.concatenate(cand_token)
+        scores, parents, nodes, tokens = expand_beams(trie, unseen, live_nodes, live_scores, logits, lse)
 
         # Finished titles (EOS children) go to the result heap; they are complete and need no decode.
         done = tokens == eos
@@ -417,11 +436,15 @@ def constrained_beam_search(
                 engine.seq_copy(live_seqs[parent], seq, -1, -1)
                 new_seqs.append(seq)
 
+        decode_started = time.perf_counter()
         engine.decode(tokens.tolist(), [length] * len(tokens), new_seqs, [True] * len(tokens))
+        logits = np.stack([engine.logits(i) for i in range(len(tokens))])
+        stats.decode_ms += (time.perf_counter() - decode_started) * 1000
+        lse = log_normalizers(logits)
         stats.decode_steps += 1
         stats.decoded_tokens += len(tokens)
+        stats.batch_sizes.append(len(tokens))
         length += 1
-        rows = log_softmax(np.stack([engine.logits(i) for i in range(len(tokens))]))
         live_scores, live_nodes, live_seqs = scores, nodes.astype(np.int64), new_seqs
 
     for seq in list(beam_seqs) + [graveyard]:
