@@ -19,6 +19,11 @@ class DatabaseError(GenrecError):
     exit_code = 3
 
 
+class DatabaseUnavailableError(DatabaseError):
+    """The database is fine but cannot be written now: locked by another writer past the busy timeout, or
+    read-only. A service answers 503 (retry later) rather than 500."""
+
+
 class NotFoundError(GenrecError):
     """Unknown user, item or file."""
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import sqlite_utils
 
 from .catalog import Catalog, catalog_sha256
-from .errors import DatabaseError, NotFoundError
+from .errors import DatabaseError, DatabaseUnavailableError, NotFoundError
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 
@@ -116,9 +116,9 @@ def _translate(exc: sqlite3.Error, path: Path, busy_timeout: float) -> DatabaseE
     """One sqlite3 error as the DatabaseError a user can act on."""
     message = str(exc)
     if "locked" in message or "busy" in message:
-        return DatabaseError(f"database is locked by another writer (waited {busy_timeout:g} s): {path}")
+        return DatabaseUnavailableError(f"database is locked by another writer (waited {busy_timeout:g} s): {path}")
     if "readonly" in message or "read-only" in message:
-        return DatabaseError(f"database is read-only: {path}")
+        return DatabaseUnavailableError(f"database is read-only: {path}")
     if "not a database" in message:
         return DatabaseError(f"not a SQLite database: {path}")
     if "malformed" in message or "corrupt" in message:
@@ -169,7 +169,7 @@ class HistoryDB:
                 raise DatabaseError(f"no database at {path} (run `genrec-edge init`)")
             path.parent.mkdir(parents=True, exist_ok=True)
         elif not readonly and _is_read_only_file(path):
-            raise DatabaseError(f"database is read-only: {path} (fix its permissions or open it read-only)")
+            raise DatabaseUnavailableError(f"database is read-only: {path} (fix its permissions or open it read-only)")
         try:
             if readonly:
                 conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=busy_timeout)
@@ -201,17 +201,17 @@ class HistoryDB:
         pending = migrations.pending(self.db)
         if not pending:
             return
-        if self.readonly:
-            if not applied and not self.db.table_names():
-                raise DatabaseError(f"not a genrec-edge database (no schema): {self.path}")
-            raise DatabaseError(
-                f"database schema is version {len(applied)}, this genrec-edge needs {SCHEMA_VERSION}: "
-                f"open it for writing once to upgrade: {self.path}"
-            )
         if not applied:
             foreign = [t for t in self.db.table_names() if t != migrations.migrations_table]
             if foreign:
                 raise DatabaseError(f"not a genrec-edge database (it has tables {foreign[:5]}): {self.path}")
+            if self.readonly:
+                raise DatabaseError(f"not a genrec-edge database (no schema): {self.path}")
+        if self.readonly:
+            raise DatabaseError(
+                f"database schema is version {len(applied)}, this genrec-edge needs {SCHEMA_VERSION}: "
+                f"open it for writing once to upgrade: {self.path}"
+            )
         migrations.apply(self.db)
 
     @contextlib.contextmanager

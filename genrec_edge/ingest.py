@@ -159,11 +159,31 @@ def _split_rows(source: LineSource, separator: str) -> Iterator[tuple[int, list[
         yield source.line_no, text.split(separator)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _in_int64(number: int, what: str, value: str) -> int:
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise ValueError(f"{what} {value.strip()!r} is out of range (SQLite integers are 64-bit)")
+    return number
+
+
 def _int(value: str, what: str) -> int:
     try:
-        return int(value.strip())
+        number = int(value.strip())
     except ValueError:
         raise ValueError(f"{what} {value!r} is not an integer") from None
+    return _in_int64(number, what, value)
+
+
+def _title(value: str) -> str:
+    """A stripped, non-empty title without NUL bytes (C strings, GBNF and terminals would truncate it)."""
+    title = value.strip()
+    if not title:
+        raise ValueError("empty title")
+    if "\x00" in title:
+        raise ValueError("title contains a NUL byte")
+    return title
 
 
 def _rating(value: str) -> float | None:
@@ -180,13 +200,17 @@ def _timestamp(value: str) -> int:
     """Unix seconds, or an ISO-8601 date / date-time (naive means UTC)."""
     value = value.strip()
     try:
-        return int(value)
-    except ValueError:
-        pass
+        return _in_int64(int(value), "timestamp", value)
+    except ValueError as exc:
+        if "out of range" in str(exc):
+            raise
     try:
-        return int(float(value))
-    except ValueError:
-        pass
+        return _in_int64(int(float(value)), "timestamp", value)
+    except OverflowError:  # inf, nan
+        raise ValueError(f"timestamp {value!r} is not a finite number") from None
+    except ValueError as exc:
+        if "out of range" in str(exc):
+            raise
     try:
         parsed = datetime.datetime.fromisoformat(value)
     except ValueError:
@@ -233,7 +257,7 @@ def movielens_csv_items(path: Path, open_lines: Opener) -> Iterator:
 
     def parse(fields):
         _expect(fields, 3)
-        title = fields[1].strip()
+        title = _title(fields[1])
         return ItemRow(_int(fields[0], "movie id"), title, parse_year(title), fields[2].strip())
 
     yield from _rows_with_reasons(path, rows, parse)
@@ -276,7 +300,7 @@ def movielens_dat_items(path: Path, open_lines: Opener, encoding: str = "auto") 
         # MovieID::Title::Genres - a title never contains "::", but be safe: id first, genres last.
         if len(fields) < 3:
             raise ValueError(f"expected 3 '::'-separated fields, got {len(fields)}")
-        title = "::".join(fields[1:-1]).strip()
+        title = _title("::".join(fields[1:-1]))
         return ItemRow(_int(fields[0], "movie id"), title, parse_year(title), fields[-1].strip())
 
     source = open_lines(path, encoding)
@@ -301,7 +325,7 @@ def movielens_100k_items(path: Path, open_lines: Opener) -> Iterator:
         if any(f.strip() not in ("0", "1") for f in flags):
             raise ValueError("genre flags must be 0 or 1")
         genres = "|".join(g for g, f in zip(ML100K_GENRES, flags, strict=True) if f.strip() == "1" and g != "unknown")
-        title = fields[1].strip()
+        title = _title(fields[1])
         extra = {k: v for k, v in (("release_date", fields[2]), ("imdb_url", fields[4])) if v.strip()}
         return ItemRow(
             _int(fields[0], "item id"), title, parse_year(title), genres, json.dumps(extra) if extra else None
@@ -343,9 +367,7 @@ def generic_items(path: Path, open_lines: Opener, *, item_id_col: str, title_col
 
     def parse(fields):
         _expect(fields, len(header))
-        title = fields[cols["title"]].strip()
-        if not title:
-            raise ValueError("empty title")
+        title = _title(fields[cols["title"]])
         genres = fields[cols["genres"]].strip() if "genres" in cols else ""
         return ItemRow(_int(fields[cols["id"]], "item id"), title, parse_year(title), genres)
 

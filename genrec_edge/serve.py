@@ -50,6 +50,7 @@ from .errors import (
     CatalogMismatchError,
     CorruptModelError,
     DatabaseError,
+    DatabaseUnavailableError,
     EmptyHistoryError,
     GenrecError,
     GrammarError,
@@ -89,10 +90,9 @@ def status_for(exc: GenrecError) -> int:
     if isinstance(exc, EmptyHistoryError):
         return 422
     if isinstance(exc, DatabaseError):
-        message = str(exc)
         # Locked (another writer past the busy timeout) and read-only are conditions that pass or that an
         # operator fixes: 503 tells a client to retry later. A corrupt or missing file is a 500.
-        if "locked" in message or "read-only" in message or "busy" in message:
+        if isinstance(exc, DatabaseUnavailableError):
             return 503
         return 500
     if isinstance(exc, (CorruptModelError, CatalogMismatchError, GrammarError)):

@@ -130,11 +130,7 @@ BAD_CSV = [
     ("missing column", b"id,name\n1,Good\n",
      b"user_id,item_id,timestamp,rating\n1,1,100,4\n", "items.csv:1: no column"),
     *[
-        pytest.param(
-            case, items, inter, message,
-            marks=pytest.mark.xfail(strict=True, reason="ingest: no int64 range check, OverflowError escapes as "
-                                    "'internal error' (exit 70); found by tests/test_fuzz.py"),
-        )
+        pytest.param(case, items, inter, message)
         for case, items, inter, message in [
             ("huge item id", b"item_id,title,genres\n99999999999999999999999,A,Drama\n",
              b"user_id,item_id,timestamp,rating\n1,1,100,4\n", "items.csv:2:"),
@@ -148,9 +144,7 @@ BAD_CSV = [
     ],
     pytest.param(
         "NUL byte", b"item_id,title,genres\n1,Go\x00od,Drama\n", b"user_id,item_id,timestamp,rating\n1,1,100,4\n",
-        "items.csv:2",
-        marks=pytest.mark.xfail(strict=True, reason="ingest stores a NUL byte inside a title (C strings, GBNF and "
-                                "terminals truncate it); asked the ingest owner to reject it"),
+        "items.csv:2: title contains a NUL byte",
     ),
 ]
 

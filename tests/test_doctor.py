@@ -113,11 +113,7 @@ def test_model_without_provenance_is_a_warning(tiny_db, tmp_path, capsys):
         ("missing", "database", "no database at"),
         ("not sqlite", "database", "not a SQLite database"),
         ("directory", "database", "not a SQLite database (a directory)"),
-        pytest.param(
-            "foreign sqlite", "database", "not a genrec-edge database",
-            marks=pytest.mark.xfail(strict=True, reason="history.py: a read-only open of a foreign SQLite file "
-                                    "says 'schema is version 0 ... open it for writing' (asked the history owner)"),
-        ),
+        ("foreign sqlite", "database", "not a genrec-edge database"),
         ("catalog drift", "catalog", "stored catalog hash"),
         ("corrupt page", None, "corrupt"),
     ],

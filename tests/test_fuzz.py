@@ -183,14 +183,6 @@ def _counts(db: Path) -> tuple[int, int, int]:
         conn.close()
 
 
-# ingest.py's _int/_timestamp do not range-check: an id or timestamp outside SQLite's int64 (or "1e309")
-# escapes as OverflowError ("internal error", exit 70; the transaction still rolls back). Reported to the
-# ingest owner; any other exception still fails these tests.
-KNOWN_INGEST_OVERFLOW = pytest.mark.xfail(raises=OverflowError, strict=False,
-                                          reason="ingest: ids/timestamps outside int64 raise OverflowError")
-
-
-@KNOWN_INGEST_OVERFLOW
 @FUZZ
 @given(
     items=st.one_of(csv_body.map(lambda b: ITEM_HEADER + b), csv_body),
@@ -216,7 +208,6 @@ MOVIELENS_FILES = {
 }
 
 
-@KNOWN_INGEST_OVERFLOW
 @FUZZ
 @given(
     fmt=st.sampled_from(sorted(MOVIELENS_FILES)),
