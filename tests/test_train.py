@@ -1,0 +1,311 @@
+"""Sequence training on a tiny random LLaMA: config, data, validation search, learning, resume, CLI, accelerate."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tinymodel import make_tiny_llama
+
+from genrec_edge.catalog import Catalog
+from genrec_edge.errors import UsageError
+from genrec_edge.prompts import PromptTemplate, build_prompt_ids, leave_one_out
+from genrec_edge.train import (
+    BucketBatchSampler,
+    TitleTrie,
+    TrainConfig,
+    ValidExample,
+    Validator,
+    rank_titles,
+    resolve_config,
+    split_histories,
+    train_on_sequences,
+)
+
+N_TITLES = 40
+TITLES = [f"Movie {i} ({1950 + i})" for i in range(N_TITLES)]
+CATALOG = Catalog.from_pairs([(i + 1, t) for i, t in enumerate(TITLES)])
+# Every user watches a prefix (4..15 items) of one fixed order of the catalog, so "what comes next" is
+# learnable, and each user's validation target is a training target of the longer users.
+MASTER_ORDER = [(7 * j) % N_TITLES + 1 for j in range(16)]
+SEQUENCES = [(u, MASTER_ORDER[: 4 + u % 12]) for u in range(30)]
+
+# The tiny LLaMA of tests/tinymodel.py: hidden 64, intermediate 128, 4 heads of 16, 2 KV heads, 2 layers.
+HIDDEN, INTER, KV_OUT, LAYERS = 64, 128, 2 * 16, 2
+LINEAR_SHAPES = {  # (in, out) of each linear layer of one decoder layer
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (HIDDEN, KV_OUT),
+    "v_proj": (HIDDEN, KV_OUT),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (HIDDEN, INTER),
+    "up_proj": (HIDDEN, INTER),
+    "down_proj": (INTER, HIDDEN),
+}
+
+
+def expected_lora_params(r: int, targets) -> int:
+    return LAYERS * sum(r * (LINEAR_SHAPES[t][0] + LINEAR_SHAPES[t][1]) for t in targets)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("base") / "tiny-llama", corpus=TITLES)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_base)
+
+
+def tokenize_with(tokenizer):
+    return lambda text, special: tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_precedence_file_then_flags(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"lr": 0.01, "epochs": 3, "target_modules": ["q_proj", "v_proj"]}))
+    config = resolve_config(path, epochs=5, lora_r=None)
+    assert config.lr == 0.01  # from the file
+    assert config.epochs == 5  # the flag wins over the file
+    assert config.lora_r == TrainConfig().lora_r  # None = not given: the default stays
+    assert config.target_modules == ("q_proj", "v_proj")
+    assert resolve_config(None, target_modules="q_proj, o_proj").target_modules == ("q_proj", "o_proj")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [({"learning_rate": 1}, "unknown training option"), ({"epochs": "2"}, "must be a number"), ({"epochs": 0}, "at least 1")],
+)
+def test_config_rejects_bad_keys_and_values(tmp_path, content, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(UsageError, match=message):
+        resolve_config(path)
+
+
+# -------------------------------------------------------------------------------------------- data
+def test_split_is_leave_one_out():
+    sequences = [(1, [1, 2, 3, 4, 5]), (2, [3, 1]), (3, [2, 4, 6])]
+    train, valid = split_histories(sequences, CATALOG)
+    split = leave_one_out(sequences)
+    assert [(ex.user, tuple(CATALOG.title_of(i) for i in ex.history), CATALOG.title_of(ex.item)) for ex in split.valid] == [
+        (v.user, v.history, v.target) for v in valid
+    ]
+    # training part = the validation history: neither held-out item is ever a training title
+    assert train == {1: [TITLES[0], TITLES[1], TITLES[2]], 3: [TITLES[1]]}
+
+
+def test_bucket_sampler_covers_every_window_once_per_epoch():
+    lengths = [5 + (i * 37) % 23 for i in range(103)]
+    sampler = BucketBatchSampler(lengths, batch_size=8, seed=3)
+    epoch0, epoch1 = sampler.batches(0), sampler.batches(1)
+    for batches in (epoch0, epoch1):
+        assert sorted(i for b in batches for i in b) == list(range(103))
+        assert len(batches) == len(sampler) == math.ceil(103 / 8)
+    assert epoch0 != epoch1  # reshuffled each epoch...
+    assert BucketBatchSampler(lengths, 8, 3).batches(1) == epoch1  # ...deterministically from the seed
+    padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in epoch0)
+    unsorted = sum(max(lengths[i] for i in range(s, min(s + 8, 103))) * len(range(s, min(s + 8, 103))) for s in range(0, 103, 8))
+    assert padding < unsorted - sum(lengths)  # bucketing pads less than batching in index order
+
+
+# -------------------------------------------------------------------------------------- validation
+def _brute_force_ranking(model, prompt, candidates, token_lists, k):
+    """Score every candidate title by one uncached forward of prompt + title tokens (one batch)."""
+    import torch
+
+    rows = [prompt + token_lists[t] for t in candidates]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    with torch.no_grad():  # right padding: the real tokens never attend to it
+        logp = torch.log_softmax(model(input_ids=ids).logits.float(), -1)
+    scored = []
+    for row, title in enumerate(candidates):
+        tokens = token_lists[title]
+        score = sum(logp[row, len(prompt) - 1 + j, tok].item() for j, tok in enumerate(tokens))
+        scored.append((score, title))
+    return [t for _, t in sorted(scored, reverse=True)[:k]]
+
+
+def test_trie_beam_search_with_a_wide_beam_is_exact(tiny_base, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    tokenize = tokenize_with(tokenizer)
+    eos = tokenizer.eos_token_id
+    token_lists = {t: tokenize(t, False) + [eos] for t in TITLES}
+    trie = TitleTrie(TITLES, [token_lists[t] for t in TITLES], len(tokenizer))
+    histories = [TITLES[:3], TITLES[10:17], [TITLES[5]]]  # different prompt lengths: left padding matters
+    template = PromptTemplate(history_len=5)
+    prompts = [build_prompt_ids(tokenize, eos, h, template) for h in histories]
+    ranked = rank_titles(model, prompts, [set(h) for h in histories], trie, beam=N_TITLES, k=10, pad_id=0, batch_users=2)
+    for prompt, history, got in zip(prompts, histories, ranked):
+        candidates = [t for t in TITLES if t not in history]
+        assert got == _brute_force_ranking(model, prompt, candidates, token_lists, 10)
+        assert not set(got) & set(history)
+    narrow = rank_titles(model, prompts, [set(h) for h in histories], trie, beam=10, k=10, pad_id=0)
+    assert all(len(r) == 10 and len(set(r)) == 10 for r in narrow)
+    assert sum(a[0] == b[0] for a, b in zip(narrow, ranked)) >= 2  # beam 10 nearly always finds the best title
+
+
+def test_blocked_nodes_cover_exactly_fully_seen_subtrees(tokenizer):
+    tokenize = tokenize_with(tokenizer)
+    eos = tokenizer.eos_token_id
+    titles = ["Movie 1 (1951)", "Movie 1 (1952)", "Movie 2 (1953)"]
+    trie = TitleTrie(titles, [tokenize(t, False) + [eos] for t in titles], len(tokenizer))
+    blocked = trie.blocked_nodes({"Movie 1 (1951)"})
+    assert trie.paths[0][-1] in blocked  # its leaf
+    assert not blocked & set(trie.paths[1])  # nothing on the path of an unseen title
+    everything = trie.blocked_nodes(titles)
+    assert set(trie.paths[0][:1]) <= everything  # the shared first token: all its titles are seen
+
+
+# --------------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def memorised_run(tiny_base, tmp_path_factory):
+    config = TrainConfig(
+        base=str(tiny_base), history_len=8, epochs=4, lr=1e-2, batch_size=8, warmup=3, lora_r=16,
+        lora_alpha=16, lora_dropout=0.0, valid_users=0, valid_every=10, seed=0,
+    )
+    out = tmp_path_factory.mktemp("runs") / "memorised"
+    result = train_on_sequences(SEQUENCES, CATALOG, out, config, dataset="synthetic", command_line="test", quiet=True)
+    return result, config
+
+
+def test_exact_trainable_parameter_count(memorised_run):
+    result, config = memorised_run
+    assert result.trainable_params == expected_lora_params(16, config.target_modules)
+    run = json.loads((result.out / "genrec_run.json").read_text())
+    assert run["trainable_params"] == expected_lora_params(16, config.target_modules)
+
+
+def test_loss_decreases_and_valid_hr_improves(memorised_run, tiny_base, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    result, config = memorised_run
+    run = json.loads((result.out / "genrec_run.json").read_text())
+    assert run["last_loss"] < 0.3 * run["first_loss"]
+    # the untrained base, on the same validation users and search
+    _, valid = split_histories(SEQUENCES, CATALOG)
+    validator = Validator(
+        valid, CATALOG, tokenize_with(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
+        PromptTemplate(history_len=config.history_len), beam=10, batch_users=32, vocab_size=len(tokenizer),
+    )
+    before = validator(AutoModelForCausalLM.from_pretrained(tiny_base))
+    assert result.best["hr@10"] >= before["hr@10"] + 0.3
+    assert result.best["ndcg@10"] >= before["ndcg@10"] + 0.3
+    assert max(row["hr@10"] for row in result.history) == result.best["hr@10"]
+
+
+def test_run_dir_is_a_peft_adapter_with_provenance(memorised_run, tiny_base):
+    import torch
+    from safetensors.torch import load_file
+
+    result, config = memorised_run
+    out = result.out
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all(t.dtype == torch.bfloat16 for t in adapter.values())
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+    run = json.loads((out / "genrec_run.json").read_text())
+    assert run["catalog_sha256"] == CATALOG.sha256 and run["dataset"] == "synthetic"
+    assert run["prompt_template"] == PromptTemplate(history_len=8).to_dict() and run["history_len"] == 8
+    assert run["config"] == config.to_dict() and run["command_line"] == "test"
+    assert run["base_model"]["directory"] == str(tiny_base) and len(run["base_model_sha256"]) == 64
+    assert run["versions"]["torch"] and run["versions"]["peft"] and run["tokens_per_s"] > 0
+    assert run["best"]["step"] in [row["step"] for row in run["history"]] and run["status"] == "done"
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [row["step"] for row in run["history"]]
+    assert {"step", "loss", "hr@10", "ndcg@10"} <= set(log[0])
+
+
+def _resume_config(base):
+    return TrainConfig(
+        base=str(base), history_len=4, epochs=2, max_steps=6, lr=5e-3, batch_size=4, grad_accum=2, warmup=2,
+        lora_r=4, lora_alpha=8, lora_dropout=0.1, valid_every=3, valid_users=5, seed=7,
+    )
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    config = _resume_config(tiny_base)
+    straight = train_on_sequences(SEQUENCES, CATALOG, tmp_path / "straight", config, quiet=True)
+    stopped = train_on_sequences(SEQUENCES, CATALOG, tmp_path / "resumed", config, stop_after=2, quiet=True)
+    assert stopped.stopped_early and stopped.steps == 2
+    resumed = train_on_sequences(SEQUENCES, CATALOG, tmp_path / "resumed", config, resume=True, quiet=True)
+    assert resumed.steps == straight.steps == 6
+    a = load_file(tmp_path / "straight" / "checkpoint" / "trainable.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint" / "trainable.safetensors")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 0  # it did train
+    assert [(r["step"], r["hr@10"]) for r in resumed.history] == [(r["step"], r["hr@10"]) for r in straight.history]
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tiny_base, tmp_path):
+    from genrec_edge.errors import NotFoundError
+
+    config = _resume_config(tiny_base)
+    with pytest.raises(NotFoundError, match="nothing to resume"):
+        train_on_sequences(SEQUENCES, CATALOG, tmp_path / "none", config, resume=True, quiet=True)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "genrec_run.json").write_text("{}")
+    with pytest.raises(UsageError, match="already holds a run"):
+        train_on_sequences(SEQUENCES, CATALOG, tmp_path / "taken", config, quiet=True)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+def test_cli_train_on_the_tiny_db(tiny_db, tmp_path, capsys):
+    from genrec_edge.cli import main
+
+    base = make_tiny_llama(tmp_path / "base")  # the conftest catalog's titles
+    out = tmp_path / "run"
+    args = ["train", "--db", str(tiny_db), "--out", str(out), "--base", str(base), "--max-steps", "2",
+            "--history-len", "4", "--batch-size", "4", "--lora-r", "2", "--target-modules", "q_proj,v_proj",
+            "--valid-users", "0"]  # fmt: skip
+    assert main(args) == 0
+    assert "2 steps" in capsys.readouterr().out
+    run = json.loads((out / "genrec_run.json").read_text())
+    assert run["trainable_params"] == expected_lora_params(2, ["q_proj", "v_proj"])
+    from conftest import TINY_HISTORIES
+
+    assert run["dataset"] and run["valid_users"] == sum(len(items) >= 3 for items in TINY_HISTORIES.values())
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--db", str(tiny_db), "--out", str(tmp_path / "x"), "--base", str(tmp_path / "nope")]) == 4
+    err = capsys.readouterr().err
+    assert err.startswith("error: no base model") and len(err.strip().splitlines()) == 1
+
+
+def test_accelerate_launch_with_two_cpu_processes(tiny_db, tmp_path):
+    """Two gloo processes via torchrun (`--multi_gpu` on a machine without GPUs: accelerate's `--cpu`
+    launcher runs one process unless MPI is installed); each trains on half of every epoch's batches."""
+    base = make_tiny_llama(tmp_path / "base")
+    out = tmp_path / "ddp"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "genrec_edge.train", "--db", str(tiny_db),
+           "--out", str(out), "--base", str(base), "--epochs", "1", "--history-len", "4", "--batch-size", "2",
+           "--lora-r", "2", "--valid-users", "0"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "passive"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads((out / "genrec_run.json").read_text())
+    assert run["num_processes"] == 2 and run["status"] == "done"
+    assert run["steps"] == math.ceil(math.ceil(run["train_windows"] / 2) / 2)  # batches split over 2 processes
+    assert (out / "adapter_model.safetensors").is_file()
+    assert len(run["history"]) == 1  # only the main process validates and writes
+    assert proc.stdout.count(f"{out}: ") == 1  # and only it prints the summary
+
+
+def test_valid_example_dataclass_is_what_split_returns():
+    _, valid = split_histories([(5, [1, 2, 3, 4])], CATALOG)
+    assert valid == [ValidExample(5, (TITLES[0], TITLES[1]), TITLES[2])]
