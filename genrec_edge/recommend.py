@@ -18,6 +18,7 @@ its trie are read once at open.
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 import threading
 import time
@@ -61,7 +62,7 @@ class Recommendation:
     title: str
     year: int | None
     genres: tuple[str, ...]
-    score: float  # summed log-probability of the title's tokens + EOS
+    score: float  # summed log-probability of the title's tokens + EOS (NaN for a sampled title)
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ class Recommendations:
                     "title": r.title,
                     "year": r.year,
                     "genres": list(r.genres),
-                    "score": r.score,
+                    "score": r.score if math.isfinite(r.score) else None,  # sampled titles have no score
                 }
                 for r in self.items
             ],
@@ -261,14 +262,18 @@ class Recommender:
             raise UsageError("give exactly one of a user or a history")
         if k < 1:
             raise UsageError(f"k must be >= 1 (got {k})")
-        titles, seen_titles = self._resolve(user, history)
-        with self.lock:
-            if sample:
-                found, timings = self._sample(titles, seen_titles, k, seed, temperature, max_tries or 20 * k)
-            else:
-                ranking = self._rank(titles, seen_titles, k, self.beam)
-                found, timings = list(zip(ranking.titles, ranking.scores)), ranking.timings
-        items = self._describe(found)
+        from .history import HistoryDB
+
+        # One read-only connection per request: SQLite connections belong to the thread that opened them.
+        with HistoryDB.open(self.db_path, readonly=True) as db:
+            titles, seen_titles = self._resolve(db, user, history)
+            with self.lock:
+                if sample:
+                    found, timings = self._sample(titles, seen_titles, k, seed, temperature, max_tries or 20 * k)
+                else:
+                    ranking = self._rank(titles, seen_titles, k, self.beam)
+                    found, timings = list(zip(ranking.titles, ranking.scores)), ranking.timings
+            items = self._describe(db, found)
         total = (time.perf_counter() - started) * 1000
         return Recommendations(tuple(items), _with_total(timings, total))
 
@@ -285,9 +290,7 @@ class Recommender:
             return self._rank(list(history_titles), set(seen_titles), k, beam if beam is not None else self.beam)
 
     # ------------------------------------------------------------------ internals
-    def _resolve(self, user, history) -> tuple[list[str], set[str]]:
-        from .history import HistoryDB
-
+    def _resolve(self, db, user, history) -> tuple[list[str], set[str]]:
         if history is not None:
             history = list(history)
             if not history:
@@ -296,11 +299,10 @@ class Recommender:
             if unknown:
                 raise NotFoundError(_unknown_title_message(unknown[0], self.trie.titles))
             return history, set(history)
-        with HistoryDB.open(self.db_path, readonly=True) as db:
-            interactions = db.history(int(user), limit=self.template.history_len or None)
-            if not interactions:
-                raise EmptyHistoryError(f"user {user} has no history to recommend from")
-            seen_ids = db.seen_items(int(user))
+        interactions = db.history(int(user), limit=self.template.history_len or None)
+        if not interactions:
+            raise EmptyHistoryError(f"user {user} has no history to recommend from")
+        seen_ids = db.seen_items(int(user))
         seen_titles = {self.catalog.title_of(i) for i in seen_ids if i in self.catalog._title_by_id()}
         return [x.title for x in interactions], seen_titles
 
@@ -352,6 +354,7 @@ class Recommender:
             if not more:
                 break
             results = sorted(results + more, key=lambda r: -r[1])
+        self.last_search_stats = stats  # for the benchmark: per-step batch sizes, time inside llama_decode
         timings = Timings(prefill_ms, stats.search_ms, 0.0, len(prompt), stats.decode_steps, stats.decoded_tokens)
         return Ranking(
             tuple(self.trie.titles[i] for i, _ in results), tuple(float(s) for _, s in results), timings
@@ -390,15 +393,12 @@ class Recommender:
         timings = Timings(prefill_ms, search_ms, 0.0, len(prompt), steps, tokens)
         return [(t, s) for t, s in found.items()], timings
 
-    def _describe(self, found) -> list[Recommendation]:
-        from .history import HistoryDB
-
+    def _describe(self, db, found) -> list[Recommendation]:
         out = []
-        with HistoryDB.open(self.db_path, readonly=True) as db:
-            for rank, (title, score) in enumerate(found, start=1):
-                ids = self.catalog.title_to_items[title]
-                item = db.item(ids[0])
-                out.append(Recommendation(rank, tuple(ids), title, item.year, item.genres, float(score)))
+        for rank, (title, score) in enumerate(found, start=1):
+            ids = self.catalog.title_to_items[title]
+            item = db.item(ids[0])
+            out.append(Recommendation(rank, tuple(ids), title, item.year, item.genres, float(score)))
         return out
 
 
