@@ -534,6 +534,7 @@ def train_on_sequences(
     dataset: str | None = None,
     resume: bool = False,
     stop_after: int = 0,
+    time_limit_s: float = 0.0,
     command_line: str | None = None,
     quiet: bool = False,
 ) -> TrainResult:
@@ -541,6 +542,8 @@ def train_on_sequences(
 
     ``stop_after`` > 0 stops after that many optimizer steps with a checkpoint, as an interruption
     would (a rented GPU's time limit): ``resume=True`` later continues to exactly the same result.
+    ``time_limit_s`` > 0 does the same once that many seconds have passed, validating first so the
+    run still has a best adapter (single-process runs only: processes would disagree on the clock).
     """
     import torch
     from accelerate import Accelerator
@@ -571,6 +574,7 @@ def train_on_sequences(
         console.quiet = True
     set_seed(config.seed)
 
+    started = time.monotonic()
     spec = models_hf.resolve_base(config.base)
     tokenizer = models_hf.load_tokenizer(spec)
     tokenize = models_hf.hf_tokenize(tokenizer)
@@ -753,11 +757,13 @@ def train_on_sequences(
 
                 end_of_epoch = micro == micro_per_epoch
                 at_end = state["step"] >= total_steps
-                stopping = bool(stop_after) and state["step"] >= stop_after and not at_end
+                out_of_time = bool(time_limit_s) and time.monotonic() - started >= time_limit_s
+                stopping = ((bool(stop_after) and state["step"] >= stop_after) or out_of_time) and not at_end
                 if config.valid_every:
                     due_valid = at_end or state["step"] % config.valid_every == 0
                 else:
                     due_valid = at_end or end_of_epoch
+                due_valid = due_valid or out_of_time
                 due_ckpt = due_valid or stopping or (config.checkpoint_every and state["step"] % config.checkpoint_every == 0)
                 if end_of_epoch:
                     state["epoch"] += 1

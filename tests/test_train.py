@@ -309,3 +309,35 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_db, tmp_path):
 def test_valid_example_dataclass_is_what_split_returns():
     _, valid = split_histories([(5, [1, 2, 3, 4])], CATALOG)
     assert valid == [ValidExample(5, (TITLES[0], TITLES[1]), TITLES[2])]
+
+
+def test_train_trials_bench_runs_a_list_and_survives_a_failing_trial(tiny_db, tmp_path):
+    import csv
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a folder of scripts, not installed
+    from bench.train_trials import main as trials_main
+
+    base = make_tiny_llama(tmp_path / "base")
+    common = {"history_len": 4, "batch_size": 4, "max_steps": 2, "lora_alpha": 4, "eval_batch_users": 8}
+    trials = [
+        {"name": "r2", "lora_r": 2, **common},
+        {"name": "broken", "target_modules": ["no_such_layer"], **common},
+        {"name": "r4-lr", "lora_r": 4, "lr": 1e-2, **common},
+    ]
+    (tmp_path / "trials.json").write_text(json.dumps(trials))
+    out = tmp_path / "results"
+    args = ["--db", str(tiny_db), "--out", str(out), "--trials", str(tmp_path / "trials.json"),
+            "--base", str(base), "--budget-s", "300", "--quiet"]  # fmt: skip
+    assert trials_main(args) == 0
+    rows = list(csv.DictReader(open(out / "trials.csv", encoding="utf-8")))
+    assert [r["trial"] for r in rows] == ["r2", "broken", "r4-lr"]
+    assert rows[0]["status"] == rows[2]["status"] == "ok" and rows[1]["status"].startswith("failed: UsageError")
+    for row in (rows[0], rows[2]):
+        run = json.loads((Path(row["run_dir"]) / "genrec_run.json").read_text())
+        assert float(row["valid_hr@10"]) == run["best"]["hr@10"] and run["valid_users"] == 6  # all of them
+        assert float(row["tokens_per_s"]) > 0 and int(row["steps"]) == 2
+    best = max((rows[0], rows[2]), key=lambda r: (float(r["valid_hr@10"]), float(r["valid_ndcg@10"])))
+    best_run = json.loads((out / "best" / "genrec_run.json").read_text())
+    assert best_run["config"]["lora_r"] == int(best["lora_r"])
+    assert (out / "best" / "adapter_model.safetensors").is_file() and not (out / "best" / "checkpoint").exists()
+    assert "| r4-lr | ok |" in (out / "trials.md").read_text()
