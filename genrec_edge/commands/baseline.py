@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
     def pop(
         db: Path | None = typer.Option(None, help=DB_HELP),
         split: str = typer.Option("test", help=SPLIT_HELP),
-        as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+        as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout (progress stays on stderr)."),
     ) -> None:
         """Most popular unseen titles, counted on the training part of the split only.
 
@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
 
         sequences, catalog = _read(db)
         ranker = popularity(sequences, catalog, split=split)
-        result = evaluate(ranker, split_examples(sequences, split), catalog, progress=not as_json)
+        result = evaluate(ranker, split_examples(sequences, split), catalog)
         _report("popularity", split, result, as_json)
 
     @baseline_app.command("sasrec")
@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         ),
         seed: int = typer.Option(0, help="Random seed (weights, shuffling, dropout)."),
         save: Path | None = typer.Option(None, help="Save the trained model into this new directory."),
-        as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+        as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON on stdout (progress stays on stderr)."),
     ) -> None:
         """Train SASRec-CE (early-stopped on valid HR@10), then score it with seen titles masked.
 
@@ -104,7 +104,6 @@ def register(app: typer.Typer) -> None:
         model: SASRecModel = train_sasrec(
             sequences,
             catalog,
-            progress=not as_json,
             epochs=epochs,
             max_len=max_len,
             hidden=hidden,
@@ -116,7 +115,7 @@ def register(app: typer.Typer) -> None:
             seed=seed,
         )
         rankings = model.rank_many(examples)
-        result = evaluate(from_rankings(examples, rankings), examples, catalog, progress=not as_json)
+        result = evaluate(from_rankings(examples, rankings), examples, catalog)
         report = model.report
         extra = {
             "best_epoch": report.best_epoch,
