@@ -121,7 +121,7 @@ class SASRecConfig:
     max_len: int = 200
     dropout: float = 0.2
     lr: float = 1e-3
-    batch_size: int = 128
+    batch_size: int = 32  # 610 users at 128 is only 5 steps an epoch: 32 learns far more per CPU-minute
     epochs: int = 200
     eval_every: int = 5
     patience: int = 3

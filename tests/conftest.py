@@ -19,6 +19,12 @@ Fixtures: ``tiny_movielens_dir`` (session: the folder with movies.csv + ratings.
 
 from __future__ import annotations
 
+import os
+
+# Before torch or llama.cpp is imported anywhere: OpenMP's default spin-wait makes 2-thread runs collapse
+# under CPU contention (FINDINGS.md); `make test` sets it too, a bare `pytest` gets it here.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 import csv
 from pathlib import Path
 

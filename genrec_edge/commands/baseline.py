@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         max_len: int = typer.Option(200, help="Most recent items the model reads."),
         hidden: int = typer.Option(64, help="Embedding and hidden size."),
         heads: int = typer.Option(1, help="Attention heads (hidden must be divisible by it)."),
-        batch_size: int = typer.Option(128, help="Sequences per training step."),
+        batch_size: int = typer.Option(32, help="Sequences per training step."),
         eval_every: int = typer.Option(5, help="Validate (HR@10 on the valid split) every this many epochs."),
         patience: int = typer.Option(3, help="Validations without improvement before stopping."),
         max_seconds: float | None = typer.Option(
