@@ -129,7 +129,8 @@ class Engine:
     ) -> Engine:
         """Load ``path`` and create a context of ``n_ctx`` cells shared by ``n_seq_max`` sequences."""
         path = Path(path)
-        if model is None:
+        owns_model = model is None  # a model passed in stays the caller's to free if this fails
+        if owns_model:
             model = cls.load_model(path)
         threads = threads or default_threads()
         n_ctx = int(-(-n_ctx // 256) * 256)
@@ -144,7 +145,8 @@ class Engine:
         cparams.no_perf = True
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
-            llama_cpp.llama_model_free(model)
+            if owns_model:
+                llama_cpp.llama_model_free(model)
             raise EngineError(f"llama.cpp could not create a context (n_ctx={n_ctx}, seqs={n_seq_max})")
         vocab = llama_cpp.llama_model_get_vocab(model)
         return cls(path, model, vocab, ctx, n_ctx, n_seq_max, n_ctx, threads)
@@ -497,10 +499,11 @@ class GrammarSampler:
     samples draw from one seeded random stream.
     """
 
-    def __init__(self, engine: Engine, grammar: str, temperature: float, seed: int):
+    def __init__(self, engine: Engine, grammar: str, temperature: float, seed: int, validated: bool = False):
         from .grammar import validate_grammar
 
-        validate_grammar(grammar)  # llama.cpp would segfault or abort on a bad grammar
+        if not validated:
+            validate_grammar(grammar)  # llama.cpp would segfault or abort on a bad grammar
         self.engine = engine
         self.grammar = llama_cpp.llama_sampler_init_grammar(engine.vocab, grammar.encode("utf-8"), b"root")
         if not self.grammar:

@@ -119,11 +119,13 @@ class Recommender:
         self.beam = beam
         self.lock = threading.RLock()
         self.title_index = {t: i for i, t in enumerate(trie.titles)}
+        self.titles_by_id = dict(zip(catalog.item_ids, catalog.titles))
         self.prefix = prefix_ids(engine.tokenize, template)
         # 0: instruction prefix, 1..capacity: beams, then the request prompt and the graveyard (engine.py)
         self.prompt_seq = capacity + 1
         self.graveyard_seq = capacity + 2
-        self._sampler = None
+        self._grammar: str | None = None  # the catalog GBNF, built on the first --sample request
+        self.last_search_stats = None
         self._prefill_prefix()
 
     # ------------------------------------------------------------------ opening
@@ -165,6 +167,7 @@ class Recommender:
             raise NotFoundError(f"the database has no items: {db_path}")
 
         raw_model = Engine.load_model(model_path)
+        engine = None
         try:
             from .engine import model_meta
 
@@ -213,21 +216,16 @@ class Recommender:
                 model_path, n_ctx=n_ctx, n_seq_max=capacity + 3, threads=threads or default_threads(),
                 model=raw_model,
             )
+            return cls(engine, trie, catalog, db_path, template, capacity, beam)
         except BaseException:
-            # Engine.open frees the model itself when the context fails; everything else leaves it to us.
-            if "engine" not in locals():
-                try:
-                    llama_cpp_free(raw_model)
-                except Exception:
-                    pass
+            if engine is not None:
+                engine.close()  # frees the model too
+            else:
+                _free_model(raw_model)
             raise
-        return cls(engine, trie, catalog, db_path, template, capacity, beam)
 
     def close(self) -> None:
         with self.lock:
-            if self._sampler is not None:
-                self._sampler.close()
-                self._sampler = None
             self.engine.close()
 
     def __enter__(self) -> Recommender:
@@ -303,7 +301,9 @@ class Recommender:
         if not interactions:
             raise EmptyHistoryError(f"user {user} has no history to recommend from")
         seen_ids = db.seen_items(int(user))
-        seen_titles = {self.catalog.title_of(i) for i in seen_ids if i in self.catalog._title_by_id()}
+        titles_by_id = self.titles_by_id
+        # An item added after open() is not in this catalog (nor in the trie): nothing to exclude.
+        seen_titles = {titles_by_id[i] for i in seen_ids if i in titles_by_id}
         return [x.title for x in interactions], seen_titles
 
     def _prepare(self, titles: list[str], seen_titles: set[str]):
@@ -362,34 +362,34 @@ class Recommender:
 
     def _sample(self, titles, seen_titles, k, seed, temperature, max_tries):
         from .engine import GrammarSampler
-        from .grammar import catalog_grammar
+        from .grammar import grammar_for_titles
 
         unseen, prompt, _, prefill_ms = self._prepare(titles, seen_titles)
         t0 = time.perf_counter()
-        if self._sampler is None or self._sampler_key != (seed, temperature):
-            if self._sampler is not None:
-                self._sampler.close()
-            self._sampler = GrammarSampler(self.engine, catalog_grammar(self.trie.titles), temperature, seed)
-            self._sampler_key = (seed, temperature)
+        if self._grammar is None:
+            self._grammar = grammar_for_titles(self.trie.titles)  # built and validated once
+        sampler = GrammarSampler(self.engine, self._grammar, temperature, seed, validated=True)
         found: dict[str, float] = {}
         steps = tokens = 0
-        max_tokens = 4 * self.trie.max_depth + 8  # GBNF allows non-canonical, longer token splits
-        for _ in range(max_tries):
-            if len(found) >= k:
-                break
-            out = self._sampler.sample_title(self.prompt_seq, prompt, 1, min(max_tokens, self.capacity * self.trie.max_depth))
-            if out is None:
-                continue
-            steps += len(out) + 1
-            tokens += len(out) + 1
-            title = self.engine.detokenize(out)
-            # Titles outside the catalog cannot happen (the grammar's language is the catalog); the
-            # check keeps that a guarantee rather than an assumption.
-            if title in self.title_index and title not in seen_titles and title not in found:
-                found[title] = float("nan")
+        # GBNF allows non-canonical (longer) token splits; the beams' cells bound what fits in the context.
+        max_tokens = min(4 * self.trie.max_depth + 8, self.capacity * self.trie.max_depth)
+        try:
+            for _ in range(max_tries):
+                if len(found) >= k:
+                    break
+                out = sampler.sample_title(self.prompt_seq, prompt, 1, max_tokens)
+                if out is None:
+                    continue
+                steps += len(out) + 1
+                tokens += len(out) + 1
+                title = self.engine.detokenize(out)
+                # Titles outside the catalog cannot happen (the grammar's language is the catalog); the
+                # check keeps that a guarantee rather than an assumption.
+                if title in self.title_index and title not in seen_titles and title not in found:
+                    found[title] = float("nan")
+        finally:
+            sampler.close()
         search_ms = (time.perf_counter() - t0) * 1000
-        self._sampler.close()
-        self._sampler = None
         timings = Timings(prefill_ms, search_ms, 0.0, len(prompt), steps, tokens)
         return [(t, s) for t, s in found.items()], timings
 
@@ -402,7 +402,7 @@ class Recommender:
         return out
 
 
-def llama_cpp_free(model) -> None:
+def _free_model(model) -> None:
     import llama_cpp
 
     llama_cpp.llama_model_free(model)

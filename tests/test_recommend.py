@@ -121,11 +121,13 @@ def test_duplicate_titles_are_one_result_with_all_ids(tiny_model, tiny_db, cache
         conn.execute("INSERT INTO items(id, title, year, genres) VALUES (999, 'Heat (1995)', 1995, 'Drama')")
     conn.close()
     with Recommender.open(tiny_model, tiny_db, warn=lambda m: None) as recommender:
-        result = recommender.recommend(history=["Toy Story (1995)"], k=19)
+        history = [t for t in DEFAULT_TITLES if t not in ("Heat (1995)", "Balto (1995)")]
+        result = recommender.recommend(history=history, k=5)
         heat = [r for r in result.items if r.title == "Heat (1995)"]
-        assert len(result.items) == 19 and len(heat) == 1 and heat[0].item_ids == (30, 999)
+        assert len(result.items) == 2 and len(heat) == 1 and heat[0].item_ids == (30, 999)
         # A title is seen if any of its ids is: user 1 saw item 30.
-        assert "Heat (1995)" not in {r.title for r in recommender.recommend(user=1, k=15).items}
+        everything_unseen = recommender.recommend(user=1, k=16).items  # user 1 saw item 30 of the pair
+        assert len(everything_unseen) == 20 - 5 and "Heat (1995)" not in {r.title for r in everything_unseen}
 
 
 def test_catalog_provenance_and_prompt_template(tiny_model, tiny_db, tmp_path, cache_home):
@@ -163,7 +165,7 @@ def test_missing_and_corrupt_models(tiny_db, tiny_model, tmp_path, cache_home):
 
 
 def test_one_instance_is_safe_from_several_threads(rec):
-    users = [1, 2, 4, 8]
+    users = [1, 2, 8]
     serial = {u: [r.title for r in rec.recommend(user=u, k=3).items] for u in users}
     results, errors = {}, []
 
@@ -182,11 +184,12 @@ def test_one_instance_is_safe_from_several_threads(rec):
 
 
 def test_sampling_returns_distinct_unseen_catalog_titles(rec):
-    result = rec.recommend(user=1, k=3, sample=True, seed=7, max_tries=30)
+    result = rec.recommend(user=1, k=2, sample=True, seed=7, max_tries=12)
     titles = [r.title for r in result.items]
-    assert 1 <= len(titles) <= 3 and len(set(titles)) == len(titles)
+    assert 1 <= len(titles) <= 2 and len(set(titles)) == len(titles)
     assert set(titles) <= set(DEFAULT_TITLES) - {TINY_TITLES[i] for i in TINY_HISTORIES[1]}
-    again = rec.recommend(user=1, k=3, sample=True, seed=7, max_tries=30)
+    assert result.timings.decode_steps >= len(titles)
+    again = rec.recommend(user=1, k=2, sample=True, seed=7, max_tries=12)
     assert [r.title for r in again.items] == titles  # seeded
 
 
