@@ -401,7 +401,7 @@ def constrained_beam_search(
 
         # Finished titles (EOS children) go to the result heap; they are complete and need no decode.
         done = tokens == eos
-        for score, node in zip(scores[done], nodes[done]):
+        for score, node in zip(scores[done], nodes[done], strict=True):
             entry = Finished(-float(score), int(trie.leaf_title[node]))
             if len(finished) < k:
                 heapq.heappush(finished, _Worst(entry))

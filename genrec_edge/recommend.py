@@ -119,7 +119,7 @@ class Recommender:
         self.beam = beam
         self.lock = threading.RLock()
         self.title_index = {t: i for i, t in enumerate(trie.titles)}
-        self.titles_by_id = dict(zip(catalog.item_ids, catalog.titles))
+        self.titles_by_id = dict(zip(catalog.item_ids, catalog.titles, strict=True))
         self.prefix = prefix_ids(engine.tokenize, template)
         # 0: instruction prefix, 1..capacity: beams, then the request prompt and the graveyard (engine.py)
         self.prompt_seq = capacity + 1
@@ -270,7 +270,7 @@ class Recommender:
                     found, timings = self._sample(titles, seen_titles, k, seed, temperature, max_tries or 20 * k)
                 else:
                     ranking = self._rank(titles, seen_titles, k, self.beam)
-                    found, timings = list(zip(ranking.titles, ranking.scores)), ranking.timings
+                    found, timings = list(zip(ranking.titles, ranking.scores, strict=True)), ranking.timings
             items = self._describe(db, found)
         total = (time.perf_counter() - started) * 1000
         return Recommendations(tuple(items), _with_total(timings, total))

@@ -127,7 +127,7 @@ def test_exact_top_k_equals_brute_force(engine):
     prompt, results, stats = run_search(engine, trie, HISTORY, seen, k=10, beam=50)
     candidates = [i for i, t in enumerate(trie.titles) if t not in seen]
     truth = brute_force_scores(engine, prompt, [trie.tokens_of(i) for i in candidates])
-    expected = sorted(zip(candidates, truth), key=lambda pair: -pair[1])[:10]
+    expected = sorted(zip(candidates, truth, strict=True), key=lambda pair: -pair[1])[:10]
     assert [i for i, _ in results] == [i for i, _ in expected]
     np.testing.assert_allclose([s for _, s in results], [s for _, s in expected], atol=1e-4)
     assert stats.decode_steps > 0 and stats.decoded_tokens >= stats.decode_steps
