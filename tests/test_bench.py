@@ -1,0 +1,180 @@
+"""``make bench`` end to end on the tiny random LLaMA and the tiny catalog: real quantizer, real llama.cpp in a
+child process per level, real transformers beam search, real SASRec training (2 epochs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+from tinymodel import tiny_gguf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a folder of scripts, not installed
+
+from bench.run import BenchConfig, main, prepare_levels, run_bench
+
+LEVELS = ("F16", "Q8_0")  # the tiny model's 64-wide rows rule out the K-quants (256-element blocks)
+
+
+@pytest.fixture(scope="module")
+def tiny_f16(tmp_path_factory):
+    # No provenance: a zero-shot model, served for any catalog (the tiny_db's hash is per test).
+    return tiny_gguf(tmp_path_factory.mktemp("bench-model"), outtype="f16")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _config(tiny_f16, tiny_db, tmp_path, **overrides) -> BenchConfig:
+    settings = dict(
+        levels=LEVELS, users=5, seed=1, threads=2, model_f16=tiny_f16, db=tiny_db, out_dir=tmp_path / "out",
+        work_dir=tmp_path / "work", hf_users=2, pp=32, tg=8, reps=2, sasrec_epochs=2, progress=False,
+    )
+    settings.update(overrides)
+    return BenchConfig(**settings)
+
+
+def _drop_user(db_path, user: int) -> None:
+    import sqlite3
+
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("DELETE FROM interactions WHERE user_id = ?", (user,))
+
+
+def test_bench_end_to_end(tiny_f16, tiny_db, tmp_path, home, capsys):
+    # User 7 has seen 11 of the 20 titles: fewer than k=10 unseen ones, so top-10 overlap (|A ∩ B| / k) is
+    # below 1 even between identical lists. Every other test user has >= 10 unseen titles.
+    _drop_user(tiny_db, 7)
+    report = run_bench(_config(tiny_f16, tiny_db, tmp_path))
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == list(LEVELS)
+
+    # Every column of every level is filled, and consistent.
+    for row in rows.values():
+        for key, value in row.items():
+            assert value is not None and not (isinstance(value, float) and math.isnan(value)), (row["name"], key)
+        assert row["users"] == 5 and row["threads"] == 2
+        assert row["pp_ts"] > 0 and row["tg_ts"] > 0 and row["load_s"] > 0
+        # The child's own peak (this pytest process, with torch loaded, is several hundred MB: a child whose
+        # reading inherited the parent's high-water mark would show it).
+        assert 10 < row["peak_rss_mb"] < 250
+        assert 0 < row["p50_ms"] <= row["p95_ms"]
+        for key in ("HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR@10", "overlap@10"):
+            assert 0.0 <= row[key] <= 1.0, key
+        assert row["HR@5"] <= row["HR@10"] and row["NDCG@5"] <= row["NDCG@10"] <= row["HR@10"]
+        assert -1.0 <= row["rho@10"] <= 1.0 and row["kl_first"] >= 0.0
+    f16, q8 = rows["F16"], rows["Q8_0"]
+    assert f16["overlap@10"] == 1.0 and f16["rho@10"] == 1.0 and f16["kl_first"] == 0.0
+    assert q8["size_mb"] < f16["size_mb"] and q8["bpw"] < f16["bpw"]
+    assert 15 < f16["bpw"] < 17.5 and 8 < q8["bpw"] < 10  # F32 norms and metadata add a little
+    assert report["levels"]["Q8_0"]["first_top1_agreement"] <= 1.0
+    assert report["meta"]["model_kind"] == "zero-shot base"
+
+    # Every level ranked the same users, k distinct unseen titles each (the tiny catalog has 20).
+    levels = report["levels"]
+    assert levels["F16"]["users"] == levels["Q8_0"]["users"] == report["meta"]["sample"]["user_ids"]
+    for ranking in levels["F16"]["rankings"]:
+        assert len(ranking) == len(set(ranking)) >= 1
+
+    # Peers: quality on the sample and on every test user; their metrics are the project's metric code.
+    peers = {r["name"]: r for r in report["peers"]}
+    assert set(peers) == {"popularity (sample)", "popularity (all)", "SASRec (sample)", "SASRec (all)"}
+    assert peers["popularity (sample)"]["users"] == 5 and peers["popularity (all)"]["users"] == 6
+    from genrec_edge.baselines import popularity, split_examples
+    from genrec_edge.evaluation import evaluate
+    from genrec_edge.history import HistoryDB
+
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        catalog, sequences = db.catalog(), list(db.sequences())
+    pop = popularity(sequences, catalog)
+    direct = evaluate(lambda ex: pop.rank(ex, 10), split_examples(sequences, "test"), catalog, k_max=10,
+                      progress=False)
+    assert peers["popularity (all)"]["HR@10"] == direct.hr[10]
+    assert peers["popularity (all)"]["MRR@10"] == direct.mrr
+
+    # transformers' beam search on the same F16 over the same trie finds the same titles as ours.
+    hf_rows = {r["name"]: r for r in report["hf_side_by_side"]}
+    ours, theirs = hf_rows["llama.cpp F16 (ours)"], hf_rows["transformers F16 beam"]
+    assert ours["users"] == theirs["users"] == 2
+    assert theirs["p50_ms"] > 0 and theirs["peak_rss_mb"] > 0
+    assert theirs["overlap@10"] >= 0.8, report["transformers"]["rankings"]
+
+    # Files: markdown (also on stdout), CSV, JSON, PNG.
+    files = {ext: tmp_path / "out" / f"{report['meta']['date'][:10]}-tiny-ml.{ext}" for ext in ("md", "csv", "json", "png")}
+    for path in files.values():
+        assert path.is_file() and path.stat().st_size > 0, path
+    text = files["md"].read_text(encoding="utf-8")
+    assert text in capsys.readouterr().out
+    assert "| F16 |" in text and "| Q8_0 |" in text and "pp32 t/s" in text and "zero-shot base" in text
+    with open(files["csv"], encoding="utf-8") as fh:
+        table = list(csv.DictReader(fh))
+    assert [r["name"] for r in table][:2] == ["F16", "Q8_0"] and len(table) == 2 + 4 + 2
+    assert float(table[1]["size_mb"]) == pytest.approx(q8["size_mb"])
+    saved = json.loads(files["json"].read_text(encoding="utf-8"))
+    assert saved["meta"]["versions"]["llama-cpp-python"] and saved["meta"]["cpu"]
+    assert saved["meta"]["sample"]["seed"] == 1 and saved["meta"]["threads"] == 2
+    assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_first_step_matches_the_recommender(tiny_f16, tiny_db, home):
+    """The bench's one-token re-decode gives the recommender's own first-step log-probs."""
+    import numpy as np
+
+    from bench.measure import first_step_log_probs
+    from genrec_edge.recommend import Recommender
+
+    history = ["Toy Story (1995)", "Heat (1995)", "Matrix, The (1999)"]
+    with Recommender.open(tiny_f16, tiny_db, threads=2, warn=lambda m: None) as rec:
+        _, _, expected, _ = rec._prepare(history, set(history))
+        rec.recommend(history=history, k=5)
+        got = first_step_log_probs(rec, history)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert int(np.argmax(got)) == int(np.argmax(expected))
+
+
+def test_quantized_files_are_reused(tiny_f16, tmp_path):
+    first = prepare_levels(tiny_f16, ["F16", "Q8_0"], tmp_path / "work", threads=2, progress=False)
+    assert first["F16"] == tiny_f16  # the source already is F16
+    stamp = first["Q8_0"].stat().st_mtime_ns
+    second = prepare_levels(tiny_f16, ["F16", "Q8_0"], tmp_path / "work", threads=2, progress=False)
+    assert second == first and second["Q8_0"].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--levels", "Q9_9"], "unknown quantization level"),
+        (["--users", "0"], "--users must be >= 1"),
+        (["--hf-users", "-1"], "--hf-users must be >= 0"),
+        (["--db", "/nonexistent/x.db", "--levels", "F16"], "database not found"),
+    ],
+)
+def test_bad_input_is_one_line(argv, message, capsys, home):
+    code = main(argv + ["--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_bad_model_is_one_line(tiny_db, tmp_path, capsys, home):
+    bad = tmp_path / "model-F16.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    code = main(["--levels", "F16", "--model-f16", str(bad), "--db", str(tiny_db), "--no-progress",
+                 "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err.startswith("error:") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_for_another_catalog_is_refused(tiny_db, tmp_path, capsys, home):
+    other = tiny_gguf(tmp_path / "m", outtype="f16", provenance={"catalog_sha256": "ab" * 32})
+    capsys.readouterr()  # building the model may warn
+    code = main(["--levels", "F16", "--model-f16", str(other), "--db", str(tiny_db), "--no-progress",
+                 "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 8 and err.startswith("error:") and "catalog" in err and "\n" not in err
