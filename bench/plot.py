@@ -48,7 +48,16 @@ def plot(report: dict, path: Path) -> Path:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(f"genrec-edge bench: {meta['dataset']}, {meta['model_kind']}, {meta['date'][:10]}")
-    fig.tight_layout()
+    versions = meta["versions"]
+    fig.text(
+        0.01, 0.01,
+        f"{Path(meta['model_f16']).name} sha256 {meta['model_f16_sha256'][:12]} · {meta['sample']['users']} of "
+        f"{meta['sample']['test_users']} test users, seed {meta['sample']['seed']} · {meta['cpu']}, "
+        f"{meta['threads']} threads · llama-cpp-python {versions.get('llama-cpp-python')}, "
+        f"transformers {versions.get('transformers')}",
+        fontsize=7, color="0.4",
+    )
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

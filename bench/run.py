@@ -791,6 +791,24 @@ CSV_FIELDS = ["name", "kind", "users", "size_mb", "bpw", "threads", "load_s", "p
               "tg_ts", "tg_sd", "p50_ms", "p95_ms"]
 
 
+def csv_context(meta: dict) -> dict:
+    versions = meta["versions"]
+    return {
+        "date": meta["date"],
+        "dataset": meta["dataset"],
+        "model_f16": meta["model_f16"],
+        "model_sha256": meta["model_f16_sha256"],
+        "model_kind": meta["model_kind"],
+        "sample_seed": meta["sample"]["seed"],
+        "sample_users": meta["sample"]["users"],
+        "test_users": meta["sample"]["test_users"],
+        "k": meta["k"],
+        "beam": meta["beam"],
+        "cpu": meta["cpu"],
+        "versions": ";".join(f"{n}={v}" for n, v in versions.items() if v),
+    }
+
+
 def write_outputs(report: dict, out_dir: Path, progress: bool = True) -> dict[str, Path]:
     from bench.plot import plot
 
@@ -802,11 +820,12 @@ def write_outputs(report: dict, out_dir: Path, progress: bool = True) -> dict[st
     text = render_markdown(report)
     files["md"].write_text(text, encoding="utf-8")
     fields = CSV_FIELDS + ["HR@5", f"HR@{k}", "NDCG@5", f"NDCG@{k}", f"MRR@{k}", f"overlap@{k}", f"rho@{k}", "kl_first"]
+    context = csv_context(report["meta"])  # every row carries the run's context: the CSV stands alone
     with open(files["csv"], "w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+        writer = csv.DictWriter(fh, fieldnames=fields + list(context), extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in report["rows"] + report["peers"] + report["hf_side_by_side"]:
-            writer.writerow(row)
+            writer.writerow({**row, **context})
     files["json"].write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     plot(report, files["png"])
     print(text)

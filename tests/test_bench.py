@@ -116,6 +116,7 @@ def test_bench_end_to_end(tiny_f16, tiny_db, tmp_path, home, capsys):
         table = list(csv.DictReader(fh))
     assert [r["name"] for r in table][:2] == ["F16", "Q8_0"] and len(table) == 2 + 4 + 2
     assert float(table[1]["size_mb"]) == pytest.approx(q8["size_mb"])
+    assert {r["sample_seed"] for r in table} == {"1"} and all("llama-cpp-python=" in r["versions"] for r in table)
     saved = json.loads(files["json"].read_text(encoding="utf-8"))
     assert saved["meta"]["versions"]["llama-cpp-python"] and saved["meta"]["cpu"]
     assert saved["meta"]["sample"]["seed"] == 1 and saved["meta"]["threads"] == 2
@@ -178,3 +179,12 @@ def test_model_for_another_catalog_is_refused(tiny_db, tmp_path, capsys, home):
                  "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 8 and err.startswith("error:") and "catalog" in err and "\n" not in err
+
+
+def test_levels_only_run(tiny_f16, tiny_db, tmp_path, home):
+    """--skip-peers: the levels table alone (no popularity, SASRec or transformers), one level."""
+    report = run_bench(_config(tiny_f16, tiny_db, tmp_path, levels=("F16",), skip_peers=True, users=3))
+    assert [r["name"] for r in report["rows"]] == ["F16"]
+    assert report["peers"] == [] and report["hf_side_by_side"] == [] and report["transformers"] is None
+    assert report["rows"][0]["users"] == 3 and report["rows"][0]["kl_first"] == 0.0
+    assert (tmp_path / "out" / f"{report['meta']['date'][:10]}-tiny-ml.png").is_file()
