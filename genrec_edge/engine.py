@@ -555,8 +555,10 @@ class GrammarSampler:
         )
         llama_cpp.llama_sampler_apply(self.grammar, ctypes.byref(array))
         llama_cpp.llama_sampler_apply(self.chain, ctypes.byref(array))
-        if array.selected < 0 or array.selected >= array.size:
-            raise GrammarError("the grammar allows no next token")
+        # With every candidate masked the distribution sampler still "selects" one; accepting it would
+        # make llama.cpp throw across the C boundary and abort the process.
+        if array.selected < 0 or array.selected >= array.size or array.data[array.selected].logit == -np.inf:
+            raise GrammarError("the catalog grammar allows no next token for this model's vocabulary")
         token = int(array.data[array.selected].id)
         llama_cpp.llama_sampler_accept(self.grammar, token)
         return token
