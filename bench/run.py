@@ -756,7 +756,8 @@ def render_markdown(report: dict) -> str:
             "## Baselines (quality only; popularity and SASRec rank the full catalog, truncated to the top "
             f"{k})",
             "",
-            markdown_table([*(r for r in rows if r["name"] == REFERENCE)] + report["peers"], qcols),
+            markdown_table([{**r, "name": f"llama.cpp {r['name']} (sample)"} for r in rows if r["name"] == REFERENCE]
+                           + report["peers"], qcols),
             "",
             f"SASRec trained in this run: best epoch {sasrec['best_epoch']} of {sasrec['epochs_run']} "
             f"(valid HR@10 {sasrec['best_valid_hr10']:.4f}), {sasrec['seconds']:.0f} s, stopped by "
