@@ -36,9 +36,22 @@ DEFAULT_TRIALS: list[dict] = [
     {"name": "lora16-all-lr1e-3-e3", "lora_r": 16, "lora_alpha": 32, "lr": 1e-3, "epochs": 3},
     {"name": "full-lr1e-4-e2", "full": True, "lr": 1e-4, "epochs": 2},
     {"name": "lora64-all-lr5e-4-e3", "lora_r": 64, "lora_alpha": 64, "lr": 5e-4, "epochs": 3},
-    {"name": "lora16-qv-lr2e-3-e3", "lora_r": 16, "lora_alpha": 32, "lr": 2e-3, "epochs": 3,
-     "target_modules": ["q_proj", "v_proj"]},
-    {"name": "lora16-all-lr1e-3-e3-h10", "lora_r": 16, "lora_alpha": 32, "lr": 1e-3, "epochs": 3, "history_len": 10},
+    {
+        "name": "lora16-qv-lr2e-3-e3",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lr": 2e-3,
+        "epochs": 3,
+        "target_modules": ["q_proj", "v_proj"],
+    },
+    {
+        "name": "lora16-all-lr1e-3-e3-h10",
+        "lora_r": 16,
+        "lora_alpha": 32,
+        "lr": 1e-3,
+        "epochs": 3,
+        "history_len": 10,
+    },
     {"name": "full-lr5e-5-e4", "full": True, "lr": 5e-5, "epochs": 4},
     {"name": "lora32-all-lr2e-3-e5", "lora_r": 32, "lora_alpha": 64, "lr": 2e-3, "epochs": 5},
 ]
@@ -87,7 +100,16 @@ def write_tables(rows: list[dict], out: Path, header: dict) -> None:
         writer.writeheader()
         writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
     tmp.replace(out / "trials.csv")
-    shown = ["trial", "status", "valid_hr@10", "valid_ndcg@10", "best_step", "steps", "tokens_per_s", "seconds"]
+    shown = [
+        "trial",
+        "status",
+        "valid_hr@10",
+        "valid_ndcg@10",
+        "best_step",
+        "steps",
+        "tokens_per_s",
+        "seconds",
+    ]
     lines = [
         "# Training trials",
         "",
@@ -110,10 +132,16 @@ def _fmt(value) -> str:
 
 
 def run_trials(
-    db: Path, out: Path, trials: list[dict], budget_s: float, base: str, valid_users: int | None = None, quiet: bool = False
+    db: Path,
+    out: Path,
+    trials: list[dict],
+    budget_s: float,
+    base: str,
+    valid_users: int | None = None,
+    quiet: bool = False,
 ) -> list[dict]:
     from genrec_edge.history import HistoryDB
-    from genrec_edge.train import TrainConfig, resolve_config, train_on_sequences
+    from genrec_edge.train import resolve_config, train_on_sequences
 
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
@@ -160,18 +188,26 @@ def run_trials(
                 tokens_per_s=round(result.tokens_per_s, 1),
             )
             row.update(_config_columns(config))
-            if metrics and (best is None or (metrics["hr@10"], metrics["ndcg@10"]) > (best["valid_hr@10"], best["valid_ndcg@10"])):
+            if metrics and (
+                best is None
+                or (metrics["hr@10"], metrics["ndcg@10"]) > (best["valid_hr@10"], best["valid_ndcg@10"])
+            ):
                 best = row
                 _copy_best(run_dir, out / "best")
         except Exception as exc:  # one bad trial (OOM, bad option) must not end the search
-            row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+            row["status"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[
+                :200
+            ]
             if not quiet:
                 traceback.print_exc()
             _free_gpu_memory()
         row["seconds"] = round(time.monotonic() - trial_started, 1)
         rows.append(row)
         write_tables(rows, out, {**header, "best": best["trial"] if best else "-"})
-        print(f"{name}: {row['status']} HR@10={row.get('valid_hr@10', '')} ({row['seconds']} s)", file=sys.stderr)
+        print(
+            f"{name}: {row['status']} HR@10={row.get('valid_hr@10', '')} ({row['seconds']} s)",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -223,13 +259,17 @@ def _machine() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.train_trials", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train_trials", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--db", type=Path, required=True, help="history database")
     parser.add_argument("--out", type=Path, default=Path("bench/results/trials"), help="results directory")
     parser.add_argument("--trials", type=Path, default=None, help="JSON list of {name, ...TrainConfig keys}")
     parser.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget for all trials")
     parser.add_argument("--base", default="smollm2-135m", help="base model (smollm2-135m, HF dir, .gguf)")
-    parser.add_argument("--valid-users", type=int, default=None, help="override every trial's valid_users (0 = all)")
+    parser.add_argument(
+        "--valid-users", type=int, default=None, help="override every trial's valid_users (0 = all)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -239,7 +279,15 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        rows = run_trials(args.db, args.out, load_trials(args.trials), args.budget_s, args.base, args.valid_users, args.quiet)
+        rows = run_trials(
+            args.db,
+            args.out,
+            load_trials(args.trials),
+            args.budget_s,
+            args.base,
+            args.valid_users,
+            args.quiet,
+        )
     except GenrecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

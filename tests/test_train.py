@@ -19,8 +19,8 @@ from genrec_edge.train import (
     BucketBatchSampler,
     TitleTrie,
     TrainConfig,
-    ValidExample,
     Validator,
+    ValidExample,
     rank_titles,
     resolve_config,
     split_histories,
@@ -82,7 +82,11 @@ def test_config_precedence_file_then_flags(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [({"learning_rate": 1}, "unknown training option"), ({"epochs": "2"}, "must be a number"), ({"epochs": 0}, "at least 1")],
+    [
+        ({"learning_rate": 1}, "unknown training option"),
+        ({"epochs": "2"}, "must be a number"),
+        ({"epochs": 0}, "at least 1"),
+    ],
 )
 def test_config_rejects_bad_keys_and_values(tmp_path, content, message):
     path = tmp_path / "c.json"
@@ -96,9 +100,10 @@ def test_split_is_leave_one_out():
     sequences = [(1, [1, 2, 3, 4, 5]), (2, [3, 1]), (3, [2, 4, 6])]
     train, valid = split_histories(sequences, CATALOG)
     split = leave_one_out(sequences)
-    assert [(ex.user, tuple(CATALOG.title_of(i) for i in ex.history), CATALOG.title_of(ex.item)) for ex in split.valid] == [
-        (v.user, v.history, v.target) for v in valid
-    ]
+    assert [
+        (ex.user, tuple(CATALOG.title_of(i) for i in ex.history), CATALOG.title_of(ex.item))
+        for ex in split.valid
+    ] == [(v.user, v.history, v.target) for v in valid]
     # training part = the validation history: neither held-out item is ever a training title
     assert train == {1: [TITLES[0], TITLES[1], TITLES[2]], 3: [TITLES[1]]}
 
@@ -113,8 +118,22 @@ def test_bucket_sampler_covers_every_window_once_per_epoch():
     assert epoch0 != epoch1  # reshuffled each epoch...
     assert BucketBatchSampler(lengths, 8, 3).batches(1) == epoch1  # ...deterministically from the seed
     padding = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in epoch0)
-    unsorted = sum(max(lengths[i] for i in range(s, min(s + 8, 103))) * len(range(s, min(s + 8, 103))) for s in range(0, 103, 8))
+    unsorted = sum(
+        max(lengths[i] for i in range(s, min(s + 8, 103))) * len(range(s, min(s + 8, 103)))
+        for s in range(0, 103, 8)
+    )
     assert padding < unsorted - sum(lengths)  # bucketing pads less than batching in index order
+
+
+def test_bucket_sampler_caps_padded_tokens_per_batch():
+    lengths = [10 + (i * 53) % 200 for i in range(300)]
+    sampler = BucketBatchSampler(lengths, batch_size=16, seed=0, max_tokens=1000)
+    batches = sampler.batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    assert all(len(b) <= 16 and max(lengths[i] for i in b) * len(b) <= 1000 for b in batches)
+    assert max(len(b) for b in batches) == 16  # short windows still fill a batch
+    sampler.epoch = 0
+    assert len(sampler) == len(batches)
 
 
 # -------------------------------------------------------------------------------------- validation
@@ -146,14 +165,18 @@ def test_trie_beam_search_with_a_wide_beam_is_exact(tiny_base, tokenizer):
     histories = [TITLES[:3], TITLES[10:17], [TITLES[5]]]  # different prompt lengths: left padding matters
     template = PromptTemplate(history_len=5)
     prompts = [build_prompt_ids(tokenize, eos, h, template) for h in histories]
-    ranked = rank_titles(model, prompts, [set(h) for h in histories], trie, beam=N_TITLES, k=10, pad_id=0, batch_users=2)
-    for prompt, history, got in zip(prompts, histories, ranked):
+    ranked = rank_titles(
+        model, prompts, [set(h) for h in histories], trie, beam=N_TITLES, k=10, pad_id=0, batch_users=2
+    )
+    for prompt, history, got in zip(prompts, histories, ranked, strict=True):
         candidates = [t for t in TITLES if t not in history]
         assert got == _brute_force_ranking(model, prompt, candidates, token_lists, 10)
         assert not set(got) & set(history)
     narrow = rank_titles(model, prompts, [set(h) for h in histories], trie, beam=10, k=10, pad_id=0)
     assert all(len(r) == 10 and len(set(r)) == 10 for r in narrow)
-    assert sum(a[0] == b[0] for a, b in zip(narrow, ranked)) >= 2  # beam 10 nearly always finds the best title
+    assert (
+        sum(a[0] == b[0] for a, b in zip(narrow, ranked, strict=True)) >= 2
+    )  # beam 10 nearly always finds the best title
 
 
 def test_blocked_nodes_cover_exactly_fully_seen_subtrees(tokenizer):
@@ -172,11 +195,23 @@ def test_blocked_nodes_cover_exactly_fully_seen_subtrees(tokenizer):
 @pytest.fixture(scope="module")
 def memorised_run(tiny_base, tmp_path_factory):
     config = TrainConfig(
-        base=str(tiny_base), history_len=8, epochs=4, lr=1e-2, batch_size=8, warmup=3, lora_r=16,
-        lora_alpha=16, lora_dropout=0.0, valid_users=0, valid_every=10, seed=0,
+        base=str(tiny_base),
+        history_len=8,
+        epochs=4,
+        lr=1e-2,
+        batch_size=8,
+        warmup=3,
+        lora_r=16,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        valid_users=0,
+        valid_every=10,
+        seed=0,
     )
     out = tmp_path_factory.mktemp("runs") / "memorised"
-    result = train_on_sequences(SEQUENCES, CATALOG, out, config, dataset="synthetic", command_line="test", quiet=True)
+    result = train_on_sequences(
+        SEQUENCES, CATALOG, out, config, dataset="synthetic", command_line="test", quiet=True
+    )
     return result, config
 
 
@@ -196,8 +231,15 @@ def test_loss_decreases_and_valid_hr_improves(memorised_run, tiny_base, tokenize
     # the untrained base, on the same validation users and search
     _, valid = split_histories(SEQUENCES, CATALOG)
     validator = Validator(
-        valid, CATALOG, tokenize_with(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
-        PromptTemplate(history_len=config.history_len), beam=10, batch_users=32, vocab_size=len(tokenizer),
+        valid,
+        CATALOG,
+        tokenize_with(tokenizer),
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        PromptTemplate(history_len=config.history_len),
+        beam=10,
+        batch_users=32,
+        vocab_size=len(tokenizer),
     )
     before = validator(AutoModelForCausalLM.from_pretrained(tiny_base))
     assert result.best["hr@10"] >= before["hr@10"] + 0.3
@@ -228,8 +270,20 @@ def test_run_dir_is_a_peft_adapter_with_provenance(memorised_run, tiny_base):
 
 def _resume_config(base):
     return TrainConfig(
-        base=str(base), history_len=4, epochs=2, max_steps=6, lr=5e-3, batch_size=4, grad_accum=2, warmup=2,
-        lora_r=4, lora_alpha=8, lora_dropout=0.1, valid_every=3, valid_users=5, seed=7,
+        base=str(base),
+        history_len=4,
+        epochs=2,
+        max_steps=6,
+        lr=5e-3,
+        batch_size=4,
+        grad_accum=2,
+        warmup=2,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        valid_every=3,
+        valid_users=5,
+        seed=7,
     )
 
 
@@ -247,7 +301,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_base, tmp_path):
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert max(a[k].abs().max().item() for k in a if "lora_B" in k) > 0  # it did train
-    assert [(r["step"], r["hr@10"]) for r in resumed.history] == [(r["step"], r["hr@10"]) for r in straight.history]
+    assert [(r["step"], r["hr@10"]) for r in resumed.history] == [
+        (r["step"], r["hr@10"]) for r in straight.history
+    ]
 
 
 def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tiny_base, tmp_path):
@@ -280,7 +336,10 @@ def test_cli_train_on_the_tiny_db(tiny_db, tmp_path, capsys):
     assert run["dataset"] and run["valid_users"] == sum(len(items) >= 3 for items in TINY_HISTORIES.values())
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main(["train", "--db", str(tiny_db), "--out", str(tmp_path / "x"), "--base", str(tmp_path / "nope")]) == 4
+    assert (
+        main(["train", "--db", str(tiny_db), "--out", str(tmp_path / "x"), "--base", str(tmp_path / "nope")])
+        == 4
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: no base model") and len(err.strip().splitlines()) == 1
 
@@ -300,7 +359,9 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_db, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = json.loads((out / "genrec_run.json").read_text())
     assert run["num_processes"] == 2 and run["status"] == "done"
-    assert run["steps"] == math.ceil(math.ceil(run["train_windows"] / 2) / 2)  # batches split over 2 processes
+    assert run["steps"] == math.ceil(
+        math.ceil(run["train_windows"] / 2) / 2
+    )  # batches split over 2 processes
     assert (out / "adapter_model.safetensors").is_file()
     assert len(run["history"]) == 1  # only the main process validates and writes
     assert proc.stdout.count(f"{out}: ") == 1  # and only it prints the summary
@@ -314,7 +375,9 @@ def test_valid_example_dataclass_is_what_split_returns():
 def test_train_trials_bench_runs_a_list_and_survives_a_failing_trial(tiny_db, tmp_path):
     import csv
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a folder of scripts, not installed
+    sys.path.insert(
+        0, str(Path(__file__).resolve().parents[1])
+    )  # bench/ is a folder of scripts, not installed
     from bench.train_trials import main as trials_main
 
     base = make_tiny_llama(tmp_path / "base")
@@ -331,7 +394,9 @@ def test_train_trials_bench_runs_a_list_and_survives_a_failing_trial(tiny_db, tm
     assert trials_main(args) == 0
     rows = list(csv.DictReader(open(out / "trials.csv", encoding="utf-8")))
     assert [r["trial"] for r in rows] == ["r2", "broken", "r4-lr"]
-    assert rows[0]["status"] == rows[2]["status"] == "ok" and rows[1]["status"].startswith("failed: UsageError")
+    assert rows[0]["status"] == rows[2]["status"] == "ok" and rows[1]["status"].startswith(
+        "failed: UsageError"
+    )
     for row in (rows[0], rows[2]):
         run = json.loads((Path(row["run_dir"]) / "genrec_run.json").read_text())
         assert float(row["valid_hr@10"]) == run["best"]["hr@10"] and run["valid_users"] == 6  # all of them
@@ -339,5 +404,7 @@ def test_train_trials_bench_runs_a_list_and_survives_a_failing_trial(tiny_db, tm
     best = max((rows[0], rows[2]), key=lambda r: (float(r["valid_hr@10"]), float(r["valid_ndcg@10"])))
     best_run = json.loads((out / "best" / "genrec_run.json").read_text())
     assert best_run["config"]["lora_r"] == int(best["lora_r"])
-    assert (out / "best" / "adapter_model.safetensors").is_file() and not (out / "best" / "checkpoint").exists()
+    assert (out / "best" / "adapter_model.safetensors").is_file() and not (
+        out / "best" / "checkpoint"
+    ).exists()
     assert "| r4-lr | ok |" in (out / "trials.md").read_text()

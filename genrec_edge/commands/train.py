@@ -5,7 +5,6 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,35 +17,68 @@ def register(app: typer.Typer) -> None:
 
 
 def train(
-    out: Path = typer.Option(..., "--out", help="Run directory to create (a peft adapter dir + genrec_run.json)."),
-    db: Optional[Path] = typer.Option(None, "--db", help="History database (default: the one `init` builds)."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON file of options; flags override it."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
-    stop_after: int = typer.Option(0, "--stop-after", help="Stop after N optimizer steps (checkpointed; --resume continues)."),
-    base: Optional[str] = typer.Option(None, "--base", help="smollm2-135m (default), a HF LLaMA directory or a .gguf file."),
-    history_len: Optional[int] = typer.Option(None, "--history-len", help="Titles of history per prompt [20]."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Passes over the training windows [1]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate [5e-4]."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Windows per micro-batch (per process) [16]."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps (0 = all epochs)."),
-    warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear warm-up steps before cosine decay [10]."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay [0]."),
-    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank [16]."),
-    lora_alpha: Optional[int] = typer.Option(None, "--lora-alpha", help="LoRA alpha [32]."),
-    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout [0.05]."),
-    target_modules: Optional[str] = typer.Option(
+    out: Path = typer.Option(
+        ..., "--out", help="Run directory to create (a peft adapter dir + genrec_run.json)."
+    ),
+    db: Path | None = typer.Option(None, "--db", help="History database (default: the one `init` builds)."),
+    config_file: Path | None = typer.Option(
+        None, "--config", help="JSON file of options; flags override it."
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its last checkpoint."
+    ),
+    stop_after: int = typer.Option(
+        0, "--stop-after", help="Stop after N optimizer steps (checkpointed; --resume continues)."
+    ),
+    base: str | None = typer.Option(
+        None, "--base", help="smollm2-135m (default), a HF LLaMA directory or a .gguf file."
+    ),
+    history_len: int | None = typer.Option(None, "--history-len", help="Titles of history per prompt [20]."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Passes over the training windows [1]."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate [5e-4]."),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Windows per micro-batch (per process) [16]."
+    ),
+    max_batch_tokens: int | None = typer.Option(
+        None,
+        "--max-batch-tokens",
+        help="Cap on padded tokens per micro-batch, bounds memory (0 = none) [16384].",
+    ),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Stop after this many optimizer steps (0 = all epochs)."
+    ),
+    warmup: int | None = typer.Option(
+        None, "--warmup", help="Linear warm-up steps before cosine decay [10]."
+    ),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay [0]."),
+    lora_r: int | None = typer.Option(None, "--lora-r", help="LoRA rank [16]."),
+    lora_alpha: int | None = typer.Option(None, "--lora-alpha", help="LoRA alpha [32]."),
+    lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="LoRA dropout [0.05]."),
+    target_modules: str | None = typer.Option(
         None, "--target-modules", help="Comma-separated linear layers to adapt [q,k,v,o,gate,up,down _proj]."
     ),
-    full: Optional[bool] = typer.Option(None, "--full/--lora", help="Full fine-tuning instead of LoRA."),
-    valid_every: Optional[int] = typer.Option(None, "--valid-every", help="Validate every N steps (0 = each epoch end)."),
-    valid_users: Optional[int] = typer.Option(None, "--valid-users", help="Seeded sample of validation users (0 = all) [200]."),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps (0 = at validations)."),
-    beam: Optional[int] = typer.Option(None, "--beam", help="Beam width of the validation search [10]."),
-    eval_batch_users: Optional[int] = typer.Option(None, "--eval-batch-users", help="Validation users per batch [32]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, data order and samples [0]."),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 autocast (default: on GPUs that support it)."),
-    max_train_users: Optional[int] = typer.Option(None, "--max-train-users", help="Seeded sample of users to train on (0 = all)."),
+    full: bool | None = typer.Option(None, "--full/--lora", help="Full fine-tuning instead of LoRA."),
+    valid_every: int | None = typer.Option(
+        None, "--valid-every", help="Validate every N steps (0 = each epoch end)."
+    ),
+    valid_users: int | None = typer.Option(
+        None, "--valid-users", help="Seeded sample of validation users (0 = all) [200]."
+    ),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", help="Checkpoint every N steps (0 = at validations)."
+    ),
+    beam: int | None = typer.Option(None, "--beam", help="Beam width of the validation search [10]."),
+    eval_batch_users: int | None = typer.Option(
+        None, "--eval-batch-users", help="Validation users per batch [32]."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for init, data order and samples [0]."),
+    bf16: bool | None = typer.Option(
+        None, "--bf16/--no-bf16", help="bf16 autocast (default: on GPUs that support it)."
+    ),
+    max_train_users: int | None = typer.Option(
+        None, "--max-train-users", help="Seeded sample of users to train on (0 = all)."
+    ),
 ) -> None:
     """Fine-tune a LLaMA base on the database's histories (LoRA by default), keeping the best adapter by valid HR@10.
 
@@ -73,6 +105,7 @@ def train(
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
+        max_batch_tokens=max_batch_tokens,
         grad_accum=grad_accum,
         max_steps=max_steps,
         warmup=warmup,
@@ -104,7 +137,9 @@ def train(
 
 def merge(
     run_dir: Path = typer.Argument(..., help="A `genrec-edge train` run directory."),
-    out: Path = typer.Option(..., "--out", help="Directory to write the merged HF model into (must not exist)."),
+    out: Path = typer.Option(
+        ..., "--out", help="Directory to write the merged HF model into (must not exist)."
+    ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
 ) -> None:
     """Merge a run's adapter into its base: a plain HF LLaMA directory plus genrec_provenance.json.
