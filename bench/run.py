@@ -188,7 +188,7 @@ def load_inputs(db_path: Path, users: int, full: bool, seed: int) -> Inputs:
         sequences = list(db.sequences())
     if len(catalog) == 0:
         raise NotFoundError(f"the database has no items: {db_path}")
-    test = tuple(sorted(leave_one_out(sequences).test, key=lambda e: e.user))
+    test = tuple(sorted(leave_one_out(sequences, train=False).test, key=lambda e: e.user))
     if not test:
         raise UsageError(f"{db_path}: no user has the 2 interactions a test example needs")
     if full or users >= len(test):

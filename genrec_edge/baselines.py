@@ -46,7 +46,7 @@ def training_part(sequences: Sequences, split: str) -> list[tuple[int, list[int]
 
 def split_examples(sequences: Sequences, split: str) -> tuple[Example, ...]:
     """The leave-one-out examples of ``split`` (one per user who has one)."""
-    loo = leave_one_out(sequences)
+    loo = leave_one_out(sequences, train=False)
     if split == "test":
         return loo.test
     if split == "valid":

@@ -140,14 +140,24 @@ class Split:
     test: tuple[Example, ...]
 
 
-def leave_one_out(sequences: Iterable[tuple[int, Sequence[int]]], min_history: int = 1) -> Split:
+def leave_one_out(
+    sequences: Iterable[tuple[int, Sequence[int]]],
+    min_history: int = 1,
+    train: bool = True,
+    train_history: int | None = None,
+) -> Split:
     """Split chronological per-user item sequences (already ordered by timestamp, then item id).
 
     A user with ``n`` items gives one test example (target ``n-1``), one validation example (target
     ``n-2``) and train examples for targets ``min_history .. n-3``. Users with fewer than 3 items give
     only what they can: no test example without at least ``min_history`` items before it.
+
+    Validation and test examples keep their whole history (it is the seen set the protocol excludes).
+    Every train example's full prefix would make memory quadratic in a user's length (ML-25M has users
+    with thousands of ratings): ``train=False`` skips them, and ``train_history=N`` keeps only the last
+    N items of each train example's history (all a prompt of ``history_len`` N shows).
     """
-    train: list[Example] = []
+    train_examples: list[Example] = []
     valid: list[Example] = []
     test: list[Example] = []
     for user, seq in sequences:
@@ -157,9 +167,11 @@ def leave_one_out(sequences: Iterable[tuple[int, Sequence[int]]], min_history: i
             test.append(Example(user, seq[: n - 1], seq[n - 1]))
         if n - 2 >= min_history:
             valid.append(Example(user, seq[: n - 2], seq[n - 2]))
-        for t in range(min_history, n - 2):
-            train.append(Example(user, seq[:t], seq[t]))
-    return Split(tuple(train), tuple(valid), tuple(test))
+        if train:
+            for t in range(min_history, n - 2):
+                start = 0 if train_history is None else max(0, t - train_history)
+                train_examples.append(Example(user, seq[start:t], seq[t]))
+    return Split(tuple(train_examples), tuple(valid), tuple(test))
 
 
 def export_jsonl(

@@ -151,3 +151,15 @@ def test_cli_prompts_export(tiny_db, tmp_path, capsys):
     assert 6 not in by_user  # one item: nothing to predict it from
     assert main(["prompts", "export", "--db", str(tiny_db), "--out", str(out)]) == UsageError.exit_code
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_leave_one_out_can_skip_or_bound_train_histories():
+    sequences = [(1, list(range(10, 110, 10)))]  # 10 items
+    full = leave_one_out(sequences)
+    assert leave_one_out(sequences, train=False).train == ()
+    assert leave_one_out(sequences, train=False).test == full.test
+    bounded = leave_one_out(sequences, train_history=3)
+    assert [ex.item for ex in bounded.train] == [ex.item for ex in full.train]
+    for short, whole in zip(bounded.train, full.train, strict=True):
+        assert short.history == whole.history[-3:]
+    assert bounded.valid == full.valid and bounded.test == full.test  # the seen sets stay whole

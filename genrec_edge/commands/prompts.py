@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         template = PromptTemplate() if history_len is None else PromptTemplate(history_len=history_len)
         with open_db_for_reading(db) as database:
             catalog = database.catalog()
-            split = leave_one_out(database.sequences(), min_history=min_history)
+            split = leave_one_out(database.sequences(), min_history=min_history, train_history=template.history_len)
         counts = {name: export_jsonl(getattr(split, name), catalog.title_of, template, targets[name]) for name in SPLITS}
         summary = ", ".join(f"{counts[name]} {name}" for name in SPLITS)
         typer.echo(f"wrote {summary} examples to {out} (history_len {template.history_len})")
