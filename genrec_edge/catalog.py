@@ -55,6 +55,6 @@ class Catalog:
     def _title_by_id(self) -> dict[int, str]:
         cached = self.__dict__.get("_by_id")
         if cached is None:
-            cached = dict(zip(self.item_ids, self.titles))
+            cached = dict(zip(self.item_ids, self.titles, strict=True))
             object.__setattr__(self, "_by_id", cached)
         return cached

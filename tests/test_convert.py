@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from genrec_edge.convert import convert, read_provenance, validate_gguf_header
 from tinymodel import DEFAULT_TITLES, make_tiny_llama, tiny_gguf
 
 from genrec_edge.cli import main
+from genrec_edge.convert import convert, read_provenance, validate_gguf_header
 from genrec_edge.errors import CorruptModelError, UsageError
 from genrec_edge.prompts import DEFAULT_INSTRUCTION, PromptTemplate
 
@@ -244,8 +244,9 @@ def test_smollm2_tokenizer_rebuilt_by_transformers_converts_as_smollm(tmp_path):
     """transformers rebuilds SmolLM2's tokenizer from the GGUF with a plain ByteLevel pre-tokenizer;
     llama.cpp's fingerprint still identifies it as "smollm", and the vocabulary round-trips exactly."""
     import gguf
-    from genrec_edge.convert.tokenizer import read_vocab
     from transformers import AutoTokenizer
+
+    from genrec_edge.convert.tokenizer import read_vocab
 
     base = _smollm2_dir() / SMOLLM2_GGUF_NAME
     tok = AutoTokenizer.from_pretrained(base.parent, gguf_file=base.name)

