@@ -151,8 +151,10 @@ class Recommender:
         from .trie import load_or_build
 
         warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
-        model_path = Path(model) if model is not None else default_model_path()
         db_path = Path(db) if db is not None else paths.default_db()
+        if model is None:
+            _check_default_model_catalog(db_path)  # before building it (the first time, ~40 s)
+        model_path = Path(model) if model is not None else default_model_path()
         if beam is not None and beam < 1:
             raise UsageError(f"--beam must be >= 1 (got {beam})")
         if threads is not None and threads < 1:
@@ -426,6 +428,26 @@ def _template_from(provenance: dict, model_path: Path) -> PromptTemplate:
         return PromptTemplate.from_dict(data)
     except (ValueError, TypeError) as exc:
         raise CorruptModelError(f"{model_path}: bad genrec.prompt_template ({exc})") from None
+
+
+def _check_default_model_catalog(db_path: Path) -> None:
+    """The shipped default model is for the bundled catalog: refuse another database's before building it."""
+    import json
+
+    from .default_model import shipped_adapter
+    from .history import HistoryDB
+
+    adapter = shipped_adapter()
+    if adapter is None:
+        return
+    trained_for = json.loads((adapter / "genrec_run.json").read_text(encoding="utf-8")).get("catalog_sha256")
+    with HistoryDB.open(db_path, readonly=True) as history:
+        catalog = history.catalog()
+    if trained_for and trained_for != catalog.sha256:
+        raise CatalogMismatchError(
+            f"the default model was trained for catalog {trained_for[:12]}… (the bundled ml-latest-small), but "
+            f"the database {db_path} has catalog {catalog.sha256[:12]}…: pass --model with a model for it"
+        )
 
 
 def _unknown_title_message(title: str, titles: Sequence[str]) -> str:

@@ -63,3 +63,18 @@ def test_adapter_is_built_once_into_a_served_q8_model(tmp_path, tiny_db, tiny_ru
 def test_no_shipped_adapter_means_no_build(tmp_path, monkeypatch):
     monkeypatch.setattr(default_model.paths, "DEFAULT_ADAPTER", tmp_path / "nothing-here")
     assert default_model.shipped_adapter() is None
+
+
+def test_default_model_refuses_another_catalog_before_building(tmp_path, tiny_db, monkeypatch, capsys):
+    """The shipped adapter is for ml-latest-small: another database fails in milliseconds, nothing built."""
+    from genrec_edge.cli import main
+
+    if default_model.shipped_adapter() is None:
+        pytest.skip("this build ships no default adapter")
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+    user = next(iter(TINY_HISTORIES))
+    assert main(["recommend", "--db", str(tiny_db), "--user", str(user)]) == 8
+    assert "the default model was trained for catalog" in capsys.readouterr().err
+    assert main(["recommend", "--db", str(tiny_db), "--user", "99999"]) == 4
+    assert "unknown user 99999" in capsys.readouterr().err
+    assert not (tmp_path / "home" / "models").exists()

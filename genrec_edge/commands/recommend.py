@@ -11,6 +11,17 @@ MODEL_HELP = "GGUF model (default: the model `genrec-edge` serves by default, no
 DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
 
 
+def _check_user(db: Path | None, user: int) -> None:
+    """Unknown user / empty history: the same errors ``Recommender.recommend`` raises, in milliseconds."""
+    from ..errors import EmptyHistoryError
+    from ..history import HistoryDB
+    from ..paths import default_db
+
+    with HistoryDB.open(Path(db) if db is not None else default_db(), readonly=True) as database:
+        if not database.history(int(user), limit=1):
+            raise EmptyHistoryError(f"user {user} has no history to recommend from")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("recommend")
     def recommend(
@@ -47,6 +58,8 @@ def register(app: typer.Typer) -> None:
             titles += list(more_titles)
         if (user is None) == (not titles):
             raise UsageError("give either --user or --history (one of them)")
+        if user is not None:
+            _check_user(db, user)  # before loading (or, the first time, building) a model
         with Recommender.open(model, db, threads=threads, beam=beam) as rec:
             result = rec.recommend(
                 user=user, history=titles or None, k=k, sample=sample, seed=seed, temperature=temperature
