@@ -41,9 +41,9 @@ test: install
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
-## bench: compare quantization levels (LEVELS=Q8_0,Q4_K_M to choose; FULL=1 for every test user)
+## bench: compare quantization levels (LEVELS=F16,Q8_0 to choose; USERS=N sampled users; FULL=1 for every test user)
 bench: install
-	$(BIN)/python -m bench.run --levels $(LEVELS) $(if $(filter 1,$(FULL)),--full,)
+	$(BIN)/python -m bench.run --levels $(LEVELS) $(if $(USERS),--users $(USERS),) $(if $(filter 1,$(FULL)),--full,)
 
 ## lint: ruff
 lint: install
