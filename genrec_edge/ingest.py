@@ -246,14 +246,20 @@ def _rows_with_reasons(path: Path, rows, parse) -> Iterator:
             yield BadRow(f"{path}:{line}", str(exc))
 
 
-def movielens_csv_items(path: Path, open_lines: Opener) -> Iterator:
+def _csv_body(path: Path, open_lines: Opener, header: list[str]) -> Iterator:
+    """The data rows of a UTF-8 CSV whose first row must be ``header`` (none for an empty file)."""
     rows = _csv_rows(open_lines(path, "utf-8"))
     first = next(rows, None)
     if first is None:
-        return
+        return iter(())
     if isinstance(first[1], BadRow):
         raise IngestError(str(first[1]))
-    _check_header(path, first[1], ["movieId", "title", "genres"])
+    _check_header(path, first[1], header)
+    return rows
+
+
+def movielens_csv_items(path: Path, open_lines: Opener) -> Iterator:
+    rows = _csv_body(path, open_lines, ["movieId", "title", "genres"])
 
     def parse(fields):
         _expect(fields, 3)
@@ -264,13 +270,7 @@ def movielens_csv_items(path: Path, open_lines: Opener) -> Iterator:
 
 
 def movielens_csv_interactions(path: Path, open_lines: Opener) -> Iterator:
-    rows = _csv_rows(open_lines(path, "utf-8"))
-    first = next(rows, None)
-    if first is None:
-        return
-    if isinstance(first[1], BadRow):
-        raise IngestError(str(first[1]))
-    _check_header(path, first[1], ["userId", "movieId", "rating", "timestamp"])
+    rows = _csv_body(path, open_lines, ["userId", "movieId", "rating", "timestamp"])
 
     def parse(fields):
         _expect(fields, 4)
