@@ -246,15 +246,22 @@ def _rows_with_reasons(path: Path, rows, parse) -> Iterator:
             yield BadRow(f"{path}:{line}", str(exc))
 
 
-def _csv_body(path: Path, open_lines: Opener, header: list[str]) -> Iterator:
-    """The data rows of a UTF-8 CSV whose first row must be ``header`` (none for an empty file)."""
-    rows = _csv_rows(open_lines(path, "utf-8"))
+def _csv_with_header(path: Path, open_lines: Opener, delimiter: str = ",") -> tuple[list[str] | None, Iterator]:
+    """(header row, data rows) of a UTF-8 CSV; ``(None, nothing)`` for an empty file."""
+    rows = _csv_rows(open_lines(path, "utf-8"), delimiter)
     first = next(rows, None)
     if first is None:
-        return iter(())
+        return None, iter(())
     if isinstance(first[1], BadRow):
         raise IngestError(str(first[1]))
-    _check_header(path, first[1], header)
+    return first[1], rows
+
+
+def _csv_body(path: Path, open_lines: Opener, header: list[str]) -> Iterator:
+    """The data rows of a UTF-8 CSV whose first row must be ``header`` (none for an empty file)."""
+    found, rows = _csv_with_header(path, open_lines)
+    if found is not None:
+        _check_header(path, found, header)
     return rows
 
 
@@ -356,13 +363,9 @@ def _generic_columns(path: Path, header: list[str], wanted: dict[str, tuple[str 
 
 
 def generic_items(path: Path, open_lines: Opener, *, item_id_col: str, title_col: str, genres_col: str | None, delimiter: str) -> Iterator:
-    rows = _csv_rows(open_lines(path, "utf-8"), delimiter)
-    first = next(rows, None)
-    if first is None:
+    header, rows = _csv_with_header(path, open_lines, delimiter)
+    if header is None:
         return
-    if isinstance(first[1], BadRow):
-        raise IngestError(str(first[1]))
-    header = first[1]
     cols = _generic_columns(path, header, {"id": (item_id_col, True), "title": (title_col, True), "genres": (genres_col, False)})
 
     def parse(fields):
@@ -377,13 +380,9 @@ def generic_items(path: Path, open_lines: Opener, *, item_id_col: str, title_col
 def generic_interactions(
     path: Path, open_lines: Opener, *, user_col: str, item_col: str, time_col: str, rating_col: str | None, delimiter: str
 ) -> Iterator:
-    rows = _csv_rows(open_lines(path, "utf-8"), delimiter)
-    first = next(rows, None)
-    if first is None:
+    header, rows = _csv_with_header(path, open_lines, delimiter)
+    if header is None:
         return
-    if isinstance(first[1], BadRow):
-        raise IngestError(str(first[1]))
-    header = first[1]
     cols = _generic_columns(
         path, header, {"user": (user_col, True), "item": (item_col, True), "time": (time_col, True), "rating": (rating_col, False)}
     )
