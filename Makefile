@@ -5,12 +5,17 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# llama.cpp is compiled from source by llama-cpp-python's sdist (20–35 min on 2 cores, once): keep the CPU
-# backend at -march=native and skip everything we do not use. pip caches the built wheel, so every later
-# install takes seconds.
-LLAMA_CPP_VERSION := 0.3.36
-LLAMA_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF
+# llama.cpp is compiled from llama-cpp-python's sdist by scripts/llama_wheel.py (10-35 min on 2 cores, once),
+# into ~/.cache/genrec-edge/llama-cpp/<version>-<key>/, key = hash of the flags, compiler, Python and what
+# -march=native means on this CPU; pip's own wheel cache is never used for it (it ignores CMAKE_ARGS).
+#   LLAMA_CPU=native    (default) -march=native minus AMX: fastest here, built for this machine
+#   LLAMA_CPU=portable  x86-64-v3 (AVX2/FMA/F16C), no build-machine detection: for images shared between CPUs
+#   LLAMA_AMX=1         allow AMX code paths (only where the OS and hypervisor really let a process use AMX)
+#   LLAMA_CMAKE_EXTRA   more CMake arguments (part of the key)
+LLAMA_CPU ?= native
+LLAMA_AMX ?= 0
+LLAMA_CMAKE_EXTRA ?=
+export LLAMA_CPU LLAMA_AMX LLAMA_CMAKE_EXTRA
 STAMP := $(VENV)/.installed
 LEVELS ?= F16,Q8_0,Q6_K,Q5_K_M,Q5_0,Q4_K_M,Q4_0,Q3_K_M,Q2_K
 FULL ?= 0
@@ -18,13 +23,15 @@ export OMP_WAIT_POLICY ?= passive
 
 .PHONY: install demo test test-slow bench lint clean
 
-## install: venv; torch==2.13.0 (CPU) first; llama-cpp-python; the package with train/bench/dev extras
+## install: venv; torch==2.13.0 (CPU) first; llama-cpp-python built for this machine; the package + extras
+# The llama step runs every time (under a second when the keyed wheel is installed): a flag or CPU change rebuilds.
 install: $(STAMP)
-$(STAMP): pyproject.toml Makefile
+	@$(BIN)/python scripts/llama_wheel.py --python $(BIN)/python
+$(STAMP): pyproject.toml Makefile scripts/llama_wheel.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(BIN)/python scripts/llama_wheel.py --python $(BIN)/python
 	$(BIN)/pip install -q -e ".[train,bench,dev]"
 	touch $(STAMP)
 
@@ -47,7 +54,7 @@ bench: install
 
 ## lint: ruff
 lint: install
-	$(BIN)/ruff check genrec_edge convert bench tests
+	$(BIN)/ruff check genrec_edge convert bench tests scripts
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache
