@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CatalogMismatchError, CorruptModelError, DatabaseError, GenrecError
+from .errors import CatalogMismatchError, CorruptModelError, DatabaseError, GenrecError, UnsupportedCPUError
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 LARGE_WAL_BYTES = 256 * 1024 * 1024  # a WAL this big means checkpoints are being starved by a reader
@@ -152,9 +152,43 @@ def check_model(model_path: str | Path, catalog_sha256: str | None) -> list[Chec
     return checks
 
 
-def run_checks(db: str | Path | None, model: str | Path | None) -> list[Check]:
-    """Every check for the given database and/or model (None skips that side)."""
+def check_runtime(result=None) -> list[Check]:
+    """The llama.cpp build against this machine; ``result`` is a ``llama_probe.ProbeResult`` (default: run it)."""
+    from . import llama_probe
+
+    result = result if result is not None else llama_probe.probe()
     checks: list[Check] = []
+    if result.system_info:
+        checks.append(Check("llama.cpp", OK, result.system_info))
+    flags = llama_probe.linux_cpu_flags()
+    if flags is not None and result.features:
+        missing = llama_probe.missing_cpu_features(result.features, flags)
+        amx = [f for f in llama_probe.AMX_FEATURES if result.features.get(f)]
+        if missing:
+            checks.append(_fail(
+                "cpu features",
+                f"llama.cpp was built with {', '.join(missing)}, which this CPU/OS does not offer: "
+                "rebuild it for this machine with `make install`",
+                UnsupportedCPUError,
+            ))
+        elif amx and not llama_probe.amx_opted_in():
+            checks.append(Check("cpu features", WARN, (
+                f"built with {', '.join(amx)} without the LLAMA_AMX=1 opt-in (a wheel from elsewhere?): "
+                "VMs may advertise AMX and fault on it; `make install` rebuilds without it"
+            )))
+        else:
+            checks.append(Check("cpu features", OK, "every compiled instruction set is offered by this CPU"))
+    if result.ok:
+        checks.append(Check("batched decode", OK, result.detail))
+    else:
+        checks.append(_fail("batched decode", result.detail, UnsupportedCPUError))
+    return checks
+
+
+def run_checks(db: str | Path | None, model: str | Path | None, runtime: bool = False) -> list[Check]:
+    """Every check for the given database and/or model (None skips that side); ``runtime`` adds
+    :func:`check_runtime` first (the CLI always does)."""
+    checks: list[Check] = check_runtime() if runtime else []
     catalog_sha = None
     if db is not None:
         db_checks, catalog_sha = check_database(db)

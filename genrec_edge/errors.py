@@ -64,3 +64,9 @@ class DownloadError(GenrecError):
     """A download that failed or whose checksum does not match."""
 
     exit_code = 10
+
+
+class UnsupportedCPUError(GenrecError):
+    """The installed llama.cpp was built with instructions this CPU/OS cannot execute."""
+
+    exit_code = 12

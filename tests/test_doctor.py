@@ -62,7 +62,9 @@ def test_healthy_database_and_model(tiny_db, tmp_path, capsys):
     rc, out, err = run_cli(capsys, "--db", str(tiny_db), "--model", str(model))
     assert rc == 0, out + err
     lines = out.strip().splitlines()
-    assert len(lines) == 9 and all(line.startswith("ok ") for line in lines)
+    # 3 runtime checks (llama.cpp build, cpu features, batched decode) + the 9 above, all ok
+    assert len(lines) == 12 and all(line.startswith("ok ") for line in lines)
+    assert [line.split(":")[0].split(maxsplit=1)[1] for line in lines[:3]] == ["llama.cpp", "cpu features", "batched decode"]
     assert "20 items, 9 users" in out
     assert err == ""
 
@@ -187,3 +189,84 @@ def test_doctor_command_is_documented(capsys):
     rc = main(["doctor", "--help"])
     out = capsys.readouterr().out
     assert rc == 0 and "Example:" in out and "--model" in out
+
+
+# ------------------------------------------------------------------------------ the llama.cpp build
+def test_installed_llama_cpp_has_no_amx_without_the_opt_in():
+    """The build must not contain AMX code paths unless LLAMA_AMX=1 was asked for (issue: SIGILL on VMs)."""
+    from genrec_edge import llama_probe
+
+    result = llama_probe.probe()
+    assert result.system_info, "the probe printed no llama.cpp system info"
+    assert result.features.get("AVX2") or result.features.get("NEON") or result.features.get("SSE3"), result.system_info
+    amx = [f for f in llama_probe.AMX_FEATURES if result.features.get(f)]
+    if not llama_probe.amx_opted_in():
+        assert not amx, f"llama.cpp was built with {amx} without the LLAMA_AMX=1 opt-in: {result.system_info}"
+
+
+def test_the_runtime_probe_passes_here_and_doctor_prints_the_system_info(tiny_db, capsys):
+    from genrec_edge import llama_probe
+
+    result = llama_probe.probe()
+    assert result.ok, result.detail
+    rc = main(["doctor", "--db", str(tiny_db)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "ok   llama.cpp: CPU :" in out and "ok   batched decode" in out
+
+
+def test_a_child_killed_by_sigill_becomes_one_failing_check():
+    """The probe's parent survives an illegal instruction in the child and names it; doctor fails with 12."""
+    import sys
+
+    from genrec_edge import llama_probe
+    from genrec_edge.doctor import check_runtime, exit_code
+
+    crash = (
+        "import json, os, signal; print(json.dumps({'system_info': 'CPU : AVX2 = 1 | AMX_INT8 = 1 |'}), flush=True);"
+        " os.kill(os.getpid(), signal.SIGILL)"
+    )
+    result = llama_probe.probe(command=[sys.executable, "-c", crash])
+    assert not result.ok
+    assert "illegal instruction (SIGILL)" in result.detail and "batched llama_decode" in result.detail
+    assert result.features == {"AVX2": True, "AMX_INT8": True}
+    checks = check_runtime(result)
+    failed = [c for c in checks if c.status == FAIL]
+    assert failed and failed[-1].name == "batched decode"
+    assert exit_code(checks) == 12
+
+
+def test_a_child_that_dies_before_printing_is_reported_as_a_load_failure():
+    import sys
+
+    from genrec_edge import llama_probe
+
+    result = llama_probe.probe(command=[sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"])
+    assert not result.ok and "in loading llama.cpp" in result.detail and result.system_info is None
+
+
+def test_compiled_features_missing_from_the_cpu_are_named():
+    from genrec_edge import llama_probe
+
+    info = "CPU : SSE3 = 1 | AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 0 | AMX_INT8 = 1 | OPENMP = 1 | REPACK = 1 |"
+    features = llama_probe.compiled_features(info)
+    assert features["AVX512"] and not features["AVX512_VNNI"] and features["OPENMP"]
+    flags = {"pni", "avx2", "avx512f", "amx_int8"}
+    assert llama_probe.missing_cpu_features(features, flags) == []
+    assert llama_probe.missing_cpu_features(features, flags - {"avx512f", "amx_int8"}) == ["AVX512", "AMX_INT8"]
+
+
+def test_doctor_fails_on_an_instruction_set_this_cpu_lacks():
+    from genrec_edge import llama_probe
+    from genrec_edge.doctor import check_runtime
+
+    if llama_probe.linux_cpu_flags() is None:
+        pytest.skip("no /proc/cpuinfo")
+    # A build made elsewhere with an instruction set no CPU reports under this name.
+    info = "CPU : AVX2 = 1 | AMX_TILE = 1 |" if "amx_tile" not in llama_probe.linux_cpu_flags() else "CPU : AVX_VNNI = 1 |"
+    fake = llama_probe.ProbeResult(info, True, "ran", llama_probe.compiled_features(info))
+    if not llama_probe.missing_cpu_features(fake.features, llama_probe.linux_cpu_flags()):
+        pytest.skip("this CPU offers every instruction set the fake build names")
+    checks = check_runtime(fake)
+    cpu = next(c for c in checks if c.name == "cpu features")
+    assert cpu.status == FAIL and "rebuild" in cpu.detail and cpu.exit_code == 12

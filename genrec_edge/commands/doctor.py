@@ -16,6 +16,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Check that a database and a model are fit to serve: one line per check.
 
+        llama.cpp: the instruction sets it was compiled with, that this CPU offers them, and a batched
+        decode in a child process (a build for another CPU fails here with one line, not a crash).
         Database: quick_check, schema version, WAL, catalog hash. Model: GGUF header, architecture,
         tokenizer, catalog hash against the database. Exits non-zero with one `error:` line per problem.
 
@@ -24,7 +26,7 @@ def register(app: typer.Typer) -> None:
         from genrec_edge.doctor import exit_code, report_json, run_checks
         from genrec_edge.paths import default_db
 
-        checks = run_checks(db if db is not None else default_db(), model)
+        checks = run_checks(db if db is not None else default_db(), model, runtime=True)
         if as_json:
             typer.echo(report_json(checks))
         else:
