@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import shutil
 import sys
 import tempfile
@@ -23,9 +22,10 @@ import time
 from pathlib import Path
 
 from . import paths
+from .runs import RUN_CONFIG, read_run_config, write_run_config
 
 DEFAULT_LEVEL = "Q8_0"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "genrec_run.json")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", RUN_CONFIG)
 
 
 def shipped_adapter() -> Path | None:
@@ -71,9 +71,9 @@ def _local_run_dir(adapter: Path, workdir: Path) -> Path:
     run_dir.mkdir(parents=True)
     for name in ADAPTER_FILES:
         shutil.copy2(adapter / name, run_dir / name)
-    run = json.loads((run_dir / "genrec_run.json").read_text(encoding="utf-8"))
+    run = read_run_config(run_dir)
     run["base_model"] = resolve_base(run["base_model"]["name"]).to_dict()
-    (run_dir / "genrec_run.json").write_text(json.dumps(run, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_run_config(run_dir, run)
     return run_dir
 
 

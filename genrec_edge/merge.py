@@ -18,9 +18,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from .convert import PROVENANCE_FILE
 from .errors import CorruptModelError, NotFoundError, UsageError
+from .runs import gguf_provenance, read_run_config
 
-PROVENANCE_FILE = "genrec_provenance.json"
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -47,21 +48,9 @@ def _retie_if_equal(model) -> bool:
     return True
 
 
-def provenance_of(run: dict, adapter_config_sha256: str | None) -> dict:
-    return {
-        "catalog_sha256": run["catalog_sha256"],
-        "dataset": run.get("dataset"),
-        "prompt_template": run["prompt_template"],
-        "history_len": run["history_len"],
-        "base_model": run["base_model"]["name"],
-        "adapter_config_sha256": adapter_config_sha256,
-    }
-
-
 def load_run_model(run_dir: str | Path):
     """The run's trained model in fp32 with the adapter (if any) applied but not merged: (model, run config)."""
     from . import models_hf
-    from .train import read_run_config
 
     run_dir = Path(run_dir)
     run = read_run_config(run_dir)
@@ -111,7 +100,7 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     models_hf.load_tokenizer(tokenizer_spec).save_pretrained(out)
-    provenance = provenance_of(run, adapter_sha)
+    provenance = gguf_provenance(run, adapter_sha)
     (out / PROVENANCE_FILE).write_text(
         json.dumps(provenance, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
