@@ -14,16 +14,16 @@ from tinymodel import make_tiny_llama
 
 from genrec_edge.catalog import Catalog
 from genrec_edge.errors import UsageError
-from genrec_edge.prompts import PromptTemplate, build_prompt_ids, leave_one_out
+from genrec_edge.prompts import Example, PromptTemplate, build_prompt_ids, leave_one_out
 from genrec_edge.train import (
     BucketBatchSampler,
-    TitleTrie,
     TrainConfig,
+    TrieTensors,
     Validator,
-    ValidExample,
+    build_catalog_trie,
     rank_titles,
     resolve_config,
-    split_histories,
+    split_for_training,
     train_on_sequences,
 )
 
@@ -86,6 +86,8 @@ def test_config_precedence_file_then_flags(tmp_path):
         ({"learning_rate": 1}, "unknown training option"),
         ({"epochs": "2"}, "must be a number"),
         ({"epochs": 0}, "at least 1"),
+        ({"loss": "masked"}, "loss must be one of plain, trie"),
+        ({"loss": 1}, "must be a string"),
     ],
 )
 def test_config_rejects_bad_keys_and_values(tmp_path, content, message):
@@ -98,12 +100,9 @@ def test_config_rejects_bad_keys_and_values(tmp_path, content, message):
 # -------------------------------------------------------------------------------------------- data
 def test_split_is_leave_one_out():
     sequences = [(1, [1, 2, 3, 4, 5]), (2, [3, 1]), (3, [2, 4, 6])]
-    train, valid = split_histories(sequences, CATALOG)
-    split = leave_one_out(sequences)
-    assert [
-        (ex.user, tuple(CATALOG.title_of(i) for i in ex.history), CATALOG.title_of(ex.item))
-        for ex in split.valid
-    ] == [(v.user, v.history, v.target) for v in valid]
+    train, valid = split_for_training(sequences, CATALOG)
+    assert valid == list(leave_one_out(sequences).valid)
+    assert valid == [Example(1, (1, 2, 3), 4), Example(3, (2,), 4)]
     # training part = the validation history: neither held-out item is ever a training title
     assert train == {1: [TITLES[0], TITLES[1], TITLES[2]], 3: [TITLES[1]]}
 
@@ -161,7 +160,7 @@ def test_trie_beam_search_with_a_wide_beam_is_exact(tiny_base, tokenizer):
     tokenize = tokenize_with(tokenizer)
     eos = tokenizer.eos_token_id
     token_lists = {t: tokenize(t, False) + [eos] for t in TITLES}
-    trie = TitleTrie(TITLES, [token_lists[t] for t in TITLES], len(tokenizer))
+    trie = build_catalog_trie(TITLES, tokenize, eos)
     histories = [TITLES[:3], TITLES[10:17], [TITLES[5]]]  # different prompt lengths: left padding matters
     template = PromptTemplate(history_len=5)
     prompts = [build_prompt_ids(tokenize, eos, h, template) for h in histories]
@@ -179,16 +178,35 @@ def test_trie_beam_search_with_a_wide_beam_is_exact(tiny_base, tokenizer):
     )  # beam 10 nearly always finds the best title
 
 
-def test_blocked_nodes_cover_exactly_fully_seen_subtrees(tokenizer):
+def test_unseen_mask_blocks_exactly_fully_seen_subtrees(tokenizer):
     tokenize = tokenize_with(tokenizer)
-    eos = tokenizer.eos_token_id
     titles = ["Movie 1 (1951)", "Movie 1 (1952)", "Movie 2 (1953)"]
-    trie = TitleTrie(titles, [tokenize(t, False) + [eos] for t in titles], len(tokenizer))
-    blocked = trie.blocked_nodes({"Movie 1 (1951)"})
-    assert trie.paths[0][-1] in blocked  # its leaf
-    assert not blocked & set(trie.paths[1])  # nothing on the path of an unseen title
-    everything = trie.blocked_nodes(titles)
-    assert set(trie.paths[0][:1]) <= everything  # the shared first token: all its titles are seen
+    trie = build_catalog_trie(titles, tokenize, tokenizer.eos_token_id)
+    paths = [[trie.walk(trie.tokens_of(t)[:d]) for d in range(1, len(trie.tokens_of(t)) + 1)] for t in range(3)]
+    view = TrieTensors(trie)
+    one, everything = view.unseen_mask([[0], [0, 1, 2]]).tolist()
+    assert not one[paths[0][-1]]  # its leaf
+    assert all(one[node] for node in paths[1])  # nothing on the path of an unseen title
+    assert one[0] and not everything[0]  # the root is blocked once every title is seen
+    assert not any(everything[node] for node in paths[0][:1])  # the shared first token: all its titles seen
+
+
+def test_colliding_titles_follow_the_runtime_trie(tiny_base):
+    """Two titles with the same tokens: the first owns the leaf, the second is unreachable (not an error)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    tokens = {"A": [50, 60], "A twin": [50, 60], "B": [50, 70], "C": [80]}
+    eos = 2
+    trie = build_catalog_trie(list(tokens), lambda text, special: tokens[text], eos)
+    assert trie.collisions == ["A twin"]
+    prompt = [[1, 90, 91, 92]]
+    wide = rank_titles(model, prompt, [set()], trie, beam=8, k=4)[0]
+    assert sorted(wide) == ["A", "B", "C"]  # the twin never comes out
+    seen_owner = rank_titles(model, prompt, [{"A"}], trie, beam=8, k=4)[0]
+    assert sorted(seen_owner) == ["B", "C"]
+    seen_twin = rank_titles(model, prompt, [{"A twin"}], trie, beam=8, k=4)[0]
+    assert sorted(seen_twin) == ["A", "B", "C"]  # as the runtime: the unreachable twin excludes nothing
 
 
 # --------------------------------------------------------------------------------------- training
@@ -229,7 +247,7 @@ def test_loss_decreases_and_valid_hr_improves(memorised_run, tiny_base, tokenize
     run = json.loads((result.out / "genrec_run.json").read_text())
     assert run["last_loss"] < 0.3 * run["first_loss"]
     # the untrained base, on the same validation users and search
-    _, valid = split_histories(SEQUENCES, CATALOG)
+    _, valid = split_for_training(SEQUENCES, CATALOG)
     validator = Validator(
         valid,
         CATALOG,
@@ -239,7 +257,6 @@ def test_loss_decreases_and_valid_hr_improves(memorised_run, tiny_base, tokenize
         PromptTemplate(history_len=config.history_len),
         beam=10,
         batch_users=32,
-        vocab_size=len(tokenizer),
     )
     before = validator(AutoModelForCausalLM.from_pretrained(tiny_base))
     assert result.best["hr@10"] >= before["hr@10"] + 0.3
@@ -367,9 +384,9 @@ def test_accelerate_launch_with_two_cpu_processes(tiny_db, tmp_path):
     assert proc.stdout.count(f"{out}: ") == 1  # and only it prints the summary
 
 
-def test_valid_example_dataclass_is_what_split_returns():
-    _, valid = split_histories([(5, [1, 2, 3, 4])], CATALOG)
-    assert valid == [ValidExample(5, (TITLES[0], TITLES[1]), TITLES[2])]
+def test_split_returns_leave_one_out_examples_and_titles():
+    train, valid = split_for_training([(5, [1, 2, 3, 4])], CATALOG)
+    assert valid == [Example(5, (1, 2), 3)] and train == {5: [TITLES[0], TITLES[1]]}
 
 
 def test_train_trials_bench_runs_a_list_and_survives_a_failing_trial(tiny_db, tmp_path):

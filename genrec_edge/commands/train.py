@@ -52,6 +52,11 @@ def train(
         None, "--warmup", help="Linear warm-up steps before cosine decay [10]."
     ),
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW weight decay [0]."),
+    loss: str | None = typer.Option(
+        None,
+        "--loss",
+        help="plain (softmax over the whole vocabulary) or trie (over the tokens the catalog trie allows) [plain].",
+    ),
     lora_r: int | None = typer.Option(None, "--lora-r", help="LoRA rank [16]."),
     lora_alpha: int | None = typer.Option(None, "--lora-alpha", help="LoRA alpha [32]."),
     lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="LoRA dropout [0.05]."),
@@ -82,11 +87,12 @@ def train(
 ) -> None:
     """Fine-tune a LLaMA base on the database's histories (LoRA by default), keeping the best adapter by valid HR@10.
 
-    Prints tokens/s and an ETA after the first steps. Runs unchanged under `accelerate launch -m genrec_edge.train`
-    (on CPUs: `accelerate launch --multi_gpu --num_processes 2 -m genrec_edge.train ...`; accelerate's `--cpu`
-    launcher starts a single process unless MPI is installed).
+    Prints tokens/s and an ETA after the first steps. `--loss trie` trains what the constrained search ranks: at
+    each title token the softmax runs only over the tokens the catalog trie allows there. Runs unchanged under
+    `accelerate launch -m genrec_edge.train` (on CPUs: `accelerate launch --multi_gpu --num_processes 2
+    -m genrec_edge.train ...`; accelerate's `--cpu` launcher starts a single process unless MPI is installed).
 
-    Example: genrec-edge train --out runs/ml-small --epochs 2 --valid-users 200
+    Example: genrec-edge train --out runs/ml-small --epochs 2 --valid-users 200 --loss trie
     """
     from .. import paths
     from ..train import train as run_training
@@ -110,6 +116,7 @@ def train(
         max_steps=max_steps,
         warmup=warmup,
         weight_decay=weight_decay,
+        loss=loss,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
