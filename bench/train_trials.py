@@ -89,7 +89,7 @@ def record_original_base(run_dir: Path, base: str) -> None:
     sha256 of the GGUF it came from.
     """
     from genrec_edge import models_hf
-    from genrec_edge.train import RUN_CONFIG
+    from genrec_edge.runs import RUN_CONFIG
 
     spec = models_hf.resolve_base(base)
     path = run_dir / RUN_CONFIG
