@@ -1,49 +1,60 @@
 """A small JSON HTTP API over the Recommender, for apps that are not written in Python.
 
-Built on the standard library (``http.server.ThreadingHTTPServer``): one thread per request, HTTP/1.0
-(one request per connection, so shutdown never waits on an idle keep-alive socket).
+FastAPI (routing, request models, the OpenAPI document) on uvicorn (asyncio, h11). What is ours: the
+request and response models, the handlers (:class:`Service`), and the policy for a service that runs for
+weeks next to a user's data (:class:`_Guard`, one middleware):
 
-Routes (described in OpenAPI 3 by :func:`openapi_spec`, served at ``GET /openapi.json`` and saved as
-``docs/openapi.json``)::
+* bound to loopback unless ``allow_remote``; the ``Host`` header must name a loopback host (stops DNS
+  rebinding from a web page) unless ``allow_remote``;
+* POST bodies must be ``application/json`` (a browser cannot send that cross-origin without a CORS
+  preflight, which this server never grants), at most ``max_body`` bytes (413), with a Content-Length
+  (411), strict JSON (no NaN, UTF-8, one object), received within ``request_timeout`` seconds (408);
+* optional bearer token (``token``) on every route but ``/health``;
+* every :class:`~genrec_edge.errors.GenrecError` becomes a 4xx/5xx with ``{"error": "..."}``, a request
+  that fails validation a 400 with one line; any other exception becomes a 500 with a one-line message,
+  never a traceback;
+* at most ``max_inflight`` requests are served at once (503 beyond);
+* SIGTERM/SIGINT stop accepting connections and finish the requests in flight (:func:`serve`).
+
+The routes are plain ``def`` functions: FastAPI runs them in its threadpool, so SQLite and llama.cpp never
+block the event loop. Routes (``GET /openapi.json``, also saved as ``docs/openapi.json``)::
 
     GET  /health                    liveness + what is loaded
     GET  /openapi.json              this API's description
     GET  /users/{user}/history      a user's history, oldest first (?limit=N keeps the last N)
     POST /recommend                 {"user": 42, "k": 10} or {"history": ["title", ...], "k": 10}
-    POST /history                   {"user": 42, "item": 1 | "title": "...", "rating"?: 4.5, "timestamp"?: 0}
-
-Safety for a service that runs for weeks next to a user's data:
-
-* bound to loopback unless ``allow_remote``; the ``Host`` header must name a loopback host (stops DNS
-  rebinding from a web page) unless ``allow_remote``;
-* POST bodies must be ``application/json`` (a browser cannot send that cross-origin without a CORS
-  preflight, which this server never grants), at most ``max_body`` bytes (413), with a Content-Length (411);
-* optional bearer token (``token``) on every route but ``/health``;
-* every :class:`~genrec_edge.errors.GenrecError` becomes a 4xx/5xx with ``{"error": "..."}``; any other
-  exception becomes a 500 with a one-line message, never a traceback;
-* at most ``max_inflight`` requests are served at once (503 beyond);
-* SIGTERM/SIGINT stop accepting connections and finish the requests in flight (:func:`serve`).
+    POST /history                   {"user": 42, "item_id": 1 | "title": "...", "rating"?: 4.5, "timestamp"?: 0}
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hmac
 import ipaddress
 import json
-import math
-import re
+import logging
 import signal
+import socket
 import sys
 import threading
-from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from typing import Annotated, Any, ClassVar, Literal
+
+import anyio
+import h11
+import uvicorn
+from fastapi import FastAPI, Query, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from . import __version__
 from .errors import (
@@ -66,18 +77,17 @@ MAX_K = 100
 DEFAULT_K = 10
 MAX_HISTORY_TITLES = 1000
 MAX_TITLE_CHARS = 2000
+MAX_LIMIT = 1_000_000
 MAX_INFLIGHT = 16
 MAX_ID = 2**63 - 1
-REQUEST_TIMEOUT = 30.0  # seconds a client may take to send its request
+REQUEST_TIMEOUT = 30.0  # seconds a client may take to send its request, and then its body
 
 
-class HTTPError(Exception):
-    """A response other than 200, raised inside a route."""
+class HTTPError(HTTPException):
+    """A response other than 2xx, raised inside a route: ``{"error": message}`` with ``status``."""
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.headers = headers or {}
+        super().__init__(status, message, headers)
 
 
 # ------------------------------------------------------------------------------------------ errors → HTTP
@@ -100,7 +110,7 @@ def status_for(exc: GenrecError) -> int:
     return 400
 
 
-# ------------------------------------------------------------------------------------------ validation
+# ------------------------------------------------------------------------------------------ request bodies
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -122,419 +132,503 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
-def _require_keys(data: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise HTTPError(400, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+def _shown(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)[:40]
 
 
-def _int_field(data: dict[str, Any], name: str, *, low: int = 0, high: int = MAX_ID) -> int:
-    value = data[name]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise HTTPError(400, f"{name} must be an integer, not {json.dumps(value)[:40]}")
-    if not low <= value <= high:
-        raise HTTPError(400, f"{name} must be between {low} and {high}, not {value}")
-    return value
+def _bounded_int(low: int, high: int, *, message: str | None = None, from_text: bool = False) -> Any:
+    """An int in ``[low, high]`` (never a bool, float or numeric string unless ``from_text``, for query
+    strings), failing with our wording; the bounds also go into the schema."""
+
+    def check(value: Any) -> int:  # the message is ours; pydantic's bound check after it never fails
+        if from_text and isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise PydanticCustomError("int_type", message or "must be an integer, not {value}", {"value": _shown(value)})
+        if not low <= value <= high:
+            raise PydanticCustomError(
+                "int_range", message or "must be between {low} and {high}, not {value}",
+                {"low": low, "high": high, "value": _shown(value)},
+            )
+        return value
+
+    # The schema names the bounds; int64's own limits as "format" (FastAPI writes bounds as floats).
+    schema: dict[str, Any] = {"format": "int64"} if high == MAX_ID else {}
+    bounds = {"ge": low} if low > -MAX_ID else {}
+    if high < MAX_ID:
+        bounds["le"] = high
+    return Annotated[int, Field(json_schema_extra=schema or None, **bounds), BeforeValidator(check)]
 
 
-def _title_field(value: Any, name: str) -> str:
-    if not isinstance(value, str):
-        raise HTTPError(400, f"{name} must be a string, not {json.dumps(value)[:40]}")
-    if not value:
-        raise HTTPError(400, f"{name} must not be empty")
-    if len(value) > MAX_TITLE_CHARS:
-        raise HTTPError(400, f"{name} is longer than {MAX_TITLE_CHARS} characters")
-    return value
+Id = _bounded_int(0, MAX_ID)
+K = _bounded_int(1, MAX_K, message=f"must be an integer between 1 and {MAX_K}, not {{value}}")
+Timestamp = _bounded_int(-MAX_ID, MAX_ID)
+Limit = _bounded_int(0, MAX_LIMIT, message=f"must be an integer between 0 and {MAX_LIMIT}, not {{value}}", from_text=True)
+Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE_CHARS)]
 
 
-def _k_field(data: dict[str, Any], max_k: int) -> int:
-    if "k" not in data:
-        return min(DEFAULT_K, max_k)
-    value = data["k"]
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_k:
-        raise HTTPError(400, f"k must be an integer between 1 and {max_k}, not {json.dumps(value)[:40]}")
-    return value
+def _schema(one_of: tuple[str, ...] = ()) -> Callable[[dict[str, Any]], None]:
+    """A request model's JSON schema: exactly one of ``one_of``; optional fields that may not be null
+    (give one or leave it out) have no ``"default": null``."""
+
+    def amend(schema: dict[str, Any]) -> None:
+        for prop in schema.get("properties", {}).values():
+            if "default" in prop and prop["default"] is None and "anyOf" not in prop:
+                del prop["default"]
+        if one_of:
+            schema["oneOf"] = [{"required": [name]} for name in one_of]
+
+    return amend
 
 
-# ------------------------------------------------------------------------------------------ JSON views
-def interaction_json(row: Any) -> dict[str, Any]:
-    return {
-        "item": row.item_id,
-        "title": row.title,
-        "year": row.year,
-        "genres": list(row.genres),
-        "timestamp": row.timestamp,
-        "rating": row.rating,
-    }
+class _Request(BaseModel):
+    """A request's fields: strict types (no "1" for 1), unknown names refused with the allowed ones."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra=_schema())
+    names: ClassVar[str] = "field(s)"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_names(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                raise PydanticCustomError(
+                    "unknown_field", "unknown {names} {unknown}; allowed: {allowed}",
+                    {"names": cls.names, "unknown": str(unknown), "allowed": str(sorted(cls.model_fields))},
+                )
+        return data
 
 
-def recommendations_json(recs: Any) -> dict[str, Any]:
-    items = [
-        {
-            "rank": r.rank,
-            "item_ids": list(r.item_ids),
-            "title": r.title,
-            "year": r.year,
-            "genres": list(r.genres),
-            "score": r.score if r.score is None or math.isfinite(r.score) else None,
-        }
-        for r in recs.items
-    ]
-    timings = dataclasses.asdict(recs.timings) if dataclasses.is_dataclass(recs.timings) else {}
-    return {"items": items, "timings": timings}
+class RecommendRequest(_Request):
+    model_config = ConfigDict(json_schema_extra=_schema(one_of=("user", "history")))
+
+    user: Id = Field(None, description="A user in the database.")
+    history: Annotated[list[Title], Field(min_length=1, max_length=MAX_HISTORY_TITLES)] = Field(
+        None, description="Exact catalog titles, oldest first: an ad-hoc user."
+    )
+    k: K = DEFAULT_K
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RecommendRequest:
+        if (self.user is None) == (self.history is None):
+            raise PydanticCustomError("one_of", 'give exactly one of "user" or "history"')
+        return self
+
+
+class HistoryAdd(_Request):
+    model_config = ConfigDict(json_schema_extra=_schema(one_of=("item_id", "title")))
+
+    user: Id = Field(description="Created if new.")
+    item_id: Id = None
+    title: Title = Field(None, description="Exact catalog title (instead of item_id).")
+    rating: Annotated[float, Field(allow_inf_nan=False)] | None = Field(
+        None, description="Within the range of the ratings the database holds (MovieLens: 0.5 to 5)."
+    )
+    timestamp: Timestamp | None = Field(None, description="Unix seconds; default now.")
+
+    @model_validator(mode="after")
+    def _one_item(self) -> HistoryAdd:
+        if (self.item_id is None) == (self.title is None):
+            raise PydanticCustomError("one_of", 'give exactly one of "item_id" or "title"')
+        return self
+
+
+class HistoryQuery(_Request):
+    names: ClassVar[str] = "query parameter(s)"
+
+    limit: Limit = Field(None, description="Keep only the last N interactions.")
+
+
+# pydantic's own error types, worded like ours ({value} is the input, the rest comes from the error's ctx)
+_WORDING = {
+    "string_type": "must be a string, not {value}",
+    "string_too_short": "must not be empty",
+    "string_too_long": "is longer than {max_length} characters",
+    "list_type": "must be a list, not {value}",
+    "too_short": "must not be empty",
+    "too_long": "has more than {max_length} entries",
+    "float_type": "must be a number or null, not {value}",
+    "finite_number": "must be a finite number",
+}
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """The first validation error as one line: ``user must be an integer, not "1"``."""
+    error = errors[0]
+    loc = list(error["loc"])
+    if loc and loc[0] in ("body", "query", "path"):
+        loc = loc[1:]
+    name = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
+    if error["type"] == "missing":
+        return f'missing field "{name}"' if name else "request body must be a JSON object"
+    try:
+        text = _WORDING[error["type"]].format(value=_shown(error.get("input")), **error.get("ctx", {}))
+    except KeyError:  # ours (already worded), or one we have no wording for
+        text = error["msg"]
+    return f"{name} {text}" if name else text
+
+
+# ------------------------------------------------------------------------------------------ responses
+class Error(BaseModel):
+    error: str = Field(description="One line.")
+
+
+class Interaction(BaseModel):
+    item_id: int
+    title: str
+    year: int | None
+    genres: list[str]
+    timestamp: int
+    rating: float | None
+
+    @classmethod
+    def of(cls, row: Any) -> Interaction:
+        return cls(item_id=row.item_id, title=row.title, year=row.year, genres=list(row.genres),
+                   timestamp=row.timestamp, rating=row.rating)
+
+
+class StoredInteraction(Interaction):
+    user: int
+
+
+class History(BaseModel):
+    user: int
+    history: list[Interaction] = Field(description="Oldest first.")
+
+
+class Recommendation(BaseModel):
+    rank: int
+    item_ids: list[int] = Field(description="The ids of the items with this title.")
+    title: str
+    year: int | None
+    genres: list[str]
+    score: float | None = Field(description="Summed log-probability of the title (null when sampled).")
+
+
+class Recommendations(BaseModel):
+    items: list[Recommendation] = Field(description="Best first.")
+    timings: dict[str, int | float] = Field(description="Milliseconds (*_ms) and token counts.")
+
+    @classmethod
+    def of(cls, recs: Any) -> Recommendations:
+        return cls.model_validate(recs.to_dict())  # the JSON `recommend --json` prints
+
+
+class DatabaseInfo(BaseModel):
+    path: str
+    schema_version: int
+    users: int
+    items: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str
+    model: str | None
+    recommend: bool = Field(description="Whether a model is loaded (POST /recommend answers).")
+    db: DatabaseInfo
 
 
 # ------------------------------------------------------------------------------------------ the service
 @dataclasses.dataclass
 class Service:
-    """The routes, independent of HTTP transport: ``handle(method, target, body) -> (status, json)``.
+    """What each route does, independent of HTTP. Blocking: call it from a worker thread.
 
     ``recommender`` is a :class:`~genrec_edge.recommend.Recommender` (thread-safe) or None, in which
-    case ``/recommend`` answers 503. The database is opened per request (SQLite connections belong to
-    one thread, and ThreadingHTTPServer makes one thread per request); opening is a few file reads.
+    case :meth:`recommend` answers 503. The database is opened per call (SQLite connections belong to
+    one thread, and each request runs in a threadpool thread); opening is a few file reads.
     """
 
     db: Path
     recommender: Any = None
     model: Path | None = None
-    max_k: int = MAX_K
     busy_timeout: float = 5.0
-
-    def handle(self, method: str, target: str, body: bytes = b"") -> tuple[int, Any]:
-        try:
-            return self._dispatch(method, target, body)
-        except HTTPError as exc:
-            return exc.status, {"error": str(exc)}
-        except GenrecError as exc:
-            return status_for(exc), {"error": str(exc)}
-
-    def _dispatch(self, method: str, target: str, body: bytes) -> tuple[int, Any]:
-        parts = urlsplit(target)
-        path = parts.path
-        for route in ROUTES:
-            match = route.pattern.fullmatch(path)
-            if match is None:
-                continue
-            if method != route.method:
-                allowed = sorted(r.method for r in ROUTES if r.pattern.fullmatch(path))
-                raise HTTPError(405, f"{method} is not allowed on {path}", {"Allow": ", ".join(allowed)})
-            handler = getattr(self, route.handler)
-            return handler(match=match, query=parse_qs(parts.query, keep_blank_values=True), body=body)
-        raise HTTPError(404, f"no route {path}")
 
     def _open_db(self, *, readonly: bool):
         from .history import HistoryDB
 
         return HistoryDB.open(self.db, readonly=readonly, busy_timeout=self.busy_timeout)
 
-    # ---- routes
-    def health(self, **_: Any) -> tuple[int, Any]:
+    def health(self) -> Health:
+        # Counts, not db.catalog(): a probe must not read and hash every title. Nothing is cached, so an
+        # ingest by another process while we serve shows at once.
         with self._open_db(readonly=True) as db:
-            users = len(db.users())
-            items = len(db.catalog())
-            schema = db.schema_version()
-        return 200, {
-            "status": "ok",
-            "version": __version__,
-            "model": str(self.model) if self.model else None,
-            "recommend": self.recommender is not None,
-            "db": {"path": str(self.db), "schema_version": schema, "users": users, "items": items},
-        }
+            info = DatabaseInfo(path=str(self.db), schema_version=db.schema_version(), users=len(db.users()),
+                                items=db.count_items())
+        return Health(version=__version__, model=str(self.model) if self.model else None,
+                      recommend=self.recommender is not None, db=info)
 
-    def openapi(self, **_: Any) -> tuple[int, Any]:
-        return 200, openapi_spec()
-
-    def user_history(self, *, match: re.Match, query: dict[str, list[str]], **_: Any) -> tuple[int, Any]:
-        user = int(match.group("user"))
-        if user > MAX_ID:
-            raise HTTPError(400, f"user must be between 0 and {MAX_ID}")
-        limit = None
-        unknown = sorted(set(query) - {"limit"})
-        if unknown:
-            raise HTTPError(400, f"unknown query parameter(s) {unknown}; allowed: ['limit']")
-        if "limit" in query:
-            raw = query["limit"][-1]
-            if not raw.isdigit() or not 0 <= int(raw) <= 1_000_000:
-                raise HTTPError(400, f"limit must be an integer between 0 and 1000000, not {raw[:40]!r}")
-            limit = int(raw)
+    def user_history(self, user: int, limit: int | None) -> History:
         with self._open_db(readonly=True) as db:
             rows = db.history(user, limit)
-        return 200, {"user": user, "history": [interaction_json(r) for r in rows]}
+        return History(user=user, history=[Interaction.of(r) for r in rows])
 
-    def recommend(self, *, body: bytes, **_: Any) -> tuple[int, Any]:
-        data = parse_json_object(body)
-        _require_keys(data, {"user", "history", "k"})
-        k = _k_field(data, self.max_k)
-        if ("user" in data) == ("history" in data):
-            raise HTTPError(400, 'give exactly one of "user" or "history"')
+    def recommend(self, request: RecommendRequest) -> Recommendations:
         if self.recommender is None:
             raise HTTPError(503, "no model loaded: start the server with --model")
-        if "user" in data:
-            user = _int_field(data, "user")
-            recs = self.recommender.recommend(user=user, k=k)
-        else:
-            history = data["history"]
-            if not isinstance(history, list):
-                raise HTTPError(400, "history must be a list of titles")
-            if not history:
-                raise HTTPError(400, "history must not be empty")
-            if len(history) > MAX_HISTORY_TITLES:
-                raise HTTPError(400, f"history has more than {MAX_HISTORY_TITLES} titles")
-            titles = [_title_field(t, f"history[{i}]") for i, t in enumerate(history)]
-            recs = self.recommender.recommend(history=titles, k=k)
-        return 200, recommendations_json(recs)
+        recs = self.recommender.recommend(user=request.user, history=request.history, k=request.k)
+        return Recommendations.of(recs)
 
-    def add_history(self, *, body: bytes, **_: Any) -> tuple[int, Any]:
-        data = parse_json_object(body)
-        _require_keys(data, {"user", "item", "title", "rating", "timestamp"})
-        if "user" not in data:
-            raise HTTPError(400, 'missing field "user"')
-        user = _int_field(data, "user")
-        if ("item" in data) == ("title" in data):
-            raise HTTPError(400, 'give exactly one of "item" or "title"')
-        rating = data.get("rating")
-        if rating is not None and (
-            isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating)
-        ):
-            raise HTTPError(400, f"rating must be a number or null, not {json.dumps(rating)[:40]}")
-        timestamp = _int_field(data, "timestamp", low=-MAX_ID) if data.get("timestamp") is not None else None
+    def add_history(self, request: HistoryAdd) -> StoredInteraction:
         with self._open_db(readonly=False) as db:
-            if "item" in data:
-                item = _int_field(data, "item")
-            else:
-                title = _title_field(data["title"], "title")
-                matches = db.item_by_title(title)
+            item_id = request.item_id
+            if item_id is None:
+                matches = db.item_by_title(request.title)
                 if not matches:
-                    raise NotFoundError(f"unknown title {title!r}")
+                    raise NotFoundError(f"unknown title {request.title!r}")
                 if len(matches) > 1:
                     ids = [m.id for m in matches]
-                    raise HTTPError(409, f"title {title!r} matches items {ids}: give \"item\" instead")
-                item = matches[0].id
-            row = db.add_interaction(user, item, timestamp=timestamp, rating=rating)
-        return 201, {"user": user, **interaction_json(row)}
+                    raise HTTPError(409, f'title {request.title!r} matches items {ids}: give "item_id" instead')
+                item_id = matches[0].id
+            row = db.add_interaction(request.user, item_id, timestamp=request.timestamp, rating=request.rating)
+        return StoredInteraction(user=request.user, **Interaction.of(row).model_dump())
 
 
-@dataclasses.dataclass(frozen=True)
-class Route:
-    method: str
-    template: str  # OpenAPI path template
-    handler: str
-
-    @functools.cached_property
-    def pattern(self) -> re.Pattern:
-        """``/users/{user}/history`` -> ``/users/(?P<user>[0-9]{1,19})/history``."""
-        pieces = re.split(r"(\{\w+\})", self.template)
-        return re.compile(
-            "".join(f"(?P<{p[1:-1]}>[0-9]{{1,19}})" if p.startswith("{") else re.escape(p) for p in pieces)
-        )
+# ------------------------------------------------------------------------------------------ the app
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status, headers)
 
 
-ROUTES = (
-    Route("GET", "/health", "health"),
-    Route("GET", "/openapi.json", "openapi"),
-    Route("GET", "/users/{user}/history", "user_history"),
-    Route("POST", "/recommend", "recommend"),
-    Route("POST", "/history", "add_history"),
-)
+class _StrictJSONRequest(Request):
+    """The body arrives within the app's ``request_timeout`` (else 408) and is strict JSON (else 400)."""
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            timeout = self.app.state.request_timeout
+            try:
+                with anyio.fail_after(timeout):
+                    await super().body()
+            except TimeoutError:
+                raise HTTPError(408, f"request body not received within {timeout:g} s") from None
+        return self._body
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = parse_json_object(await self.body())
+        return self._json
+
+
+class _StrictJSONRoute(APIRoute):
+    """FastAPI's route, reading bodies through :class:`_StrictJSONRequest` (FastAPI's documented hook)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def strict_json_handler(request: Request) -> Response:
+            return await handler(_StrictJSONRequest(request.scope, request.receive))
+
+        return strict_json_handler
+
+
+ERRORS = {"default": {"model": Error, "description": "Any error: one line, `{\"error\": \"...\"}`."}}
+BAD = {400: {"model": Error, "description": "Malformed JSON, unknown field, wrong type, value out of range."}}
+BODY = {
+    411: {"model": Error, "description": "No Content-Length."},
+    413: {"model": Error, "description": f"Body larger than {MAX_BODY} bytes."},
+    415: {"model": Error, "description": "Content-Type is not application/json."},
+}
+BUSY = {503: {"model": Error, "description": "Database locked past the busy timeout, read-only, or server busy."}}
+
+
+def create_app(
+    service: Service,
+    *,
+    allow_remote: bool = False,
+    token: str | None = None,
+    max_body: int = MAX_BODY,
+    max_inflight: int = MAX_INFLIGHT,
+    request_timeout: float = REQUEST_TIMEOUT,
+    log: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The ASGI app: :class:`Service`'s methods as routes, behind :class:`_Guard`."""
+    app = FastAPI(
+        title="genrec-edge local service",
+        version=__version__,
+        description="JSON API over genrec-edge's catalog-constrained LLM recommender. Bound to 127.0.0.1 by "
+        'default. Errors are {"error": "one line"}. With --token, every route but /health needs '
+        "`Authorization: Bearer <token>`.",
+        servers=[{"url": f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"}],
+        openapi_url=None, docs_url=None, redoc_url=None,  # our /openapi.json below; no HTML pages
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
+    )
+    app.router.route_class = _StrictJSONRoute
+    app.state.request_timeout = request_timeout
+
+    @app.get("/health", summary="Liveness, version, what is loaded, database counts.", operation_id="health",
+             response_description="The service is up.", responses={**BUSY, **ERRORS})
+    def health() -> Health:
+        return service.health()
+
+    @app.get("/openapi.json", summary="This OpenAPI description.", operation_id="openapi", response_model=None,
+             response_description="OpenAPI 3 document.")
+    def openapi() -> JSONResponse:
+        return JSONResponse(_document(app))
+
+    @app.get("/users/{user:int}/history", summary="A user's interactions, oldest first.", operation_id="userHistory",
+             response_description="The history.",
+             responses={**BAD, 404: {"model": Error, "description": "Unknown user."}, **BUSY, **ERRORS})
+    def user_history(user: Annotated[Id, PathParam()], query: Annotated[HistoryQuery, Query()]) -> History:
+        return service.user_history(user, query.limit)
+
+    @app.post("/recommend", summary="Top-k catalog items for a user id or for a list of titles.",
+              description="Items the user has already seen are excluded. Titles in a history must be exact "
+              "catalog titles.", operation_id="recommend", response_description="Recommendations, best first.",
+              responses={**BAD, 404: {"model": Error, "description": "Unknown user or title."}, **BODY,
+                         422: {"model": Error, "description": "The user has no history to recommend from."},
+                         **BUSY, **ERRORS})
+    def recommend(body: RecommendRequest) -> Recommendations:
+        return service.recommend(body)
+
+    @app.post("/history", status_code=201, operation_id="addHistory", response_description="The stored interaction.",
+              summary="Record that a user interacted with an item (by id or exact title).",
+              responses={**BAD, 404: {"model": Error, "description": "Unknown item or title."},
+                         409: {"model": Error, "description": "The title matches several items: give item_id."},
+                         **BODY, **BUSY, **ERRORS})
+    def add_history(body: HistoryAdd) -> StoredInteraction:
+        return service.add_history(body)
+
+    @app.exception_handler(GenrecError)
+    async def genrec_error(request: Request, exc: GenrecError) -> JSONResponse:
+        return _error(status_for(exc), str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, validation_message(list(exc.errors())))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = exc.detail
+        if not isinstance(exc, HTTPError):  # the router's own
+            if exc.status_code == 404:
+                message = f"no route {request.url.path}"
+            elif exc.status_code == 405:
+                message = f"{request.method} is not allowed on {request.url.path}"
+        return _error(exc.status_code, message, exc.headers)
+
+    app.add_middleware(_Guard, allow_remote=allow_remote, token=token, max_body=max_body,
+                       max_inflight=max_inflight, log=log)
+    return app
+
+
+def _document(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document (generated once per app, from the routes and models), plus the token."""
+    spec = app.openapi()
+    if "security" not in spec:
+        spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        spec["security"] = [{}, {"bearer": []}]  # no token, or the --token one
+        _integral_bounds(spec)
+    return spec
+
+
+def _integral_bounds(node: Any) -> None:
+    """FastAPI's OpenAPI model stores ``minimum``/``maximum`` as floats: write ``1``, not ``1.0``."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("minimum", "maximum") and isinstance(value, float) and value.is_integer():
+                node[key] = int(value)
+            else:
+                _integral_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _integral_bounds(value)
+
+
+class _Guard:
+    """Our policy for every request before FastAPI sees it (pure ASGI, on the event loop): the Host check,
+    the bearer token, POST framing, the in-flight limit; then common headers, the access log, and a 500
+    with one line for any exception a route lets through."""
+
+    def __init__(self, app: Any, *, allow_remote: bool, token: str | None, max_body: int, max_inflight: int,
+                 log: Callable[[str], None] | None):
+        self.app = app
+        self.allow_remote = allow_remote
+        self.expected = f"Bearer {token}".encode() if token is not None else None
+        self.max_body = max_body
+        self.max_inflight = max_inflight
+        self.inflight = 0  # only touched on the event loop: no lock
+        self.log = log
+
+    def _refusal(self, scope: dict[str, Any]) -> JSONResponse | None:
+        headers = Headers(scope=scope)
+        if not self.allow_remote and not _host_header_ok(headers.get("host")):
+            return _error(403, "Host header must name a loopback address (127.0.0.1, localhost, [::1])")
+        if self.expected is not None and scope["path"] != "/health":
+            given = headers.get("authorization", "").encode("utf-8", "replace")
+            if not hmac.compare_digest(given, self.expected):
+                return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                return _error(411, "chunked bodies are not supported: send a Content-Length")
+            raw_length = headers.get("content-length")
+            if raw_length is None:
+                return _error(411, "Content-Length is required")
+            if not raw_length.strip().isdigit():
+                return _error(400, f"bad Content-Length {raw_length[:40]!r}")
+            if int(raw_length) > self.max_body:
+                return _error(413, f"request body is {int(raw_length)} bytes, the limit is {self.max_body}")
+            if headers.get("content-type", "").split(";", 1)[0].strip().lower() != "application/json":
+                return _error(415, "Content-Type must be application/json")
+        if self.inflight >= self.max_inflight:
+            return _error(503, "server busy: too many requests in flight")
+        return None
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 0
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                headers = MutableHeaders(scope=message)
+                headers["Cache-Control"] = "no-store"
+                headers["X-Content-Type-Options"] = "nosniff"
+                if status == 503 and "retry-after" not in headers:
+                    headers["Retry-After"] = "1"
+            await send(message)
+
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send_with_headers)
+        else:
+            self.inflight += 1
+            try:
+                await self.app(scope, receive, send_with_headers)
+            except Exception as exc:  # a bug: one line on the log, a 500 with no traceback to the client
+                self._log(f"internal error on {scope['method']} {scope['path']}: {type(exc).__name__}: {exc}")
+                if not status:
+                    await _error(500, f"internal error ({type(exc).__name__})")(scope, receive, send_with_headers)
+            finally:
+                self.inflight -= 1
+        client = scope.get("client") or ("-",)
+        target = scope["path"] + (f"?{scope['query_string'].decode('latin-1')}" if scope["query_string"] else "")
+        self._log(f'{client[0]} "{scope["method"]} {target} HTTP/{scope["http_version"]}" {status or "-"}')
+
+    def _log(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
 
 
 # ------------------------------------------------------------------------------------------ OpenAPI
 def openapi_spec() -> dict[str, Any]:
-    """The OpenAPI 3.0 description of every route (also saved as ``docs/openapi.json``)."""
-    error = {"$ref": "#/components/schemas/Error"}
-
-    def err(description: str) -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {"schema": error}}}
-
-    def ok(description: str, ref: str) -> dict[str, Any]:
-        return {"description": description, "content": {"application/json": {"schema": {"$ref": ref}}}}
-
-    common = {
-        "400": err("Bad input (malformed JSON, unknown field, wrong type, k out of range)."),
-        "401": err("Missing or wrong bearer token (only when the server has one)."),
-        "503": err("Database locked by another writer past the busy timeout, read-only, or server busy."),
-    }
-    return {
-        "openapi": "3.0.3",
-        "info": {
-            "title": "genrec-edge local service",
-            "version": __version__,
-            "description": "JSON API over genrec-edge's catalog-constrained LLM recommender. "
-            "Bound to 127.0.0.1 by default. Errors are {\"error\": \"one line\"}.",
-        },
-        "servers": [{"url": f"http://{DEFAULT_HOST}:{DEFAULT_PORT}"}],
-        "paths": {
-            "/health": {
-                "get": {
-                    "operationId": "health",
-                    "summary": "Liveness, version, what is loaded, database counts.",
-                    "responses": {"200": ok("Service is up.", "#/components/schemas/Health"), "503": common["503"]},
-                }
-            },
-            "/openapi.json": {
-                "get": {
-                    "operationId": "openapi",
-                    "summary": "This OpenAPI description.",
-                    "responses": {"200": {"description": "OpenAPI 3 document.", "content": {"application/json": {}}}},
-                }
-            },
-            "/users/{user}/history": {
-                "get": {
-                    "operationId": "userHistory",
-                    "summary": "A user's interactions, oldest first.",
-                    "parameters": [
-                        {"name": "user", "in": "path", "required": True,
-                         "schema": {"type": "integer", "minimum": 0, "format": "int64"}},
-                        {"name": "limit", "in": "query", "required": False,
-                         "description": "Keep only the last N interactions.",
-                         "schema": {"type": "integer", "minimum": 0, "maximum": 1000000}},
-                    ],
-                    "responses": {
-                        "200": ok("The history.", "#/components/schemas/History"),
-                        **common,
-                        "404": err("Unknown user."),
-                    },
-                }
-            },
-            "/recommend": {
-                "post": {
-                    "operationId": "recommend",
-                    "summary": "Top-k catalog items for a user id or for a list of titles.",
-                    "description": "Items the user has already seen are excluded. Titles in a history "
-                    "must be exact catalog titles.",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RecommendRequest"}}},
-                    },
-                    "responses": {
-                        "200": ok("Recommendations, best first.", "#/components/schemas/Recommendations"),
-                        **common,
-                        "404": err("Unknown user or title."),
-                        "411": err("Missing Content-Length."),
-                        "413": err(f"Body larger than {MAX_BODY} bytes."),
-                        "415": err("Content-Type is not application/json."),
-                        "422": err("The user has no history to recommend from."),
-                    },
-                }
-            },
-            "/history": {
-                "post": {
-                    "operationId": "addHistory",
-                    "summary": "Record that a user interacted with an item (by id or exact title).",
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HistoryAdd"}}},
-                    },
-                    "responses": {
-                        "201": ok("The stored interaction.", "#/components/schemas/StoredInteraction"),
-                        **common,
-                        "404": err("Unknown item or title."),
-                        "409": err("The title matches several items: give the item id."),
-                        "411": err("Missing Content-Length."),
-                        "413": err(f"Body larger than {MAX_BODY} bytes."),
-                        "415": err("Content-Type is not application/json."),
-                    },
-                }
-            },
-        },
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {
-                    "type": "object",
-                    "required": ["error"],
-                    "properties": {"error": {"type": "string"}},
-                },
-                "Health": {
-                    "type": "object",
-                    "properties": {
-                        "status": {"type": "string", "enum": ["ok"]},
-                        "version": {"type": "string"},
-                        "model": {"type": "string", "nullable": True},
-                        "recommend": {"type": "boolean"},
-                        "db": {"type": "object"},
-                    },
-                },
-                "RecommendRequest": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "user": {"type": "integer", "minimum": 0, "format": "int64"},
-                        "history": {
-                            "type": "array",
-                            "minItems": 1,
-                            "maxItems": MAX_HISTORY_TITLES,
-                            "items": {"type": "string", "minLength": 1, "maxLength": MAX_TITLE_CHARS},
-                        },
-                        "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": DEFAULT_K},
-                    },
-                    "oneOf": [{"required": ["user"]}, {"required": ["history"]}],
-                },
-                "Recommendation": {
-                    "type": "object",
-                    "properties": {
-                        "rank": {"type": "integer"},
-                        "item_ids": {"type": "array", "items": {"type": "integer"},
-                                     "description": "The ids of the items with this title."},
-                        "title": {"type": "string"},
-                        "year": {"type": "integer", "nullable": True},
-                        "genres": {"type": "array", "items": {"type": "string"}},
-                        "score": {"type": "number", "nullable": True},
-                    },
-                },
-                "Recommendations": {
-                    "type": "object",
-                    "properties": {
-                        "items": {"type": "array", "items": {"$ref": "#/components/schemas/Recommendation"}},
-                        "timings": {"type": "object", "additionalProperties": {"type": "number"}},
-                    },
-                },
-                "Interaction": {
-                    "type": "object",
-                    "properties": {
-                        "item": {"type": "integer"},
-                        "title": {"type": "string"},
-                        "year": {"type": "integer", "nullable": True},
-                        "genres": {"type": "array", "items": {"type": "string"}},
-                        "timestamp": {"type": "integer"},
-                        "rating": {"type": "number", "nullable": True},
-                    },
-                },
-                "StoredInteraction": {
-                    "allOf": [
-                        {"$ref": "#/components/schemas/Interaction"},
-                        {"type": "object", "properties": {"user": {"type": "integer"}}},
-                    ]
-                },
-                "History": {
-                    "type": "object",
-                    "properties": {
-                        "user": {"type": "integer"},
-                        "history": {"type": "array", "items": {"$ref": "#/components/schemas/Interaction"}},
-                    },
-                },
-                "HistoryAdd": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "required": ["user"],
-                    "properties": {
-                        "user": {"type": "integer", "minimum": 0, "format": "int64"},
-                        "item": {"type": "integer", "minimum": 0, "format": "int64"},
-                        "title": {"type": "string", "minLength": 1, "maxLength": MAX_TITLE_CHARS},
-                        "rating": {"type": "number", "nullable": True},
-                        "timestamp": {"type": "integer", "format": "int64",
-                                      "description": "Unix seconds; default now."},
-                    },
-                    "oneOf": [{"required": ["item"]}, {"required": ["title"]}],
-                },
-            },
-        },
-    }
+    """The OpenAPI description of every route, generated from the app (also saved as ``docs/openapi.json``)."""
+    return _document(create_app(Service(db=Path("history.db"))))
 
 
 def openapi_text() -> str:
     """``docs/openapi.json``'s exact content."""
     return json.dumps(openapi_spec(), indent=2, ensure_ascii=False) + "\n"
+
+
+def write_openapi(path: str | Path) -> Path:
+    """Save :func:`openapi_text` (what ``docs/openapi.json`` must equal)."""
+    path = Path(path)
+    path.write_text(openapi_text(), encoding="utf-8")
+    return path
 
 
 # ------------------------------------------------------------------------------------------ HTTP transport
@@ -559,158 +653,94 @@ def _host_header_ok(header: str | None) -> bool:
     return is_loopback(host.lower())
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: GenrecHTTPServer
-    protocol_version = "HTTP/1.0"
-    default_request_version = "HTTP/1.0"  # answer even a garbled request line with a status line + JSON
-    server_version = f"genrec-edge/{__version__}"
-    sys_version = ""
-    timeout = REQUEST_TIMEOUT
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol, answering a malformed request with our JSON error (not text) and closing a
+    connection that sends no request within ``request_timeout``."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._serve("GET")
+    request_timeout = REQUEST_TIMEOUT
 
-    def do_POST(self) -> None:  # noqa: N802
-        self._serve("POST")
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self.loop.call_later(self.request_timeout, self._close_if_silent)
 
-    def do_PUT(self) -> None:  # noqa: N802
-        self._serve("PUT")
+    def _close_if_silent(self) -> None:
+        if self.cycle is None:
+            self.transport.close()
 
-    def do_DELETE(self) -> None:  # noqa: N802
-        self._serve("DELETE")
-
-    def do_PATCH(self) -> None:  # noqa: N802
-        self._serve("PATCH")
-
-    def do_OPTIONS(self) -> None:  # noqa: N802 (no CORS: answer a preflight with 405 and no Allow-Origin)
-        self._send(405, {"error": "cross-origin requests are not allowed"})
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._send(405, {"error": "HEAD is not supported"}, body=False)
-
-    def _serve(self, method: str) -> None:
-        server = self.server
-        if not server.inflight.acquire(blocking=False):
-            self._send(503, {"error": "server busy: too many requests in flight"}, {"Retry-After": "1"})
-            return
-        try:
-            status, payload, headers = self._respond(method)
-        except Exception as exc:  # a bug: one line on the server's log, a 500 with no traceback to the client
-            server.log(f"internal error on {method} {self.path}: {type(exc).__name__}: {exc}")
-            status, payload, headers = 500, {"error": f"internal error ({type(exc).__name__})"}, {}
-        finally:
-            server.inflight.release()
-        self._send(status, payload, headers)
-
-    def _respond(self, method: str) -> tuple[int, Any, dict[str, str]]:
-        server = self.server
-        if not server.allow_remote and not _host_header_ok(self.headers.get("Host")):
-            return 403, {"error": "Host header must name a loopback address (127.0.0.1, localhost, [::1])"}, {}
-        if server.token is not None and urlsplit(self.path).path != "/health":
-            given = self.headers.get("Authorization", "")
-            expected = f"Bearer {server.token}"
-            if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
-                return 401, {"error": "missing or wrong bearer token"}, {"WWW-Authenticate": "Bearer"}
-        body = b""
-        if method in ("POST", "PUT", "PATCH"):
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                return 411, {"error": "chunked bodies are not supported: send a Content-Length"}, {}
-            raw_length = self.headers.get("Content-Length")
-            if raw_length is None:
-                return 411, {"error": "Content-Length is required"}, {}
-            if not raw_length.strip().isdigit():
-                return 400, {"error": f"bad Content-Length {raw_length[:40]!r}"}, {}
-            length = int(raw_length)
-            if length > server.max_body:
-                return 413, {"error": f"request body is {length} bytes, the limit is {server.max_body}"}, {}
-            content_type = self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
-            if content_type != "application/json":
-                return 415, {"error": "Content-Type must be application/json"}, {}
-            try:
-                body = self.rfile.read(length)
-            except TimeoutError:
-                return 408, {"error": f"request body not received within {REQUEST_TIMEOUT:g} s"}, {}
-            if len(body) < length:
-                return 400, {"error": f"request body ended after {len(body)} of {length} bytes"}, {}
-        try:
-            status, payload = server.service.handle(method, self.path, body)
-        except HTTPError as exc:  # pragma: no cover - handle() already maps these
-            return exc.status, {"error": str(exc)}, exc.headers
-        headers = {"Retry-After": "1"} if status == 503 else {}
-        if status == 405:
-            allowed = sorted(r.method for r in ROUTES if r.pattern.fullmatch(urlsplit(self.path).path))
-            headers["Allow"] = ", ".join(allowed)
-        return status, payload, headers
-
-    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None, body: bool = True) -> None:
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n"
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            if body:
-                self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client went away; nothing to tell it
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        # http.server's own errors (malformed request line, header too long, ...) as JSON too.
-        self.close_connection = True
-        self._send(code, {"error": message or HTTPStatus(code).phrase})
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
-        self.server.log(f"{self.address_string()} {format % args}")
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps({"error": f"malformed HTTP request: {msg}"}).encode()
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close"), (b"cache-control", b"no-store")]
+        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
 
-class GenrecHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer whose ``server_close()`` waits for the requests in flight."""
+class _Uvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:  # serve() owns the signals; uvicorn's would re-raise on exit
+        yield
 
-    daemon_threads = False  # server_close() joins the request threads: in-flight requests finish
-    block_on_close = True
-    allow_reuse_address = True
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        service: Service,
-        *,
-        allow_remote: bool = False,
-        token: str | None = None,
-        max_body: int = MAX_BODY,
-        max_inflight: int = MAX_INFLIGHT,
-        log: Callable[[str], None] | None = None,
-        owns_recommender: bool = False,
-    ):
+class _Log(logging.Handler):
+    """uvicorn's own warnings (malformed requests, ...) as lines on our log."""
+
+    def __init__(self, log: Callable[[str], None]):
+        super().__init__(logging.WARNING)
+        self._out = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._out(record.getMessage())
+
+
+class GenrecHTTPServer:
+    """A bound socket and the app. :meth:`serve_forever` runs uvicorn on it until :meth:`shutdown`, which
+    lets the requests in flight finish; :meth:`server_close` then closes the socket and an owned model."""
+
+    def __init__(self, sock: socket.socket, app: FastAPI, service: Service, *, request_timeout: float,
+                 log: Callable[[str], None] | None, owns_recommender: bool):
+        self.socket = sock
+        self.app = app
         self.service = service
-        self.allow_remote = allow_remote
-        self.token = token
-        self.max_body = max_body
-        self.inflight = threading.BoundedSemaphore(max_inflight)
+        self.server_address = sock.getsockname()[:2]
         self._log = log
         self._owns_recommender = owns_recommender
-        if ":" in address[0]:
-            import socket
-
-            self.address_family = socket.AF_INET6
-        super().__init__(address, _Handler)
+        protocol = type("Protocol", (_Protocol,), {"request_timeout": request_timeout})
+        self._uvicorn = _Uvicorn(uvicorn.Config(
+            app, http=protocol, ws="none", lifespan="off", loop="asyncio", interface="asgi3",
+            log_config=None, access_log=False, proxy_headers=False, server_header=False,
+            headers=[("Server", f"genrec-edge/{__version__}")],
+        ))
+        self._stopped = threading.Event()
+        self._stopped.set()
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.server_address
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{port}"
 
-    def log(self, line: str) -> None:
-        if self._log is not None:
-            self._log(line)
+    def serve_forever(self) -> None:
+        """Serve until :meth:`shutdown`; the requests in flight finish first."""
+        self._stopped.clear()
+        bridge = _Log(self._log) if self._log is not None else None
+        uvicorn_log = logging.getLogger("uvicorn.error")
+        if bridge is not None:
+            uvicorn_log.addHandler(bridge)
+        try:
+            self._uvicorn.run(sockets=[self.socket])
+        finally:
+            if bridge is not None:
+                uvicorn_log.removeHandler(bridge)
+            self._stopped.set()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop accepting connections, and (``wait``) return once :meth:`serve_forever` has."""
+        self._uvicorn.should_exit = True
+        if wait:
+            self._stopped.wait()
 
     def server_close(self) -> None:
-        super().server_close()  # joins request threads (block_on_close)
+        self.socket.close()
         if self._owns_recommender and self.service.recommender is not None:
             with contextlib.suppress(Exception):
                 self.service.recommender.close()
@@ -726,6 +756,20 @@ def check_host(host: str, allow_remote: bool) -> None:
         )
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto named: asyncio sets TCP_NODELAY only on IPPROTO_TCP sockets (else keep-alive waits 40 ms per response)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host.strip("[]"), port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
 def make_server(
     db: str | Path,
     model: str | Path | None = None,
@@ -738,9 +782,9 @@ def make_server(
     allow_remote: bool = False,
     token: str | None = None,
     max_body: int = MAX_BODY,
-    max_k: int = MAX_K,
     max_inflight: int = MAX_INFLIGHT,
     busy_timeout: float = 5.0,
+    request_timeout: float = REQUEST_TIMEOUT,
     log: Callable[[str], None] | None = None,
 ) -> GenrecHTTPServer:
     """A bound, not yet serving, server (``port=0`` picks a free port: see ``server.url``).
@@ -752,31 +796,27 @@ def make_server(
     from .history import HistoryDB, _is_read_only_file
 
     check_host(host, allow_remote)
-    if not 1 <= max_k <= 10_000:
-        raise UsageError(f"max_k must be between 1 and 10000, not {max_k}")
     db = Path(db)
     # Missing / not SQLite / newer schema: refuse to start. A read-only file still serves reads (POST
     # /history then answers 503 "read-only").
     readonly = db.is_file() and _is_read_only_file(db)
     with HistoryDB.open(db, readonly=readonly, busy_timeout=busy_timeout):
         pass
+    sock = _listen(host, port)
     owns = False
-    if recommender is None and model is not None:
-        from .recommend import Recommender
-
-        recommender = Recommender.open(model, db, threads=threads, beam=beam)
-        owns = True
-    service = Service(db=db, recommender=recommender, model=Path(model) if model else None,
-                      max_k=max_k, busy_timeout=busy_timeout)
     try:
-        return GenrecHTTPServer(
-            (host, port), service, allow_remote=allow_remote, token=token, max_body=max_body,
-            max_inflight=max_inflight, log=log, owns_recommender=owns,
-        )
-    except OSError as exc:
-        if owns:
-            recommender.close()
-        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        if recommender is None and model is not None:
+            from .recommend import Recommender
+
+            recommender = Recommender.open(model, db, threads=threads, beam=beam)
+            owns = True
+    except BaseException:
+        sock.close()
+        raise
+    service = Service(db=db, recommender=recommender, model=Path(model) if model else None, busy_timeout=busy_timeout)
+    app = create_app(service, allow_remote=allow_remote, token=token, max_body=max_body, max_inflight=max_inflight,
+                     request_timeout=request_timeout, log=log)
+    return GenrecHTTPServer(sock, app, service, request_timeout=request_timeout, log=log, owns_recommender=owns)
 
 
 def serve(
@@ -798,30 +838,19 @@ def serve(
     """
     server = make_server(db, model, host=host, port=port, threads=threads, beam=beam,
                          allow_remote=allow_remote, token=token, log=log)
-    stopping = threading.Event()
 
     def _stop(signum: int, frame: Any) -> None:
-        if not stopping.is_set():
-            stopping.set()
-            # shutdown() waits for serve_forever() to return, which runs in this very thread: ask from another.
-            threading.Thread(target=server.shutdown, name="genrec-shutdown", daemon=True).start()
+        server.shutdown(wait=False)  # a second signal changes nothing: in-flight requests still finish
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         if ready is not None:
             ready(server)
-        server.serve_forever(poll_interval=0.2)
+        server.serve_forever()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        server.server_close()  # waits for in-flight requests, then closes the model
-
-
-def write_openapi(path: str | Path) -> Path:
-    """Save :func:`openapi_text` (what ``docs/openapi.json`` must equal)."""
-    path = Path(path)
-    path.write_text(openapi_text(), encoding="utf-8")
-    return path
+        server.server_close()
 
 
 if __name__ == "__main__":  # python -m genrec_edge.serve docs/openapi.json

@@ -29,7 +29,7 @@ url, n = sys.argv[1], int(sys.argv[2])
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 ok = 0
 for i in range(n):
-    body = json.dumps({"user": 100 + i % 5, "item": 10 * (1 + i % 20), "timestamp": 3_000_000_000 + i}).encode()
+    body = json.dumps({"user": 100 + i % 5, "item_id": 10 * (1 + i % 20), "timestamp": 3_000_000_000 + i}).encode()
     req = urllib.request.Request(url + "/history", data=body, method="POST",
                                  headers={"Content-Type": "application/json"})
     with opener.open(req, timeout=30) as resp:
@@ -106,7 +106,7 @@ def test_recommend_threads_with_writer_processes(tiny_db, tiny_model):  # noqa: 
 
         # A committed write is seen by the next recommendation: the top item, once added, is excluded.
         top = rec.recommend(user=1, k=5).items[0]
-        status, body, _ = http(server.url + "/history", "POST", {"user": 1, "item": top.item_ids[0],
+        status, body, _ = http(server.url + "/history", "POST", {"user": 1, "item_id": top.item_ids[0],
                                                                    "timestamp": 4_100_000_000})
         assert status == 201, body
         after = rec.recommend(user=1, k=5)

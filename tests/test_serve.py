@@ -23,10 +23,11 @@ from pathlib import Path
 
 import pytest
 from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES
+from fastapi.routing import APIRoute
 
 from genrec_edge.errors import UsageError
 from genrec_edge.history import HistoryDB
-from genrec_edge.serve import MAX_BODY, ROUTES, make_server, openapi_spec, openapi_text
+from genrec_edge.serve import MAX_BODY, make_server, openapi_spec, openapi_text
 
 ROOT = Path(__file__).resolve().parents[1]
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never an env proxy for loopback
@@ -60,7 +61,7 @@ def raw_request(port: int, data: bytes, timeout: float = 10.0) -> tuple[int, dic
 
 @contextmanager
 def running(server):
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield server
@@ -91,16 +92,16 @@ def test_health(db_server):
 def test_user_history_in_time_order_with_exact_titles(db_server):
     status, body, _ = http(db_server.url + "/users/1/history")
     assert status == 200
-    assert [row["item"] for row in body["history"]] == TINY_HISTORIES[1]
+    assert [row["item_id"] for row in body["history"]] == TINY_HISTORIES[1]
     assert [row["title"] for row in body["history"]] == [TINY_TITLES[i] for i in TINY_HISTORIES[1]]
     status, body, _ = http(db_server.url + "/users/7/history?limit=3")
-    assert [row["item"] for row in body["history"]] == TINY_HISTORIES[7][-3:]
+    assert [row["item_id"] for row in body["history"]] == TINY_HISTORIES[7][-3:]
 
 
 def test_add_history_by_item_and_by_adversarial_title(db_server, tiny_db):
-    status, body, _ = http(db_server.url + "/history", "POST", {"user": 1, "item": 200, "timestamp": 2_000_000_000})
+    status, body, _ = http(db_server.url + "/history", "POST", {"user": 1, "item_id": 200, "timestamp": 2_000_000_000})
     assert status == 201, body
-    assert body == {"user": 1, "item": 200, "title": TINY_TITLES[200], "year": body["year"], "genres": body["genres"],
+    assert body == {"user": 1, "item_id": 200, "title": TINY_TITLES[200], "year": body["year"], "genres": body["genres"],
                     "timestamp": 2_000_000_000, "rating": None}
     quoted = 'Quote "Me" (2001)'
     backslash = "Back\\slash (2002)"
@@ -119,22 +120,22 @@ BAD_REQUESTS = [
     # (method, path, body bytes, content type, status, expected substring)
     ("POST", "/history", b"{not json", "application/json", 400, "not valid JSON"),
     ("POST", "/history", b"[1, 2]", "application/json", 400, "must be a JSON object"),
-    ("POST", "/history", b'{"user": 1, "item": NaN}', "application/json", 400, "NaN is not valid JSON"),
+    ("POST", "/history", b'{"user": 1, "item_id": NaN}', "application/json", 400, "NaN is not valid JSON"),
     ("POST", "/history", b"\xff\xfe{}", "application/json", 400, "not UTF-8"),
     ("POST", "/history", b"[" * 20000 + b"]" * 20000, "application/json", 400, "nested too deeply"),
-    ("POST", "/history", b'{"user": 1, "item": 10, "extra": 1}', "application/json", 400, "unknown field(s) ['extra']"),
-    ("POST", "/history", b'{"item": 10}', "application/json", 400, 'missing field "user"'),
-    ("POST", "/history", b'{"user": 1}', "application/json", 400, 'exactly one of "item" or "title"'),
-    ("POST", "/history", b'{"user": 1, "item": 10, "title": "x"}', "application/json", 400, 'exactly one of "item" or "title"'),
-    ("POST", "/history", b'{"user": "1", "item": 10}', "application/json", 400, "user must be an integer"),
-    ("POST", "/history", b'{"user": true, "item": 10}', "application/json", 400, "user must be an integer"),
-    ("POST", "/history", b'{"user": -1, "item": 10}', "application/json", 400, "user must be between 0"),
-    ("POST", "/history", b'{"user": 99999999999999999999, "item": 10}', "application/json", 400, "user must be between 0"),
-    ("POST", "/history", b'{"user": 1, "item": 10, "rating": "5"}', "application/json", 400, "rating must be a number"),
+    ("POST", "/history", b'{"user": 1, "item_id": 10, "extra": 1}', "application/json", 400, "unknown field(s) ['extra']"),
+    ("POST", "/history", b'{"item_id": 10}', "application/json", 400, 'missing field "user"'),
+    ("POST", "/history", b'{"user": 1}', "application/json", 400, 'exactly one of "item_id" or "title"'),
+    ("POST", "/history", b'{"user": 1, "item_id": 10, "title": "x"}', "application/json", 400, 'exactly one of "item_id" or "title"'),
+    ("POST", "/history", b'{"user": "1", "item_id": 10}', "application/json", 400, "user must be an integer"),
+    ("POST", "/history", b'{"user": true, "item_id": 10}', "application/json", 400, "user must be an integer"),
+    ("POST", "/history", b'{"user": -1, "item_id": 10}', "application/json", 400, "user must be between 0"),
+    ("POST", "/history", b'{"user": 99999999999999999999, "item_id": 10}', "application/json", 400, "user must be between 0"),
+    ("POST", "/history", b'{"user": 1, "item_id": 10, "rating": "5"}', "application/json", 400, "rating must be a number"),
     ("POST", "/history", b'{"user": 1, "title": ""}', "application/json", 400, "title must not be empty"),
-    ("POST", "/history", b'{"user": 1, "item": 11}', "application/json", 404, "unknown item 11"),
+    ("POST", "/history", b'{"user": 1, "item_id": 11}', "application/json", 404, "unknown item 11"),
     ("POST", "/history", b'{"user": 1, "title": "No Such Film (1900)"}', "application/json", 404, "unknown title"),
-    ("POST", "/history", b'{"user": 1, "item": 10}', "text/plain", 415, "Content-Type must be application/json"),
+    ("POST", "/history", b'{"user": 1, "item_id": 10}', "text/plain", 415, "Content-Type must be application/json"),
     ("POST", "/recommend", b'{"user": 1, "k": 0}', "application/json", 400, "k must be an integer between 1 and 100"),
     ("POST", "/recommend", b'{"user": 1, "k": 101}', "application/json", 400, "k must be an integer between 1 and 100"),
     ("POST", "/recommend", b'{"user": 1, "k": 2.5}', "application/json", 400, "k must be an integer between 1 and 100"),
@@ -213,7 +214,7 @@ def test_locked_database_is_503(tiny_db, db_server):
     holder.execute("BEGIN IMMEDIATE")  # another writer holds the lock past the server's 0.3 s busy timeout
     try:
         started = time.monotonic()
-        status, body, headers = http(db_server.url + "/history", "POST", {"user": 1, "item": 10, "timestamp": 5})
+        status, body, headers = http(db_server.url + "/history", "POST", {"user": 1, "item_id": 10, "timestamp": 5})
         assert status == 503, body
         assert "locked" in body["error"] and headers["Retry-After"] == "1"
         assert time.monotonic() - started < 5
@@ -222,7 +223,7 @@ def test_locked_database_is_503(tiny_db, db_server):
     finally:
         holder.rollback()
         holder.close()
-    status, body, _ = http(db_server.url + "/history", "POST", {"user": 1, "item": 10, "timestamp": 5})
+    status, body, _ = http(db_server.url + "/history", "POST", {"user": 1, "item_id": 10, "timestamp": 5})
     assert status == 201, body
 
 
@@ -246,7 +247,8 @@ def test_openapi_served_equals_saved_and_describes_every_route(db_server):
     assert served == openapi_spec() == json.loads(saved)
     assert served["openapi"].startswith("3.")
     described = {(method.upper(), path) for path, ops in served["paths"].items() for method in ops}
-    assert described == {(r.method, r.template) for r in ROUTES}
+    routes = [r for r in db_server.app.routes if isinstance(r, APIRoute)]
+    assert described == {(m, r.path_format) for r in routes for m in r.methods}
     for path, ops in served["paths"].items():
         for op in ops.values():
             assert op["responses"], path
@@ -347,7 +349,7 @@ def _start_cli_server(tiny_db: Path, model: Path) -> tuple[subprocess.Popen, int
 def test_sigterm_finishes_the_request_in_flight(tiny_db, tiny_model):
     proc, port = _start_cli_server(tiny_db, tiny_model)
     try:
-        body = json.dumps({"user": 5, "item": 200, "timestamp": 4_000_000_000}).encode()
+        body = json.dumps({"user": 5, "item_id": 200, "timestamp": 4_000_000_000}).encode()
         sock = socket.create_connection(("127.0.0.1", port), timeout=20)
         sock.sendall(
             f"POST /history HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
@@ -362,7 +364,7 @@ def test_sigterm_finishes_the_request_in_flight(tiny_db, tiny_model):
         while chunk := sock.recv(65536):
             response += chunk
         sock.close()
-        assert response.startswith(b"HTTP/1.0 201"), response[:200]
+        assert response.startswith(b"HTTP/1.1 201"), response[:200]
         assert proc.wait(timeout=20) == 0
         err = proc.stderr.read()
         assert "stopped" in err and "Traceback" not in err
