@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import sqlite3
 import stat
@@ -33,7 +34,7 @@ from pathlib import Path
 import sqlite_utils
 
 from .catalog import Catalog, catalog_sha256
-from .errors import DatabaseError, DatabaseUnavailableError, NotFoundError
+from .errors import DatabaseError, DatabaseUnavailableError, NotFoundError, UsageError
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 
@@ -68,6 +69,9 @@ def m002_items_title_index(db: sqlite_utils.Database) -> None:
 
 
 SCHEMA_VERSION = len(migrations._migrations)
+
+# HistoryDB.rating_range's scans, by resolved file: (the datasets rows' ingest stamps, the range).
+_RATING_RANGES: dict[str, tuple[tuple, tuple[float, float] | None]] = {}
 
 
 @dataclass(frozen=True)
@@ -317,6 +321,32 @@ class HistoryDB:
                 rows.reverse()
         return [_interaction_from_row(r) for r in rows]
 
+    def rating_range(self) -> tuple[float, float] | None:
+        """The lowest and highest rating the database holds; None if it holds none (implicit feedback).
+
+        The scale of its datasets (ml-latest-small: 0.5 to 5, ml-1m: 1 to 5), read from the data since no
+        format states one. :meth:`add_interaction` keeps new ratings inside it, so only an ingest changes
+        it: one scan per file and ingest (the ``datasets`` rows' ``ingested_at``) per process.
+        """
+        with self._errors():
+            stamps = tuple(self.conn.execute("SELECT name, ingested_at FROM datasets ORDER BY name").fetchall())
+            key = str(self.path.resolve())
+            cached = _RATING_RANGES.get(key)
+            if cached is None or cached[0] != stamps:
+                low, high = self.conn.execute("SELECT min(rating), max(rating) FROM interactions").fetchone()
+                cached = _RATING_RANGES[key] = (stamps, None if low is None else (float(low), float(high)))
+        return cached[1]
+
+    def _check_rating(self, rating: float) -> None:
+        if isinstance(rating, bool) or not isinstance(rating, (int, float)) or not math.isfinite(rating):
+            raise UsageError(f"rating must be a finite number, not {rating!r}")
+        scale = self.rating_range()
+        if scale is None:
+            raise UsageError("this database holds no ratings (implicit feedback): add the interaction without one")
+        low, high = scale
+        if not low <= rating <= high:
+            raise UsageError(f"rating {rating:g} is outside this database's rating range, {low:g} to {high:g}")
+
     def seen_items(self, user_id: int) -> set[int]:
         with self._errors():
             self._require_user(user_id)
@@ -362,9 +392,12 @@ class HistoryDB:
     ) -> Interaction:
         """Record that ``user_id`` interacted with ``item_id`` (now, unless ``timestamp``); creates the user.
 
-        Recording the same (user, timestamp, item) twice keeps the first rating.
+        Recording the same (user, timestamp, item) twice keeps the first rating. A rating must lie in
+        :meth:`rating_range` (UsageError otherwise).
         """
         item = self.item(item_id)
+        if rating is not None:
+            self._check_rating(rating)
         if timestamp is None:
             timestamp = int(time.time())
         with self._errors(), self.conn:
