@@ -1,16 +1,14 @@
-"""The llama.cpp runtime: model + context on the low-level API, and exact catalog-constrained beam search.
+"""The llama.cpp runtime: model + context on the low-level API (the beam search is in ``search.py``).
 
 Why the low-level API: llama.cpp removed its beam search in 2024 and the high-level ``Llama`` class
 decodes one sequence at a time. Here every live beam is its own KV-cache sequence (``seq_id``); beams
 share the prompt's cells (``llama_memory_seq_cp`` on a unified KV cache copies no data), and each search
 step decodes all live beams in one ``llama_decode`` call.
 
-Sequence ids (``n_seq_max = beam + 3``, see ``recommend.Recommender``)::
-
-    0                  the instruction prefix, evaluated once per process and never modified
-    1 .. beam          the beams (and scratch space for sampling and reference scoring)
-    beam + 1           the request prompt (prefix copied from 0 + the history)
-    beam + 2           the graveyard: cells of beams that died during the current search
+Sequence ids (laid out by ``recommend.Recommender``): 0 holds the instruction prefix, evaluated once per
+process and never modified; each request slot has a prompt sequence (prefix copied from 0 + the history)
+followed by its beams' sequences; the last id is the graveyard, the cells of beams that died during the
+current search.
 
 Why the graveyard: in this llama.cpp build, a token written into a KV cell that was freed *below* cells
 its own sequence already holds gets wrong attention (logits off by ~1 nat; measured, not documented
@@ -22,7 +20,9 @@ grows into cells after its existing ones.
 Pitfalls handled here (FINDINGS.md): ``OMP_WAIT_POLICY=passive`` must be set before llama_cpp is
 imported, or two threads spin to a halt under CPU contention; ``llama_decode`` returns non-zero without
 raising, so every return code is checked; a sequence's positions must stay consecutive; logits are read
-with ``llama_get_logits_ith``; llama.cpp's logging goes through a callback we keep alive.
+with ``llama_get_logits_ith``; llama.cpp's logging goes through a callback we keep alive. Numerics: CPU
+flash attention switches to a tiled F16 kernel for micro-batches of 64 rows or more (log-probs move by
+~1e-2), so whoever needs batch-independent logits keeps decode calls under 64 tokens (search.py).
 """
 
 from __future__ import annotations
@@ -33,18 +33,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import ctypes  # noqa: E402
 import hashlib  # noqa: E402
-import heapq  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .errors import CorruptModelError, GenrecError, GrammarError, NotFoundError  # noqa: E402
-from .trie import CatalogTrie  # noqa: E402
 
 PREFIX_SEQ = 0
 FIRST_BEAM_SEQ = 1
@@ -99,7 +95,6 @@ class Engine:
         self.eos_id = int(llama_cpp.llama_vocab_eos(vocab))
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
-        self.lock = threading.RLock()
         self._closed = False
 
     # ---------------------------------------------------------------- life cycle
@@ -125,9 +120,15 @@ class Engine:
 
     @classmethod
     def open(
-        cls, path: Path, n_ctx: int = 2048, n_seq_max: int = 4, threads: int | None = None, model=None
+        cls, path: Path, n_ctx: int = 2048, n_seq_max: int = 4, threads: int | None = None, model=None,
+        kv_f32: bool = False,
     ) -> Engine:
-        """Load ``path`` and create a context of ``n_ctx`` cells shared by ``n_seq_max`` sequences."""
+        """Load ``path`` and create a context of ``n_ctx`` cells shared by ``n_seq_max`` sequences.
+
+        ``kv_f32``: keep the KV cache in F32 instead of llama.cpp's F16. F16 rounding makes a logit depend
+        on how tokens were grouped into decode calls (~1e-2 on a tiny random model); exactness tests that
+        compare two decode orders need F32.
+        """
         path = Path(path)
         owns_model = model is None  # a model passed in stays the caller's to free if this fails
         if owns_model:
@@ -143,6 +144,9 @@ class Engine:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        if kv_f32:
+            cparams.type_k = llama_cpp.GGML_TYPE_F32
+            cparams.type_v = llama_cpp.GGML_TYPE_F32
         ctx = llama_cpp.llama_init_from_model(model, cparams)
         if not ctx:
             if owns_model:
@@ -225,6 +229,19 @@ class Engine:
             raise EngineError(f"no logits for output {i}")
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
+    def all_logits(self, n_outputs: int) -> np.ndarray:
+        """A read-only view (``n_outputs`` x vocab) of every output row of the last decode, in batch order.
+
+        No copy: valid until the next decode. llama.cpp restores batch order after splitting a batch
+        into micro-batches by sequence, so row i is the i-th token that asked for logits.
+        """
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        if not ptr:
+            raise EngineError("no logits from the last decode")
+        view = np.ctypeslib.as_array(ptr, shape=(n_outputs, self.n_vocab))
+        view.flags.writeable = False
+        return view
+
     def log_probs(self, i: int) -> np.ndarray:
         return log_softmax(self.logits(i))
 
@@ -304,191 +321,6 @@ def tokenizer_fingerprint(model, vocab) -> str:
     probe = "Amélie (Fabuleux destin d'Amélie Poulain, Le) (2001) Star Wars: Episode IV - A New Hope 1977 ß東京"
     digest.update(np.asarray(tokenize(vocab, probe, False), dtype=np.int32).tobytes())
     return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------- beam search
-@dataclass
-class SearchStats:
-    decode_steps: int = 0
-    decoded_tokens: int = 0
-    search_ms: float = 0.0
-    decode_ms: float = 0.0  # inside llama_decode + copying the logits out; the rest is the search's own
-    batch_sizes: list = field(default_factory=list)  # tokens per decode step (the bench replays these)
-
-
-def expand_beams(trie: CatalogTrie, unseen: np.ndarray, live_nodes, live_scores, logits, lse):
-    """All one-token extensions of the live beams that still lead to an unseen title.
-
-    Beam ``b``'s next-token log-probs are ``logits[b] - lse[b]`` (see :func:`log_normalizers`).
-    Returns ``(scores, parent beam index, child node, token)`` arrays. Work is O(children of the live
-    nodes): the trie's CSR slices, never a pass over the vocabulary or the catalog.
-    """
-    offsets, child_node, token = trie.child_offsets, trie.child_node, trie.token
-    cand_scores, cand_parent, cand_node = [], [], []
-    for b in range(len(live_nodes)):
-        nodes = child_node[offsets[live_nodes[b]] : offsets[live_nodes[b] + 1]]
-        keep = unseen[nodes] > 0
-        if not keep.all():
-            nodes = nodes[keep]
-        cand_scores.append((live_scores[b] - lse[b]) + logits[b, token[nodes]].astype(np.float64))
-        cand_parent.append(np.full(len(nodes), b))
-        cand_node.append(nodes)
-    nodes = np.concatenate(cand_node)
-    return np.concatenate(cand_scores), np.concatenate(cand_parent), nodes, token[nodes]
-
-
-@dataclass(order=True)
-class Finished:
-    neg_score: float
-    title_index: int = field(compare=False)
-
-    @property
-    def score(self) -> float:
-        return -self.neg_score
-
-
-def constrained_beam_search(
-    engine: Engine,
-    trie: CatalogTrie,
-    unseen: np.ndarray,
-    prompt_len: int,
-    prompt_log_probs: np.ndarray,
-    k: int,
-    beam: int,
-    stats: SearchStats | None = None,
-    prompt_seq: int = FIRST_BEAM_SEQ,
-    graveyard_seq: int | None = None,
-) -> list[tuple[int, float]]:
-    """Top-``k`` unseen titles by summed log-probability, as ``[(title index, score)]`` best first.
-
-    The prompt must already be decoded in sequence ``prompt_seq`` (``prompt_len`` tokens) with
-    ``prompt_log_probs`` its last position's log-softmax. Beams live in sequences ``FIRST_BEAM_SEQ ..
-    FIRST_BEAM_SEQ + beam - 1``; a ``prompt_seq`` outside that range is left untouched (so a second
-    search can reuse the prompt), one inside it becomes the first beam. ``unseen`` is
-    :meth:`CatalogTrie.unseen_counts`: children with no unseen title below are never expanded, so every
-    finished title is unseen and distinct. With ``beam`` >= the number of catalog titles nothing is
-    pruned and the result is exact; the search stops once ``k`` titles are finished and no live beam
-    (whose score bounds all its completions, log-probs being <= 0) can beat the k-th.
-    """
-    stats = stats if stats is not None else SearchStats()
-    started = time.perf_counter()
-    beam_seqs = range(FIRST_BEAM_SEQ, FIRST_BEAM_SEQ + beam)
-    if FIRST_BEAM_SEQ + beam > engine.n_seq_max:
-        raise EngineError(f"beam width {beam} needs {beam + 3} sequences; the context has {engine.n_seq_max}")
-    shared_prompt = prompt_seq not in beam_seqs
-    graveyard = graveyard_seq if graveyard_seq is not None else engine.n_seq_max - 1
-    if graveyard in beam_seqs or graveyard == prompt_seq:
-        raise EngineError(f"graveyard sequence {graveyard} overlaps the beams or the prompt")
-
-    def bury(seq: int) -> None:  # keep the cells occupied (see the module docstring), free the id
-        engine.seq_copy(seq, graveyard, -1, -1)
-        engine.seq_clear(seq)
-
-    eos = trie.eos_id
-    finished: list[Finished] = []  # max-heap by score through negation, bounded to k entries
-    # Live beams: (score, node, seq id). The root beam owns the prompt's sequence.
-    live_scores = np.zeros(1)
-    live_nodes = np.zeros(1, dtype=np.int64)
-    live_seqs = [prompt_seq]
-    logits, lse = prompt_log_probs[None, :], np.zeros(1)  # already normalised
-    length = prompt_len  # every live beam has the same length: one token per step
-
-    def kth_score() -> float:
-        return -finished[0].neg_score if len(finished) >= k else -np.inf
-
-    while len(live_seqs):
-        scores, parents, nodes, tokens = expand_beams(trie, unseen, live_nodes, live_scores, logits, lse)
-
-        # Finished titles (EOS children) go to the result heap; they are complete and need no decode.
-        done = tokens == eos
-        for score, node in zip(scores[done], nodes[done], strict=True):
-            entry = Finished(-float(score), int(trie.leaf_title[node]))
-            if len(finished) < k:
-                heapq.heappush(finished, _Worst(entry))
-            elif score > kth_score():
-                heapq.heapreplace(finished, _Worst(entry))
-        # Continuing candidates: only those that can still beat the k-th finished (log-probs are <= 0,
-        # so a prefix's score bounds all its completions), best ``beam`` of them. None left: done.
-        open_ = ~done & (scores > kth_score())
-        scores, parents, nodes, tokens = scores[open_], parents[open_], nodes[open_], tokens[open_]
-        if len(scores) > beam:
-            top = np.argpartition(-scores, beam - 1)[:beam]
-            scores, parents, nodes, tokens = scores[top], parents[top], nodes[top], tokens[top]
-        if len(scores) == 0:
-            break
-
-        # Assign sequences: a parent's first child inherits its sequence, further children copy it
-        # into sequences freed by parents that died. No source is overwritten: freed sequences only
-        # belonged to parents without children.
-        order = np.argsort(parents, kind="stable")
-        scores, parents, nodes, tokens = scores[order], parents[order], nodes[order], tokens[order]
-        used_parent = set(parents.tolist())
-        free = [live_seqs[b] for b in range(len(live_seqs)) if b not in used_parent and live_seqs[b] in beam_seqs]
-        for seq in free:
-            bury(seq)
-        free += [s for s in beam_seqs if s not in live_seqs]
-        new_seqs = []
-        inherited = set()
-        for parent in parents.tolist():
-            if parent not in inherited and not (shared_prompt and live_seqs[parent] == prompt_seq):
-                inherited.add(parent)
-                new_seqs.append(live_seqs[parent])
-            else:
-                seq = free.pop()
-                engine.seq_copy(live_seqs[parent], seq, -1, -1)
-                new_seqs.append(seq)
-
-        decode_started = time.perf_counter()
-        engine.decode(tokens.tolist(), [length] * len(tokens), new_seqs, [True] * len(tokens))
-        logits = np.stack([engine.logits(i) for i in range(len(tokens))])
-        stats.decode_ms += (time.perf_counter() - decode_started) * 1000
-        lse = log_normalizers(logits)
-        stats.decode_steps += 1
-        stats.decoded_tokens += len(tokens)
-        stats.batch_sizes.append(len(tokens))
-        length += 1
-        live_scores, live_nodes, live_seqs = scores, nodes.astype(np.int64), new_seqs
-
-    for seq in list(beam_seqs) + [graveyard]:
-        engine.seq_clear(seq)  # frees only cells after the prompt's: the next search grows from there
-    stats.search_ms += (time.perf_counter() - started) * 1000
-    ranked = sorted((w.entry for w in finished), key=lambda e: (e.neg_score, e.title_index))
-    return [(e.title_index, e.score) for e in ranked]
-
-
-@dataclass(order=False)
-class _Worst:
-    """Heap item that puts the *worst* finished title on top, so the heap keeps the best k."""
-
-    entry: Finished
-
-    def __lt__(self, other: _Worst) -> bool:
-        return self.entry.neg_score > other.entry.neg_score
-
-    @property
-    def neg_score(self) -> float:
-        return self.entry.neg_score
-
-
-def score_continuations(
-    engine: Engine, prompt_seq: int, prompt_len: int, prompt_log_probs: np.ndarray, continuations, scratch: int
-) -> list[float]:
-    """Reference scorer: each continuation's summed log-probability, decoded on its own in ``scratch``.
-
-    Independent of the trie and the beam search (one sequence, one continuation at a time), so tests
-    use it as the brute-force ground truth.
-    """
-    out = []
-    for tokens in continuations:
-        engine.seq_clear(scratch)
-        engine.seq_copy(prompt_seq, scratch, -1, -1)
-        total = float(prompt_log_probs[tokens[0]])
-        for j in range(1, len(tokens)):
-            engine.decode([tokens[j - 1]], [prompt_len + j - 1], [scratch], [True])
-            total += float(engine.log_probs(0)[tokens[j]])
-        out.append(total)
-    engine.seq_clear(scratch)
-    return out
 
 
 # ---------------------------------------------------------------------------------------- sampling

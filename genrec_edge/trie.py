@@ -30,6 +30,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -142,10 +143,26 @@ class CatalogTrie:
         """Titles whose tokens equal an earlier title's (unreachable through the trie)."""
         return [self.titles[i] for i in np.nonzero(self.title_leaf < 0)[0]]
 
+    @cached_property
+    def depth(self) -> np.ndarray:
+        """Depth of every node (the root is 0): the number of tokens from the root."""
+        return _depths(self.parent)
+
     @property
     def max_depth(self) -> int:
         """Tokens of the longest title, EOS included."""
-        return int(_depths(self.parent).max(initial=0))
+        return int(self.depth.max(initial=0))
+
+    @cached_property
+    def subtree_end(self) -> np.ndarray:
+        """Node ids are a depth-first preorder (``from_sequences`` walks sorted token sequences), so the
+        subtree of ``v`` is exactly the id range ``[v, subtree_end[v])``."""
+        size = np.ones(self.n_nodes, dtype=np.int64)
+        depth = self.depth
+        for d in range(int(depth.max(initial=0)), 0, -1):
+            at_depth = np.nonzero(depth == d)[0]
+            np.add.at(size, self.parent[at_depth], size[at_depth])
+        return np.arange(self.n_nodes, dtype=np.int64) + size
 
     def children(self, node: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, child nodes) of ``node``."""
@@ -182,6 +199,40 @@ class CatalogTrie:
             nodes = self.parent[nodes].astype(np.int64)
             nodes = nodes[nodes >= 0]
         return counts
+
+    def prior_log_mass(self, title_log_probs: np.ndarray, variant: str = "sum") -> np.ndarray:
+        """Per-node log of the prior mass below it: ``log Σ P(t)`` (``sum``) or ``log max P(t)`` (``max``)
+        over the titles ``t`` under the node, from per-title log-probabilities (``-inf`` = excluded).
+
+        Along any root-to-leaf path the mass never grows, so increments ``log m(child) - log m(node)`` are
+        <= 0 and telescope to ``log P(title) - log m(root)`` at the title's leaf. O(nodes) numpy: a prefix
+        sum (or a max-reduce) over each node's preorder id range.
+        """
+        if variant not in ("sum", "max"):
+            raise ValueError(f"unknown prior variant {variant!r}")
+        n = self.n_nodes
+        leaves = self.title_leaf
+        reachable = leaves >= 0
+        logp = np.asarray(title_log_probs, dtype=np.float64)
+        values = np.full(n, -np.inf)
+        values[leaves[reachable]] = logp[reachable]
+        bounds = np.empty(2 * n, dtype=np.int64)
+        bounds[0::2], bounds[1::2] = np.arange(n), self.subtree_end
+        best = np.maximum.reduceat(np.concatenate((values, [-np.inf])), bounds)[0::2]  # reduceat: indices < len
+        if variant == "max":
+            return best
+        # Sums as prefix-sum differences over the preorder ranges, shifted by the largest log-prob. A
+        # subtree's sum is never below its best title (so rounding cannot turn a far-below-the-top subtree
+        # into zero mass), and leaves keep their exact log-prob: the telescoped sum ends on log P(t).
+        peak = np.max(logp[reachable], initial=-np.inf)
+        if not np.isfinite(peak):
+            return best
+        cumulative = np.concatenate(([0.0], np.cumsum(np.exp(values - peak))))
+        mass = np.maximum(cumulative[self.subtree_end] - cumulative[:-1], np.exp(best - peak))
+        with np.errstate(divide="ignore"):
+            out = np.log(mass) + peak
+        out[leaves[reachable]] = logp[reachable]
+        return out
 
     # ------------------------------------------------------------------ cache
     def save(self, path: Path) -> None:

@@ -19,6 +19,7 @@ from genrec_edge.prompts import PromptTemplate, build_prompt_ids
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from genrec_edge import engine as E  # noqa: E402
+from genrec_edge import search as S  # noqa: E402
 from genrec_edge.trie import CatalogTrie  # noqa: E402
 
 EXTRA_TITLES = [
@@ -68,7 +69,7 @@ def tiny_model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_path):
-    eng = E.Engine.open(tiny_model_path, n_ctx=4096, n_seq_max=64, threads=2)
+    eng = E.Engine.open(tiny_model_path, n_ctx=8192, n_seq_max=64, threads=2)
     yield eng
     eng.close()
 
@@ -94,18 +95,17 @@ def brute_force_scores(engine, prompt, token_lists):
 
 
 def run_search(engine, trie, history, seen_titles, k, beam):
+    """The production search (genrec_edge.search) for one request: prompt in seq 0, beams 1..beam."""
     llama_cpp.llama_memory_clear(engine.memory, True)
     prompt = prompt_for(engine, history)
-    prompt_seq, graveyard = beam + 1, beam + 2
+    prompt_seq, graveyard = 0, beam + 1
     engine.decode_sequence(prompt, prompt_seq, 0)
-    log_probs = E.log_softmax(engine.logits(-1))
     index = {t: i for i, t in enumerate(trie.titles)}
     unseen = trie.unseen_counts([index[t] for t in seen_titles])
-    stats = E.SearchStats()
-    results = E.constrained_beam_search(
-        engine, trie, unseen, len(prompt), log_probs, k, beam, stats, prompt_seq=prompt_seq, graveyard_seq=graveyard
-    )
-    return prompt, results, stats
+    stats = S.SearchStats()
+    request = S.SearchRequest(prompt_seq, len(prompt), engine.logits(-1), unseen, k, beam, list(range(1, beam + 1)))
+    hits = S.beam_search(engine, trie, [request], graveyard, stats)[0]
+    return prompt, [(h.title_index, h.score) for h in hits], stats
 
 
 def build_trie(engine, titles):
