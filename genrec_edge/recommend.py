@@ -4,11 +4,18 @@ What one request does (all under one lock, so an instance is safe to share betwe
 
     history titles (database user or ad-hoc list) -> prompt tokens (prompts.build_prompt_ids)
     copy the instruction prefix's KV (evaluated once at open) -> decode only the history part
-    constrained beam search over the catalog trie, seen titles masked inside the search
+    the collaborative prior's log P_CF over the unseen titles -> per-trie-node prior mass (cf.py)
+    constrained beam search over the catalog trie (search.py), seen titles masked inside the search,
+    scored log P_LM(title) + λ · log P_CF(title)
     -> k distinct unseen catalog titles, best first, with the item ids, year and genres of each
 
+The prior: a model may have a ``cf-prior.json`` sidecar (kind, λ, variant; see ``cf.py``) next to its
+GGUF; it is used unless the caller asks for another (``prior="none"`` is the pure language model,
+``"pop"`` a popularity prior counted from the database, ``"sasrec"`` the sidecar's SASRec).
+``recommend_many`` runs several requests' searches together: their beams share each llama_decode.
+
 Beam width: ``beam`` at open, else ``default_beam(k) = max(10, 2 * k)`` capped by the capacity the
-context was created with (``DEFAULT_BEAM_CAPACITY`` sequences). Scores are summed token log-probabilities
+context was created with (``DEFAULT_BEAM_CAPACITY`` sequences per request slot; ``batch`` slots). Scores are summed token log-probabilities
 of ``title + EOS`` (no length normalisation): the model's probability of generating exactly that title.
 
 The database is opened read-only per request (SQLite connections belong to one thread); the catalog and
@@ -23,8 +30,9 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import (
     CatalogMismatchError,
@@ -35,8 +43,13 @@ from .errors import (
 )
 from .prompts import PromptTemplate, build_prompt_ids, prefix_ids
 
+if TYPE_CHECKING:
+    from .cf import CFPrior
+    from .search import SearchStats
+
 DEFAULT_K = 10
 DEFAULT_BEAM_CAPACITY = 40
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 DEFAULT_SAMPLE_TEMPERATURE = 1.0
 
 
@@ -48,11 +61,12 @@ def default_beam(k: int) -> int:
 @dataclass(frozen=True)
 class Timings:
     prefill_ms: float  # decoding the history part of the prompt (the instruction prefix is cached)
-    search_ms: float  # constrained beam search (or sampling)
+    search_ms: float  # constrained beam search (or sampling); shared by the requests of one batch
     total_ms: float  # the whole request, database reads included
     prompt_tokens: int  # prefix + history tokens
     decode_steps: int  # llama_decode calls during the search
     decoded_tokens: int  # tokens decoded during the search (all beams)
+    prior_ms: float = 0.0  # the collaborative prior: its forward pass and the trie's node masses
 
 
 @dataclass(frozen=True)
@@ -62,13 +76,17 @@ class Recommendation:
     title: str
     year: int | None
     genres: tuple[str, ...]
-    score: float  # summed log-probability of the title's tokens + EOS (NaN for a sampled title)
+    score: float  # what ranks: log P_LM + λ · log P_CF, up to a per-user constant (NaN for a sampled title)
+    lm_score: float = float("nan")  # log P_LM(title + EOS | history): the model's own log-probability
 
 
 @dataclass(frozen=True)
 class Recommendations:
     items: tuple[Recommendation, ...]
     timings: Timings
+    prior: str = "none"  # the prior used: "none", "pop" or "sasrec"
+    prior_weight: float = 0.0  # its λ
+    stats: SearchStats | None = field(default=None, repr=False, compare=False)  # per-decode detail (bench)
 
     def to_dict(self) -> dict:
         return {
@@ -79,21 +97,54 @@ class Recommendations:
                     "title": r.title,
                     "year": r.year,
                     "genres": list(r.genres),
-                    "score": r.score if math.isfinite(r.score) else None,  # sampled titles have no score
+                    "score": _finite(r.score),  # sampled titles have no score
+                    "lm_score": _finite(r.lm_score),
                 }
                 for r in self.items
             ],
+            "prior": self.prior,
+            "prior_weight": self.prior_weight,
             "timings": self.timings.__dict__.copy(),
         }
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 @dataclass(frozen=True)
 class Ranking:
-    """``rank_titles``' result: catalog titles best first with their scores."""
+    """``rank_titles``' result: catalog titles best first with their scores (fused) and LM scores."""
 
     titles: tuple[str, ...]
     scores: tuple[float, ...]
     timings: Timings
+    lm_scores: tuple[float, ...] = ()
+    prior: str = "none"
+    prior_weight: float = 0.0
+    stats: SearchStats | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request of :meth:`Recommender.recommend_many`: a database ``user`` or an ad-hoc ``history``."""
+
+    user: int | None = None
+    history: tuple[str, ...] | None = None
+    prior: str | None = None  # None: the recommender's default; "none", "pop", "sasrec"
+    prior_weight: float | None = None  # None: the prior's own λ
+
+    @classmethod
+    def of(cls, value) -> Request:
+        if isinstance(value, Request):
+            return value
+        if isinstance(value, bool):
+            raise UsageError(f"not a user id or a history: {value!r}")
+        if isinstance(value, int):
+            return cls(user=value)
+        if isinstance(value, str):
+            raise UsageError("a history is a list of titles, not one string")
+        return cls(history=tuple(value))
 
 
 def _header_checks(path: Path) -> dict:
@@ -106,10 +157,14 @@ def _header_checks(path: Path) -> dict:
     return {k[len("genrec.") :]: v for k, v in info.metadata.items() if k.startswith("genrec.")}
 
 
-class Recommender:
-    """A loaded model + catalog trie + database path. Use :meth:`open`; it is a context manager."""
+PRIOR_CHOICES = ("none", "pop", "sasrec")
 
-    def __init__(self, engine, trie, catalog, db_path: Path, template: PromptTemplate, capacity: int, beam):
+
+class Recommender:
+    """A loaded model + catalog trie + database path (+ a collaborative prior). Use :meth:`open`."""
+
+    def __init__(self, engine, trie, catalog, db_path: Path, template: PromptTemplate, capacity: int, beam,
+                 batch: int = 1, prior: CFPrior | None = None, model_dir: Path | None = None):
         self.engine = engine
         self.trie = trie
         self.catalog = catalog
@@ -117,16 +172,30 @@ class Recommender:
         self.template = template
         self.capacity = capacity
         self.beam = beam
+        self.batch = batch
         self.lock = threading.RLock()
         self.title_index = {t: i for i, t in enumerate(trie.titles)}
         self.titles_by_id = dict(zip(catalog.item_ids, catalog.titles, strict=True))
+        self.first_item = {t: ids[0] for t, ids in catalog.title_to_items.items()}
         self.prefix = prefix_ids(engine.tokenize, template)
-        # 0: instruction prefix, 1..capacity: beams, then the request prompt and the graveyard (engine.py)
-        self.prompt_seq = capacity + 1
-        self.graveyard_seq = capacity + 2
+        # Sequences (engine.py, search.py): 0 the instruction prefix; request slot r has its prompt at
+        # 1 + r * (capacity + 1) and its beams right after; the last id is the shared graveyard.
+        self.graveyard_seq = 1 + batch * (capacity + 1)
+        self.priors: dict[str, CFPrior] = {}
+        if prior is not None:
+            self.priors[prior.kind] = prior
+        self.default_prior = prior.kind if prior is not None else "none"
+        self.model_dir = model_dir
         self._grammar: str | None = None  # the catalog GBNF, built on the first --sample request
-        self.last_search_stats = None
         self._prefill_prefix()
+
+    @property
+    def prompt_seq(self) -> int:
+        return self._slot_seqs(0)[0]
+
+    def _slot_seqs(self, slot: int) -> tuple[int, list[int]]:
+        prompt = 1 + slot * (self.capacity + 1)
+        return prompt, list(range(prompt + 1, prompt + 1 + self.capacity))
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -138,11 +207,20 @@ class Recommender:
         beam: int | None = None,
         cache_dir: str | Path | None = None,
         warn=None,
+        prior: str | Path | CFPrior | None = None,
+        prior_weight: float | None = None,
+        batch: int = 1,
     ) -> Recommender:
         """Load ``model`` (default: models.default_model_path()) for the catalog of ``db``.
 
+        ``prior``: None uses the model's ``cf-prior.json`` sidecar if it has one (else no prior);
+        ``"none"`` the pure language model; ``"pop"`` popularity counted from ``db``; ``"sasrec"`` the
+        sidecar's SASRec (NotFoundError without one); a directory holding a sidecar; or a loaded
+        :class:`~genrec_edge.cf.CFPrior`. ``prior_weight`` replaces its λ. ``batch``: how many requests
+        :meth:`recommend_many` searches together (each needs ``capacity + 1`` sequences and its cells).
+
         Raises NotFoundError / CorruptModelError for a missing or bad model, DatabaseError for a bad
-        database, CatalogMismatchError if the model was trained for another catalog.
+        database, CatalogMismatchError if the model (or the prior) was made for another catalog.
         """
         from . import paths
         from .engine import Engine, default_threads
@@ -152,13 +230,25 @@ class Recommender:
 
         warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
         db_path = Path(db) if db is not None else paths.default_db()
-        if model is None:
-            _check_default_model_catalog(db_path)  # before building it (the first time, ~40 s)
-        model_path = Path(model) if model is not None else default_model_path()
         if beam is not None and beam < 1:
             raise UsageError(f"--beam must be >= 1 (got {beam})")
         if threads is not None and threads < 1:
             raise UsageError(f"--threads must be >= 1 (got {threads})")
+        if batch < 1:
+            raise UsageError(f"batch must be >= 1 (got {batch})")
+        if isinstance(prior, str) and prior not in PRIOR_CHOICES and not Path(prior).is_dir():
+            raise UsageError(f"unknown prior {prior!r}; use one of {', '.join(PRIOR_CHOICES)} or a directory")
+        if prior_weight is not None and not (math.isfinite(prior_weight) and prior_weight >= 0):
+            raise UsageError(f"the prior weight must be a finite number >= 0 (got {prior_weight})")
+        capacity = beam if beam is not None else (DEFAULT_BEAM_CAPACITY if batch == 1 else default_beam(DEFAULT_K))
+        if 2 + batch * (capacity + 1) > MAX_SEQUENCES:
+            raise UsageError(
+                f"batch {batch} x beam {capacity} needs {2 + batch * (capacity + 1)} llama.cpp sequences; "
+                f"at most {MAX_SEQUENCES}: lower the batch or the beam"
+            )
+        if model is None:
+            _check_default_model_catalog(db_path)  # before building it (the first time, ~40 s)
+        model_path = Path(model) if model is not None else default_model_path()
         if not model_path.is_file():
             raise NotFoundError(f"model file not found: {model_path}")
         provenance = _header_checks(model_path)
@@ -167,6 +257,7 @@ class Recommender:
             catalog = history.catalog()
         if len(catalog) == 0:
             raise NotFoundError(f"the database has no items: {db_path}")
+        loaded_prior = _load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
 
         raw_model = Engine.load_model(model_path)
         engine = None
@@ -209,16 +300,17 @@ class Recommender:
                 lambda text: vocab_tokenize(vocab, text, False),
                 eos_id,
             )
-            capacity = beam if beam is not None else DEFAULT_BEAM_CAPACITY
             prefix_len = len(prefix_ids(lambda t, s: vocab_tokenize(vocab, t, s), template))
             depth = trie.max_depth
-            # Room for the prefix, a full history of the longest titles, and every beam's title.
-            n_ctx = prefix_len + template.history_len * depth + capacity * depth + 16
+            # Room for the prefix and, per request slot, a full history of the longest titles, every beam's
+            # title and as much again decoded ahead on forced suffixes (search.py's speculation budget).
+            n_ctx = prefix_len + batch * (template.history_len * depth + 2 * capacity * depth) + 16
             engine = Engine.open(
-                model_path, n_ctx=n_ctx, n_seq_max=capacity + 3, threads=threads or default_threads(),
+                model_path, n_ctx=n_ctx, n_seq_max=2 + batch * (capacity + 1), threads=threads or default_threads(),
                 model=raw_model,
             )
-            return cls(engine, trie, catalog, db_path, template, capacity, beam)
+            return cls(engine, trie, catalog, db_path, template, capacity, beam, batch, loaded_prior,
+                       model_path.parent)
         except BaseException:
             if engine is not None:
                 engine.close()  # frees the model too
@@ -251,46 +343,105 @@ class Recommender:
         seed: int = 0,
         temperature: float = DEFAULT_SAMPLE_TEMPERATURE,
         max_tries: int | None = None,
+        prior: str | None = None,
+        prior_weight: float | None = None,
     ) -> Recommendations:
         """Top-``k`` unseen catalog items for a database ``user`` or an ad-hoc ``history`` of exact titles.
 
+        ``prior`` / ``prior_weight``: this request's choice (see :meth:`open`; None = the default).
         ``sample=True`` draws titles with llama.cpp's grammar sampler instead (temperature, seed) until
-        ``k`` distinct unseen titles or ``max_tries`` samples (default 20 k).
+        ``k`` distinct unseen titles or ``max_tries`` samples (default 20 k); no prior applies.
         """
-        started = time.perf_counter()
         if (user is None) == (history is None):
             raise UsageError("give exactly one of a user or a history")
-        if k < 1:
-            raise UsageError(f"k must be >= 1 (got {k})")
+        if not sample:
+            request = Request(user=user, history=None if history is None else tuple(history), prior=prior,
+                              prior_weight=prior_weight)
+            return self.recommend_many([request], k=k)[0]
+        started = time.perf_counter()
+        _check_k(k)
         from .history import HistoryDB
 
-        # One read-only connection per request: SQLite connections belong to the thread that opened them.
         with HistoryDB.open(self.db_path, readonly=True) as db:
-            titles, seen_titles = self._resolve(db, user, history)
+            titles, seen_titles, _ = self._resolve(db, user, history)
             with self.lock:
-                if sample:
-                    found, timings = self._sample(titles, seen_titles, k, seed, temperature, max_tries or 20 * k)
-                else:
-                    ranking = self._rank(titles, seen_titles, k, self.beam)
-                    found, timings = list(zip(ranking.titles, ranking.scores, strict=True)), ranking.timings
-            items = self._describe(db, found)
+                found, timings = self._sample(titles, seen_titles, k, seed, temperature, max_tries or 20 * k)
+            items = self._describe(db, [(t, s, s) for t, s in found])
         total = (time.perf_counter() - started) * 1000
         return Recommendations(tuple(items), _with_total(timings, total))
 
+    def recommend_many(self, requests: Sequence, k: int = DEFAULT_K) -> list[Recommendations]:
+        """Top-``k`` for each request (a user id, a list of titles, or a :class:`Request`), in order.
+
+        Up to ``batch`` (set at open) requests are searched together: their beams share each
+        llama_decode. Each result is the one :meth:`recommend` gives for that request alone.
+        A bad request (unknown user, empty history, unknown title) raises before any search runs.
+        """
+        started = time.perf_counter()
+        _check_k(k)
+        requests = [Request.of(r) for r in requests]
+        from .history import HistoryDB
+
+        out: list[Recommendations] = []
+        with HistoryDB.open(self.db_path, readonly=True) as db:
+            resolved = [self._resolve(db, r.user, r.history) for r in requests]
+            priors = [self._prior_for(r.prior, r.prior_weight) for r in requests]
+            rankings: list[Ranking] = []
+            with self.lock:
+                for first in range(0, len(requests), self.batch):
+                    group = range(first, min(len(requests), first + self.batch))
+                    rankings += self._rank_group(
+                        [(resolved[i][0], resolved[i][1], resolved[i][2], priors[i]) for i in group], k, self.beam
+                    )
+            for ranking in rankings:
+                found = list(zip(ranking.titles, ranking.scores, ranking.lm_scores, strict=True))
+                out.append(Recommendations(tuple(self._describe(db, found)), ranking.timings, ranking.prior,
+                                           ranking.prior_weight, ranking.stats))
+        total = (time.perf_counter() - started) * 1000
+        return [_replace_total(r, total) for r in out]  # a batch's requests share its wall time
+
     def rank_titles(
-        self, history_titles: Sequence[str], seen_titles: Sequence[str] | set[str], k: int, beam: int | None = None
+        self, history_titles: Sequence[str], seen_titles: Sequence[str] | set[str], k: int, beam: int | None = None,
+        history_items: Sequence[int] | None = None, prior: str | None = None, prior_weight: float | None = None,
     ) -> Ranking:
-        """Top-``k`` catalog titles after ``history_titles``, excluding ``seen_titles`` (no database)."""
+        """Top-``k`` catalog titles after ``history_titles``, excluding ``seen_titles`` (no database).
+
+        ``history_items``: the full item history the prior reads (default: each title's first item).
+        """
         unknown = [t for t in history_titles if t not in self.title_index]
         if unknown:
             raise NotFoundError(_unknown_title_message(unknown[0], self.trie.titles))
         if not history_titles:
             raise EmptyHistoryError("the history is empty: nothing to recommend from")
+        items = list(history_items) if history_items is not None else [self.first_item[t] for t in history_titles]
+        chosen = self._prior_for(prior, prior_weight)
         with self.lock:
-            return self._rank(list(history_titles), set(seen_titles), k, beam if beam is not None else self.beam)
+            titles = list(history_titles)[-self.template.history_len:] if self.template.history_len > 0 else []
+            return self._rank_group([(titles, set(seen_titles), items, chosen)], k,
+                                    beam if beam is not None else self.beam)[0]
 
     # ------------------------------------------------------------------ internals
-    def _resolve(self, db, user, history) -> tuple[list[str], set[str]]:
+    def _prior_for(self, choice: str | None, weight: float | None) -> CFPrior | None:
+        """The prior a request asked for (None: the default), with its weight; None for no prior."""
+        kind = self.default_prior if choice is None else choice
+        if kind not in PRIOR_CHOICES:
+            raise UsageError(f"unknown prior {kind!r}; use one of {', '.join(PRIOR_CHOICES)}")
+        if weight is not None and not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+            raise UsageError(f"the prior weight must be a finite number >= 0 (got {weight!r})")
+        if kind == "none":
+            return None
+        prior = self.priors.get(kind)
+        if prior is None and kind == "pop":
+            prior = self.priors["pop"] = _popularity_from_db(self.db_path, self.catalog, weight)
+        if prior is None:
+            raise NotFoundError(
+                f"this model has no {kind} prior (no {kind} cf-prior.json next to it): "
+                "build one with `genrec-edge prior build`, or use --prior none|pop"
+            )
+        return prior if weight is None or weight == prior.weight else prior.with_weight(weight)
+
+    def _resolve(self, db, user, history) -> tuple[list[str], set[str], list[int]]:
+        """(prompt titles, seen titles, item history for the prior) of one request."""
         if history is not None:
             history = list(history)
             if not history:
@@ -298,20 +449,22 @@ class Recommender:
             unknown = [t for t in history if t not in self.title_index]
             if unknown:
                 raise NotFoundError(_unknown_title_message(unknown[0], self.trie.titles))
-            return history, set(history)
-        interactions = db.history(int(user), limit=self.template.history_len or None)
+            titles = history[-self.template.history_len:] if self.template.history_len > 0 else []
+            return titles, set(history), [self.first_item[t] for t in history]
+        longest = max(self.template.history_len, *(p.history_window for p in self.priors.values()), 1)
+        interactions = db.history(int(user), limit=longest)
         if not interactions:
             raise EmptyHistoryError(f"user {user} has no history to recommend from")
         seen_ids = db.seen_items(int(user))
         titles_by_id = self.titles_by_id
         # An item added after open() is not in this catalog (nor in the trie): nothing to exclude.
         seen_titles = {titles_by_id[i] for i in seen_ids if i in titles_by_id}
-        return [x.title for x in interactions], seen_titles
+        prompt = [x.title for x in interactions]
+        prompt = prompt[-self.template.history_len:] if self.template.history_len > 0 else []
+        return prompt, seen_titles, [x.item_id for x in interactions if x.item_id in titles_by_id]
 
-    def _prepare(self, titles: list[str], seen_titles: set[str]):
-        """Unseen counts and the prompt decoded into the request sequence; returns the pieces."""
-        from .engine import log_softmax
-
+    def _prepare(self, slot: int, titles: list[str], seen_titles: set[str]):
+        """Unseen counts and the prompt decoded into the slot's prompt sequence."""
         trie = self.trie
         seen = [self.title_index[t] for t in seen_titles if t in self.title_index]
         unseen = trie.unseen_counts(seen)
@@ -321,52 +474,76 @@ class Recommender:
         prompt = build_prompt_ids(engine.tokenize, engine.eos_id, titles, self.template)
         if prompt[: len(self.prefix)] != self.prefix:  # the cached prefix KV would be wrong
             raise CorruptModelError("the tokenizer does not reproduce the instruction prefix")
+        prompt_seq, _ = self._slot_seqs(slot)
         t0 = time.perf_counter()
-        for seq in range(1, engine.n_seq_max):
-            engine.seq_clear(seq)
-        engine.seq_copy(0, self.prompt_seq, -1, -1)
-        engine.decode_sequence(prompt[len(self.prefix) :], self.prompt_seq, len(self.prefix))
-        log_probs = log_softmax(engine.logits(-1))
+        engine.seq_copy(0, prompt_seq, -1, -1)
+        # One call per request, as for a single request: llama.cpp's numerics depend on micro-batch size.
+        engine.decode_sequence(prompt[len(self.prefix):], prompt_seq, len(self.prefix))
+        logits = engine.logits(-1)
         prefill_ms = (time.perf_counter() - t0) * 1000
-        return unseen, prompt, log_probs, prefill_ms
+        return unseen, seen, prompt, logits, prefill_ms
 
-    def _rank(self, titles: list[str], seen_titles: set[str], k: int, beam: int | None) -> Ranking:
-        from .engine import SearchStats, constrained_beam_search
+    def _prior_mass(self, prior: CFPrior | None, items: list[int], seen: list[int]):
+        if prior is None:
+            return None, 0.0
+        import numpy as np
+
+        t0 = time.perf_counter()
+        mask = np.zeros(len(self.trie.titles), dtype=bool)
+        mask[seen] = True
+        mass = self.trie.prior_log_mass(prior.log_probs(items, mask), prior.config.variant)
+        return mass, (time.perf_counter() - t0) * 1000
+
+    def _rank_group(self, group, k: int, beam: int | None) -> list[Ranking]:
+        """Search several prepared requests together: ``(prompt titles, seen titles, items, prior)`` each."""
+        from .search import SearchRequest, SearchStats, beam_search
 
         width = min(beam if beam is not None else default_beam(k), self.capacity)
-        unseen, prompt, log_probs, prefill_ms = self._prepare(titles, seen_titles)
+        engine = self.engine
+        for seq in range(1, engine.n_seq_max):
+            engine.seq_clear(seq)
+        requests, extra = [], []
+        for slot, (titles, seen_titles, items, prior) in enumerate(group):
+            unseen, seen, prompt, logits, prefill_ms = self._prepare(slot, titles, seen_titles)
+            mass, prior_ms = self._prior_mass(prior, items, seen)
+            prompt_seq, beam_seqs = self._slot_seqs(slot)
+            requests.append(SearchRequest(prompt_seq, len(prompt), logits, unseen, k, width, beam_seqs[:width],
+                                          prior_log_mass=mass, prior_weight=prior.weight if prior else 0.0))
+            extra.append((prefill_ms, prior_ms, seen, prior))
         stats = SearchStats()
-        results = constrained_beam_search(
-            self.engine, self.trie, unseen, len(prompt), log_probs, k, width, stats, prompt_seq=self.prompt_seq,
-            graveyard_seq=self.graveyard_seq,
-        )
-        # A narrow beam can lose every path to the k-th title; search again without the titles found
-        # (rare) so the answer has k items whenever the catalog has k unseen titles.
-        while len(results) < k:
-            found = [i for i, _ in results]
-            more_unseen = self.trie.unseen_counts(
-                [self.title_index[t] for t in seen_titles if t in self.title_index] + found
-            )
-            if more_unseen[0] == 0:
-                break
-            more = constrained_beam_search(
-                self.engine, self.trie, more_unseen, len(prompt), log_probs, k - len(results), width, stats,
-                prompt_seq=self.prompt_seq, graveyard_seq=self.graveyard_seq,
-            )
-            if not more:
-                break
-            results = sorted(results + more, key=lambda r: -r[1])
-        self.last_search_stats = stats  # for the benchmark: per-step batch sizes, time inside llama_decode
-        timings = Timings(prefill_ms, stats.search_ms, 0.0, len(prompt), stats.decode_steps, stats.decoded_tokens)
-        return Ranking(
-            tuple(self.trie.titles[i] for i, _ in results), tuple(float(s) for _, s in results), timings
-        )
+        beam_search(engine, self.trie, requests, self.graveyard_seq, stats)
+        out = []
+        for request, (prefill_ms, prior_ms, seen, prior) in zip(requests, extra, strict=True):
+            hits = list(request.hits)
+            # A narrow beam can lose every path to the k-th title; search again without the titles found
+            # (rare) so the answer has k items whenever the catalog has k unseen titles.
+            while len(hits) < k:
+                more_unseen = self.trie.unseen_counts(seen + [h.title_index for h in hits])
+                if more_unseen[0] == 0:
+                    break
+                again = SearchRequest(request.prompt_seq, request.prompt_len, request.prompt_logits, more_unseen,
+                                      k - len(hits), width, request.beam_seqs, request.prior_log_mass,
+                                      request.prior_weight)
+                more = beam_search(engine, self.trie, [again], self.graveyard_seq, stats)[0]
+                if not more:
+                    break
+                hits = sorted(hits + more, key=lambda h: (-h.score, h.title_index))
+            timings = Timings(prefill_ms, stats.search_ms, 0.0, request.prompt_len, stats.decode_steps,
+                              stats.decoded_tokens, prior_ms)
+            out.append(Ranking(
+                tuple(self.trie.titles[h.title_index] for h in hits), tuple(float(h.score) for h in hits), timings,
+                tuple(float(h.lm_score) for h in hits), prior.kind if prior else "none",
+                prior.weight if prior else 0.0, stats,
+            ))
+        return out
 
     def _sample(self, titles, seen_titles, k, seed, temperature, max_tries):
         from .engine import GrammarSampler
         from .grammar import grammar_for_titles
 
-        unseen, prompt, _, prefill_ms = self._prepare(titles, seen_titles)
+        for seq in range(1, self.engine.n_seq_max):
+            self.engine.seq_clear(seq)
+        unseen, _, prompt, _, prefill_ms = self._prepare(0, titles, seen_titles)
         t0 = time.perf_counter()
         if self._grammar is None:
             self._grammar = grammar_for_titles(self.trie.titles)  # built and validated once
@@ -375,11 +552,12 @@ class Recommender:
         steps = tokens = 0
         # GBNF allows non-canonical (longer) token splits; the beams' cells bound what fits in the context.
         max_tokens = min(4 * self.trie.max_depth + 8, self.capacity * self.trie.max_depth)
+        scratch = self._slot_seqs(0)[1][0]
         try:
             for _ in range(max_tries):
                 if len(found) >= k:
                     break
-                out = sampler.sample_title(self.prompt_seq, prompt, 1, max_tokens)
+                out = sampler.sample_title(self.prompt_seq, prompt, scratch, max_tokens)
                 if out is None:
                     continue
                 steps += len(out) + 1
@@ -397,11 +575,66 @@ class Recommender:
 
     def _describe(self, db, found) -> list[Recommendation]:
         out = []
-        for rank, (title, score) in enumerate(found, start=1):
+        for rank, (title, score, lm_score) in enumerate(found, start=1):
             ids = self.catalog.title_to_items[title]
             item = db.item(ids[0])
-            out.append(Recommendation(rank, tuple(ids), title, item.year, item.genres, float(score)))
+            out.append(Recommendation(rank, tuple(ids), title, item.year, item.genres, float(score), float(lm_score)))
         return out
+
+
+def _check_k(k: int) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise UsageError(f"k must be >= 1 (got {k})")
+
+
+def _load_prior(prior, weight, model_dir: Path, catalog, db_path: Path):
+    """Resolve :meth:`Recommender.open`'s ``prior`` argument to a loaded prior (or None)."""
+    from .cf import CFPrior, has_sidecar
+
+    if isinstance(prior, CFPrior):
+        loaded = prior
+    elif prior == "none":
+        return None
+    elif prior == "pop" and not (has_sidecar(model_dir) and _sidecar_kind(model_dir) == "pop"):
+        return _popularity_from_db(db_path, catalog, weight)
+    elif prior is None or prior in PRIOR_CHOICES:
+        if not has_sidecar(model_dir):
+            if prior is None:
+                return None
+            raise NotFoundError(f"no {prior} prior next to the model ({model_dir / 'cf-prior.json'} is missing)")
+        loaded = CFPrior.load(model_dir, catalog)
+        if prior is not None and loaded.kind != prior:
+            raise NotFoundError(f"the model's prior is {loaded.kind}, not {prior} ({model_dir / 'cf-prior.json'})")
+    else:
+        loaded = CFPrior.load(Path(prior), catalog)
+    if loaded.config.catalog_sha256 != catalog.sha256:
+        raise CatalogMismatchError("the prior was built for another catalog than the database's")
+    return loaded if weight is None else loaded.with_weight(weight)
+
+
+def _sidecar_kind(model_dir: Path) -> str | None:
+    import json
+
+    from .cf import SIDECAR_JSON
+
+    try:
+        return json.loads((model_dir / SIDECAR_JSON).read_text(encoding="utf-8")).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _popularity_from_db(db_path: Path, catalog, weight: float | None):
+    from .cf import popularity_prior
+    from .history import HistoryDB
+
+    with HistoryDB.open(db_path, readonly=True) as db:
+        return popularity_prior(db.sequences(), catalog, 1.0 if weight is None else weight)
+
+
+def _replace_total(result: Recommendations, total_ms: float) -> Recommendations:
+    import dataclasses
+
+    return dataclasses.replace(result, timings=_with_total(result.timings, total_ms))
 
 
 def _free_model(model) -> None:
@@ -411,10 +644,9 @@ def _free_model(model) -> None:
 
 
 def _with_total(timings: Timings, total_ms: float) -> Timings:
-    return Timings(
-        timings.prefill_ms, timings.search_ms, total_ms, timings.prompt_tokens, timings.decode_steps,
-        timings.decoded_tokens,
-    )
+    import dataclasses
+
+    return dataclasses.replace(timings, total_ms=total_ms)
 
 
 def _template_from(provenance: dict, model_path: Path) -> PromptTemplate:

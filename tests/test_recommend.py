@@ -211,7 +211,9 @@ def test_cli_recommend_json_and_table(tiny_model, tiny_db, cache_home, capsys):
     payload = json.loads(out.out)
     assert payload["user"] == 1 and len(payload["items"]) == 3
     assert set(payload["timings"]) == {"prefill_ms", "search_ms", "total_ms", "prompt_tokens", "decode_steps",
-                                       "decoded_tokens"}
+                                       "decoded_tokens", "prior_ms"}
+    assert payload["prior"] == "none" and payload["prior_weight"] == 0.0  # the tiny model has no sidecar
+    assert all(item["lm_score"] == item["score"] for item in payload["items"])
     rc = main(["recommend", "--history", "Toy Story (1995)", 'Quote "Me" (2001)', "--k", "2",
                "--db", str(tiny_db), "--model", str(tiny_model), "--beam", "4", "--threads", "1"])
     out = capsys.readouterr()

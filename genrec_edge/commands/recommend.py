@@ -7,7 +7,12 @@ from pathlib import Path
 
 import typer
 
-MODEL_HELP = "GGUF model (default: the model `genrec-edge` serves by default, now the zero-shot base)."
+MODEL_HELP = "GGUF model (default: the shipped fine-tuned default, built on first use)."
+PRIOR_HELP = (
+    "Collaborative prior fused into the search: none (the language model alone), pop (popularity counted "
+    "from the database) or sasrec (the model's cf-prior sidecar). Default: the model's sidecar if it has one."
+)
+PRIOR_WEIGHT_HELP = "λ in log P_LM + λ·log P_CF (default: the weight tuned for the model's prior)."
 DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
 
 
@@ -39,10 +44,14 @@ def register(app: typer.Typer) -> None:
         sample: bool = typer.Option(False, "--sample", help="Sample titles with the catalog grammar instead of beam search."),
         seed: int = typer.Option(0, "--seed", help="Random seed for --sample."),
         temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Temperature for --sample."),
+        prior: str = typer.Option(None, "--prior", help=PRIOR_HELP),
+        prior_weight: float = typer.Option(None, "--prior-weight", min=0.0, help=PRIOR_WEIGHT_HELP),
     ) -> None:
         """Recommend the next items for a user: the top-k unseen catalog titles by model probability.
 
         Decoding is constrained to the catalog (a token trie), so every result is a real, unseen item.
+        A title's score is log P_LM(title | history) + λ·log P_CF(title | history) when the model has a
+        collaborative prior (--prior none for the language model alone).
         With --history, recommend for an ad-hoc list of titles instead of a database user.
 
         Example: genrec-edge recommend --user 42 --k 10
@@ -60,7 +69,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError("give either --user or --history (one of them)")
         if user is not None:
             _check_user(db, user)  # before loading (or, the first time, building) a model
-        with Recommender.open(model, db, threads=threads, beam=beam) as rec:
+        with Recommender.open(model, db, threads=threads, beam=beam, prior=prior, prior_weight=prior_weight) as rec:
             result = rec.recommend(
                 user=user, history=titles or None, k=k, sample=sample, seed=seed, temperature=temperature
             )
@@ -73,7 +82,8 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         who = f"user {user}" if user is not None else f"a history of {len(titles)} titles"
-        table = Table(title=f"top {len(result.items)} for {who} ({model_name})")
+        fused = f", prior {result.prior} λ={result.prior_weight:g}" if result.prior != "none" else ""
+        table = Table(title=f"top {len(result.items)} for {who} ({model_name}{fused})")
         table.add_column("rank", justify="right")
         table.add_column("title")
         table.add_column("year", justify="right")
@@ -85,8 +95,9 @@ def register(app: typer.Typer) -> None:
         console = Console(soft_wrap=False)
         console.print(table)
         t = result.timings
+        prior_part = f"prior {t.prior_ms:.0f} ms · " if result.prior != "none" else ""
         console.print(
-            f"prefill {t.prefill_ms:.0f} ms ({t.prompt_tokens} prompt tokens) · search {t.search_ms:.0f} ms "
+            f"prefill {t.prefill_ms:.0f} ms ({t.prompt_tokens} prompt tokens) · {prior_part}search {t.search_ms:.0f} ms "
             f"({t.decode_steps} steps, {t.decoded_tokens} tokens) · total {t.total_ms:.0f} ms",
             highlight=False,
         )

@@ -1,0 +1,167 @@
+"""The collaborative prior (genrec_edge.cf): numpy SASRec = torch SASRec, the sidecar, and the fused
+recommender end to end on a tiny GGUF, a real SQLite file and real llama.cpp."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import TINY_HISTORIES, TINY_TITLES
+from test_recommend import cache_home, tiny_model  # noqa: F401
+from tinymodel import DEFAULT_TITLES
+
+from genrec_edge import cf
+from genrec_edge.catalog import Catalog
+from genrec_edge.cli import main
+from genrec_edge.errors import CatalogMismatchError, CorruptModelError, NotFoundError, UsageError
+from genrec_edge.history import HistoryDB
+from genrec_edge.prompts import Example
+
+
+@pytest.fixture(scope="module")
+def sasrec_model(tiny_movielens_dir, tmp_path_factory):
+    from genrec_edge.baselines import train_sasrec
+    from genrec_edge.ingest import ingest
+
+    path = tmp_path_factory.mktemp("cf") / "cf.db"
+    ingest(path, "movielens-csv", tiny_movielens_dir, progress=False)
+    with HistoryDB.open(path, readonly=True) as db:
+        sequences, catalog = list(db.sequences()), db.catalog()
+    model = train_sasrec(sequences, catalog, hidden=16, heads=2, max_len=6, epochs=4, eval_every=2,
+                         dropout=0.1, progress=False)
+    return model, sequences, catalog
+
+
+def test_numpy_sasrec_equals_torch(sasrec_model):
+    model, sequences, catalog = sasrec_model
+    prior = cf.sasrec_prior(model)
+    examples = [Example(u, tuple(seq[:-1]), seq[-1]) for u, seq in sequences if len(seq) > 1]
+    examples.append(Example(99, tuple(catalog.item_ids[:12]), catalog.item_ids[12]))  # longer than max_len
+    torch_scores = model.title_scores(examples).numpy()
+    for row, ex in enumerate(examples):
+        ours = prior.title_scores(ex.history)
+        unseen = np.isfinite(torch_scores[row])
+        assert unseen.sum() > 0
+        np.testing.assert_allclose(ours[unseen], torch_scores[row][unseen], atol=1e-4, rtol=1e-5)
+
+
+def test_log_probs_are_a_distribution_over_unseen_titles(sasrec_model):
+    model, sequences, catalog = sasrec_model
+    prior = cf.sasrec_prior(model)
+    seen = np.zeros(len(prior.titles), dtype=bool)
+    seen[:5] = True
+    logp = prior.log_probs(list(catalog.item_ids[:5]), seen)
+    assert np.isneginf(logp[:5]).all()
+    assert np.exp(logp[5:]).sum() == pytest.approx(1.0)
+
+
+def test_sidecar_round_trip_and_refusals(sasrec_model, tmp_path):
+    model, sequences, catalog = sasrec_model
+    prior = cf.sasrec_prior(model, weight=1.5, variant="max")
+    prior.save(tmp_path / "m")
+    loaded = cf.CFPrior.load(tmp_path / "m", catalog)
+    assert (loaded.kind, loaded.weight, loaded.config.variant) == ("sasrec", 1.5, "max")
+    history = list(catalog.item_ids[:4])
+    np.testing.assert_array_equal(loaded.title_scores(history), prior.title_scores(history))
+    assert json.loads((tmp_path / "m" / cf.SIDECAR_JSON).read_text())["sasrec"]["hidden"] == 16
+
+    other = Catalog.from_pairs([(1, "Something Else (2000)")] + list(TINY_TITLES.items())[1:])
+    with pytest.raises(CatalogMismatchError):
+        cf.CFPrior.load(tmp_path / "m", other)
+    with pytest.raises(NotFoundError):
+        cf.CFPrior.load(tmp_path / "nothing", catalog)
+    (tmp_path / "m" / cf.SIDECAR_WEIGHTS).write_bytes(b"\x00" * 20)
+    with pytest.raises(CorruptModelError):
+        cf.CFPrior.load(tmp_path / "m", catalog)
+    (tmp_path / "m" / cf.SIDECAR_JSON).write_text("{not json")
+    with pytest.raises(CorruptModelError):
+        cf.CFPrior.load(tmp_path / "m", catalog)
+    with pytest.raises(UsageError):
+        cf.PriorConfig("sasrec", -1.0)
+    with pytest.raises(UsageError):
+        cf.PriorConfig("knn", 1.0)
+
+
+def test_sidecar_with_wrong_shapes_is_refused(sasrec_model, tmp_path):
+    model, _, catalog = sasrec_model
+    prior = cf.sasrec_prior(model)
+    prior.weights = dict(prior.weights, **{"item_emb.weight": prior.weights["item_emb.weight"][:-1]})
+    prior.save(tmp_path)
+    with pytest.raises(CorruptModelError, match="item_emb.weight"):
+        cf.CFPrior.load(tmp_path, catalog)
+
+
+def test_popularity_prior_counts_the_training_part_only(tiny_db):
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        sequences, catalog = list(db.sequences()), db.catalog()
+    prior = cf.popularity_prior(sequences, catalog)
+    counts = np.expm1(prior.title_log_counts).round()
+    expected = {}
+    for seq in TINY_HISTORIES.values():
+        for item in seq[: max(0, len(seq) - 2)]:
+            expected[TINY_TITLES[item]] = expected.get(TINY_TITLES[item], 0) + 1
+    for j, title in enumerate(prior.titles):
+        assert counts[j] == expected.get(title, 0)
+    prior.save(tmp_path_pop := tiny_db.parent / "pop")
+    again = cf.CFPrior.load(tmp_path_pop, catalog)
+    np.testing.assert_allclose(again.title_log_counts, prior.title_log_counts)
+    assert not (tmp_path_pop / cf.SIDECAR_WEIGHTS).exists()
+
+
+# ------------------------------------------------------------------------------ fused recommender
+@pytest.fixture
+def model_with_prior(tiny_model, tiny_db, tmp_path, sasrec_model):  # noqa: F811
+    """The tiny GGUF copied next to a SASRec sidecar for the tiny database's catalog."""
+    import shutil
+
+    _, _, catalog = sasrec_model
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        assert db.catalog().sha256 == catalog.sha256
+    folder = tmp_path / "fused"
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / "model.gguf")
+    cf.sasrec_prior(sasrec_model[0], weight=2.0).save(folder)
+    return folder / "model.gguf"
+
+
+def test_fused_recommendation_equals_brute_force_fused_scoring(model_with_prior, tiny_db, cache_home):  # noqa: F811
+    from genrec_edge.recommend import Recommender
+
+    n_titles = len(DEFAULT_TITLES)
+    with Recommender.open(model_with_prior, tiny_db, beam=n_titles, warn=lambda m: None) as rec:
+        assert rec.default_prior == "sasrec"
+        fused = rec.recommend(user=4, k=5)
+        plain = rec.recommend(user=4, k=5, prior="none")
+        everything = rec.recommend(user=4, k=n_titles, prior="none")  # every unseen title's LM score
+        prior = rec.priors["sasrec"]
+    assert fused.prior == "sasrec" and fused.prior_weight == 2.0 and plain.prior == "none"
+    lm = {r.title: r.score for r in everything.items}
+    seen = np.zeros(n_titles, dtype=bool)
+    user_titles = [TINY_TITLES[i] for i in TINY_HISTORIES[4]]
+    seen[[prior.titles.index(t) for t in user_titles]] = True
+    logp = prior.log_probs(TINY_HISTORIES[4], seen)
+    expected = sorted(lm, key=lambda t: -(lm[t] + 2.0 * logp[prior.titles.index(t)]))[:5]
+    assert [r.title for r in fused.items] == expected
+    for r in fused.items:
+        assert r.lm_score == pytest.approx(lm[r.title], abs=1e-4)
+        assert r.score == pytest.approx(lm[r.title] + 2.0 * logp[prior.titles.index(r.title)], abs=1e-4)
+    assert [r.title for r in plain.items] == [r.title for r in everything.items[:5]]
+
+
+def test_prior_choices_through_the_cli(model_with_prior, tiny_db, cache_home, capsys):  # noqa: F811
+    base = ["recommend", "--user", "4", "--k", "3", "--db", str(tiny_db), "--model", str(model_with_prior), "--json"]
+    for args, kind, weight in [([], "sasrec", 2.0), (["--prior", "none"], "none", 0.0),
+                               (["--prior", "pop", "--prior-weight", "0.5"], "pop", 0.5),
+                               (["--prior-weight", "1"], "sasrec", 1.0)]:
+        assert main(base + args) == 0
+        payload = json.loads(capsys.readouterr().out)
+        assert (payload["prior"], payload["prior_weight"]) == (kind, weight)
+    assert main(base + ["--prior", "knn"]) == 2
+    assert "unknown prior" in capsys.readouterr().err
+
+
+def test_asking_for_a_prior_the_model_does_not_have(tiny_model, tiny_db, cache_home, capsys):  # noqa: F811
+    rc = main(["recommend", "--user", "4", "--db", str(tiny_db), "--model", str(tiny_model), "--prior", "sasrec"])
+    err = capsys.readouterr().err
+    assert rc == 4 and "no sasrec prior" in err and "Traceback" not in err
