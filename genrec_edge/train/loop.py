@@ -148,6 +148,7 @@ def write_run_json(run: Run, state: LoopState, status: str, **extra) -> None:
     data = dict(run.provenance, **extra)
     data.update(
         status=status,
+        total_steps=run.total_steps,
         steps=state.step,
         best=state.best,
         history=state.history,

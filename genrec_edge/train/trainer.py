@@ -136,6 +136,7 @@ def _set_up(
         "train_users": len(users),
         "train_windows": len(windows),
         "train_tokens_per_epoch": sum(len(w.input_ids) for w in windows),
+        "planned_steps": total_steps,  # before a time limit shortened the schedule (total_steps, below)
         "valid_users": len(valid_examples),
         "bf16": bool(use_bf16),
         "num_processes": accelerator.num_processes,
