@@ -182,7 +182,9 @@ def test_unseen_mask_blocks_exactly_fully_seen_subtrees(tokenizer):
     tokenize = tokenize_with(tokenizer)
     titles = ["Movie 1 (1951)", "Movie 1 (1952)", "Movie 2 (1953)"]
     trie = build_catalog_trie(titles, tokenize, tokenizer.eos_token_id)
-    paths = [[trie.walk(trie.tokens_of(t)[:d]) for d in range(1, len(trie.tokens_of(t)) + 1)] for t in range(3)]
+    paths = [
+        [trie.walk(trie.tokens_of(t)[:d]) for d in range(1, len(trie.tokens_of(t)) + 1)] for t in range(3)
+    ]
     view = TrieTensors(trie)
     one, everything = view.unseen_mask([[0], [0, 1, 2]]).tolist()
     assert not one[paths[0][-1]]  # its leaf
@@ -395,6 +397,7 @@ def test_train_trials_bench_runs_a_list_and_survives_a_failing_trial(tiny_db, tm
     sys.path.insert(
         0, str(Path(__file__).resolve().parents[1])
     )  # bench/ is a folder of scripts, not installed
+    from bench.train_trials import check_export
     from bench.train_trials import main as trials_main
 
     base = make_tiny_llama(tmp_path / "base")
@@ -403,25 +406,60 @@ def test_train_trials_bench_runs_a_list_and_survives_a_failing_trial(tiny_db, tm
         {"name": "r2", "lora_r": 2, **common},
         {"name": "broken", "target_modules": ["no_such_layer"], **common},
         {"name": "r4-lr", "lora_r": 4, "lr": 1e-2, **common},
+        {"name": "full-ref", "full": True, "ship": False, "lr": 1e-2, **common},
     ]
     (tmp_path / "trials.json").write_text(json.dumps(trials))
-    out = tmp_path / "results"
+    out, exported = tmp_path / "results", tmp_path / "exported"
     args = ["--db", str(tiny_db), "--out", str(out), "--trials", str(tmp_path / "trials.json"),
-            "--base", str(base), "--budget-s", "300", "--quiet"]  # fmt: skip
+            "--base", str(base), "--budget-s", "300", "--export", str(exported), "--quiet"]  # fmt: skip
     assert trials_main(args) == 0
     rows = list(csv.DictReader(open(out / "trials.csv", encoding="utf-8")))
-    assert [r["trial"] for r in rows] == ["r2", "broken", "r4-lr"]
-    assert rows[0]["status"] == rows[2]["status"] == "ok" and rows[1]["status"].startswith(
-        "failed: UsageError"
-    )
+    assert [r["trial"] for r in rows] == ["r2", "broken", "r4-lr", "full-ref"]
+    assert rows[0]["status"] == rows[2]["status"] == rows[3]["status"] == "ok"
+    assert rows[1]["status"].startswith("failed: UsageError")
     for row in (rows[0], rows[2]):
         run = json.loads((Path(row["run_dir"]) / "genrec_run.json").read_text())
         assert float(row["valid_hr@10"]) == run["best"]["hr@10"] and run["valid_users"] == 6  # all of them
-        assert float(row["tokens_per_s"]) > 0 and int(row["steps"]) == 2
+        assert float(row["tokens_per_s"]) > 0 and int(row["steps"]) == 2 and row["loss"] == "plain"
+        assert float(row["limit_s"]) >= 300 / 4 - 1  # its share of the budget, at least
+    # the best shippable trial; full fine-tuning is a reference point, never best/
     best = max((rows[0], rows[2]), key=lambda r: (float(r["valid_hr@10"]), float(r["valid_ndcg@10"])))
     best_run = json.loads((out / "best" / "genrec_run.json").read_text())
-    assert best_run["config"]["lora_r"] == int(best["lora_r"])
+    assert best_run["config"]["lora_r"] == int(best["lora_r"]) and not best_run["config"]["full"]
     assert (out / "best" / "adapter_model.safetensors").is_file() and not (
         out / "best" / "checkpoint"
     ).exists()
     assert "| r4-lr | ok |" in (out / "trials.md").read_text()
+    assert check_export(exported)["hr@10"] == best_run["best"]["hr@10"]
+    assert (exported / "trials.csv").read_text() == (out / "trials.csv").read_text()
+
+    # --resume keeps finished trials as they are and runs the others again
+    stamp = (Path(rows[0]["run_dir"]) / "genrec_run.json").stat().st_mtime_ns
+    assert trials_main([*args, "--resume"]) == 0
+    again = list(csv.DictReader(open(out / "trials.csv", encoding="utf-8")))
+    assert [r["status"][:6] for r in again] == ["ok", "failed", "ok", "ok"]
+    assert again[0] == rows[0] and again[2] == rows[2]
+    assert (Path(rows[0]["run_dir"]) / "genrec_run.json").stat().st_mtime_ns == stamp
+
+
+def test_a_time_limit_shortens_the_schedule_to_fit(tiny_base, tmp_path):
+    """After its first timed steps a time-limited run that cannot fit ends its cosine schedule early."""
+    config = TrainConfig(base=str(tiny_base), history_len=4, epochs=3, batch_size=4, lora_r=2, lora_alpha=4,
+                         valid_users=5, valid_every=1000, seed=0)  # fmt: skip
+    # an enormous expected validation leaves no time for training: the schedule ends one step later
+    result = train_on_sequences(SEQUENCES, CATALOG, tmp_path / "fit", config, time_limit_s=1e5,
+                                valid_seconds_hint=1e6, quiet=True)  # fmt: skip
+    run = json.loads((tmp_path / "fit" / "genrec_run.json").read_text())
+    assert run["planned_steps"] > 5 and run["total_steps"] == result.steps == 5 and run["status"] == "done"
+    assert not result.stopped_early and result.best is not None
+
+
+def test_a_run_out_of_time_stops_validated(tiny_base, tmp_path):
+    config = TrainConfig(base=str(tiny_base), history_len=4, epochs=2, batch_size=4, lora_r=2, lora_alpha=4,
+                         valid_users=5, seed=0)  # fmt: skip
+    result = train_on_sequences(SEQUENCES, CATALOG, tmp_path / "late", config, time_limit_s=1e-6, quiet=True)
+    run = json.loads((tmp_path / "late" / "genrec_run.json").read_text())
+    assert result.stopped_early and result.steps == 1 and run["status"] == "stopped"
+    assert [row["step"] for row in result.history] == [1] and (
+        tmp_path / "late" / "adapter_model.safetensors"
+    ).is_file()
