@@ -9,6 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterable, Sequence
 
+import numpy as np
+
+# The metrics ``genrec-edge evaluate`` reports (NDCG@1 equals HR@1 and is left out).
+REPORTED = ("HR@1", "HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR")
+
 
 def target_rank(ranking: Sequence[Hashable], target: Hashable) -> int | None:
     """The 1-based position of ``target`` in ``ranking``, or ``None`` if it is absent."""
@@ -59,6 +64,32 @@ def evaluate_ranks(ranks: Sequence[int | None], ks: Sequence[int] = (1, 5, 10)) 
         "mrr": mean(reciprocal_rank(r) for r in ranks),
         "n_users": len(ranks),
     }
+
+
+def per_user_metrics(ranks: Sequence[int | None], names: Sequence[str] = REPORTED) -> dict[str, np.ndarray]:
+    """Each user's value of every named metric (``HR@k``, ``NDCG@k``, ``MRR``), as float arrays.
+
+    The same formulas as ``hit_rate``, ``ndcg`` and ``reciprocal_rank``, vectorised: the per-user
+    values whose means ``evaluate_ranks`` reports, and what a bootstrap resamples (``stats``).
+    """
+    rank = np.array([0 if r is None else r for r in ranks], dtype=np.float64)
+    hit = rank > 0
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        kind, _, k_text = name.partition("@")
+        if kind == "MRR" and not k_text:
+            out[name] = np.where(hit, 1.0 / np.where(hit, rank, 1.0), 0.0)
+            continue
+        if kind not in ("HR", "NDCG", "MRR") or not k_text.isdigit() or int(k_text) < 1:
+            raise ValueError(f"unknown metric {name!r}; use HR@k, NDCG@k, MRR or MRR@k")
+        within = hit & (rank <= int(k_text))
+        if kind == "HR":
+            out[name] = within.astype(np.float64)
+        elif kind == "NDCG":
+            out[name] = np.where(within, 1.0 / np.log2(np.where(within, rank, 1.0) + 1.0), 0.0)
+        else:
+            out[name] = np.where(within, 1.0 / np.where(within, rank, 1.0), 0.0)
+    return out
 
 
 def overlap_at_k(a: Sequence[Hashable], b: Sequence[Hashable], k: int) -> float:

@@ -180,3 +180,26 @@ def test_bad_input_raises_our_errors():
 def test_ndcg_is_one_over_log2_of_rank_plus_one_for_every_rank():
     for rank in range(1, 50):
         assert ndcg(rank, 50) == pytest.approx(math.log(2) / math.log(rank + 1))
+
+
+def test_per_user_metrics_are_the_scalar_formulas_per_user():
+    from genrec_edge.metrics import REPORTED, per_user_metrics
+
+    ranks = [1, 2, 5, 6, 10, 11, None, 3]
+    values = per_user_metrics(ranks, REPORTED + ("MRR@5",))
+    assert list(values) == list(REPORTED) + ["MRR@5"]
+    for i, rank in enumerate(ranks):
+        assert values["HR@1"][i] == hit_rate(rank, 1) and values["HR@10"][i] == hit_rate(rank, 10)
+        assert values["NDCG@5"][i] == pytest.approx(ndcg(rank, 5), abs=1e-15)
+        assert values["NDCG@10"][i] == pytest.approx(ndcg(rank, 10), abs=1e-15)
+        assert values["MRR"][i] == pytest.approx(reciprocal_rank(rank), abs=1e-15)
+        assert values["MRR@5"][i] == pytest.approx(reciprocal_rank(rank if rank and rank <= 5 else None))
+    # Their means are evaluate_ranks' numbers.
+    means = evaluate_ranks(ranks, (1, 5, 10))
+    assert values["HR@5"].mean() == pytest.approx(means["hr"][5])
+    assert values["NDCG@10"].mean() == pytest.approx(means["ndcg"][10])
+    assert values["MRR"].mean() == pytest.approx(means["mrr"])
+    with pytest.raises(ValueError, match="unknown metric"):
+        per_user_metrics([1], ["HR@0"])
+    with pytest.raises(ValueError, match="unknown metric"):
+        per_user_metrics([1], ["Recall@10"])
