@@ -2,7 +2,9 @@
 
 Both take plain chronological sequences ``[(user, [item ids])]`` and a ``Catalog``, rank *titles*
 (duplicate titles merged, a title's score is its best item's score) and never return a title the user has
-already seen. Each ranker returns one item id per title, best first: the title's first item id.
+already seen. Each ranker returns one item id per title, best first: the title's first item id. Both also
+give a score matrix (``scores(examples)``, columns in ``Catalog.unique_titles`` order) for the vectorised
+``evaluation.evaluate_scores``; their rankings are "by score, ties by title index" (the title's first item id).
 
 Leak-free training data, by split:
 - scoring the **test** split, a model may learn from every item but each user's last one;
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from .catalog import Catalog
 from .errors import CatalogMismatchError, CorruptModelError, NotFoundError, UsageError
-from .evaluation import evaluate, from_rankings, seen_titles
+from .evaluation import TitleSpace, evaluate_scores, seen_titles, top_k_titles
 from .prompts import Example, leave_one_out
 
 if TYPE_CHECKING:  # torch is imported lazily: popularity must not pay for it
@@ -76,6 +78,22 @@ class PopularityRanker:
     ranked_titles: tuple[str, ...] = field(repr=False)
     counts: dict[str, int] = field(repr=False)
     split: str = "test"
+
+    def __post_init__(self) -> None:
+        import numpy as np
+
+        counts = [self.counts.get(t, 0) for t in self.catalog.unique_titles]
+        # float32 holds every count up to 2**24 exactly (so ties stay ties) and halves the memory traffic.
+        dtype = np.float32 if max(counts, default=0) <= 2**24 else np.float64
+        vector = np.asarray(counts, dtype=dtype)
+        vector.flags.writeable = False
+        object.__setattr__(self, "_vector", vector)
+
+    def scores(self, examples: Sequence[Example]):
+        """Every title's training count for each example (one shared row, read-only), unique_titles order."""
+        import numpy as np
+
+        return np.broadcast_to(self._vector, (len(examples), len(self._vector)))
 
     def rank(self, example: Example, k: int | None = None) -> list[int]:
         """The ``k`` most popular titles the user has not seen (all of them if ``k`` is None), as item ids."""
@@ -240,6 +258,9 @@ def _build_net(n_items: int, config: SASRecConfig):
     return SASRecNet()
 
 
+SCORE_BATCH = 256  # histories per SASRec forward pass when scoring
+
+
 class SASRecModel:
     """A trained SASRec with the catalog it was trained for; ranks titles, seen titles excluded."""
 
@@ -271,8 +292,7 @@ class SASRecModel:
                 batch[row, length - len(recent) :] = torch.tensor(recent)
         return batch
 
-    def title_scores(self, examples: Sequence[Example]) -> torch.Tensor:
-        """(len(examples), n_titles) scores from each full history; seen titles set to -inf."""
+    def _title_scores(self, examples: Sequence[Example]) -> torch.Tensor:
         import torch
 
         _check_items([(ex.user, ex.history) for ex in examples], self.catalog)
@@ -281,25 +301,46 @@ class SASRecModel:
             item_scores = self.net.item_logits(states)
             n_titles = len(self.title_item)
             scores = torch.full((len(examples), n_titles), -math.inf)
-            scores = scores.scatter_reduce(1, self.item_title.expand_as(item_scores), item_scores, "amax")
-            for row, ex in enumerate(examples):
-                seen = [self.title_ids[t] for t in seen_titles(ex, self.catalog)]
-                scores[row, seen] = -math.inf
+            return scores.scatter_reduce(1, self.item_title.expand_as(item_scores), item_scores, "amax")
+
+    def title_scores(self, examples: Sequence[Example]) -> torch.Tensor:
+        """(len(examples), n_titles) scores from each full history; seen titles set to -inf."""
+        scores = self._title_scores(examples)
+        for row, ex in enumerate(examples):
+            seen = [self.title_ids[t] for t in seen_titles(ex, self.catalog)]
+            scores[row, seen] = -math.inf
         return scores
 
-    def rank_many(
-        self, examples: Sequence[Example], k: int | None = None, batch_size: int = 256
-    ) -> list[list[int]]:
-        """Top-``k`` unseen titles (all of them if None) per example, as item ids, best first."""
-        import torch
+    def scores(self, examples: Sequence[Example], batch_size: int = SCORE_BATCH):
+        """(len(examples), n_titles) float32 numpy scores from each full history (seen titles not masked).
 
+        Computed ``batch_size`` histories at a time (attention memory grows with batch x max_len²).
+        """
+        import numpy as np
+
+        examples = list(examples)
+        out = np.empty((len(examples), len(self.title_item)), dtype=np.float32)
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            out[start : start + len(batch)] = self._title_scores(batch).numpy()
+        return out
+
+    def rank_many(
+        self, examples: Sequence[Example], k: int | None = None, batch_size: int = SCORE_BATCH
+    ) -> list[list[int]]:
+        """Top-``k`` unseen titles (all of them if None) per example, as item ids, best first.
+
+        Ties (equal scores) are broken by title index, as ``evaluation.top_k_titles`` does everywhere.
+        """
+        space = TitleSpace(self.catalog)
         out: list[list[int]] = []
         for start in range(0, len(examples), batch_size):
-            scores = self.title_scores(examples[start : start + batch_size])
-            top = scores.shape[1] if k is None else min(k, scores.shape[1])
-            values, indices = torch.topk(scores, top, dim=1)
-            for vals, idx in zip(values.tolist(), indices.tolist(), strict=True):
-                out.append([self.title_item[j] for v, j in zip(vals, idx, strict=True) if v != -math.inf])
+            batch = list(examples[start : start + batch_size])
+            scores = self.scores(batch)
+            seen_rows, seen_cols, _ = space.batch(batch)
+            scores[seen_rows, seen_cols] = -math.inf
+            top = top_k_titles(scores, scores.shape[1] if k is None else k)
+            out.extend([self.title_item[j] for j in row if j >= 0] for row in top.tolist())
         return out
 
     def rank(self, example: Example, k: int | None = None) -> list[int]:
@@ -462,8 +503,7 @@ def train_sasrec(
 
 
 def _valid_hr10(model: SASRecModel, examples: Sequence[Example], catalog: Catalog) -> float:
-    rankings = model.rank_many(examples, k=10)
-    return evaluate(from_rankings(examples, rankings), examples, catalog, ks=(10,), progress=False).hr[10]
+    return evaluate_scores(model.scores, examples, catalog, ks=(10,), progress=False).hr[10]
 
 
 def _merged_config(config: SASRecConfig | None, overrides: dict) -> SASRecConfig:

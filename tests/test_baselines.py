@@ -21,7 +21,7 @@ from genrec_edge.baselines import (
 from genrec_edge.catalog import Catalog
 from genrec_edge.cli import main
 from genrec_edge.errors import CatalogMismatchError, NotFoundError, UsageError
-from genrec_edge.evaluation import evaluate, from_rankings, seen_titles
+from genrec_edge.evaluation import evaluate, evaluate_scores, from_rankings, seen_titles
 
 # Items 3 and 4 share the title "Twin".
 SMALL_CATALOG = Catalog.from_pairs([(1, "A"), (2, "B"), (3, "Twin"), (4, "Twin"), (5, "C")])
@@ -51,6 +51,16 @@ def test_popularity_on_the_test_split_by_hand():
     assert result.ranks == (2, 1, 1)
     assert result.hr == {1: pytest.approx(2 / 3), 2: 1.0}
     assert result.mrr == pytest.approx((0.5 + 1 + 1) / 3)
+
+
+def test_popularity_scores_are_the_counts_in_title_order():
+    ranker = popularity(SMALL_SEQUENCES, SMALL_CATALOG, split="test")
+    examples = split_examples(SMALL_SEQUENCES, "test")
+    scores = ranker.scores(examples)
+    assert SMALL_CATALOG.unique_titles == ["A", "B", "Twin", "C"]
+    assert scores.shape == (3, 4) and scores.tolist() == [[1, 2, 2, 0]] * 3
+    vectorised = evaluate_scores(ranker.scores, examples, SMALL_CATALOG, ks=(1, 2), progress=False)
+    assert vectorised.ranks == (2, 1, 1)  # as the per-user path above: B before Twin (ties by item id)
 
 
 def test_popularity_on_the_valid_split_counts_only_earlier_items():
@@ -121,6 +131,23 @@ def test_sasrec_learns_the_chain_and_beats_popularity(chain_model):
     assert report.train_loss[report.epochs_run] < report.train_loss[1] / 2
 
 
+def test_sasrec_scores_path_ranks_like_a_full_sort(chain_model):
+    import math
+
+    import torch
+
+    model, sequences, catalog = chain_model
+    examples = list(split_examples(sequences, "test"))
+    scores = model.title_scores(examples)  # seen titles at -inf
+    values, indices = torch.topk(scores, scores.shape[1], dim=1)
+    reference = [[model.title_item[j] for v, j in zip(vals, idx, strict=True) if v != -math.inf]
+                 for vals, idx in zip(values.tolist(), indices.tolist(), strict=True)]
+    assert model.rank_many(examples) == reference  # no exact ties here: one order
+    by_topk = evaluate(from_rankings(examples, reference), examples, catalog, progress=False)
+    by_scores = evaluate_scores(model.scores, examples, catalog, progress=False, chunk_users=7)
+    assert by_scores.ranks == by_topk.ranks and by_scores.summary() == by_topk.summary()
+
+
 def test_sasrec_rankings_are_unseen_unique_titles(chain_model):
     model, sequences, catalog = chain_model
     example = split_examples(sequences, "test")[0]
@@ -169,6 +196,11 @@ def test_cli_pop_json_on_the_tiny_database(tiny_db, capsys):
     # Tiny histories: users 1-5, 7, 8 have >= 2 items -> 7 test examples (user 6 has one item).
     assert data["baseline"] == "popularity" and data["n_users"] == 7
     assert set(data["hr"]) == {"1", "5", "10"} and 0.0 <= data["mrr"] <= 1.0
+    intervals = data["intervals"]
+    assert set(intervals) == {"HR@1", "HR@5", "HR@10", "NDCG@1", "NDCG@5", "NDCG@10", "MRR"}
+    assert intervals["HR@10"]["low"] <= data["hr"]["10"] <= intervals["HR@10"]["high"]
+    assert intervals["MRR"]["low"] <= data["mrr"] <= intervals["MRR"]["high"]
+    assert data["interval"]["confidence"] == 0.95
 
 
 def test_cli_sasrec_trains_scores_and_saves(tiny_db, tmp_path, capsys):

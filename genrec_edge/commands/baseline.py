@@ -26,8 +26,14 @@ def _read(db: Path | None):
 
 
 def _report(name: str, split: str, result, as_json: bool, extra: dict | None = None) -> None:
+    from ..stats import CONFIDENCE, choose_method, mean_intervals
+
+    intervals = mean_intervals(result.per_user(list(result.summary())))
     if as_json:
         payload = {"baseline": name, "split": split, **result.to_dict(per_user=False), **(extra or {})}
+        payload["intervals"] = {m: {"low": e.to_dict()["low"], "high": e.to_dict()["high"]}
+                                for m, e in intervals.items()}
+        payload["interval"] = {"confidence": CONFIDENCE, "method": f"bootstrap ({choose_method(result.n_users)})"}
         typer.echo(json.dumps(payload, indent=2))
         return
     from rich.console import Console
@@ -36,8 +42,10 @@ def _report(name: str, split: str, result, as_json: bool, extra: dict | None = N
     table = Table(title=f"{name} on the {split} split ({result.n_users} users, full-catalog ranking)")
     table.add_column("metric")
     table.add_column("value", justify="right")
+    table.add_column(f"{CONFIDENCE:.0%} interval (bootstrap over users)", justify="right")
     for metric, value in result.summary().items():
-        table.add_row(metric, f"{value:.4f}")
+        low, high = intervals[metric].low, intervals[metric].high
+        table.add_row(metric, f"{value:.4f}", f"[{low:.4f}, {high:.4f}]" if low == low else "—")
     for key, value in (extra or {}).items():
         table.add_row(key, str(value))
     Console().print(table)
@@ -58,14 +66,16 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Most popular unseen titles, counted on the training part of the split only.
 
+        Prints HR@1/5/10, NDCG@1/5/10 and MRR with 95% bootstrap intervals over users.
+
         Example: genrec-edge baseline pop --db movies.db --split test
         """
         from ..baselines import popularity, split_examples
-        from ..evaluation import evaluate
+        from ..evaluation import evaluate_scores
 
         sequences, catalog = _read(db)
         ranker = popularity(sequences, catalog, split=split)
-        result = evaluate(ranker, split_examples(sequences, split), catalog)
+        result = evaluate_scores(ranker.scores, split_examples(sequences, split), catalog)
         _report("popularity", split, result, as_json)
 
     @baseline_app.command("sasrec")
@@ -95,7 +105,7 @@ def register(app: typer.Typer) -> None:
         _passive_openmp()
         from ..baselines import SASRecModel, split_examples, train_sasrec
         from ..errors import UsageError
-        from ..evaluation import evaluate, from_rankings
+        from ..evaluation import evaluate_scores
 
         if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
             raise UsageError(f"{save} exists and is not an empty directory; choose another --save path")
@@ -114,8 +124,7 @@ def register(app: typer.Typer) -> None:
             max_seconds=max_seconds,
             seed=seed,
         )
-        rankings = model.rank_many(examples)
-        result = evaluate(from_rankings(examples, rankings), examples, catalog)
+        result = evaluate_scores(model.scores, examples, catalog)
         report = model.report
         extra = {
             "best_epoch": report.best_epoch,
