@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "history",
     "prompts",
     "baseline",
+    "evaluate",
     "train",
     "convert",
     "recommend",

@@ -1,0 +1,154 @@
+"""``genrec-edge evaluate``: score the LLM, SASRec and popularity on the same users, with 95% intervals."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
+SLICE_METRICS = ("HR@10", "NDCG@10")
+
+
+def _parse_users(users: str) -> int | None:
+    from ..errors import UsageError
+
+    if users.strip().lower() == "all":
+        return None
+    try:
+        count = int(users)
+    except ValueError:
+        raise UsageError(f"--users takes a number or 'all' (got {users!r})") from None
+    if count < 1:
+        raise UsageError(f"--users must be >= 1 or 'all' (got {count})")
+    return count
+
+
+def _specs(models: list[Path], prior: str | None, sasrec: list[Path], pop: bool):
+    from ..errors import UsageError
+    from ..evalruns import PRIORS, RecommenderSpec
+
+    if prior is not None and prior not in PRIORS:
+        raise UsageError(f"--prior is one of {', '.join(PRIORS)} (got {prior!r})")
+    if prior is not None and not models:
+        raise UsageError("--prior applies to --model (the LLM); give a --model")
+    specs = [RecommenderSpec("llm", None if str(m) == "default" else Path(m), prior) for m in models]
+    specs += [RecommenderSpec("sasrec", Path(d)) for d in sasrec]
+    if pop:
+        specs.append(RecommenderSpec("pop"))
+    return specs
+
+
+def _render(evaluation) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..stats import format_estimate
+
+    summary, names = evaluation.summary, list(evaluation.runs)
+    console = Console()
+    table = Table(box=box.SIMPLE_HEAD, title=f"{evaluation.split} split, {len(evaluation.users)} users (seed {evaluation.seed}): "
+                        "mean [95% bootstrap interval]")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right", no_wrap=True)
+    for metric in evaluation.metrics:
+        table.add_row(metric, *(format_estimate(summary["recommenders"][n][metric]) for n in names))
+    console.print(table)
+
+    if summary["differences"]:
+        diff = Table(box=box.SIMPLE_HEAD, title="paired differences on the same users (* : the interval excludes 0)")
+        diff.add_column("metric")
+        for pair in summary["differences"]:
+            diff.add_column(f"{pair['a']} − {pair['b']}", justify="right", no_wrap=True)
+        for metric in evaluation.metrics:
+            cells = []
+            for pair in summary["differences"]:
+                est = pair["metrics"][metric]
+                cells.append(format_estimate(est, signed=True) + (" *" if est.excludes_zero else ""))
+            diff.add_row(metric, *cells)
+        console.print(diff)
+
+    for slicing, groups in summary["slices"].items():
+        title = {"popularity": "by the target's popularity in training (head: the titles holding the first 50% "
+                               "of interactions, torso: up to 80%, tail: the rest)",
+                 "history": "by history length (items before the target)"}[slicing]
+        sliced = Table(box=box.SIMPLE_HEAD, title=title, pad_edge=False)
+        sliced.add_column("slice (users)")
+        sliced.add_column("recommender", min_width=12)
+        for metric in SLICE_METRICS:
+            sliced.add_column(metric, justify="right", no_wrap=True)
+        for label, group in groups.items():
+            rows = [(n, [format_estimate(group["recommenders"][n][m], 3) for m in SLICE_METRICS]) for n in names]
+            for pair in group["differences"]:
+                cells = []
+                for metric in SLICE_METRICS:
+                    est = pair["metrics"][metric]
+                    cells.append(format_estimate(est, 3, signed=True) + (" *" if est.excludes_zero else ""))
+                rows.append((f"{pair['a']} − {pair['b']}", cells))
+            for i, (who, cells) in enumerate(rows):
+                sliced.add_row(f"{label} ({group['users']})" if i == 0 else "", who, *cells,
+                               end_section=i == len(rows) - 1)
+        console.print(sliced)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("evaluate")
+    def evaluate(
+        model: list[Path] = typer.Option(
+            None, "--model", help="GGUF model (the LLM) to evaluate; repeatable; 'default' for the default model."
+        ),
+        prior: str | None = typer.Option(
+            None, "--prior", help="The LLM's collaborative prior: sasrec, pop or none (default: the model's own)."
+        ),
+        sasrec: list[Path] = typer.Option(
+            None, "--sasrec", help="A SASRec directory saved by `baseline sasrec --save`; repeatable."
+        ),
+        pop: bool = typer.Option(False, "--pop", help="Popularity, counted on the split's training part."),
+        db: Path | None = typer.Option(None, "--db", help=DB_HELP),
+        split: str = typer.Option("test", "--split", help="test (each user's last item) or valid (second-to-last)."),
+        users: str = typer.Option("all", "--users", help="How many users: N (a seeded sample) or all."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the user sample and of the bootstrap."),
+        k: int = typer.Option(10, "--k", min=1, help="Titles the LLM returns per user (its MRR becomes MRR@k)."),
+        by: list[str] = typer.Option(
+            None, "--by", help="Also slice by: popularity (of the target), history (length); repeatable."
+        ),
+        out: Path | None = typer.Option(
+            None, "--out",
+            help="Per-user results (JSONL), written as they come and resumed from "
+            "(default: evaluate/results.jsonl under GENREC_EDGE_HOME's cache).",
+        ),
+        threads: int | None = typer.Option(None, "--threads", min=1, help="CPU threads (llama.cpp, torch)."),
+        beam: int | None = typer.Option(None, "--beam", min=1, help="LLM beam width (default: max(10, 2k))."),
+        as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (progress on stderr)."),
+    ) -> None:
+        """Score recommenders on the same users: HR@1/5/10, NDCG@5/10, MRR with 95% bootstrap intervals.
+
+        Given two or more, also the paired interval of each difference (the same users, resampled together).
+        Protocol (README): chronological leave-one-out, full-catalog ranking, seen titles excluded.
+        Each user's result is appended to --out when computed: the same command resumes after a crash.
+        Logged results are reused only for the same recommender, split, data and settings.
+
+        Example: genrec-edge evaluate --model model-Q8_0.gguf --sasrec sasrec-ml --pop --users 200 --by popularity
+        """
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch or llama.cpp loads (FINDINGS.md)
+        from .. import paths
+        from ..evalruns import evaluate_recommenders
+
+        specs = _specs(list(model or []), prior, list(sasrec or []), pop)
+        slicings = [part.strip() for item in (by or []) for part in item.split(",") if part.strip()]
+        log_path = out if out is not None else paths.cache_dir() / "evaluate" / "results.jsonl"
+        evaluation = evaluate_recommenders(
+            specs, db=db, split=split, users=_parse_users(users), seed=seed, k=k, out=log_path, by=slicings,
+            threads=threads, beam=beam,
+        )
+        resumed = {n: r["resumed"] for n, r in evaluation.runs.items() if r["resumed"]}
+        note = f" (reused: {', '.join(f'{n} {c}' for n, c in resumed.items())})" if resumed else ""
+        typer.echo(f"per-user results: {evaluation.results_file}{note}", err=True)
+        if as_json:
+            typer.echo(json.dumps(evaluation.to_dict(), indent=1, ensure_ascii=False))
+            return
+        _render(evaluation)

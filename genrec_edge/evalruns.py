@@ -1,0 +1,438 @@
+"""Evaluating recommenders over many users: resumable runs, several recommenders at once, intervals.
+
+``evaluate_recommenders`` is what ``genrec-edge evaluate`` runs::
+
+    RecommenderSpec (llm / sasrec / pop) --_open_run--> Run (config + how to produce UserResults)
+    ResultLog.run: results already in the JSONL log for the run's key are reused, the rest computed
+        (evaluation.score_results for score matrices, llm_rankings for the LLM) and appended as they come
+    -> metrics.per_user_metrics per recommender -> stats.compare: intervals, paired differences, slices
+
+The protocol itself (split, seen titles, ties, metrics) is in ``evaluation``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import Catalog
+from .errors import IngestError, UsageError
+from .evaluation import (
+    TitleSpace,
+    UserResult,
+    history_length_slices,
+    result_from_titles,
+    score_results,
+    slice_order,
+    target_popularity_slices,
+)
+from .prompts import Example
+
+
+# ================================================================================= recommenders as runs
+@dataclass(frozen=True)
+class Run:
+    """One recommender to evaluate: how it produces results, and the identity its logged results carry.
+
+    ``config`` is everything its results depend on (model file hash, split, data, k, ...): two runs with
+    the same config give the same per-user results, so a ``ResultLog`` may reuse them. ``top_k`` is
+    ``None`` for a full-catalog ranker (exact ranks, full MRR) and k for a top-k recommender (MRR@k).
+    """
+
+    name: str
+    config: dict
+    produce: Callable[[Sequence[Example]], Iterator[list[UserResult]]] = field(repr=False, compare=False)
+    top_k: int | None = None
+
+    @property
+    def key(self) -> str:
+        text = json.dumps(self.config, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def data_fingerprint(sequences: Iterable[tuple[int, Sequence[int]]]) -> str:
+    """sha256 of every user's chronological item ids: the data a split's targets and training part come from."""
+    digest = hashlib.sha256()
+    for user, seq in sequences:
+        digest.update(np.asarray([user, len(seq)], dtype=np.int64).tobytes())
+        digest.update(np.asarray(seq, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def popularity_run(sequences, catalog: Catalog, split: str, base_config: dict, keep: int = 10) -> Run:
+    """Popularity counted on the training part of ``split`` (``baselines.popularity``), scored from its counts."""
+    from .baselines import popularity
+
+    ranker = popularity(sequences, catalog, split=split)
+    space = TitleSpace(catalog)
+    return Run("popularity", {**base_config, "recommender": "popularity"},
+               lambda examples: score_results(ranker.scores, examples, space, keep))
+
+
+def sasrec_run(path: Path, catalog: Catalog, base_config: dict, keep: int = 10, threads: int | None = None) -> Run:
+    """A SASRec saved by ``baseline sasrec --save``, scored in batches."""
+    from .baselines import SASRecModel
+    from .hashing import sha256_file
+
+    model = SASRecModel.load(path, catalog)
+    config = {**base_config, "recommender": "sasrec", "weights_sha256": sha256_file(Path(path) / model.WEIGHTS)}
+    space = TitleSpace(catalog)
+
+    def produce(examples):
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads or model.config.threads)
+        try:
+            yield from score_results(model.scores, examples, space, keep)
+        finally:
+            torch.set_num_threads(previous)
+
+    return Run("SASRec", config, produce)
+
+
+def llm_rankings(rec, examples: Sequence[Example], catalog: Catalog, k: int) -> Iterator[tuple[Example, list[str]]]:
+    """The LLM's top-``k`` titles for each example, yielded as they are computed (one search per user today).
+
+    The history is the example's titles; every title in it is excluded inside the search. A collaborative
+    prior, where the Recommender has one, reads the example's item ids.
+    """
+    import inspect
+
+    takes_items = "history_items" in inspect.signature(rec.rank_titles).parameters
+    for example in examples:
+        history = [catalog.title_of(item) for item in example.history]
+        options = {"history_items": list(example.history)} if takes_items else {}
+        yield example, list(rec.rank_titles(history, set(history), k, **options).titles)
+
+
+def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None, beam: int | None) -> Run:
+    """The LLM behind ``rec`` (an open ``Recommender``) as a top-``k`` run."""
+    from .hashing import sha256_file
+
+    model_path = Path(rec.engine.path)
+    # The collaborative prior's sidecar next to the model (cf.py) changes the results as much as the model.
+    from .cf import SIDECAR_JSON, SIDECAR_WEIGHTS
+
+    files = [model_path.parent / name for name in (SIDECAR_JSON, SIDECAR_WEIGHTS)]
+    sidecar = {p.name: sha256_file(p) for p in files if p.is_file()}
+    config = {**base_config, "recommender": "llm", "model_sha256": sha256_file(model_path), "prior": prior,
+              "prior_sidecar": sidecar, "k": k, "beam": beam}
+
+    def produce(examples):
+        for example, titles in llm_rankings(rec, examples, catalog, k):
+            yield [result_from_titles(example, titles, catalog, keep=k, k_max=k)]
+
+    label = "LLM " + model_path.stem + (f" +{prior}" if prior else "")
+    return Run(label, config, produce, top_k=k)
+
+
+# ============================================================================= evaluating several at once
+PROTOCOL = "chronological-leave-one-out/v1"
+PRIORS = ("sasrec", "pop", "none")
+SLICINGS = ("popularity", "history")
+STORED_TITLES = 10  # top titles kept per user for a full-catalog ranker
+
+
+@dataclass(frozen=True)
+class RecommenderSpec:
+    """A recommender to evaluate: ``kind`` is ``"llm"`` (``path`` a GGUF, None: the default model; ``prior``
+    None: the model's own default), ``"sasrec"`` (``path`` a directory saved by ``baseline sasrec --save``)
+    or ``"pop"``."""
+
+    kind: str
+    path: Path | None = None
+    prior: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("llm", "sasrec", "pop"):
+            raise UsageError(f"unknown recommender kind {self.kind!r}")
+        if self.kind == "sasrec" and self.path is None:
+            raise UsageError("a SASRec needs the directory it was saved to")
+        if self.prior is not None and (self.kind != "llm" or self.prior not in PRIORS):
+            raise UsageError(f"--prior is one of {', '.join(PRIORS)} and applies to --model only")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What ``evaluate_recommenders`` measured: per-run identity and the ``stats.compare`` summary."""
+
+    split: str
+    seed: int
+    users: tuple[int, ...]
+    metrics: tuple[str, ...]
+    runs: dict  # name -> {"config", "key", "top_k", "resumed"}
+    summary: dict  # stats.compare(...)
+    results_file: Path | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        from .stats import CONFIDENCE, N_RESAMPLES, choose_method, to_jsonable
+
+        return {
+            "split": self.split,
+            "protocol": PROTOCOL,
+            "n_users": len(self.users),
+            "seed": self.seed,
+            "metrics": list(self.metrics),
+            "interval": {"confidence": CONFIDENCE, "method": f"bootstrap ({choose_method(len(self.users))})",
+                         "resamples": N_RESAMPLES, "paired": True},
+            "results_file": str(self.results_file) if self.results_file else None,
+            "seconds": self.seconds,
+            "recommenders": {
+                name: {**run, "metrics": to_jsonable(self.summary["recommenders"][name])}
+                for name, run in self.runs.items()
+            },
+            "differences": to_jsonable(self.summary["differences"]),
+            "slices": to_jsonable(self.summary["slices"]),
+            "users": list(self.users),
+        }
+
+
+def sample_examples(examples: Sequence[Example], users: int | None, seed: int) -> list[Example]:
+    """All examples by user id, or a seeded sample of ``users`` of them (the bench samples the same way)."""
+    import random
+
+    ordered = sorted(examples, key=lambda ex: ex.user)
+    if users is None or users >= len(ordered):
+        return ordered
+    if users < 1:
+        raise UsageError(f"--users must be >= 1 or 'all' (got {users})")
+    return sorted(random.Random(seed).sample(ordered, users), key=lambda ex: ex.user)
+
+
+def evaluate_recommenders(
+    specs: Sequence[RecommenderSpec],
+    db: Path | None = None,
+    split: str = "test",
+    users: int | None = None,
+    seed: int = 0,
+    k: int = 10,
+    out: Path | None = None,
+    by: Sequence[str] = (),
+    threads: int | None = None,
+    beam: int | None = None,
+    progress: bool = True,
+    warn=None,
+) -> Evaluation:
+    """Score every recommender in ``specs`` on the same users, with intervals and paired differences.
+
+    Per-user results stream to ``out`` (a ``ResultLog``; None: no file) and are reused from it. When any
+    recommender is top-``k`` (the LLM), every recommender's MRR is MRR@k, so that all compare alike.
+    ``by`` names slicings (``SLICINGS``) to report the metrics within.
+    """
+    from . import paths
+    from .baselines import split_examples
+    from .history import HistoryDB
+    from .metrics import REPORTED, per_user_metrics
+    from .stats import compare
+
+    started = time.perf_counter()
+    if not specs:
+        raise UsageError("nothing to evaluate: give --pop, --sasrec DIR or --model GGUF")
+    if k < 1:
+        raise UsageError(f"--k must be >= 1 (got {k})")
+    unknown = [b for b in by if b not in SLICINGS]
+    if unknown:
+        raise UsageError(f"unknown --by {unknown[0]!r}; use {' or '.join(SLICINGS)}")
+    db_path = Path(db) if db is not None else paths.default_db()
+    with HistoryDB.open(db_path, readonly=True) as history:
+        sequences, catalog = list(history.sequences()), history.catalog()
+    examples = sample_examples(split_examples(sequences, split), users, seed)
+    if not examples:
+        raise UsageError(f"no user has a {split} example in {db_path}")
+    base = {"protocol": PROTOCOL, "split": split, "data_sha256": data_fingerprint(sequences),
+            "catalog_sha256": catalog.sha256}
+    log = ResultLog(out) if out is not None else None
+
+    results: dict[str, list[UserResult]] = {}
+    runs: dict[str, dict] = {}
+    order = {"llm": 0, "sasrec": 1, "pop": 2}  # differences read "LLM - SASRec", "SASRec - popularity"
+    for spec in sorted(specs, key=lambda sp: order[sp.kind]):
+        with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn) as run:
+            name = run.name
+            while name in results:
+                name += " #2"
+            got, resumed = log.run(run, examples, progress) if log else (run_unlogged(run, examples, progress), 0)
+        results[name] = got
+        runs[name] = {"config": run.config, "key": run.key, "top_k": run.top_k, "resumed": resumed}
+
+    cutoffs = [r["top_k"] for r in runs.values() if r["top_k"] is not None]
+    cutoff = min(cutoffs) if cutoffs else None
+    names = tuple(m if m != "MRR" or cutoff is None else f"MRR@{cutoff}" for m in REPORTED)
+    per_user = {
+        name: per_user_metrics([r.rank if r.rank is None or cutoff is None or r.rank <= cutoff else None
+                                for r in got], names)
+        for name, got in results.items()
+    }
+    slices = {}
+    if "popularity" in by:
+        slices["popularity"] = target_popularity_slices(sequences, catalog, split, examples)
+    if "history" in by:
+        slices["history"] = history_length_slices(examples)
+    summary = compare(per_user, slices, seed=seed)
+    summary["slices"] = {
+        slicing: {label: summary["slices"][slicing][label] for label in slice_order(labels)}
+        for slicing, labels in slices.items()
+    }
+    return Evaluation(split, seed, tuple(ex.user for ex in examples), names, runs, summary, log.path if log else None,
+                      time.perf_counter() - started)
+
+
+@contextmanager
+def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog, split: str, base: dict, k: int,
+              threads: int | None, beam: int | None, warn):
+    if spec.kind == "pop":
+        yield popularity_run(sequences, catalog, split, base, keep=STORED_TITLES)
+    elif spec.kind == "sasrec":
+        yield sasrec_run(Path(spec.path), catalog, base, keep=STORED_TITLES, threads=threads)
+    else:
+        import inspect
+
+        from .recommend import Recommender
+
+        options = {}
+        if spec.prior is not None:  # only when asked: a Recommender without priors still serves
+            if "prior" not in inspect.signature(Recommender.open).parameters:
+                raise UsageError("--prior needs a genrec-edge whose Recommender has a collaborative prior")
+            options["prior"] = spec.prior
+        with Recommender.open(spec.path, db_path, threads=threads, beam=beam, warn=warn, **options) as rec:
+            yield llm_run(rec, catalog, base, k, spec.prior, beam)
+
+
+# ======================================================================================= the results log
+LOG_FORMAT = "genrec-edge-eval-results"
+LOG_VERSION = 1
+
+
+class ResultLog:
+    """Per-user results as JSON lines, appended and flushed as they are computed; a run resumes from it.
+
+    Line 1 names the format; then ``{"run": KEY, "name": ..., "config": {...}}`` once per run, and
+    ``{"run": KEY, "user": ..., "target": ..., "rank": ..., "top": [...], ...}`` per user. A run's KEY
+    hashes its config, so results are only ever reused for the same recommender, split, data and settings.
+    A last line cut short by a crash is dropped (that user is computed again); any other malformed line is
+    an error naming the file and line, and the file is left as it is. One process appends at a time (an
+    exclusive lock; a second one is refused).
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> dict[str, dict[int, UserResult]]:
+        """Every logged result, by run key then user."""
+        if not self.path.exists():
+            return {}
+        if not self.path.is_file():
+            raise UsageError(f"{self.path} is not a file")
+        return self._parse(self.path.read_bytes())
+
+    def run(self, run: Run, examples: Sequence[Example], progress: bool = True) -> tuple[list[UserResult], int]:
+        """Every example's result for ``run``: logged ones reused, the others computed and appended.
+
+        Returns the results in ``examples`` order and how many came from the log.
+        """
+        if self.path.exists() and not self.path.is_file():
+            raise UsageError(f"{self.path} is not a file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as fh:
+            _lock(fh, self.path)
+            fh.seek(0)
+            data = fh.read()
+            everything = self._parse(data)
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):  # a line cut short by a crash
+                fh.truncate(keep)
+            if keep == 0:
+                fh.write(_HEADER)
+            if run.key not in everything:
+                fh.write(_json_line({"run": run.key, "name": run.name, "config": run.config}))
+            fh.flush()
+
+            def append(chunk: list[UserResult]) -> None:
+                fh.write(b"".join(_json_line({"run": run.key, **r.to_dict()}) for r in chunk))
+                fh.flush()
+
+            return _run_with(run, examples, everything.get(run.key, {}), append, progress)
+
+    def _parse(self, data: bytes) -> dict[str, dict[int, UserResult]]:
+        out: dict[str, dict[int, UserResult]] = {}
+        complete = data.split(b"\n")[:-1]  # after the last newline: nothing, or a line cut short
+        if not complete:
+            if data and not _HEADER.startswith(data):
+                raise UsageError(f"{self.path} is not a genrec-edge results log; choose another --out")
+            return out
+        for number, raw in enumerate(complete, start=1):
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                if number == 1:
+                    raise UsageError(f"{self.path} is not a genrec-edge results log; choose another --out") from None
+                raise IngestError(f"{self.path}:{number}: not a JSON line") from None
+            if number == 1:
+                if not isinstance(record, dict) or record.get("format") != LOG_FORMAT:
+                    raise UsageError(f"{self.path} is not a genrec-edge results log; choose another --out")
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("run"), str):
+                raise IngestError(f"{self.path}:{number}: a line without a run key")
+            if "config" in record:
+                out.setdefault(record["run"], {})
+                continue
+            try:
+                result = UserResult.from_dict(record)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise IngestError(f"{self.path}:{number}: malformed result ({exc})") from None
+            out.setdefault(record["run"], {})[result.user] = result
+        return out
+
+
+_HEADER = (json.dumps({"format": LOG_FORMAT, "version": LOG_VERSION}) + "\n").encode("utf-8")
+
+
+def _json_line(record: dict) -> bytes:
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def _lock(fh, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"{path} is being written by another evaluation; wait for it or pass another --out") from None
+
+
+def run_unlogged(run: Run, examples: Sequence[Example], progress: bool = True) -> list[UserResult]:
+    """``ResultLog.run`` without a file."""
+    return _run_with(run, examples, {}, None, progress)[0]
+
+
+def _run_with(run: Run, examples, logged: dict[int, UserResult], append, progress: bool) -> tuple[list[UserResult], int]:
+    from tqdm.auto import tqdm
+
+    users = [ex.user for ex in examples]
+    if len(set(users)) != len(users):
+        raise UsageError("a run takes one example per user; got a user twice")
+    todo = [ex for ex in examples if ex.user not in logged]
+    found = {ex.user: logged[ex.user] for ex in examples if ex.user in logged}
+    if todo:
+        with tqdm(total=len(todo), desc=run.name[:30], unit="user", disable=not progress, leave=False,
+                  dynamic_ncols=True) as bar:
+            for chunk in run.produce(todo):
+                found.update((r.user, r) for r in chunk)
+                if append is not None:
+                    append(chunk)
+                bar.update(len(chunk))
+    missing = [u for u in users if u not in found]
+    if missing:
+        raise RuntimeError(f"{run.name} gave no result for user {missing[0]}")
+    return [found[u] for u in users], len(examples) - len(todo)
