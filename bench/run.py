@@ -7,7 +7,8 @@ One run, every number side by side on the same machine, model, users and threads
         recommend latency and top-k per user, first constrained step's distribution, peak RSS
     peers: popularity and SASRec (trained now, best epoch on validation), scored on the user sample and
         on every test user; transformers' constrained beam search on the same F16 (a few users)
-    -> evaluation.evaluate (the project's protocol) per level and peer; agreement with F16
+    -> evaluation.evaluate (the project's protocol) per level and peer; agreement with F16; 95% bootstrap
+       intervals on every quality cell and paired differences of each level from F16 (genrec_edge.stats)
     -> bench/results/<date>-<dataset>.md / .csv / .json / .png (and the table on stdout)
 
 Columns and the protocol: bench/README.md. Example::
@@ -328,20 +329,52 @@ def title_rank_fn(examples, rankings: Sequence[Sequence[str]], catalog):
     return from_rankings(examples, items)
 
 
+def score_ks(k: int) -> tuple[int, ...]:
+    return tuple(sorted(set(KS) | {k}))
+
+
 def score(examples, rankings, catalog, k: int):
     from genrec_edge.evaluation import evaluate
 
-    return evaluate(title_rank_fn(examples, rankings, catalog), examples, catalog, ks=KS, k_max=k, progress=False)
+    return evaluate(title_rank_fn(examples, rankings, catalog), examples, catalog, ks=score_ks(k), k_max=k,
+                    progress=False)
 
 
-def quality_columns(result, k: int) -> dict:
-    return {
-        "HR@5": result.hr[5],
-        f"HR@{k}": result.hr.get(k, result.hr[max(result.hr)]),
-        "NDCG@5": result.ndcg[5],
-        f"NDCG@{k}": result.ndcg.get(k, result.ndcg[max(result.ndcg)]),
-        f"MRR@{k}": result.mrr,
-    }
+def quality_names(k: int) -> tuple[str, ...]:
+    return ("HR@5", f"HR@{k}", "NDCG@5", f"NDCG@{k}", f"MRR@{k}")
+
+
+def quality_columns(result, k: int, seed: int = 0) -> dict:
+    """HR/NDCG/MRR means (``evaluation``'s) with their 95% bootstrap intervals as ``<name>_lo`` / ``_hi``."""
+    from genrec_edge.stats import mean_intervals
+
+    names = quality_names(k)
+    means = {"HR@5": result.hr[5], f"HR@{k}": result.hr[k], "NDCG@5": result.ndcg[5],
+             f"NDCG@{k}": result.ndcg[k], f"MRR@{k}": result.mrr}
+    intervals = mean_intervals(result.per_user(names), seed=seed)
+    out = {}
+    for name in names:
+        out.update({name: means[name], f"{name}_lo": intervals[name].low, f"{name}_hi": intervals[name].high})
+    return out
+
+
+def difference_names(k: int) -> tuple[str, ...]:
+    return (f"HR@{k}", f"NDCG@{k}", f"MRR@{k}")
+
+
+def difference_columns(result, reference, k: int, seed: int = 0) -> dict:
+    """``Δ<metric>``: mean per-user difference from ``reference`` on the same users, with its paired interval."""
+    from genrec_edge.stats import paired_differences
+
+    if result.users != reference.users:
+        raise BenchError("a level and F16 were scored on different users")
+    names = difference_names(k)
+    diffs = paired_differences(result.per_user(names), reference.per_user(names), seed=seed)
+    out = {}
+    for name in names:
+        d = diffs[name]
+        out.update({f"Δ{name}": d.mean, f"Δ{name}_lo": d.low, f"Δ{name}_hi": d.high})
+    return out
 
 
 # =========================================================================================== the run
@@ -402,7 +435,8 @@ def measure_all(config: BenchConfig, inputs: Inputs, level_paths: dict[str, Path
     return measured, hf
 
 
-def level_rows(levels, measured: dict, results: dict, level_paths: dict, threads: int, k: int) -> list[dict]:
+def level_rows(levels, measured: dict, results: dict, level_paths: dict, threads: int, k: int,
+               seed: int = 0) -> list[dict]:
     """One row per level: file, llama-bench, latency, quality, agreement with F16 (adds details to measured)."""
     from genrec_edge.evaluation import topk_overlap, topk_rank_correlation
 
@@ -429,7 +463,8 @@ def level_rows(levels, measured: dict, results: dict, level_paths: dict, threads
                 "tg_sd": m["tg"]["sd"],
                 "p50_ms": percentile(m["latency_ms"], 50),
                 "p95_ms": percentile(m["latency_ms"], 95),
-                **quality_columns(r, k),
+                **quality_columns(r, k, seed),
+                **difference_columns(r, ref, k, seed),
                 f"overlap@{k}": topk_overlap(r, ref, k),
                 f"rho@{k}": topk_rank_correlation(r, ref, k),
                 "kl_first": sum(kl) / len(kl),
@@ -501,7 +536,7 @@ def run_bench(config: BenchConfig) -> dict:
         measured, hf = measure_all(config, inputs, level_paths, threads, Path(tmp), phases)
         results = {level: score(inputs.sample, measured[level]["rankings"], inputs.catalog, config.k)
                    for level in levels}
-        rows = level_rows(levels, measured, results, level_paths, threads, config.k)
+        rows = level_rows(levels, measured, results, level_paths, threads, config.k, config.seed)
     peers, peer_details = [], {}
     if not config.skip_peers:
         t0 = time.perf_counter()
@@ -533,7 +568,7 @@ def run_bench(config: BenchConfig) -> dict:
 def score_peers(inputs: Inputs, k: int, threads: int, config: BenchConfig) -> tuple[list[dict], dict]:
     """Popularity and SASRec (trained here, best validation epoch), on the sample and on all test users."""
     from genrec_edge.baselines import popularity, train_sasrec
-    from genrec_edge.evaluation import evaluate
+    from genrec_edge.evaluation import evaluate_scores
 
     catalog = inputs.catalog
     pop = popularity(inputs.sequences, catalog, split="test")
@@ -548,16 +583,11 @@ def score_peers(inputs: Inputs, k: int, threads: int, config: BenchConfig) -> tu
         progress=config.progress,
     )
     rows, details = [], {"sasrec": {"config": asdict(sasrec.config), "report": asdict(sasrec.report)}}
-    for name, rank_many in (
-        ("popularity", lambda exs: [pop.rank(e, k) for e in exs]),
-        ("SASRec", lambda exs: sasrec.rank_many(list(exs), k)),
-    ):
+    for name, score_fn in (("popularity", pop.scores), ("SASRec", sasrec.scores)):
         for scope, examples in (("sample", inputs.sample), ("all", inputs.test)):
-            from genrec_edge.evaluation import from_rankings
-
-            res = evaluate(from_rankings(examples, rank_many(examples)), examples, catalog, ks=KS, k_max=k,
-                           progress=False)
-            rows.append({"name": f"{name} ({scope})", "kind": "peer", "users": res.n_users, **quality_columns(res, k)})
+            res = evaluate_scores(score_fn, examples, catalog, ks=score_ks(k), k_max=k, progress=False)
+            rows.append({"name": f"{name} ({scope})", "kind": "peer", "users": res.n_users,
+                         **quality_columns(res, k, config.seed)})
             details[f"{name} ({scope})"] = res.to_dict(per_user=scope == "sample")
     return rows, details
 
@@ -676,7 +706,32 @@ def _cell(row: dict, key, fmt) -> str:
     if isinstance(key, tuple):
         mean, sd = row.get(key[0]), row.get(key[1])
         return "—" if mean is None else f"{mean:.2f} ± {sd:.2f}"
-    return fmt(row.get(key)) if row.get(key) is not None else "—"
+    if row.get(key) is None:
+        return "—"
+    low, high = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if low is None or high is None:
+        return fmt(row[key])
+    return f"{fmt(row[key])} [{fmt(low)}, {fmt(high)}]"  # the value's 95% interval
+
+
+def _signed(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:+.3f}".replace("-", "−")
+
+
+def difference_table(rows: list[dict], k: int) -> str:
+    """Each level minus F16 on the same users: mean difference [95% paired interval], * if it excludes 0."""
+    names = difference_names(k)
+    lines = ["| level | " + " | ".join(f"Δ{n} vs F16" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    for row in rows:
+        cells = []
+        for n in names:
+            mean, low, high = row.get(f"Δ{n}"), row.get(f"Δ{n}_lo"), row.get(f"Δ{n}_hi")
+            real = low is not None and high is not None and (low > 0 or high < 0)
+            cells.append(f"{_signed(mean)} [{_signed(low)}, {_signed(high)}]" + (" *" if real else ""))
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict], columns) -> str:
@@ -718,7 +773,17 @@ def render_markdown(report: dict) -> str:
         "",
         "## Quantization levels",
         "",
+        f"Quality cells: the mean over the {sample['users']} users and its 95% bootstrap interval over users "
+        "(genrec_edge.stats).",
+        "",
         markdown_table(rows, cols),
+        "",
+        "## Quality vs F16, paired on the same users",
+        "",
+        "Each level's per-user difference from F16, averaged, with the 95% paired-bootstrap interval (users "
+        "resampled, both levels together); * marks an interval that excludes 0: a real drop or gain, not noise.",
+        "",
+        difference_table(rows, k),
     ]
     ref = next((r for r in rows if r["name"] == REFERENCE), None)
     by_name = {r["name"]: r for r in report["peers"]}
@@ -813,7 +878,9 @@ def write_outputs(report: dict, out_dir: Path, progress: bool = True) -> dict[st
     report["meta"]["files"] = {ext: str(p) for ext, p in files.items()}
     text = render_markdown(report)
     files["md"].write_text(text, encoding="utf-8")
-    fields = CSV_FIELDS + ["HR@5", f"HR@{k}", "NDCG@5", f"NDCG@{k}", f"MRR@{k}", f"overlap@{k}", f"rho@{k}", "kl_first"]
+    quality = [f"{n}{suffix}" for n in quality_names(k) for suffix in ("", "_lo", "_hi")]
+    deltas = [f"Δ{n}{suffix}" for n in difference_names(k) for suffix in ("", "_lo", "_hi")]
+    fields = CSV_FIELDS + quality + deltas + [f"overlap@{k}", f"rho@{k}", "kl_first"]
     context = csv_context(report["meta"])  # every row carries the run's context: the CSV stands alone
     with open(files["csv"], "w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields + list(context), extrasaction="ignore", lineterminator="\n")

@@ -71,6 +71,14 @@ def test_bench_end_to_end(tiny_f16, tiny_db, tmp_path, home, capsys):
         assert -1.0 <= row["rho@10"] <= 1.0 and row["kl_first"] >= 0.0
     f16, q8 = rows["F16"], rows["Q8_0"]
     assert f16["overlap@10"] == 1.0 and f16["rho@10"] == 1.0 and f16["kl_first"] == 0.0
+    # Every quality cell carries its 95% interval; each level is compared with F16 on the same users.
+    for row in list(rows.values()) + report["peers"] + report["hf_side_by_side"]:
+        for key in ("HR@5", "HR@10", "NDCG@5", "NDCG@10", "MRR@10"):
+            assert row[f"{key}_lo"] <= row[key] <= row[f"{key}_hi"], (row["name"], key)
+    assert (f16["ΔHR@10"], f16["ΔHR@10_lo"], f16["ΔHR@10_hi"]) == (0.0, 0.0, 0.0)
+    for key in ("HR@10", "NDCG@10", "MRR@10"):
+        assert q8[f"Δ{key}"] == pytest.approx(q8[key] - f16[key], abs=1e-12)
+        assert q8[f"Δ{key}_lo"] <= q8[f"Δ{key}"] <= q8[f"Δ{key}_hi"]
     assert q8["size_mb"] < f16["size_mb"] and q8["bpw"] < f16["bpw"]
     assert 15 < f16["bpw"] < 17.5 and 8 < q8["bpw"] < 10  # F32 norms and metadata add a little
     assert report["levels"]["Q8_0"]["first_top1_agreement"] <= 1.0
@@ -112,10 +120,13 @@ def test_bench_end_to_end(tiny_f16, tiny_db, tmp_path, home, capsys):
     text = files["md"].read_text(encoding="utf-8")
     assert text in capsys.readouterr().out
     assert "| F16 |" in text and "| Q8_0 |" in text and "pp32 t/s" in text and "zero-shot base" in text
+    assert "## Quality vs F16, paired on the same users" in text and "ΔHR@10 vs F16" in text
+    assert f"{f16['HR@10']:.3f} [{f16['HR@10_lo']:.3f}, {f16['HR@10_hi']:.3f}]" in text
     with open(files["csv"], encoding="utf-8") as fh:
         table = list(csv.DictReader(fh))
     assert [r["name"] for r in table][:2] == ["F16", "Q8_0"] and len(table) == 2 + 4 + 2
     assert float(table[1]["size_mb"]) == pytest.approx(q8["size_mb"])
+    assert float(table[1]["ΔNDCG@10_hi"]) == pytest.approx(q8["ΔNDCG@10_hi"])
     assert {r["sample_seed"] for r in table} == {"1"} and all("llama-cpp-python=" in r["versions"] for r in table)
     saved = json.loads(files["json"].read_text(encoding="utf-8"))
     assert saved["meta"]["versions"]["llama-cpp-python"] and saved["meta"]["cpu"]
@@ -128,11 +139,13 @@ def test_first_step_matches_the_recommender(tiny_f16, tiny_db, home):
     import numpy as np
 
     from bench.measure import first_step_log_probs
+    from genrec_edge.engine import log_softmax
     from genrec_edge.recommend import Recommender
 
     history = ["Toy Story (1995)", "Heat (1995)", "Matrix, The (1999)"]
     with Recommender.open(tiny_f16, tiny_db, threads=2, warn=lambda m: None) as rec:
-        _, _, expected, _ = rec._prepare(history, set(history))
+        *_, logits, _ = rec._prepare(0, history, set(history))  # request slot 0: what recommend() uses
+        expected = log_softmax(logits)
         rec.recommend(history=history, k=5)
         got = first_step_log_probs(rec, history)
     np.testing.assert_allclose(got, expected, atol=1e-4)
