@@ -281,3 +281,20 @@ def test_slices_by_hand():
     lengths = [1, 5, 6, 20, 21, 200, 201]
     fake = [Example(u, tuple(range(n)), 0) for u, n in enumerate(lengths)]
     assert history_length_slices(fake) == ["1-5", "1-5", "6-20", "6-20", "21-50", "101-200", ">200"]
+
+
+def test_help_imports_neither_torch_nor_scipy():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from genrec_edge.cli import main\n"
+        "for argv in (['--help'], ['evaluate', '--help'], ['baseline', 'pop', '--help']):\n"
+        "    main(argv)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'scipy', 'llama_cpp'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Example: genrec-edge evaluate" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
