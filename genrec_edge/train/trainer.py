@@ -9,6 +9,7 @@ config and provenance), ``train_log.jsonl`` (one row per validation) and ``check
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -57,8 +58,6 @@ def _set_up(
     train_titles, valid_examples = split_for_training(sequences, catalog)
     users = sample_users(train_titles, config.max_train_users, config.seed)
     if config.valid_users and config.valid_users < len(valid_examples):
-        import random
-
         valid_examples = random.Random(config.seed + 1).sample(valid_examples, config.valid_users)
     need_validator = main and bool(valid_examples)
     trie = None
