@@ -58,19 +58,20 @@ class CatalogTrie:
         titles: Sequence[str],
         tokenize: Callable[[str], Sequence[int]],
         eos_id: int,
+        threads: int = 1,
     ) -> CatalogTrie:
         """Trie over ``tokenize(title) + [eos_id]`` for each distinct title (first occurrence order).
 
         ``tokenize`` must be the model's tokenizer without special tokens. Two distinct titles with the
         same tokens (possible with lossy tokenizers) share one leaf: the first title owns it and the
-        later one gets ``title_leaf == -1`` (unreachable; see :attr:`collisions`).
+        later one gets ``title_leaf == -1`` (unreachable; see :attr:`collisions`). ``threads`` > 1
+        tokenizes in that many threads (``tokenize`` must then be thread-safe); the trie is the same.
         """
         unique = list(dict.fromkeys(titles))
         sequences = []
-        for index, title in enumerate(unique):
-            ids = tuple(int(t) for t in tokenize(title))
+        for index, ids in enumerate(_tokenize_all(unique, tokenize, threads)):
             if eos_id in ids:  # parse_special=False makes this impossible for llama.cpp tokenizers
-                raise ValueError(f"title {title!r} tokenizes to the EOS token")
+                raise ValueError(f"title {unique[index]!r} tokenizes to the EOS token")
             sequences.append((ids + (eos_id,), index))
         return cls.from_sequences(unique, sequences, eos_id)
 
@@ -276,6 +277,38 @@ _ARRAYS = (
 )
 
 
+PARALLEL_MIN_TITLES = 4096  # below this, starting threads costs more than it saves
+_TOKENIZE_CHUNK = 1024
+
+
+def _tokenize_all(titles: list[str], tokenize: Callable[[str], Sequence[int]], threads: int) -> list[tuple[int, ...]]:
+    """``tokenize`` of every title, in order; in ``threads`` threads over chunks of titles.
+
+    llama.cpp's ``llama_tokenize`` costs ~40 µs a call, almost all inside the C call, which ctypes makes
+    with the GIL released: threads tokenize a 62k-title catalog nearly ``threads`` times faster. The
+    result is the same list as one thread's, so the trie is byte-identical.
+    """
+    def chunk(part: Sequence[str]) -> list[tuple[int, ...]]:
+        return [tuple(int(t) for t in tokenize(title)) for title in part]
+
+    if threads <= 1 or len(titles) < PARALLEL_MIN_TITLES:
+        return chunk(titles)
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = [titles[i : i + _TOKENIZE_CHUNK] for i in range(0, len(titles), _TOKENIZE_CHUNK)]
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="trie-tokenize") as pool:
+        return [ids for done in pool.map(chunk, parts) for ids in done]
+
+
+def default_tokenize_threads() -> int:
+    """The CPUs this process may run on (at most 8: tokenizing is a few seconds at most)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
 def _depths(parent: np.ndarray) -> np.ndarray:
     """Depth of every node: climb all nodes one level per iteration (max-depth numpy gathers)."""
     n = len(parent)
@@ -302,10 +335,13 @@ def load_or_build(
     titles: Sequence[str],
     tokenize: Callable[[str], Sequence[int]],
     eos_id: int,
+    threads: int | None = None,
 ) -> tuple[CatalogTrie, bool]:
     """The cached trie for this tokenizer and catalog, or a fresh build saved to the cache.
 
     Returns ``(trie, from_cache)``. A cache file that is unreadable or whose titles differ is rebuilt.
+    A build tokenizes in ``threads`` threads (None: :func:`default_tokenize_threads`), so ``tokenize``
+    must be thread-safe, as llama.cpp's is (the runtime passes ``engine.tokenize``).
     """
     unique = tuple(dict.fromkeys(titles))
     path = None
@@ -318,7 +354,7 @@ def load_or_build(
                     return trie, True
             except (OSError, ValueError, KeyError):
                 pass  # a stale or damaged cache entry is simply rebuilt
-    trie = CatalogTrie.build(unique, tokenize, eos_id)
+    trie = CatalogTrie.build(unique, tokenize, eos_id, threads or default_tokenize_threads())
     if path is not None:
         try:
             trie.save(path)
