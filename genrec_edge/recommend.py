@@ -420,6 +420,31 @@ class Recommender:
             return self._rank_group([(titles, set(seen_titles), items, chosen)], k,
                                     beam if beam is not None else self.beam)[0]
 
+    def rank_many(self, requests: Sequence[tuple[Sequence[str], Sequence[str] | set[str], Sequence[int] | None]], k: int,
+                  beam: int | None = None) -> list[Ranking]:
+        """:meth:`rank_titles` for several ``(history_titles, seen_titles, history_items)`` requests, no database.
+
+        Up to ``batch`` (set at open) are searched together, with the recommender's default prior; each
+        gets the ranking ``rank_titles`` gives it alone (scores equal up to float rounding, which depends on
+        the request's row in the shared llama_decode). A bad request raises before any search. For workers
+        without the history database (``cluster.RankActor``), fed the histories a driver read.
+        """
+        group = []
+        for history_titles, seen_titles, history_items in requests:
+            unknown = [t for t in history_titles if t not in self.title_index]
+            if unknown:
+                raise NotFoundError(_unknown_title_message(unknown[0], self.trie.titles))
+            if not history_titles:
+                raise EmptyHistoryError("the history is empty: nothing to recommend from")
+            items = list(history_items) if history_items is not None else [self.first_item[t] for t in history_titles]
+            titles = list(history_titles)[-self.template.history_len:] if self.template.history_len > 0 else []
+            group.append((titles, set(seen_titles), items, self._prior_for(None, None)))
+        out: list[Ranking] = []
+        with self.lock:
+            for first in range(0, len(group), self.batch):
+                out += self._rank_group(group[first : first + self.batch], k, beam if beam is not None else self.beam)
+        return out
+
     # ------------------------------------------------------------------ internals
     def _prior_for(self, choice: str | None, weight: float | None) -> CFPrior | None:
         """The prior a request asked for (None: the default), with its weight; None for no prior."""
