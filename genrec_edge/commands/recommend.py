@@ -27,6 +27,43 @@ def _check_user(db: Path | None, user: int) -> None:
             raise EmptyHistoryError(f"user {user} has no history to recommend from")
 
 
+OUT_HELP = (
+    "Batch: the JSON-lines file to write (one line per user); an existing one is resumed if it was written "
+    "with the same model, database and settings."
+)
+RAY_HELP = (
+    "Batch on a Ray cluster (pip install 'genrec-edge[cluster]'): ADDRESS is local (connect to the cluster "
+    "RAY_ADDRESS or `ray start` names, else start one here), auto (a running cluster) or ray://HEAD:10001."
+)
+
+
+def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet, ray, actors,
+           ship_model, json_output) -> None:
+    from ..batch import read_users_file, recommend_users
+    from ..errors import UsageError
+
+    if all_users and users_file is not None:
+        raise UsageError("give --all-users or --users-file, not both")
+    if out is None:
+        raise UsageError("a batch run needs --out FILE.jsonl")
+    if (actors is not None or ship_model) and ray is None:
+        raise UsageError("--actors and --ship-model apply to --ray runs")
+    users = read_users_file(users_file) if users_file is not None else None
+    report = recommend_users(
+        db, out, users, users_source=str(users_file) if users_file else None, model=model, k=k, beam=beam,
+        batch=batch, threads=threads, prior=prior, prior_weight=prior_weight, parquet=parquet,
+        ray=None if ray is None else (True if ray == "local" else ray), actors=actors, ship_model=ship_model,
+    )
+    if json_output:
+        payload = {**report.__dict__, "out": str(report.out), "parquet": str(report.parquet) if report.parquet else None}
+        typer.echo(json.dumps(payload, indent=1))
+        return
+    errors = f", {report.errors} with nothing left to recommend" if report.errors else ""
+    resumed = f" ({report.resumed} already there)" if report.resumed else ""
+    typer.echo(f"{report.out}: {report.users} users{resumed}, {report.written} written in {report.seconds:.1f} s{errors}"
+               + (f"; {report.parquet}" if report.parquet else ""))
+
+
 def register(app: typer.Typer) -> None:
     @app.command("recommend")
     def recommend(
@@ -46,6 +83,16 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Temperature for --sample."),
         prior: str = typer.Option(None, "--prior", help=PRIOR_HELP),
         prior_weight: float = typer.Option(None, "--prior-weight", min=0.0, help=PRIOR_WEIGHT_HELP),
+        all_users: bool = typer.Option(False, "--all-users", help="Batch: every user with a history (needs --out)."),
+        users_file: Path = typer.Option(None, "--users-file", help="Batch: the user ids in FILE, one per line."),
+        out: Path = typer.Option(None, "--out", help=OUT_HELP),
+        batch: int = typer.Option(8, "--batch", min=1, help="Batch: requests searched together per llama_decode."),
+        parquet: bool = typer.Option(False, "--parquet", help="Batch: also write OUT as .parquet (needs pyarrow)."),
+        ray: str = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
+        actors: int = typer.Option(None, "--actors", min=1, help="With --ray: actors, each with --threads CPUs "
+                                   "(default: the cluster's CPUs / threads)."),
+        ship_model: bool = typer.Option(False, "--ship-model", help="With --ray: send the model through Ray's "
+                                        "object store instead of reading its path on every worker."),
     ) -> None:
         """Recommend the next items for a user: the top-k unseen catalog titles by model probability.
 
@@ -53,11 +100,25 @@ def register(app: typer.Typer) -> None:
         A title's score is log P_LM(title | history) + λ·log P_CF(title | history) when the model has a
         collaborative prior (--prior none for the language model alone).
         With --history, recommend for an ad-hoc list of titles instead of a database user.
+        With --all-users or --users-file, recommend for many users into --out (JSON lines, one per user,
+        appended as they come): the same command resumes after a crash; --ray runs it on a Ray cluster.
 
         Example: genrec-edge recommend --user 42 --k 10
         Example: genrec-edge recommend --history "Toy Story (1995)" "Heat (1995)" --json
+        Example: genrec-edge recommend --all-users --out recs.jsonl --batch 8
         """
         from ..errors import UsageError
+
+        if all_users or users_file is not None:
+            if user is not None or history or more_titles or sample:
+                raise UsageError("--all-users / --users-file do not combine with --user, --history or --sample")
+            _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet,
+                   ray, actors, ship_model, json_output)
+            return
+        for name, value in (("--out", out), ("--ray", ray), ("--actors", actors), ("--parquet", parquet or None),
+                            ("--ship-model", ship_model or None)):
+            if value is not None:
+                raise UsageError(f"{name} applies to batch runs: add --all-users or --users-file FILE")
         from ..recommend import Recommender
 
         titles = list(history or [])

@@ -1,0 +1,420 @@
+"""Batch recommendation: the top-k for many users, written as JSON lines, resumable.
+
+``recommend_users(db, out, users=None, ...)`` is what ``genrec-edge recommend --all-users`` runs::
+
+    users (all with a history, or a list) -> groups of `batch` consecutive users (plan_groups), minus the
+    groups already in `out` -> Recommender.recommend_many, one group per search (or, with `ray=`,
+    cluster.ray_results: an actor pool on a Ray cluster, each actor one Recommender fed groups of histories)
+    -> one JSON line per user, appended and flushed as each group finishes; `out` + ".parquet" at the end
+
+The file (``OUT_FORMAT``): line 1 ``{"format": ..., "version": 1, "config": {...}}``, where ``config`` is
+everything the results depend on (the model file's sha256 and its prior sidecar's, the prior, k, the beam,
+the batch, the database's catalog hash and a checksum of its interactions); then per user
+``{"user": 42, "items": [{"rank": 1, "title": ..., "item_ids": [...], "score": ..., "lm_score": ...}, ...]}``
+or ``{"user": 42, "items": [], "error": "..."}`` for a user nothing can be recommended to (every title
+seen). Running the same command again skips the users already written; a last line cut short by a crash is
+dropped (that user is computed again); a file written with another config, or damaged elsewhere, is refused
+and left as it is. One process writes a file at a time (an exclusive lock).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import EmptyHistoryError, IngestError, NotFoundError, UsageError
+
+OUT_FORMAT = "genrec-edge-recommendations"
+OUT_VERSION = 1
+DEFAULT_BATCH = 8  # requests per llama_decode
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one ``recommend_users`` call did: users asked for, found already written, computed now."""
+
+    out: Path
+    users: int
+    resumed: int
+    written: int
+    errors: int  # users written with an "error" instead of items (every title seen)
+    seconds: float
+    parquet: Path | None = None
+
+
+# ------------------------------------------------------------------------------------------------ users
+def read_users_file(path: str | Path) -> list[int]:
+    """User ids, one per line (blank lines and ``#`` comments skipped), in file order, duplicates dropped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"cannot read the users file {path}: {reason}") from None
+    users: dict[int, None] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        value = line.split("#", 1)[0].strip()
+        if not value:
+            continue
+        try:
+            users[int(value)] = None
+        except ValueError:
+            raise IngestError(f"{path}:{number}: not a user id: {value!r}") from None
+    if not users:
+        raise UsageError(f"the users file {path} lists no user")
+    return list(users)
+
+
+def users_with_history(db) -> list[int]:
+    """Every user with at least one interaction, by id (an index probe per user, not a table scan)."""
+    with db._errors():
+        return [r[0] for r in db.conn.execute(
+            "SELECT id FROM users u WHERE EXISTS (SELECT 1 FROM interactions i WHERE i.user_id = u.id) ORDER BY id"
+        )]
+
+
+def check_users(db, users: Sequence[int], source: str | None = None) -> None:
+    """Every user exists and has a history; else one error naming the first that does not."""
+    where = f" (in {source})" if source else ""
+    with db._errors():
+        for user in users:
+            if db.conn.execute("SELECT 1 FROM users WHERE id = ?", (user,)).fetchone() is None:
+                raise NotFoundError(f"unknown user {user}{where}")
+            if db.conn.execute("SELECT 1 FROM interactions WHERE user_id = ? LIMIT 1", (user,)).fetchone() is None:
+                raise EmptyHistoryError(f"user {user}{where} has no history to recommend from")
+
+
+def data_checksum(db) -> dict:
+    """Counts and sums over every interaction: changes when a history changes (one pass, in SQLite)."""
+    with db._errors():
+        n, users, items, stamps, ratings = db.conn.execute(
+            "SELECT count(*), sum(user_id), sum(item_id), sum(timestamp), total(rating) FROM interactions"
+        ).fetchone()
+    return {"interactions": n, "sums": [users or 0, items or 0, stamps or 0, round(ratings or 0.0, 6)]}
+
+
+def history_items(db, users: Iterable[int]) -> Iterator[tuple[int, list[int]]]:
+    """``(user, item ids oldest first)`` per user: what a request without the database carries."""
+    with db._errors():
+        for user in users:
+            rows = db.conn.execute(
+                "SELECT item_id FROM interactions WHERE user_id = ? ORDER BY timestamp, item_id", (user,)
+            ).fetchall()
+            yield user, [r[0] for r in rows]
+
+
+# ------------------------------------------------------------------------------------------------ records
+def record(user: int, titles: Sequence[str], scores: Sequence[float], lm_scores: Sequence[float], catalog,
+           error: str | None = None) -> dict:
+    """One output line: the ranked titles with every item id of each (duplicate titles are one result)."""
+    if error is not None:
+        return {"user": int(user), "items": [], "error": error}
+    return {"user": int(user), "items": [
+        {"rank": rank, "title": title, "item_ids": list(catalog.title_to_items[title]), "score": float(score),
+         "lm_score": float(lm)}
+        for rank, (title, score, lm) in enumerate(zip(titles, scores, lm_scores, strict=True), start=1)
+    ]}
+
+
+def _json_line(data: dict) -> bytes:
+    return (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# ------------------------------------------------------------------------------------------------ the file
+class OutFile:
+    """The output JSONL: its header, the users it holds, appends. Use as a context manager (holds a lock)."""
+
+    def __init__(self, path: Path, config: dict):
+        self.path = Path(path)
+        self.config = config
+        self.fh = None
+        self.done: set[int] = set()
+
+    def __enter__(self) -> OutFile:
+        if self.path.exists() and not self.path.is_file():
+            raise UsageError(f"--out {self.path} is not a file")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.fh = open(self.path, "a+b")  # noqa: SIM115 - closed in __exit__
+        except OSError as exc:
+            raise UsageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        try:
+            _lock(self.fh, self.path)
+            self.fh.seek(0)
+            data = self.fh.read()
+            self.done = self._parse(data)
+            keep = data.rfind(b"\n") + 1
+            if keep < len(data):  # a line cut short by a crash: that user is computed again
+                self.fh.truncate(keep)
+            if keep == 0:
+                self.fh.write(_json_line({"format": OUT_FORMAT, "version": OUT_VERSION, "config": self.config}))
+                self.fh.flush()
+        except BaseException:
+            self.fh.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+    def append(self, records: Sequence[dict]) -> None:
+        """Append and flush (one write: a crash cuts at most the last line)."""
+        self.fh.write(b"".join(_json_line(r) for r in records))
+        self.fh.flush()
+        self.done.update(r["user"] for r in records)
+
+    def _parse(self, data: bytes) -> set[int]:
+        lines = data.split(b"\n")[:-1]  # after the last newline: nothing, or a line cut short
+        foreign = f"{self.path} is not a genrec-edge recommendations file; choose another --out"
+        if not lines:
+            if data and not data.startswith(b'{"format": "' + OUT_FORMAT.encode()):
+                raise UsageError(foreign)
+            return set()
+        try:
+            header = json.loads(lines[0].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UsageError(foreign) from None
+        if not isinstance(header, dict) or header.get("format") != OUT_FORMAT:
+            raise UsageError(foreign)
+        if header.get("version") != OUT_VERSION or header.get("config") != self.config:
+            old = header.get("config") if isinstance(header.get("config"), dict) else {}
+            differ = sorted(key for key in set(old) | set(self.config) if old.get(key) != self.config.get(key))
+            raise UsageError(
+                f"{self.path} was written with another model, database or settings "
+                f"({', '.join(differ) or 'version'} differ): choose another --out, or delete it to start over"
+            )
+        done = set()
+        for number, raw in enumerate(lines[1:], start=2):
+            try:
+                line = json.loads(raw.decode("utf-8"))
+                user = line["user"]
+                if not isinstance(user, int) or not isinstance(line["items"], list):
+                    raise TypeError
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                raise IngestError(f"{self.path}:{number}: not a recommendations line (the file is left as it is)") from None
+            done.add(user)
+        return done
+
+
+def _lock(fh, path: Path) -> None:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"{path} is being written by another process; wait for it or pass another --out") from None
+
+
+def read_records(path: str | Path) -> dict[int, dict]:
+    """The user lines of a recommendations file, by user (for tests and downstream readers)."""
+    out = {}
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh):
+            if number and line.endswith("\n"):
+                data = json.loads(line)
+                out[data["user"]] = data
+    return out
+
+
+def write_parquet(jsonl: Path, dest: Path, chunk: int = 50_000) -> Path:
+    """One row per recommendation (user, rank, title, item_ids, score, lm_score), written atomically."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError("--parquet needs pyarrow: pip install pyarrow") from None
+    schema = pa.schema([("user", pa.int64()), ("rank", pa.int32()), ("title", pa.string()),
+                        ("item_ids", pa.list_(pa.int64())), ("score", pa.float64()), ("lm_score", pa.float64())])
+    tmp = dest.with_name(f".{dest.name}.partial")
+    columns: dict[str, list] = {name: [] for name in schema.names}
+
+    def flush(writer) -> None:
+        writer.write_table(pa.table(columns, schema=schema))
+        for values in columns.values():
+            values.clear()
+
+    with pq.ParquetWriter(tmp, schema) as writer, open(jsonl, encoding="utf-8") as fh:
+        next(fh, None)  # the header
+        for line in fh:
+            data = json.loads(line)
+            for item in data["items"]:
+                columns["user"].append(data["user"])
+                for name in ("rank", "title", "item_ids", "score", "lm_score"):
+                    columns[name].append(item[name])
+            if len(columns["user"]) >= chunk:
+                flush(writer)
+        flush(writer)
+    tmp.replace(dest)
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------ the job
+def batch_config(model_path: Path, db, catalog, k: int, beam: int, batch: int, prior: str | None,
+                 prior_weight: float | None) -> dict:
+    """What a file's results depend on; a resumed file must have been written with the same."""
+    from .cf import SIDECAR_JSON, SIDECAR_WEIGHTS
+    from .hashing import sha256_file
+
+    sidecar = {name: sha256_file(model_path.parent / name) for name in (SIDECAR_JSON, SIDECAR_WEIGHTS)
+               if (model_path.parent / name).is_file()}
+    return {"model": model_path.name, "model_sha256": sha256_file(model_path), "prior_sidecar": sidecar,
+            "prior": prior, "prior_weight": prior_weight, "k": k, "beam": beam, "batch": batch,
+            "catalog_sha256": catalog.sha256, "data": data_checksum(db)}
+
+
+def recommend_users(
+    db: str | Path | None,
+    out: str | Path,
+    users: Sequence[int] | None = None,
+    *,
+    users_source: str | None = None,
+    model: str | Path | None = None,
+    k: int = 10,
+    beam: int | None = None,
+    batch: int = DEFAULT_BATCH,
+    threads: int | None = None,
+    prior: str | None = None,
+    prior_weight: float | None = None,
+    parquet: bool = False,
+    ray: str | bool | None = None,
+    actors: int | None = None,
+    ship_model: bool = False,
+    progress: bool = True,
+    warn=None,
+) -> BatchReport:
+    """Top-``k`` for ``users`` (None: every user with a history) appended to ``out`` as JSON lines.
+
+    Example: ``recommend_users("ml.db", "recs.jsonl", model="model-Q8_0.gguf", batch=8)``. Users already
+    in ``out`` are skipped (a resume); ``batch`` requests share each llama_decode (the same rankings as one
+    request at a time, scores equal up to float rounding: see :func:`plan_groups`). ``ray``: None/False
+    runs here; True or an address runs on a Ray cluster (``cluster.ray_results``: ``actors`` actors of
+    ``threads`` CPUs each), with results identical to the local run's.
+    ``parquet`` also writes ``out`` with the suffix ``.parquet`` when every user is done.
+    """
+    from . import paths
+    from .history import HistoryDB
+    from .models import default_model_path
+    from .recommend import MAX_SEQUENCES, _check_default_model_catalog, default_beam
+
+    started = time.perf_counter()
+    if not isinstance(k, int) or k < 1:
+        raise UsageError(f"--k must be >= 1 (got {k})")
+    if batch < 1:
+        raise UsageError(f"--batch must be >= 1 (got {batch})")
+    width = beam if beam is not None else default_beam(k)
+    if not 1 <= width <= MAX_SEQUENCES - 3:
+        raise UsageError(f"--beam must be between 1 and {MAX_SEQUENCES - 3} (got {width})")
+    batch = max(1, min(batch, (MAX_SEQUENCES - 2) // (width + 1)))  # llama.cpp's sequence limit
+    if parquet:
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise UsageError("--parquet needs pyarrow: pip install pyarrow") from None
+    out = Path(out)
+    db_path = Path(db) if db is not None else paths.default_db()
+    with HistoryDB.open(db_path, readonly=True) as history:
+        if users is None:
+            wanted = users_with_history(history)
+            if not wanted:
+                raise UsageError(f"no user in {db_path} has a history")
+        else:
+            wanted = list(dict.fromkeys(int(u) for u in users))
+            if not wanted:
+                raise UsageError("no users to recommend for")
+            check_users(history, wanted, users_source)
+        catalog = history.catalog()
+        if model is None:
+            _check_default_model_catalog(db_path)  # before building the default model
+        model_path = Path(model) if model is not None else default_model_path()
+        if not model_path.is_file():
+            raise NotFoundError(f"model file not found: {model_path}")
+        config = batch_config(model_path, history, catalog, k, width, batch, prior, prior_weight)
+
+    with OutFile(out, config) as sink:
+        groups = plan_groups(wanted, sink.done, batch)
+        todo = sum(1 for group in groups for user in group if user not in sink.done)
+        resumed = len(wanted) - todo
+        errors = 0
+        if groups:
+            bar = _bar(todo, resumed, progress)
+            try:
+                if ray is None or ray is False:
+                    results = _local_results(model_path, db_path, groups, k, width, batch, threads, prior,
+                                             prior_weight, catalog, warn)
+                else:
+                    from .cluster import ray_results
+
+                    results = ray_results(model_path, db_path, groups, catalog, k=k, beam=width, batch=batch,
+                                          threads=threads, prior=prior, prior_weight=prior_weight,
+                                          address=None if ray is True else ray, actors=actors,
+                                          ship_model=ship_model, warn=warn)
+                for records in results:
+                    new = [r for r in records if r["user"] not in sink.done]
+                    sink.append(new)
+                    errors += sum(1 for r in new if "error" in r)
+                    bar.update(len(new))
+            finally:
+                bar.close()
+    parquet_path = write_parquet(out, out.with_suffix(".parquet")) if parquet else None
+    return BatchReport(out, len(wanted), resumed, todo, errors, time.perf_counter() - started, parquet_path)
+
+
+def plan_groups(users: Sequence[int], done: set[int], batch: int) -> list[list[int]]:
+    """The groups of ``batch`` consecutive users (of every user asked for) that hold a user not yet done.
+
+    A request's scores depend, in the last float bits, on its slot among the requests that share its
+    llama_decode calls (llama.cpp's kernels round differently by batch row), so a user is always ranked
+    in the same group, whether the run is fresh, resumed or on Ray: the output is a function of the
+    users' order and ``batch`` alone. A resumed group is ranked whole; only its missing users are written.
+    """
+    groups = [list(users[first : first + batch]) for first in range(0, len(users), batch)]
+    return [group for group in groups if any(user not in done for user in group)]
+
+
+def _bar(total: int, resumed: int, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="recommend", unit="user", disable=not progress, dynamic_ncols=True,
+                postfix={"resumed": resumed} if resumed else None)
+
+
+def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, prior_weight, catalog,
+                   warn) -> Iterator[list[dict]]:
+    """The records of each group of users, through ``Recommender.recommend_many`` (one search per group)."""
+    from .recommend import Recommender
+
+    def rank(requests):
+        return [([r.title for r in res.items], [r.score for r in res.items], [r.lm_score for r in res.items])
+                for res in rec.recommend_many(requests, k=k)]
+
+    with Recommender.open(model_path, db_path, threads=threads, beam=beam, warn=warn, prior=prior,
+                          prior_weight=prior_weight, batch=batch) as rec:
+        for group in groups:
+            yield group_records(group, rank_group(rank, group), catalog)
+
+
+def group_records(users: Sequence[int], results: Sequence, catalog) -> list[dict]:
+    """Output lines of ``rank_group``'s results (a result or an error message per user)."""
+    return [record(user, *result, catalog) if isinstance(result, tuple)
+            else record(user, [], [], [], catalog, error=result)
+            for user, result in zip(users, results, strict=True)]
+
+
+def rank_group(rank, requests: Sequence) -> list[tuple[list[str], list[float], list[float]] | str]:
+    """``rank(requests)`` -> ``(titles, scores, lm_scores)`` per request, all searched at once.
+
+    A request the recommender refuses (its user has seen every title: a UsageError before any search)
+    fails its whole group; the group is then ranked one request at a time, and that request gets the
+    error's message instead of a result.
+    """
+    try:
+        return list(rank(list(requests)))
+    except UsageError as exc:
+        if len(requests) == 1:
+            return [str(exc)]
+        return [result for request in requests for result in rank_group(rank, [request])]

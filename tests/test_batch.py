@@ -1,0 +1,199 @@
+"""Batch recommendation (genrec_edge.batch, `recommend --all-users/--users-file`): real SQLite, real llama.cpp."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES
+from tinymodel import DEFAULT_TITLES, tiny_gguf
+
+from genrec_edge.batch import OUT_FORMAT, read_records, recommend_users
+from genrec_edge.cli import main
+from genrec_edge.errors import EmptyHistoryError, IngestError, NotFoundError, UsageError
+from genrec_edge.history import HistoryDB
+from genrec_edge.recommend import Recommender, default_beam
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    cached = tmp_path_factory.getbasetemp() / "runtime-tiny-gguf-db" / "model-F32.gguf"  # test_recommend's model
+    if not cached.exists():
+        tiny_gguf(cached.parent, corpus=DEFAULT_TITLES, seed=5)
+    return cached
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+
+
+def run(tiny_model, db, out, **options):
+    return recommend_users(db, out, model=tiny_model, k=K, threads=2, progress=False, warn=lambda m: None,
+                           **options)
+
+
+def single_requests(tiny_model, db, users, k=K):
+    """What `recommend --user U` gives, one request at a time (batch 1, its own beam capacity)."""
+    with Recommender.open(tiny_model, db, threads=2, warn=lambda m: None) as rec:
+        return {u: rec.recommend(user=u, k=k) for u in users}
+
+
+def test_all_users_equal_one_request_at_a_time(tiny_model, tiny_db, tmp_path):
+    out = tmp_path / "recs.jsonl"
+    report = run(tiny_model, tiny_db, out, batch=3)
+    users = sorted(TINY_HISTORIES)  # the empty user 9 has nothing to recommend from: not listed
+    assert (report.users, report.resumed, report.written, report.errors) == (len(users), 0, len(users), 0)
+    header = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+    assert header["format"] == OUT_FORMAT and header["config"]["k"] == K and header["config"]["batch"] == 3
+    assert header["config"]["beam"] == default_beam(K) and header["config"]["model"] == tiny_model.name
+    records = read_records(out)
+    assert sorted(records) == users
+    for user, expected in single_requests(tiny_model, tiny_db, users).items():
+        got = records[user]["items"]
+        assert [r["title"] for r in got] == [r.title for r in expected.items]
+        assert [r["item_ids"] for r in got] == [list(r.item_ids) for r in expected.items]
+        assert [r["rank"] for r in got] == list(range(1, K + 1))
+        # Requests sharing a llama_decode round differently (by batch row): equal scores up to ~1e-4.
+        assert [r["score"] for r in got] == pytest.approx([r.score for r in expected.items], abs=2e-3)
+        assert [r["lm_score"] for r in got] == pytest.approx([r.lm_score for r in expected.items], abs=2e-3)
+        assert not {r["title"] for r in got} & {TINY_TITLES[i] for i in TINY_HISTORIES[user]}
+
+
+def test_a_resumed_run_writes_what_a_whole_run_writes(tiny_model, tiny_db, tmp_path):
+    out = tmp_path / "recs.jsonl"
+    run(tiny_model, tiny_db, out, batch=3)
+    whole = out.read_bytes()
+    lines = whole.split(b"\n")
+    out.write_bytes(b"\n".join(lines[:5]) + b"\n" + lines[5][:9])  # users 1-4, then a crash in user 5's line
+    again = run(tiny_model, tiny_db, out, batch=3)
+    assert (again.users, again.resumed, again.written) == (8, 4, 4)
+    # User 4's group (4, 5, 6) is ranked whole again, so 5 and 6 sit in the same slots as before: the
+    # same bits, the same bytes.
+    assert out.read_bytes() == whole
+    nothing = run(tiny_model, tiny_db, out, batch=3)
+    assert (nothing.resumed, nothing.written) == (8, 0) and out.read_bytes() == whole
+    with pytest.raises(UsageError, match=r"\(batch differ\)"):
+        run(tiny_model, tiny_db, out, batch=2)
+
+
+def test_refuses_a_file_of_other_settings_or_data_and_leaves_it(tiny_model, tiny_db, tmp_path):
+    out = tmp_path / "recs.jsonl"
+    run(tiny_model, tiny_db, out, users=[1, 2])
+    before = out.read_bytes()
+    with pytest.raises(UsageError, match=r"another model, database or settings \(k differ\)"):
+        recommend_users(tiny_db, out, users=[1], model=tiny_model, k=K + 1, progress=False, warn=lambda m: None)
+    damaged = before.replace(b'"user": 2', b'"usr": 2')
+    out.write_bytes(damaged)
+    with pytest.raises(IngestError, match=r"recs.jsonl:3: not a recommendations line"):
+        run(tiny_model, tiny_db, out, users=[1])
+    assert out.read_bytes() == damaged
+    out.write_bytes(before)
+    with HistoryDB.open(tiny_db) as db:
+        db.add_interaction(1, 200, timestamp=2_000_000_000, rating=3.0)  # the data changed
+    with pytest.raises(UsageError, match=r"\(data differ\)"):
+        run(tiny_model, tiny_db, out, users=[1])
+    assert out.read_bytes() == before
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes\n", encoding="utf-8")
+    with pytest.raises(UsageError, match="not a genrec-edge recommendations file"):
+        run(tiny_model, tiny_db, foreign, users=[1])
+    assert foreign.read_text(encoding="utf-8") == "my notes\n"
+
+
+def test_bad_users(tiny_model, tiny_db, tmp_path):
+    out = tmp_path / "recs.jsonl"
+    with pytest.raises(NotFoundError, match="unknown user 999"):
+        run(tiny_model, tiny_db, out, users=[1, 999])
+    with pytest.raises(EmptyHistoryError, match=f"user {EMPTY_USER} .*no history"):
+        run(tiny_model, tiny_db, out, users=[EMPTY_USER])
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_user_who_has_seen_everything_gets_an_error_line(tiny_model, tiny_db, tmp_path):
+    with HistoryDB.open(tiny_db) as db:
+        for n, item_id in enumerate(TINY_TITLES):
+            db.add_interaction(42, item_id, timestamp=2_000_000_000 + n, rating=3.0)
+    out = tmp_path / "recs.jsonl"
+    report = run(tiny_model, tiny_db, out, users=[1, 42, 2], batch=3)  # one group: retried one by one
+    records = read_records(out)
+    assert report.errors == 1 and records[42]["items"] == [] and "every catalog title" in records[42]["error"]
+    expected = single_requests(tiny_model, tiny_db, [1, 2])
+    for user in (1, 2):
+        assert [r["title"] for r in records[user]["items"]] == [r.title for r in expected[user].items]
+
+
+def test_parquet_has_one_row_per_recommendation(tiny_model, tiny_db, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "recs.jsonl"
+    report = run(tiny_model, tiny_db, out, users=[1, 4], parquet=True)
+    assert report.parquet == tmp_path / "recs.parquet"
+    table = pq.read_table(report.parquet).to_pylist()
+    records = read_records(out)
+    assert table == [{"user": u, **item} for u in (1, 4) for item in records[u]["items"]]
+
+
+def test_cli_users_file(tiny_model, tiny_db, tmp_path, capsys):
+    users = tmp_path / "users.txt"
+    users.write_text("# users to score\n4\n\n2  # again below\n2\n", encoding="utf-8")
+    out = tmp_path / "recs.jsonl"
+    args = ["recommend", "--users-file", str(users), "--out", str(out), "--model", str(tiny_model),
+            "--db", str(tiny_db), "--k", "3", "--threads", "2", "--batch", "2"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert f"{out}: 2 users, 2 written" in captured.out
+    assert "recommend" in captured.err and "user" in captured.err  # the progress bar
+    assert list(read_records(out)) == [4, 2]
+    assert main(args + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed"] == 2
+
+    def fails(argv, code, message):
+        assert main(argv) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and message in err[-1] and "Traceback" not in "\n".join(err)
+
+    users.write_text("4\n999\n", encoding="utf-8")
+    fails(args, 4, f"unknown user 999 (in {users})")
+    users.write_text("4\nfour\n", encoding="utf-8")
+    fails(args, 6, f"{users}:2: not a user id: 'four'")
+    fails([*args[:2], str(tmp_path / "missing.txt"), *args[3:]], 2, "cannot read the users file")
+    fails(["recommend", "--all-users", "--model", str(tiny_model), "--db", str(tiny_db)], 2, "needs --out")
+    fails(["recommend", "--user", "1", "--out", str(out)], 2, "--out applies to batch runs")
+    fails(["recommend", "--all-users", "--user", "1", "--out", str(out)], 2, "do not combine")
+    users.write_text("4\n", encoding="utf-8")
+    fails([*args[:-6], "--k", "5", *args[-4:]], 2, "(k differ)")
+    assert list(read_records(out)) == [4, 2]
+
+
+def test_rank_many_ranks_like_rank_titles_without_a_database(tiny_model, tiny_db):
+    histories = {u: [TINY_TITLES[i] for i in items] for u, items in TINY_HISTORIES.items()}
+    requests = [(titles, set(titles), TINY_HISTORIES[u]) for u, titles in histories.items()]
+    with Recommender.open(tiny_model, tiny_db, threads=2, beam=8, batch=3, warn=lambda m: None) as rec:
+        many = rec.rank_many(requests, K)
+        alone = [rec.rank_titles(*request[:2], K, history_items=request[2]) for request in requests]
+        with pytest.raises(NotFoundError, match="unknown title"):
+            rec.rank_many([requests[0], (["Heat 1995"], set(), None)], K)
+        with pytest.raises(EmptyHistoryError):
+            rec.rank_many([([], set(), None)], K)
+    assert len(many) == len(requests)
+    for got, expected in zip(many, alone, strict=True):
+        assert got.titles == expected.titles
+        assert list(got.scores) == pytest.approx(list(expected.scores), abs=2e-3)
+
+
+def test_help_does_not_import_ray_or_llama_cpp():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from genrec_edge.cli import main\n"
+        "main(['recommend', '--help'])\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pyarrow', 'torch', 'llama_cpp'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Example: genrec-edge recommend --all-users" in done.stdout and "--ray" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
