@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml Makefile scripts/llama_wheel.py
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/python scripts/llama_wheel.py --python $(BIN)/python
-	$(BIN)/pip install -q -e ".[train,bench,dev]"
+	$(BIN)/pip install -q -e ".[train,bench,dev,cluster]"
 	touch $(STAMP)
 
 ## demo: the main job on the embedded default (ml-latest-small): init, then recommend for user 42

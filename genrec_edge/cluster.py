@@ -1,0 +1,235 @@
+"""Batch recommendation on a Ray cluster (``pip install 'genrec-edge[cluster]'``; never needed on a laptop).
+
+``ray_results(...)`` is what ``genrec-edge recommend --all-users --ray [ADDRESS]`` runs::
+
+    driver: SQLite -> per group of `batch` users (batch.plan_groups), their item ids oldest first
+            -> Arrow blocks in the object store -> a Ray Dataset, one row per group
+            -> map_batches(RankActor, ActorPoolStrategy(size=actors), num_cpus=threads)
+    actor:  one Recommender (the GGUF + the catalog trie; no history database) ranks each group in one
+            search: Recommender.rank_many([(titles, seen titles, item ids), ...], k)
+    driver: <- (user, titles, scores, lm scores) rows -> batch.record lines, as they arrive
+
+A request is what ``Recommender.recommend(user=...)`` reads from the database (the last titles, every
+seen title, the item ids the prior reads) and a group is the local run's group, so an actor's result for
+a user is the local run's, to the bit.
+Each actor needs: genrec-edge installed, the model file (a path every node can read, e.g. shared
+storage, or ``ship_model=True`` to send its bytes through the object store), and the catalog and the
+collaborative prior, which the driver resolves and sends through the object store (no sidecar needed
+on the workers). See docs/CLUSTER.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from .errors import UsageError
+
+MAX_GROUPS_PER_BLOCK = 64  # rows (groups of users) per Arrow block the driver puts in the object store
+GROUPS_PER_CALL = 4  # groups per actor call: results come back at least this often
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError("--ray needs Ray: pip install 'genrec-edge[cluster]' (or 'ray[data]')") from None
+    return ray
+
+
+class RankActor:
+    """One Recommender on a Ray worker, built from the catalog rows and the model the driver sent."""
+
+    def __init__(self, model, catalog_ref, prior_ref, k: int, beam: int, batch: int, threads: int | None):
+        import ray
+
+        from .history import HistoryDB
+        from .recommend import Recommender
+
+        self.workdir = Path(tempfile.mkdtemp(prefix="genrec-edge-actor-"))
+        if isinstance(model, ray.ObjectRef):  # shipped through the object store
+            path = self.workdir / "model.gguf"
+            path.write_bytes(ray.get(model))
+            model = path
+        pairs = ray.get(catalog_ref)
+        # Recommender.open reads its catalog from a database: a catalog-only one, local to this actor.
+        db_path = self.workdir / "catalog.db"
+        with HistoryDB.open(db_path, create=True) as db, db.conn:
+            db.conn.executemany("INSERT INTO items(id, title) VALUES (?, ?)", pairs)
+        prior = ray.get(prior_ref)
+        self.rec = Recommender.open(model, db_path, threads=threads, beam=beam, batch=batch,
+                                    prior=prior if prior is not None else "none", warn=lambda message: None)
+        self.k = k
+        self.titles_by_id = dict(pairs)
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        from .batch import rank_group
+
+        out = {"user": [], "titles": [], "scores": [], "lm_scores": [], "error": []}
+        for users, histories in zip(table.column("users").to_pylist(), table.column("items").to_pylist(),
+                                    strict=True):
+            requests = []
+            for items in histories:
+                titles = [self.titles_by_id[i] for i in items]
+                requests.append((titles, set(titles), items))
+            for user, result in zip(users, rank_group(self._rank, requests), strict=True):
+                ok = isinstance(result, tuple)
+                out["user"].append(user)
+                for name, values in zip(("titles", "scores", "lm_scores"), result if ok else ([], [], []),
+                                        strict=True):
+                    out[name].append(values)
+                out["error"].append(None if ok else result)
+        return pa.table(out, schema=RESULT_SCHEMA())
+
+    def _rank(self, requests):
+        return [(list(r.titles), list(r.scores), list(r.lm_scores)) for r in self.rec.rank_many(requests, self.k)]
+
+
+def RESULT_SCHEMA():  # noqa: N802 - a constant that needs pyarrow, built on first use
+    import pyarrow as pa
+
+    return pa.schema([("user", pa.int64()), ("titles", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
+                      ("lm_scores", pa.list_(pa.float64())), ("error", pa.string())])
+
+
+def ray_results(
+    model_path: Path,
+    db_path: Path,
+    groups: Sequence[Sequence[int]],
+    catalog,
+    *,
+    k: int,
+    beam: int,
+    batch: int,
+    threads: int | None,
+    prior: str | None,
+    prior_weight: float | None,
+    address: str | None = None,
+    actors: int | None = None,
+    ship_model: bool = False,
+    warn=None,
+) -> Iterator[list[dict]]:
+    """``batch.record`` lines for ``groups`` of users (``batch.plan_groups``), ranked by actors on Ray.
+
+    ``address``: None connects to the cluster ``ray.init()`` finds (RAY_ADDRESS, a local ``ray start``) or
+    starts a local one; else that address (``auto``, ``ray://host:10001``). If Ray is already initialised
+    in this process, its cluster is used as it is. ``actors``: default, the cluster's CPUs / ``threads``.
+    Lines come in the order the actors finish, several groups at a time.
+    """
+    import pyarrow as pa
+
+    from .batch import history_items
+    from .history import HistoryDB
+    from .recommend import _load_prior
+
+    ray = _import_ray()
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1 (got {threads})")
+    if actors is not None and actors < 1:
+        raise UsageError(f"--actors must be >= 1 (got {actors})")
+    _check_model(model_path, catalog, warn)
+    # The prior Recommender.open would load for this model and database, resolved here: the actors
+    # have neither the database (a popularity prior is counted from it) nor, maybe, the sidecar.
+    loaded_prior = _load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        try:
+            ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level=logging.ERROR)
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"cannot connect to the Ray cluster at {address or 'the default address'}: "
+                             f"{str(exc).splitlines()[0]}") from None
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors become ours, one line
+    try:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # batch.py draws one bar with an ETA
+        threads = threads or 1
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        pool = actors or max(1, cpus // threads)
+        if pool * threads > cpus:
+            raise UsageError(f"{pool} actors x {threads} threads need {pool * threads} CPUs; the cluster has {cpus}")
+
+        catalog_ref = ray.put(list(zip(catalog.item_ids, catalog.titles, strict=True)))
+        prior_ref = ray.put(loaded_prior)
+        model = ray.put(model_path.read_bytes()) if ship_model else str(model_path)
+        blocks = []
+        per_block = max(1, min(MAX_GROUPS_PER_BLOCK, len(groups) // (4 * pool)))  # every actor gets blocks
+        with HistoryDB.open(db_path, readonly=True) as db:
+            rows: dict[str, list] = {"users": [], "items": []}
+            for group in groups:
+                rows["users"].append(list(group))
+                rows["items"].append([items for _, items in history_items(db, group)])
+                if len(rows["users"]) >= per_block:
+                    blocks.append(ray.put(pa.table(rows, schema=REQUEST_SCHEMA())))
+                    rows = {"users": [], "items": []}
+            if rows["users"]:
+                blocks.append(ray.put(pa.table(rows, schema=REQUEST_SCHEMA())))
+        dataset = ray.data.from_arrow_refs(blocks).map_batches(
+            RankActor,
+            fn_constructor_kwargs={"model": model, "catalog_ref": catalog_ref, "prior_ref": prior_ref, "k": k,
+                                   "beam": beam, "batch": batch, "threads": threads},
+            batch_size=GROUPS_PER_CALL,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=pool),
+            num_cpus=threads,
+        )
+        try:
+            for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+                yield _records(table, catalog)
+        except Exception as exc:  # a Ray error wraps the worker's traceback: one line, with our exit code
+            raise _worker_error(exc) from None
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def REQUEST_SCHEMA():  # noqa: N802
+    import pyarrow as pa
+
+    return pa.schema([("users", pa.list_(pa.int64())), ("items", pa.list_(pa.list_(pa.int64())))])
+
+
+def _records(table, catalog) -> list[dict]:
+    from .batch import record
+
+    columns = {name: table.column(name).to_pylist() for name in ("user", "titles", "scores", "lm_scores", "error")}
+    return [record(user, titles, scores, lm_scores, catalog, error)
+            for user, titles, scores, lm_scores, error in zip(*columns.values(), strict=True)]
+
+
+def _worker_error(exc: Exception):
+    """Our own error a worker raised (same class, its message), else the exception's last line."""
+    from . import errors
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    name, _, message = last.partition(": ")
+    kind = getattr(errors, name.rsplit(".", 1)[-1], None) if name.startswith("genrec_edge.errors.") else None
+    if isinstance(kind, type) and issubclass(kind, errors.GenrecError):
+        return kind(f"on a Ray worker: {message}")
+    return errors.GenrecError(f"the Ray job failed: {last}")
+
+
+def _check_model(model_path: Path, catalog, warn) -> None:
+    """What Recommender.open checks before it serves a model, done once on the driver."""
+    import sys
+
+    from .errors import CatalogMismatchError
+    from .recommend import _header_checks
+
+    provenance = _header_checks(model_path)
+    model_sha = provenance.get("catalog_sha256")
+    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+    if model_sha is None:
+        warn(f"{model_path.name} has no genrec.catalog_sha256 (a zero-shot base model?): "
+             "serving it for this catalog without a training check")
+    elif model_sha != catalog.sha256:
+        raise CatalogMismatchError(
+            f"{model_path.name} was trained for catalog {str(model_sha)[:12]}…, but the database has catalog "
+            f"{catalog.sha256[:12]}…: train or convert a model for this catalog"
+        )

@@ -1,0 +1,72 @@
+"""Batch recommendation on a real local Ray instance (the `cluster` extra): the same lines as the local run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import TINY_HISTORIES
+from tinymodel import DEFAULT_TITLES, tiny_gguf
+
+from genrec_edge.batch import read_records, recommend_users
+
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")  # Ray's own
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    cached = tmp_path_factory.getbasetemp() / "runtime-tiny-gguf-db" / "model-F32.gguf"  # test_recommend's model
+    if not cached.exists():
+        tiny_gguf(cached.parent, corpus=DEFAULT_TITLES, seed=5)
+    return cached
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+
+
+def run(tiny_model, db, out, **options):
+    return recommend_users(db, out, model=tiny_model, k=K, threads=1, batch=4, progress=False,
+                           warn=lambda m: None, **options)
+
+
+def header(path):
+    return json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+
+
+def test_ray_run_writes_the_local_run_lines(local_ray, tiny_model, tiny_db, tmp_path):
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    run(tiny_model, tiny_db, local)
+    report = run(tiny_model, tiny_db, remote, ray=True, actors=2)
+    assert (report.users, report.written, report.errors) == (len(TINY_HISTORIES), len(TINY_HISTORIES), 0)
+    assert header(remote) == header(local)  # one run may resume the other
+    records = read_records(remote)
+    assert sorted(records) == sorted(TINY_HISTORIES)
+    assert records == read_records(local)  # every title, item id and score, to the bit
+    assert all(len(r["items"]) == K for r in records.values())
+
+
+def test_ray_with_a_popularity_prior_and_the_model_shipped(local_ray, tiny_model, tiny_db, tmp_path):
+    # The prior is counted from the database on the driver; the actors get it, and the model's bytes,
+    # through the object store.
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    users = [6, 2, 8, 1, 7]
+    run(tiny_model, tiny_db, local, users=users, prior="pop", prior_weight=0.5)
+    run(tiny_model, tiny_db, remote, users=users, prior="pop", prior_weight=0.5, ray=True, actors=1,
+        ship_model=True)
+    assert read_records(remote) == read_records(local)
+    plain = tmp_path / "plain.jsonl"
+    run(tiny_model, tiny_db, plain, users=users)
+    assert read_records(plain) != read_records(local)  # the prior did change the rankings
