@@ -424,10 +424,11 @@ class Recommender:
                   beam: int | None = None) -> list[Ranking]:
         """:meth:`rank_titles` for several ``(history_titles, seen_titles, history_items)`` requests, no database.
 
-        Up to ``batch`` (set at open) are searched together, with the recommender's default prior; each
-        gets the ranking ``rank_titles`` gives it alone (scores equal up to float rounding, which depends on
-        the request's row in the shared llama_decode). A bad request raises before any search. For workers
-        without the history database (``cluster.RankActor``), fed the histories a driver read.
+        Up to ``batch`` (set at open) are searched together, with the recommender's default prior. The first
+        of each group gets exactly what ``rank_titles`` gives it alone; the others' history prefill (one call
+        of >= 64 tokens) goes through llama.cpp's tiled CPU flash attention, whose rounding depends on the
+        slot's KV cells, so their scores can move (~0.1 nats on SmolLM2 Q4_1). A bad request raises before
+        any search. For workers without the history database (``cluster.RankActor``), fed what a driver read.
         """
         group = []
         for history_titles, seen_titles, history_items in requests:
