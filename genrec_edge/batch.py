@@ -29,7 +29,9 @@ from .errors import EmptyHistoryError, IngestError, NotFoundError, UsageError
 
 OUT_FORMAT = "genrec-edge-recommendations"
 OUT_VERSION = 1
-DEFAULT_BATCH = 8  # requests per llama_decode
+# Requests searched together. 1: on llama.cpp's CPU backend today a request in slot >= 1 gets scores up to
+# ~0.1 nats off its single-request ones (see plan_groups), and 2 cores gain nothing from sharing decodes.
+DEFAULT_BATCH = 1
 
 
 @dataclass(frozen=True)
@@ -289,9 +291,9 @@ def recommend_users(
 ) -> BatchReport:
     """Top-``k`` for ``users`` (None: every user with a history) appended to ``out`` as JSON lines.
 
-    Example: ``recommend_users("ml.db", "recs.jsonl", model="model-Q8_0.gguf", batch=8)``. Users already
-    in ``out`` are skipped (a resume); ``batch`` requests share each llama_decode (the same rankings as one
-    request at a time, scores equal up to float rounding: see :func:`plan_groups`). ``ray``: None/False
+    Example: ``recommend_users("ml.db", "recs.jsonl", model="model-Q8_0.gguf")``. Users already
+    in ``out`` are skipped (a resume); ``batch`` requests share each llama_decode (for now not exactly the
+    single-request results: see :func:`plan_groups`). ``ray``: None/False
     runs here; True or an address runs on a Ray cluster (``cluster.ray_results``: ``actors`` actors of
     ``threads`` CPUs each), with results identical to the local run's.
     ``parquet`` also writes ``out`` with the suffix ``.parquet`` when every user is done.
@@ -367,10 +369,12 @@ def recommend_users(
 def plan_groups(users: Sequence[int], done: set[int], batch: int) -> list[list[int]]:
     """The groups of ``batch`` consecutive users (of every user asked for) that hold a user not yet done.
 
-    A request's scores depend, in the last float bits, on its slot among the requests that share its
-    llama_decode calls (llama.cpp's kernels round differently by batch row), so a user is always ranked
-    in the same group, whether the run is fresh, resumed or on Ray: the output is a function of the
-    users' order and ``batch`` alone. A resumed group is ranked whole; only its missing users are written.
+    A request's scores depend on its slot in a group: its history is prefilled in one llama_decode of
+    64 tokens or more, which llama.cpp's CPU flash attention computes with a tiled kernel whose rounding
+    depends on where the slot's cells lie in the KV cache (slot 0 equals a single request; later slots
+    move by up to ~0.1 nats on SmolLM2 Q4_1, enough to swap near-tied titles). So a user is always ranked
+    in the same group and slot, fresh, resumed or on Ray: the output is a function of the users' order
+    and ``batch`` alone. A resumed group is ranked whole; only its missing users are written.
     """
     groups = [list(users[first : first + batch]) for first in range(0, len(users), batch)]
     return [group for group in groups if any(user not in done for user in group)]

@@ -56,7 +56,8 @@ def test_all_users_equal_one_request_at_a_time(tiny_model, tiny_db, tmp_path):
         assert [r["title"] for r in got] == [r.title for r in expected.items]
         assert [r["item_ids"] for r in got] == [list(r.item_ids) for r in expected.items]
         assert [r["rank"] for r in got] == list(range(1, K + 1))
-        # Requests sharing a llama_decode round differently (by batch row): equal scores up to ~1e-4.
+        # A slot >= 1's history prefill (>= 64 tokens) rounds differently in llama.cpp's tiled flash
+        # attention (batch.plan_groups): on this tiny F32 model, ~1e-4.
         assert [r["score"] for r in got] == pytest.approx([r.score for r in expected.items], abs=2e-3)
         assert [r["lm_score"] for r in got] == pytest.approx([r.lm_score for r in expected.items], abs=2e-3)
         assert not {r["title"] for r in got} & {TINY_TITLES[i] for i in TINY_HISTORIES[user]}

@@ -86,7 +86,8 @@ def register(app: typer.Typer) -> None:
         all_users: bool = typer.Option(False, "--all-users", help="Batch: every user with a history (needs --out)."),
         users_file: Path = typer.Option(None, "--users-file", help="Batch: the user ids in FILE, one per line."),
         out: Path = typer.Option(None, "--out", help=OUT_HELP),
-        batch: int = typer.Option(8, "--batch", min=1, help="Batch: requests searched together per llama_decode."),
+        batch: int = typer.Option(1, "--batch", min=1, help="Batch: users searched together per llama_decode "
+                                  "(> 1: scores may move by ~0.1 nats for now; docs/CLUSTER.md)."),
         parquet: bool = typer.Option(False, "--parquet", help="Batch: also write OUT as .parquet (needs pyarrow)."),
         ray: str = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
         actors: int = typer.Option(None, "--actors", min=1, help="With --ray: actors, each with --threads CPUs "
@@ -105,7 +106,7 @@ def register(app: typer.Typer) -> None:
 
         Example: genrec-edge recommend --user 42 --k 10
         Example: genrec-edge recommend --history "Toy Story (1995)" "Heat (1995)" --json
-        Example: genrec-edge recommend --all-users --out recs.jsonl --batch 8
+        Example: genrec-edge recommend --all-users --out recs.jsonl
         """
         from ..errors import UsageError
 
