@@ -1,6 +1,7 @@
 """Batch recommendation on a Ray cluster (``pip install 'genrec-edge[cluster]'``; never needed on a laptop).
 
-``ray_results(...)`` is what ``genrec-edge recommend --all-users --ray [ADDRESS]`` runs::
+``ray_results(...)`` is what ``genrec-edge recommend --all-users --ray ADDRESS`` runs (the generic part,
+``ray_rankings``, ranks any groups of item histories: the users of a batch job, or evaluation examples)::
 
     driver: SQLite -> per group of `batch` users (batch.plan_groups), their item ids oldest first
             -> Arrow blocks in the object store -> a Ray Dataset, one row per group
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import UsageError
@@ -70,16 +71,16 @@ class RankActor:
 
         from .batch import rank_group
 
-        out = {"user": [], "titles": [], "scores": [], "lm_scores": [], "error": []}
-        for users, histories in zip(table.column("users").to_pylist(), table.column("items").to_pylist(),
-                                    strict=True):
+        out = {"key": [], "titles": [], "scores": [], "lm_scores": [], "error": []}
+        for keys, histories in zip(table.column("keys").to_pylist(), table.column("items").to_pylist(),
+                                   strict=True):
             requests = []
             for items in histories:
                 titles = [self.titles_by_id[i] for i in items]
                 requests.append((titles, set(titles), items))
-            for user, result in zip(users, rank_group(self._rank, requests), strict=True):
+            for key, result in zip(keys, rank_group(self._rank, requests), strict=True):
                 ok = isinstance(result, tuple)
-                out["user"].append(user)
+                out["key"].append(key)
                 for name, values in zip(("titles", "scores", "lm_scores"), result if ok else ([], [], []),
                                         strict=True):
                     out[name].append(values)
@@ -93,7 +94,7 @@ class RankActor:
 def RESULT_SCHEMA():  # noqa: N802 - a constant that needs pyarrow, built on first use
     import pyarrow as pa
 
-    return pa.schema([("user", pa.int64()), ("titles", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
+    return pa.schema([("key", pa.int64()), ("titles", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
                       ("lm_scores", pa.list_(pa.float64())), ("error", pa.string())])
 
 
@@ -116,27 +117,61 @@ def ray_results(
 ) -> Iterator[list[dict]]:
     """``batch.record`` lines for ``groups`` of users (``batch.plan_groups``), ranked by actors on Ray.
 
-    ``address``: None connects to the cluster ``ray.init()`` finds (RAY_ADDRESS, a local ``ray start``) or
-    starts a local one; else that address (``auto``, ``ray://host:10001``). If Ray is already initialised
-    in this process, its cluster is used as it is. ``actors``: default, the cluster's CPUs / ``threads``.
-    Lines come in the order the actors finish, several groups at a time.
+    The driver's part of the batch job: checks the model against the catalog, loads the prior the model
+    would be served with, reads each group's histories from the database and hands them to
+    :func:`ray_rankings`. Lines come in the order the actors finish, several groups at a time.
     """
-    import pyarrow as pa
-
-    from .batch import history_items
+    from .batch import group_records, history_items
     from .history import HistoryDB
     from .recommend import _load_prior
+
+    _check_model(model_path, catalog, warn)
+    # The prior Recommender.open would load for this model and database, resolved here: the actors
+    # have neither the database (a popularity prior is counted from it) nor, maybe, the sidecar.
+    loaded_prior = _load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+
+    def histories():
+        with HistoryDB.open(db_path, readonly=True) as db:
+            for group in groups:
+                yield list(history_items(db, group))
+
+    for ranked in ray_rankings(model_path, catalog, loaded_prior, histories(), len(groups), k=k, beam=beam,
+                               batch=batch, threads=threads, address=address, actors=actors, ship_model=ship_model):
+        yield group_records([key for key, _ in ranked], [result for _, result in ranked], catalog)
+
+
+def ray_rankings(
+    model_path: Path,
+    catalog,
+    prior,
+    groups: Iterable[Sequence[tuple[int, Sequence[int]]]],
+    n_groups: int,
+    *,
+    k: int,
+    beam: int,
+    batch: int,
+    threads: int | None,
+    address: str | None = None,
+    actors: int | None = None,
+    ship_model: bool = False,
+) -> Iterator[list[tuple[int, tuple | str]]]:
+    """Rank groups of ``(key, item ids oldest first)`` requests on a Ray actor pool, a group per search.
+
+    Each request is ranked as ``Recommender.rank_titles(titles, set(titles), k, history_items=items)``
+    would rank it, in its group's slot (``Recommender.rank_many``); yields ``(key, (titles, scores,
+    lm_scores))`` or ``(key, error message)`` per request, a few groups at a time, in the order they finish.
+    ``prior``: a loaded ``CFPrior`` or None. ``address``: None connects to the cluster ``ray.init()`` finds
+    (RAY_ADDRESS, a local ``ray start``) or starts a local one; else that address (``auto``,
+    ``ray://host:10001``); if Ray is already initialised in this process, its cluster is used as it is.
+    ``actors``: default, the cluster's CPUs / ``threads`` (default 1).
+    """
+    import pyarrow as pa
 
     ray = _import_ray()
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1 (got {threads})")
     if actors is not None and actors < 1:
         raise UsageError(f"--actors must be >= 1 (got {actors})")
-    _check_model(model_path, catalog, warn)
-    # The prior Recommender.open would load for this model and database, resolved here: the actors
-    # have neither the database (a popularity prior is counted from it) nor, maybe, the sidecar.
-    loaded_prior = _load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
-
     started_here = not ray.is_initialized()
     if started_here:
         try:
@@ -147,7 +182,7 @@ def ray_results(
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors become ours, one line
     try:
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # batch.py draws one bar with an ETA
+        context.enable_progress_bars = False  # the caller draws one bar with an ETA
         threads = threads or 1
         cpus = int(ray.cluster_resources().get("CPU", 1))
         pool = actors or max(1, cpus // threads)
@@ -155,20 +190,21 @@ def ray_results(
             raise UsageError(f"{pool} actors x {threads} threads need {pool * threads} CPUs; the cluster has {cpus}")
 
         catalog_ref = ray.put(list(zip(catalog.item_ids, catalog.titles, strict=True)))
-        prior_ref = ray.put(loaded_prior)
+        prior_ref = ray.put(prior)
         model = ray.put(model_path.read_bytes()) if ship_model else str(model_path)
         blocks = []
-        per_block = max(1, min(MAX_GROUPS_PER_BLOCK, len(groups) // (4 * pool)))  # every actor gets blocks
-        with HistoryDB.open(db_path, readonly=True) as db:
-            rows: dict[str, list] = {"users": [], "items": []}
-            for group in groups:
-                rows["users"].append(list(group))
-                rows["items"].append([items for _, items in history_items(db, group)])
-                if len(rows["users"]) >= per_block:
-                    blocks.append(ray.put(pa.table(rows, schema=REQUEST_SCHEMA())))
-                    rows = {"users": [], "items": []}
-            if rows["users"]:
+        per_block = max(1, min(MAX_GROUPS_PER_BLOCK, n_groups // (4 * pool)))  # every actor gets blocks
+        rows: dict[str, list] = {"keys": [], "items": []}
+        for group in groups:
+            rows["keys"].append([key for key, _ in group])
+            rows["items"].append([list(items) for _, items in group])
+            if len(rows["keys"]) >= per_block:
                 blocks.append(ray.put(pa.table(rows, schema=REQUEST_SCHEMA())))
+                rows = {"keys": [], "items": []}
+        if rows["keys"]:
+            blocks.append(ray.put(pa.table(rows, schema=REQUEST_SCHEMA())))
+        if not blocks:
+            return
         dataset = ray.data.from_arrow_refs(blocks).map_batches(
             RankActor,
             fn_constructor_kwargs={"model": model, "catalog_ref": catalog_ref, "prior_ref": prior_ref, "k": k,
@@ -180,7 +216,9 @@ def ray_results(
         )
         try:
             for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
-                yield _records(table, catalog)
+                columns = [table.column(name).to_pylist() for name in ("key", "titles", "scores", "lm_scores", "error")]
+                yield [(key, error if error is not None else (titles, scores, lm_scores))
+                       for key, titles, scores, lm_scores, error in zip(*columns, strict=True)]
         except Exception as exc:  # a Ray error wraps the worker's traceback: one line, with our exit code
             raise _worker_error(exc) from None
     finally:
@@ -191,15 +229,7 @@ def ray_results(
 def REQUEST_SCHEMA():  # noqa: N802
     import pyarrow as pa
 
-    return pa.schema([("users", pa.list_(pa.int64())), ("items", pa.list_(pa.list_(pa.int64())))])
-
-
-def _records(table, catalog) -> list[dict]:
-    from .batch import record
-
-    columns = {name: table.column(name).to_pylist() for name in ("user", "titles", "scores", "lm_scores", "error")}
-    return [record(user, titles, scores, lm_scores, catalog, error)
-            for user, titles, scores, lm_scores, error in zip(*columns.values(), strict=True)]
+    return pa.schema([("keys", pa.list_(pa.int64())), ("items", pa.list_(pa.list_(pa.int64())))])
 
 
 def _worker_error(exc: Exception):
