@@ -146,11 +146,8 @@ class OutFile:
         try:
             _lock(self.fh, self.path)
             self.fh.seek(0)
-            data = self.fh.read()
-            self.done = self._parse(data)
-            keep = data.rfind(b"\n") + 1
-            if keep < len(data):  # a line cut short by a crash: that user is computed again
-                self.fh.truncate(keep)
+            keep = self._read()
+            self.fh.truncate(keep)  # a line cut short by a crash: that user is computed again
             if keep == 0:
                 self.fh.write(_json_line({"format": OUT_FORMAT, "version": OUT_VERSION, "config": self.config}))
                 self.fh.flush()
@@ -168,28 +165,32 @@ class OutFile:
         self.fh.flush()
         self.done.update(r["user"] for r in records)
 
-    def _parse(self, data: bytes) -> set[int]:
-        lines = data.split(b"\n")[:-1]  # after the last newline: nothing, or a line cut short
+    def _read(self) -> int:
+        """Check the header and collect the users, a line at a time; the length of the complete lines."""
         foreign = f"{self.path} is not a genrec-edge recommendations file; choose another --out"
-        if not lines:
-            if data and not data.startswith(b'{"format": "' + OUT_FORMAT.encode()):
+        header = self.fh.readline()
+        if not header.endswith(b"\n"):  # empty, or a header cut short before any user was written
+            prefix = b'{"format": "' + OUT_FORMAT.encode() + b'"'
+            if not (prefix.startswith(header) or header.startswith(prefix)):
                 raise UsageError(foreign)
-            return set()
+            return 0
         try:
-            header = json.loads(lines[0].decode("utf-8"))
+            data = json.loads(header.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise UsageError(foreign) from None
-        if not isinstance(header, dict) or header.get("format") != OUT_FORMAT:
+        if not isinstance(data, dict) or data.get("format") != OUT_FORMAT:
             raise UsageError(foreign)
-        if header.get("version") != OUT_VERSION or header.get("config") != self.config:
-            old = header.get("config") if isinstance(header.get("config"), dict) else {}
+        if data.get("version") != OUT_VERSION or data.get("config") != self.config:
+            old = data.get("config") if isinstance(data.get("config"), dict) else {}
             differ = sorted(key for key in set(old) | set(self.config) if old.get(key) != self.config.get(key))
             raise UsageError(
                 f"{self.path} was written with another model, database or settings "
                 f"({', '.join(differ) or 'version'} differ): choose another --out, or delete it to start over"
             )
-        done = set()
-        for number, raw in enumerate(lines[1:], start=2):
+        keep = len(header)
+        for number, raw in enumerate(self.fh, start=2):
+            if not raw.endswith(b"\n"):
+                break  # the last line, cut short
             try:
                 line = json.loads(raw.decode("utf-8"))
                 user = line["user"]
@@ -197,8 +198,9 @@ class OutFile:
                     raise TypeError
             except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                 raise IngestError(f"{self.path}:{number}: not a recommendations line (the file is left as it is)") from None
-            done.add(user)
-        return done
+            self.done.add(user)
+            keep += len(raw)
+        return keep
 
 
 def _lock(fh, path: Path) -> None:

@@ -198,3 +198,19 @@ def test_help_does_not_import_ray_or_llama_cpp():
     assert done.returncode == 0, done.stderr
     assert "Example: genrec-edge recommend --all-users" in done.stdout and "--ray" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_header_cut_short_is_started_over(tiny_model, tiny_db, tmp_path):
+    out = tmp_path / "recs.jsonl"
+    for cut in (b"", b"{", b'{"format": "genrec-edge-recomm', b'{"format": "genrec-edge-recommendations", "ver'):
+        out.write_bytes(cut)
+        report = run(tiny_model, tiny_db, out, users=[2])
+        assert (report.resumed, report.written) == (0, 1)
+        assert list(read_records(out)) == [2] and header_of(out)["format"] == OUT_FORMAT
+    out.write_bytes(b"user,items\n")
+    with pytest.raises(UsageError, match="not a genrec-edge recommendations file"):
+        run(tiny_model, tiny_db, out, users=[2])
+
+
+def header_of(path):
+    return json.loads(path.read_text(encoding="utf-8").splitlines()[0])
