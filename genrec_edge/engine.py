@@ -23,6 +23,17 @@ raising, so every return code is checked; a sequence's positions must stay conse
 with ``llama_get_logits_ith``; llama.cpp's logging goes through a callback we keep alive. Numerics: CPU
 flash attention switches to a tiled F16 kernel for micro-batches of 64 rows or more (log-probs move by
 ~1e-2), so whoever needs batch-independent logits keeps decode calls under 64 tokens (search.py).
+
+Batch-independent numerics (measured on SmolLM2-135M Q8_0, docs/FINDINGS.md): llama.cpp's CPU flash
+attention has three kernels - a tiled one for micro-batches of 64+ rows, a KV-split one for a single row
+over 512+ cells on several threads, and a row-by-row one otherwise. Only the row-by-row one computes a
+token's attention from its own sequence's cells alone, in cell order, whatever else the cache and the
+batch hold; the other two group cells into tiles or per-thread chunks whose boundaries depend on other
+sequences' cells, and this model turns that rounding into title scores that move by up to ~0.1 nats.
+So every call here uses the row-by-row kernel: micro-batches of at most ``EXACT_BATCH`` (63) tokens,
+and a call of one token gets a second, padding token in a sequence of its own (``pad_seq``). A token's
+logits then depend only on its sequence: a request scores the same alone or batched with others,
+whichever order its tokens were decoded in.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from .errors import CorruptModelError, GenrecError, GrammarError, NotFoundError 
 
 PREFIX_SEQ = 0
 FIRST_BEAM_SEQ = 1
+EXACT_BATCH = 63  # tokens per llama_decode: below the tiled attention kernel's 64 rows (module docstring)
 
 
 class EngineError(GenrecError):
@@ -94,7 +106,8 @@ class Engine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.eos_id = int(llama_cpp.llama_vocab_eos(vocab))
         self.memory = llama_cpp.llama_get_memory(ctx)
-        self.batch = llama_cpp.llama_batch_init(n_batch, 0, n_seq_max)
+        self.pad_seq = n_seq_max  # one more than callers use: the padding token's sequence
+        self.batch = llama_cpp.llama_batch_init(n_batch + 1, 0, n_seq_max + 1)
         self._closed = False
 
     # ---------------------------------------------------------------- life cycle
@@ -137,9 +150,11 @@ class Engine:
         n_ctx = int(-(-n_ctx // 256) * 256)
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = n_ctx
-        cparams.n_batch = n_ctx  # a whole prompt or a whole beam step is one decode call
-        cparams.n_ubatch = min(512, n_ctx)
-        cparams.n_seq_max = n_seq_max
+        # A call holds at most EXACT_BATCH tokens, or one + its padding token: one micro-batch. llama.cpp
+        # sizes its output buffer max(outputs, sequences) and asserts it fits n_batch: n_batch >= sequences.
+        cparams.n_batch = max(EXACT_BATCH + 1, n_seq_max + 1)
+        cparams.n_ubatch = EXACT_BATCH + 1
+        cparams.n_seq_max = n_seq_max + 1  # + the padding sequence
         cparams.kv_unified = True  # beams share the prompt's KV cells instead of copying them
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
@@ -153,7 +168,7 @@ class Engine:
                 llama_cpp.llama_model_free(model)
             raise EngineError(f"llama.cpp could not create a context (n_ctx={n_ctx}, seqs={n_seq_max})")
         vocab = llama_cpp.llama_model_get_vocab(model)
-        return cls(path, model, vocab, ctx, n_ctx, n_seq_max, n_ctx, threads)
+        return cls(path, model, vocab, ctx, n_ctx, n_seq_max, EXACT_BATCH, threads)
 
     def close(self) -> None:
         if self._closed:
@@ -192,11 +207,20 @@ class Engine:
     def seq_len(self, seq: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq)) + 1
 
+    def reset(self) -> None:
+        """Free every sequence but the instruction prefix's (0), the padding sequence included."""
+        for seq in range(1, self.n_seq_max + 1):
+            self.seq_clear(seq)
+
     def decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[int], want: Sequence[bool]):
-        """One ``llama_decode`` of ``tokens`` (token i at ``positions[i]`` in sequence ``seqs[i]``)."""
+        """One ``llama_decode`` of ``tokens`` (token i at ``positions[i]`` in sequence ``seqs[i]``).
+
+        At most ``EXACT_BATCH`` tokens; a single token is decoded together with a padding token in
+        ``pad_seq`` (see the module docstring), which asks for no logits: output indices are unchanged.
+        """
         n = len(tokens)
         if n > self.n_batch:
-            raise EngineError(f"{n} tokens exceed the batch size {self.n_batch}")
+            raise EngineError(f"{n} tokens exceed the batch size {self.n_batch}: split the call (decode_sequence)")
         batch = self.batch
         batch.n_tokens = n
         for i in range(n):
@@ -205,6 +229,13 @@ class Engine:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seqs[i]
             batch.logits[i] = 1 if want[i] else 0
+        if n == 1:
+            batch.n_tokens = 2
+            batch.token[1] = tokens[0]
+            batch.pos[1] = self.seq_len(self.pad_seq)
+            batch.n_seq_id[1] = 1
+            batch.seq_id[1][0] = self.pad_seq
+            batch.logits[1] = 0
         rc = llama_cpp.llama_decode(self.ctx, batch)
         if rc != 0:
             raise EngineError(
@@ -212,15 +243,20 @@ class Engine:
             )
 
     def decode_sequence(self, tokens: Sequence[int], seq: int, start: int, last_logits: bool = True) -> None:
-        """Decode a run of tokens into one sequence, in chunks of the batch size."""
+        """Decode a run of tokens into one sequence, in calls of at most ``EXACT_BATCH`` tokens."""
         tokens = list(tokens)
-        for begin in range(0, len(tokens), self.n_batch):
-            chunk = tokens[begin : begin + self.n_batch]
+        begin = 0
+        while begin < len(tokens):
+            size = min(self.n_batch, len(tokens) - begin)
+            if len(tokens) - begin - size == 1:  # keep a lone last token out of its own call
+                size -= 1
+            chunk = tokens[begin : begin + size]
             last = begin + len(chunk) == len(tokens)
             want = [False] * len(chunk)
             if last and last_logits:
                 want[-1] = True
             self.decode(chunk, range(start + begin, start + begin + len(chunk)), [seq] * len(chunk), want)
+            begin += size
 
     def logits(self, i: int) -> np.ndarray:
         """A copy of the logits row of output ``i`` of the last decode (``-1``: the last one)."""

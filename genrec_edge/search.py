@@ -40,10 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import Engine, EngineError, log_normalizers
+from .engine import EXACT_BATCH, Engine, EngineError, log_normalizers
 from .trie import CatalogTrie
-
-MAX_EXACT_BATCH = 63  # tokens per llama_decode call in the search (see the decode step below)
 
 
 @dataclass
@@ -272,16 +270,15 @@ def beam_search(
 
         if not batch_tokens:
             continue
-        # ---- llama_decode for every request's new tokens, logits at every position. Calls hold at most
-        # MAX_EXACT_BATCH tokens: llama.cpp's CPU flash attention switches to a tiled F16 kernel from 64
-        # rows of a micro-batch on, which moves log-probs by ~1e-2; below that a token's logits do not
-        # depend on what else is in the batch, so batching requests and jumping ahead change nothing.
+        # ---- llama_decode for every request's new tokens, logits at every position, in calls of at most
+        # EXACT_BATCH tokens: then a token's logits do not depend on what else is in the batch or the
+        # cache (engine.py), so batching requests and decoding ahead change no score.
         t0 = time.perf_counter()
         n = len(batch_tokens)
         lps = np.zeros(n)
         rows: dict[int, tuple[np.ndarray, float]] = {}
-        for begin in range(0, n, MAX_EXACT_BATCH):
-            end = min(n, begin + MAX_EXACT_BATCH)
+        for begin in range(0, n, EXACT_BATCH):
+            end = min(n, begin + EXACT_BATCH)
             engine.decode(batch_tokens[begin:end], batch_pos[begin:end], batch_seq[begin:end], [True] * (end - begin))
             view = engine.all_logits(end - begin)
             lse = log_normalizers(view)

@@ -79,16 +79,17 @@ def prompt_for(engine, history):
 
 
 def brute_force_scores(engine, prompt, token_lists):
-    """Summed log-probs from a cleared cache: prompt + continuation in one sequence, one at a time."""
+    """Summed log-probs from a cleared cache: the prompt, then the title's tokens in one call of one
+    sequence, one title at a time (no copies, no trie, no other sequence)."""
     out = []
     for tokens in token_lists:
         llama_cpp.llama_memory_clear(engine.memory, True)
-        ids = prompt + tokens
-        n = len(ids)
-        engine.decode(ids, range(n), [0] * n, [i >= len(prompt) - 1 for i in range(n)])
-        total = 0.0
-        for j, token in enumerate(tokens):
-            total += float(E.log_softmax(engine.logits(len(prompt) - 1 + j))[token])
+        engine.decode_sequence(prompt, 0, 0)
+        total = float(E.log_softmax(engine.logits(-1))[tokens[0]])
+        n = len(tokens) - 1
+        if n:
+            engine.decode(tokens[:-1], range(len(prompt), len(prompt) + n), [0] * n, [True] * n)
+            total += sum(float(E.log_softmax(engine.logits(j))[tokens[j + 1]]) for j in range(n))
         out.append(total)
     llama_cpp.llama_memory_clear(engine.memory, True)
     return out
@@ -213,3 +214,36 @@ def test_property_results_are_distinct_unseen_catalog_titles(engine, titles, dat
     if len(found) < k:  # only a narrow beam may fall short; a beam as wide as the catalog never does
         wide = run_search(engine, trie, history, set(history), k=k, beam=max(len(unique), 1))[1]
         assert len(wide) == min(k, len(set(reachable) - set(history)))
+
+
+def test_a_tokens_logits_depend_only_on_its_own_sequence(tiny_model_path):
+    """Alone, padded, next to other sequences' tokens, or above 600 cells of another sequence: the same
+    logits, bit for bit (engine.py keeps llama.cpp on its row-by-row attention kernel)."""
+    with E.Engine.open(tiny_model_path, n_ctx=2048, n_seq_max=8, threads=2) as eng:
+        prompt = prompt_for(eng, HISTORY)
+        title = eng.tokenize("Star Wars: Episode IV - A New Hope (1977)")
+        filler = (prompt * 20)[:600]
+
+        def run(below: int, companions: int) -> np.ndarray:
+            llama_cpp.llama_memory_clear(eng.memory, True)
+            if below:
+                eng.decode_sequence(filler[:below], 5, 0, last_logits=False)
+            eng.decode_sequence(prompt, 1, 0)
+            for seq in range(2, 2 + companions):
+                eng.seq_copy(1, seq, -1, -1)
+            rows = []
+            for j, token in enumerate(title):
+                toks = [token] + [title[0]] * companions
+                eng.decode(toks, [len(prompt) + j] * len(toks), [1, *range(2, 2 + companions)], [True] * len(toks))
+                rows.append(eng.logits(0))
+            return np.stack(rows)
+
+        alone = run(0, 0)
+        for below, companions in [(0, 3), (600, 0), (600, 3)]:
+            # F32 weights: 1-row and n-row matrix products round differently (~1e-6); the attention
+            # kernels this avoids move these logits by ~1e-2.
+            np.testing.assert_allclose(run(below, companions), alone, atol=2e-5, rtol=0)
+        llama_cpp.llama_memory_clear(eng.memory, True)
+        with pytest.raises(E.EngineError, match="exceed the batch size"):
+            eng.decode(list(range(E.EXACT_BATCH + 1)), range(E.EXACT_BATCH + 1), [1] * (E.EXACT_BATCH + 1),
+                       [False] * (E.EXACT_BATCH + 1))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from reference_search import constrained_beam_search
-from test_engine import CATALOG, HISTORY, build_trie, prompt_for, tiny_model_path  # noqa: F401
+from test_engine import CATALOG, HISTORY, brute_force_scores, build_trie, prompt_for, tiny_model_path  # noqa: F401
 
 llama_cpp = pytest.importorskip("llama_cpp")
 from genrec_edge import engine as E  # noqa: E402
@@ -38,24 +38,6 @@ def engine(tiny_model_path):  # noqa: F811
 @pytest.fixture(scope="module")
 def trie(engine):
     return build_trie(engine, CATALOG)
-
-
-def exact_scores(engine, prompt, token_lists):
-    """Each title's summed log-probability from a fresh cache: the prompt decoded as the search decodes
-    it (one call), then the title's tokens in a second call (under 64 tokens: llama.cpp's precise
-    attention path, as in the search)."""
-    out = []
-    for tokens in token_lists:
-        llama_cpp.llama_memory_clear(engine.memory, True)
-        engine.decode_sequence(prompt, 0, 0)
-        total = float(E.log_softmax(engine.logits(-1))[tokens[0]])
-        n = len(tokens) - 1
-        if n:
-            engine.decode(tokens[:-1], range(len(prompt), len(prompt) + n), [0] * n, [True] * n)
-            total += sum(float(E.log_softmax(engine.logits(j))[tokens[j + 1]]) for j in range(n))
-        out.append(total)
-    llama_cpp.llama_memory_clear(engine.memory, True)
-    return out
 
 
 def _prefill(engine, history, seq):
@@ -165,7 +147,7 @@ def test_fused_search_with_a_catalog_wide_beam_equals_brute_force(engine, trie, 
     llama_cpp.llama_memory_clear(engine.memory, True)
     prompt = prompt_for(engine, history)
     candidates = [i for i in range(len(trie.titles)) if not seen[i] and trie.title_leaf[i] >= 0]
-    lm = exact_scores(engine, prompt, [trie.tokens_of(i) for i in candidates])
+    lm = brute_force_scores(engine, prompt, [trie.tokens_of(i) for i in candidates])
     fused = [s + weight * (log_p[i] - mass[0]) for i, s in zip(candidates, lm, strict=True)]
     expected = sorted(zip(candidates, fused, strict=True), key=lambda pair: -pair[1])[:10]
     assert_same(hits, expected)
