@@ -115,45 +115,6 @@ def llama_bench(model_path: Path, threads: int, n_prompt: int, n_gen: int, reps:
 
 
 # ------------------------------------------------------------------------------------------ first step
-def root_children(trie):
-    """(tokens, nodes) of the trie root: every token a title can start with."""
-    return trie.children(0)
-
-
-def first_step_log_probs(rec, history_titles) -> np.ndarray:  # noqa: F821
-    """Full-vocabulary log-probs of the first constrained step for the request ``rec`` just served.
-
-    ``recommend`` leaves the request prompt's KV in ``rec.prompt_seq`` (beams live in other sequences),
-    but the logits of its last position are gone: drop that one position and decode it again. Costs one
-    token instead of a second prefill. tests/test_bench.py checks it equals the recommender's own
-    first-step log-probs; a public ``Ranking.first_step_log_probs`` would remove this coupling.
-    """
-    import llama_cpp
-
-    from genrec_edge.engine import log_softmax
-    from genrec_edge.errors import GenrecError
-    from genrec_edge.prompts import build_prompt_ids
-
-    engine = rec.engine
-    prompt = build_prompt_ids(engine.tokenize, engine.eos_id, list(history_titles), rec.template)
-    n = len(prompt)
-    seq = rec.prompt_seq
-    if engine.seq_len(seq) != n:
-        raise GenrecError(
-            f"bench: the recommender no longer keeps the prompt in sequence {seq} "
-            f"({engine.seq_len(seq)} positions, expected {n}); update bench.measure.first_step_log_probs"
-        )
-    llama_cpp.llama_memory_seq_rm(engine.memory, seq, n - 1, -1)
-    engine.decode([prompt[-1]], [n - 1], [seq], [True])
-    return log_softmax(engine.logits(0))
-
-
-def allowed_mask(rec, seen_titles, nodes) -> np.ndarray:  # noqa: F821
-    """Which root children still lead to a title outside ``seen_titles`` (the search's own mask)."""
-    unseen = rec.trie.unseen_counts([rec.title_index[t] for t in seen_titles if t in rec.title_index])
-    return unseen[nodes] > 0
-
-
 # ------------------------------------------------------------------------------------------ modes
 def measure_llama(args, examples: list[dict]) -> dict:
     import numpy as np
@@ -168,7 +129,7 @@ def measure_llama(args, examples: list[dict]) -> dict:
     started = time.perf_counter()
     rec = Recommender.open(args.model, args.db, threads=args.threads, beam=args.beam, warn=warnings.append)
     open_ms = (time.perf_counter() - started) * 1000
-    tokens, nodes = root_children(rec.trie)
+    tokens, _ = rec.trie.children(0)
     latency, prefill, search, prompt_tokens, rankings = [], [], [], [], []
     first_rows = np.zeros((len(examples), len(tokens)), dtype=np.float32)
     first_mask = np.zeros((len(examples), len(tokens)), dtype=bool)
@@ -176,14 +137,14 @@ def measure_llama(args, examples: list[dict]) -> dict:
         emit(event="users", done=0, total=len(examples))
         for i, example in enumerate(examples):
             history = example["history"]
-            out = rec.recommend(history=history, k=args.k)
+            out = rec.recommend(history=history, k=args.k, first_step=True)
             latency.append(out.timings.total_ms)
             prefill.append(out.timings.prefill_ms)
             search.append(out.timings.search_ms)
             prompt_tokens.append(out.timings.prompt_tokens)
             rankings.append([r.title for r in out.items])
-            first_rows[i] = first_step_log_probs(rec, history)[tokens]
-            first_mask[i] = allowed_mask(rec, set(history), nodes)
+            first_rows[i] = out.first_step.log_probs
+            first_mask[i] = out.first_step.allowed
             emit(event="users", done=i + 1, total=len(examples))
         beam = rec.beam if rec.beam is not None else min(default_beam(args.k), rec.capacity)
     finally:
@@ -208,74 +169,30 @@ def measure_llama(args, examples: list[dict]) -> dict:
 
 
 def measure_hf(args, examples: list[dict]) -> dict:
-    """transformers' constrained beam search on the model dequantized from the same GGUF."""
-    from genrec_edge.prompts import build_prompt_ids
+    """transformers' constrained beam search on the model dequantized from the same GGUF (bench.hf_peer)."""
+    from bench.hf_peer import constrained_beam, load_hf
     from genrec_edge.recommend import Recommender, default_beam
 
     rss_start = peak_rss_mb()
-    # The trie, template and prompt ids come from the recommender itself: the peer sees the same tokens.
+    # The trie, prompt ids and seen-title masks come from the recommender itself: the peer sees the same tokens.
     with Recommender.open(args.model, args.db, threads=args.threads, beam=args.beam, warn=lambda m: None) as rec:
         trie, eos = rec.trie, rec.engine.eos_id
-        prompts = [build_prompt_ids(rec.engine.tokenize, eos, e["history"], rec.template) for e in examples]
-        unseen = [
-            trie.unseen_counts([rec.title_index[t] for t in set(e["history"]) if t in rec.title_index])
-            for e in examples
-        ]
+        prompts = [rec.prompt_ids(e["history"]) for e in examples]
+        unseen = [rec.unseen_counts(set(e["history"])) for e in examples]
         beam = rec.beam if rec.beam is not None else min(default_beam(args.k), rec.capacity)
     emit(event="phase", name="load transformers")
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(args.model.parent), gguf_file=args.model.name, dtype=torch.float32)
-    model.eval()
+    model = load_hf(args.model, args.threads)
     load_ms = (time.perf_counter() - started) * 1000
 
     latency, rankings = [], []
     emit(event="users", done=0, total=len(examples))
     for i, (prompt, counts) in enumerate(zip(prompts, unseen, strict=True)):
-        n = len(prompt)
-
-        def allowed(batch_id, input_ids, n=n, counts=counts):
-            node = trie.walk(input_ids[n:].tolist())
-            if node < 0:
-                return [eos]
-            toks, nodes = trie.children(node)
-            keep = toks[counts[nodes] > 0].tolist()
-            return keep or [eos]
-
-        ids = torch.tensor([prompt])
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                num_beams=beam,
-                num_return_sequences=min(args.k, beam),
-                max_new_tokens=trie.max_depth,
-                prefix_allowed_tokens_fn=allowed,
-                eos_token_id=eos,
-                pad_token_id=eos,
-                length_penalty=0.0,  # summed log-probs, as our search scores
-                early_stopping=False,
-                do_sample=False,
-                return_dict_in_generate=True,
-                output_scores=True,
-            )
-        latency.append((time.perf_counter() - t0) * 1000)
-        titles = []
-        for seq in out.sequences[:, n:].tolist():
-            tokens = seq[: seq.index(eos) + 1] if eos in seq else seq
-            node = trie.walk(tokens)
-            title = int(trie.leaf_title[node]) if node >= 0 else -1
-            if title >= 0 and trie.titles[title] not in titles:
-                titles.append(trie.titles[title])
+        ms, titles = constrained_beam(model, trie, prompt, counts, eos, beam, args.k)
+        latency.append(ms)
         rankings.append(titles)
         emit(event="users", done=i + 1, total=len(examples))
+    import torch
     import transformers
 
     return {

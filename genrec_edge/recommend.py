@@ -44,6 +44,8 @@ from .errors import (
 from .prompts import PromptTemplate, build_prompt_ids, prefix_ids
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .cf import CFPrior
     from .search import SearchStats
 
@@ -81,12 +83,23 @@ class Recommendation:
 
 
 @dataclass(frozen=True)
+class FirstStep:
+    """The first constrained step of a search (``first_step=True``): every token a title can start with,
+    the model's log-probability of each after the prompt, and whether it still leads to an unseen title."""
+
+    tokens: np.ndarray  # the trie root's child tokens, ascending
+    log_probs: np.ndarray  # float64 log P_LM(token | prompt), full-vocabulary normalisation
+    allowed: np.ndarray  # bool: the search may expand it (an unseen title below)
+
+
+@dataclass(frozen=True)
 class Recommendations:
     items: tuple[Recommendation, ...]
     timings: Timings
     prior: str = "none"  # the prior used: "none", "pop" or "sasrec"
     prior_weight: float = 0.0  # its λ
     stats: SearchStats | None = field(default=None, repr=False, compare=False)  # per-decode detail (bench)
+    first_step: FirstStep | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         return {
@@ -123,6 +136,7 @@ class Ranking:
     prior: str = "none"
     prior_weight: float = 0.0
     stats: SearchStats | None = field(default=None, repr=False, compare=False)
+    first_step: FirstStep | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,7 @@ class Request:
     history: tuple[str, ...] | None = None
     prior: str | None = None  # None: the recommender's default; "none", "pop", "sasrec"
     prior_weight: float | None = None  # None: the prior's own λ
+    first_step: bool = False  # also return the first constrained step's log-probs (Recommendations.first_step)
 
     @classmethod
     def of(cls, value) -> Request:
@@ -186,6 +201,7 @@ class Recommender:
             self.priors[prior.kind] = prior
         self.default_prior = prior.kind if prior is not None else "none"
         self.model_dir = model_dir
+        self.jump_forward = True
         self._grammar: str | None = None  # the catalog GBNF, built on the first --sample request
         self._prefill_prefix()
 
@@ -210,6 +226,7 @@ class Recommender:
         prior: str | Path | CFPrior | None = None,
         prior_weight: float | None = None,
         batch: int = 1,
+        jump_forward: bool = True,
     ) -> Recommender:
         """Load ``model`` (default: models.default_model_path()) for the catalog of ``db``.
 
@@ -218,6 +235,8 @@ class Recommender:
         sidecar's SASRec (NotFoundError without one); a directory holding a sidecar; or a loaded
         :class:`~genrec_edge.cf.CFPrior`. ``prior_weight`` replaces its λ. ``batch``: how many requests
         :meth:`recommend_many` searches together (each needs ``capacity + 1`` sequences and its cells).
+        ``jump_forward=False`` decodes forced title suffixes one step at a time, as before search.py's
+        jump-forward (same results, more llama_decode calls: for benchmarks).
 
         Raises NotFoundError / CorruptModelError for a missing or bad model, DatabaseError for a bad
         database, CatalogMismatchError if the model (or the prior) was made for another catalog.
@@ -309,8 +328,10 @@ class Recommender:
                 model_path, n_ctx=n_ctx, n_seq_max=2 + batch * (capacity + 1), threads=threads or default_threads(),
                 model=raw_model,
             )
-            return cls(engine, trie, catalog, db_path, template, capacity, beam, batch, loaded_prior,
-                       model_path.parent)
+            rec = cls(engine, trie, catalog, db_path, template, capacity, beam, batch, loaded_prior,
+                      model_path.parent)
+            rec.jump_forward = jump_forward
+            return rec
         except BaseException:
             if engine is not None:
                 engine.close()  # frees the model too
@@ -345,10 +366,12 @@ class Recommender:
         max_tries: int | None = None,
         prior: str | None = None,
         prior_weight: float | None = None,
+        first_step: bool = False,
     ) -> Recommendations:
         """Top-``k`` unseen catalog items for a database ``user`` or an ad-hoc ``history`` of exact titles.
 
         ``prior`` / ``prior_weight``: this request's choice (see :meth:`open`; None = the default).
+        ``first_step``: also return the first constrained step's log-probabilities (``FirstStep``).
         ``sample=True`` draws titles with llama.cpp's grammar sampler instead (temperature, seed) until
         ``k`` distinct unseen titles or ``max_tries`` samples (default 20 k); no prior applies.
         """
@@ -356,7 +379,7 @@ class Recommender:
             raise UsageError("give exactly one of a user or a history")
         if not sample:
             request = Request(user=user, history=None if history is None else tuple(history), prior=prior,
-                              prior_weight=prior_weight)
+                              prior_weight=prior_weight, first_step=first_step)
             return self.recommend_many([request], k=k)[0]
         started = time.perf_counter()
         _check_k(k)
@@ -391,12 +414,13 @@ class Recommender:
                 for first in range(0, len(requests), self.batch):
                     group = range(first, min(len(requests), first + self.batch))
                     rankings += self._rank_group(
-                        [(resolved[i][0], resolved[i][1], resolved[i][2], priors[i]) for i in group], k, self.beam
+                        [(resolved[i][0], resolved[i][1], resolved[i][2], priors[i]) for i in group], k, self.beam,
+                        first_step=[requests[i].first_step for i in group],
                     )
             for ranking in rankings:
                 found = list(zip(ranking.titles, ranking.scores, ranking.lm_scores, strict=True))
                 out.append(Recommendations(tuple(self._describe(db, found)), ranking.timings, ranking.prior,
-                                           ranking.prior_weight, ranking.stats))
+                                           ranking.prior_weight, ranking.stats, ranking.first_step))
         total = (time.perf_counter() - started) * 1000
         return [_replace_total(r, total) for r in out]  # a batch's requests share its wall time
 
@@ -445,6 +469,14 @@ class Recommender:
             for first in range(0, len(group), self.batch):
                 out += self._rank_group(group[first : first + self.batch], k, beam if beam is not None else self.beam)
         return out
+
+    def prompt_ids(self, history_titles: Sequence[str]) -> list[int]:
+        """The token ids a request with this history is answered from (prefix + last titles + EOS each)."""
+        return build_prompt_ids(self.engine.tokenize, self.engine.eos_id, list(history_titles), self.template)
+
+    def unseen_counts(self, seen_titles) -> np.ndarray:
+        """Per trie node, how many titles outside ``seen_titles`` lie below it (what the search expands)."""
+        return self.trie.unseen_counts([self.title_index[t] for t in seen_titles if t in self.title_index])
 
     # ------------------------------------------------------------------ internals
     def _prior_for(self, choice: str | None, weight: float | None) -> CFPrior | None:
@@ -497,13 +529,12 @@ class Recommender:
         if unseen[0] == 0:
             raise UsageError("every catalog title is already in this history: nothing left to recommend")
         engine = self.engine
-        prompt = build_prompt_ids(engine.tokenize, engine.eos_id, titles, self.template)
+        prompt = self.prompt_ids(titles)
         if prompt[: len(self.prefix)] != self.prefix:  # the cached prefix KV would be wrong
             raise CorruptModelError("the tokenizer does not reproduce the instruction prefix")
         prompt_seq, _ = self._slot_seqs(slot)
         t0 = time.perf_counter()
         engine.seq_copy(0, prompt_seq, -1, -1)
-        # One call per request, as for a single request: llama.cpp's numerics depend on micro-batch size.
         engine.decode_sequence(prompt[len(self.prefix):], prompt_seq, len(self.prefix))
         logits = engine.logits(-1)
         prefill_ms = (time.perf_counter() - t0) * 1000
@@ -520,14 +551,14 @@ class Recommender:
         mass = self.trie.prior_log_mass(prior.log_probs(items, mask), prior.config.variant)
         return mass, (time.perf_counter() - t0) * 1000
 
-    def _rank_group(self, group, k: int, beam: int | None) -> list[Ranking]:
+    def _rank_group(self, group, k: int, beam: int | None, first_step: Sequence[bool] = ()) -> list[Ranking]:
         """Search several prepared requests together: ``(prompt titles, seen titles, items, prior)`` each."""
+        from .engine import log_softmax
         from .search import SearchRequest, SearchStats, beam_search
 
         width = min(beam if beam is not None else default_beam(k), self.capacity)
         engine = self.engine
-        for seq in range(1, engine.n_seq_max):
-            engine.seq_clear(seq)
+        engine.reset()
         requests, extra = [], []
         for slot, (titles, seen_titles, items, prior) in enumerate(group):
             unseen, seen, prompt, logits, prefill_ms = self._prepare(slot, titles, seen_titles)
@@ -535,11 +566,15 @@ class Recommender:
             prompt_seq, beam_seqs = self._slot_seqs(slot)
             requests.append(SearchRequest(prompt_seq, len(prompt), logits, unseen, k, width, beam_seqs[:width],
                                           prior_log_mass=mass, prior_weight=prior.weight if prior else 0.0))
-            extra.append((prefill_ms, prior_ms, seen, prior))
+            first = None
+            if slot < len(first_step) and first_step[slot]:
+                tokens, nodes = self.trie.children(0)
+                first = FirstStep(tokens.copy(), log_softmax(logits)[tokens], unseen[nodes] > 0)
+            extra.append((prefill_ms, prior_ms, seen, prior, first))
         stats = SearchStats()
-        beam_search(engine, self.trie, requests, self.graveyard_seq, stats)
+        beam_search(engine, self.trie, requests, self.graveyard_seq, stats, jump=self.jump_forward)
         out = []
-        for request, (prefill_ms, prior_ms, seen, prior) in zip(requests, extra, strict=True):
+        for request, (prefill_ms, prior_ms, seen, prior, first) in zip(requests, extra, strict=True):
             hits = list(request.hits)
             # A narrow beam can lose every path to the k-th title; search again without the titles found
             # (rare) so the answer has k items whenever the catalog has k unseen titles.
@@ -550,7 +585,7 @@ class Recommender:
                 again = SearchRequest(request.prompt_seq, request.prompt_len, request.prompt_logits, more_unseen,
                                       k - len(hits), width, request.beam_seqs, request.prior_log_mass,
                                       request.prior_weight)
-                more = beam_search(engine, self.trie, [again], self.graveyard_seq, stats)[0]
+                more = beam_search(engine, self.trie, [again], self.graveyard_seq, stats, jump=self.jump_forward)[0]
                 if not more:
                     break
                 hits = sorted(hits + more, key=lambda h: (-h.score, h.title_index))
@@ -559,7 +594,7 @@ class Recommender:
             out.append(Ranking(
                 tuple(self.trie.titles[h.title_index] for h in hits), tuple(float(h.score) for h in hits), timings,
                 tuple(float(h.lm_score) for h in hits), prior.kind if prior else "none",
-                prior.weight if prior else 0.0, stats,
+                prior.weight if prior else 0.0, stats, first,
             ))
         return out
 
@@ -567,8 +602,7 @@ class Recommender:
         from .engine import GrammarSampler
         from .grammar import grammar_for_titles
 
-        for seq in range(1, self.engine.n_seq_max):
-            self.engine.seq_clear(seq)
+        self.engine.reset()
         unseen, _, prompt, _, prefill_ms = self._prepare(0, titles, seen_titles)
         t0 = time.perf_counter()
         if self._grammar is None:

@@ -134,22 +134,28 @@ def test_bench_end_to_end(tiny_f16, tiny_db, tmp_path, home, capsys):
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_first_step_matches_the_recommender(tiny_f16, tiny_db, home):
-    """The bench's one-token re-decode gives the recommender's own first-step log-probs."""
+def test_first_step_is_the_prompts_log_softmax_at_the_trie_root(tiny_f16, tiny_db, home):
+    """Recommendations.first_step (what the bench's KL column reads) equals log-probs computed from scratch."""
     import numpy as np
 
-    from bench.measure import first_step_log_probs
-    from genrec_edge.engine import log_softmax
+    from genrec_edge.engine import Engine, log_softmax
+    from genrec_edge.prompts import build_prompt_ids
     from genrec_edge.recommend import Recommender
 
     history = ["Toy Story (1995)", "Heat (1995)", "Matrix, The (1999)"]
     with Recommender.open(tiny_f16, tiny_db, threads=2, warn=lambda m: None) as rec:
-        *_, logits, _ = rec._prepare(0, history, set(history))  # request slot 0: what recommend() uses
-        expected = log_softmax(logits)
-        rec.recommend(history=history, k=5)
-        got = first_step_log_probs(rec, history)
-    np.testing.assert_allclose(got, expected, atol=1e-4)
-    assert int(np.argmax(got)) == int(np.argmax(expected))
+        first = rec.recommend(history=history, k=5, first_step=True).first_step
+        tokens, nodes = rec.trie.children(0)
+        allowed = rec.trie.unseen_counts([rec.title_index[t] for t in history])[nodes] > 0
+        template = rec.template
+    with Engine.open(tiny_f16, n_ctx=512, n_seq_max=1, threads=2) as engine:
+        prompt = build_prompt_ids(engine.tokenize, engine.eos_id, history, template)
+        engine.decode_sequence(prompt, 0, 0)
+        expected = log_softmax(engine.logits(-1))[tokens]
+    np.testing.assert_array_equal(first.tokens, tokens)
+    np.testing.assert_allclose(first.log_probs, expected, atol=1e-4)
+    np.testing.assert_array_equal(first.allowed, allowed)
+    assert not first.allowed.all()  # the history's titles are masked where they are a branch of their own
 
 
 def test_quantized_files_are_reused(tiny_f16, tmp_path):

@@ -277,3 +277,27 @@ def test_real_base_model_top10_on_bundled_catalog(tmp_path, cache_home):
         assert set(titles) <= set(catalog.unique_titles) - set(history)
         by_user = recommender.recommend(user=1, k=10)
         assert len({r.title for r in by_user.items}) == 10
+
+
+@pytest.mark.slow
+def test_real_model_jump_forward_and_batching_change_no_result(tmp_path, cache_home):
+    """The default model (Q8_0) on 40 real users: the search with forced suffixes decoded ahead, and 8
+    requests per search, give the plain step-by-step search's top-10, titles and scores (to 1e-4)."""
+    import random
+
+    from genrec_edge.ingest import ingest
+    from genrec_edge.paths import BUNDLED_DATASET
+
+    db_path = tmp_path / "ml.db"
+    ingest(db_path, "movielens-csv", BUNDLED_DATASET)
+    with HistoryDB.open(db_path, readonly=True) as db:
+        users = random.Random(7).sample(db.users(), 40)
+    quiet = {"threads": 2, "beam": 20, "prior": "none", "warn": lambda m: None}
+    with Recommender.open(None, db_path, jump_forward=False, **quiet) as plain:
+        expected = [plain.recommend(user=u, k=10) for u in users]
+    with Recommender.open(None, db_path, batch=8, **quiet) as fast:
+        got = fast.recommend_many(users, k=10)
+        assert sum(r.timings.decode_steps for r in got[::8]) < sum(r.timings.decode_steps for r in expected)
+    for want, have in zip(expected, got, strict=True):
+        assert [r.title for r in have.items] == [r.title for r in want.items]
+        assert [r.score for r in have.items] == pytest.approx([r.score for r in want.items], abs=1e-4)
