@@ -9,7 +9,7 @@
 
 The file (``OUT_FORMAT``): line 1 ``{"format": ..., "version": 1, "config": {...}}``, where ``config`` is
 everything the results depend on (the model file's sha256 and its prior sidecar's, the prior, k, the beam,
-the batch, the database's catalog hash and a checksum of its interactions); then per user
+the database's catalog hash and a checksum of its interactions); then per user
 ``{"user": 42, "items": [{"rank": 1, "title": ..., "item_ids": [...], "score": ..., "lm_score": ...}, ...]}``
 or ``{"user": 42, "items": [], "error": "..."}`` for a user nothing can be recommended to (every title
 seen). Running the same command again skips the users already written; a last line cut short by a crash is
@@ -29,8 +29,8 @@ from .errors import EmptyHistoryError, IngestError, NotFoundError, UsageError
 
 OUT_FORMAT = "genrec-edge-recommendations"
 OUT_VERSION = 1
-# Requests searched together. 1: on llama.cpp's CPU backend today a request in slot >= 1 gets scores up to
-# ~0.1 nats off its single-request ones (see plan_groups), and 2 cores gain nothing from sharing decodes.
+# Requests searched together (same results at any batch). 1: on 2 CPU cores sharing decodes gains nothing
+# (bench/results/scale-*: 4.0 s a user at batch 4, 3.8 s alone); more cores or a GPU may.
 DEFAULT_BATCH = 1
 
 
@@ -258,7 +258,7 @@ def write_parquet(jsonl: Path, dest: Path, chunk: int = 50_000) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def batch_config(model_path: Path, db, catalog, k: int, beam: int, batch: int, prior: str | None,
+def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior: str | None,
                  prior_weight: float | None) -> dict:
     """What a file's results depend on; a resumed file must have been written with the same."""
     from .cf import SIDECAR_JSON, SIDECAR_WEIGHTS
@@ -267,7 +267,7 @@ def batch_config(model_path: Path, db, catalog, k: int, beam: int, batch: int, p
     sidecar = {name: sha256_file(model_path.parent / name) for name in (SIDECAR_JSON, SIDECAR_WEIGHTS)
                if (model_path.parent / name).is_file()}
     return {"model": model_path.name, "model_sha256": sha256_file(model_path), "prior_sidecar": sidecar,
-            "prior": prior, "prior_weight": prior_weight, "k": k, "beam": beam, "batch": batch,
+            "prior": prior, "prior_weight": prior_weight, "k": k, "beam": beam,
             "catalog_sha256": catalog.sha256, "data": data_checksum(db)}
 
 
@@ -294,8 +294,8 @@ def recommend_users(
     """Top-``k`` for ``users`` (None: every user with a history) appended to ``out`` as JSON lines.
 
     Example: ``recommend_users("ml.db", "recs.jsonl", model="model-Q8_0.gguf")``. Users already
-    in ``out`` are skipped (a resume); ``batch`` requests share each llama_decode (for now not exactly the
-    single-request results: see :func:`plan_groups`). ``ray``: None/False
+    in ``out`` are skipped (a resume); ``batch`` requests share each llama_decode (the results are the
+    single-request ones). ``ray``: None/False
     runs here; True or an address runs on a Ray cluster (``cluster.ray_results``: ``actors`` actors of
     ``threads`` CPUs each), with results identical to the local run's.
     ``parquet`` also writes ``out`` with the suffix ``.parquet`` when every user is done.
@@ -337,7 +337,7 @@ def recommend_users(
         model_path = Path(model) if model is not None else default_model_path()
         if not model_path.is_file():
             raise NotFoundError(f"model file not found: {model_path}")
-        config = batch_config(model_path, history, catalog, k, width, batch, prior, prior_weight)
+        config = batch_config(model_path, history, catalog, k, width, prior, prior_weight)
 
     with OutFile(out, config) as sink:
         groups = plan_groups(wanted, sink.done, batch)
@@ -371,12 +371,10 @@ def recommend_users(
 def plan_groups(users: Sequence[int], done: set[int], batch: int) -> list[list[int]]:
     """The groups of ``batch`` consecutive users (of every user asked for) that hold a user not yet done.
 
-    A request's scores depend on its slot in a group: its history is prefilled in one llama_decode of
-    64 tokens or more, which llama.cpp's CPU flash attention computes with a tiled kernel whose rounding
-    depends on where the slot's cells lie in the KV cache (slot 0 equals a single request; later slots
-    move by up to ~0.1 nats on SmolLM2 Q4_1, enough to swap near-tied titles). So a user is always ranked
-    in the same group and slot, fresh, resumed or on Ray: the output is a function of the users' order
-    and ``batch`` alone. A resumed group is ranked whole; only its missing users are written.
+    A user's result does not depend on its group (engine.py keeps every llama_decode on llama.cpp's
+    row-by-row attention kernel), so any grouping would do; fixing groups by the users' order, with a
+    resumed group ranked whole and only its missing users written, makes a resumed file byte-identical to
+    an uninterrupted run's, and a Ray run rank the very groups a local run ranks.
     """
     groups = [list(users[first : first + batch]) for first in range(0, len(users), batch)]
     return [group for group in groups if any(user not in done for user in group)]

@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         users_file: Path = typer.Option(None, "--users-file", help="Batch: the user ids in FILE, one per line."),
         out: Path = typer.Option(None, "--out", help=OUT_HELP),
         batch: int = typer.Option(1, "--batch", min=1, help="Batch: users searched together per llama_decode "
-                                  "(> 1: scores may move by ~0.1 nats for now; docs/CLUSTER.md)."),
+                                  "(the same results; faster only with cores to spare)."),
         parquet: bool = typer.Option(False, "--parquet", help="Batch: also write OUT as .parquet (needs pyarrow)."),
         ray: str = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
         actors: int = typer.Option(None, "--actors", min=1, help="With --ray: actors, each with --threads CPUs "
