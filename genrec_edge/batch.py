@@ -90,12 +90,15 @@ def check_users(db, users: Sequence[int], source: str | None = None) -> None:
 
 
 def data_checksum(db) -> dict:
-    """Counts and sums over every interaction: changes when a history changes (one pass, in SQLite)."""
+    """Counts and sums over every interaction: changes when a history changes (one pass, in SQLite).
+
+    ``total`` (a float) rather than ``sum``, which raises on int64 overflow (millisecond timestamps).
+    """
     with db._errors():
-        n, users, items, stamps, ratings = db.conn.execute(
-            "SELECT count(*), sum(user_id), sum(item_id), sum(timestamp), total(rating) FROM interactions"
+        n, *sums = db.conn.execute(
+            "SELECT count(*), total(user_id), total(item_id), total(timestamp), total(rating) FROM interactions"
         ).fetchone()
-    return {"interactions": n, "sums": [users or 0, items or 0, stamps or 0, round(ratings or 0.0, 6)]}
+    return {"interactions": n, "sums": [float(x) for x in sums]}
 
 
 def history_items(db, users: Iterable[int]) -> Iterator[tuple[int, list[int]]]:

@@ -215,3 +215,11 @@ def test_a_header_cut_short_is_started_over(tiny_model, tiny_db, tmp_path):
 
 def header_of(path):
     return json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+
+
+def test_huge_timestamps_do_not_overflow_the_data_checksum(tiny_model, tiny_db, tmp_path):
+    with HistoryDB.open(tiny_db) as db:  # two timestamps whose sum is past int64 (SQLite's sum() raises)
+        for user in (1, 2):
+            db.add_interaction(user, 200 if user == 1 else 10, timestamp=9_000_000_000_000_000_000, rating=3.0)
+    report = run(tiny_model, tiny_db, tmp_path / "recs.jsonl", users=[1, 2])
+    assert report.written == 2
