@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "train",
     "convert",
     "recommend",
+    "prior",
     "bench",
     "serve",
     "doctor",

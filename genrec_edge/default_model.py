@@ -118,11 +118,34 @@ def build_f16(adapter: Path | None = None, progress: bool = True) -> Path:
     return target
 
 
+def sync_prior(adapter: Path | None, model_dir: Path) -> None:
+    """Keep the shipped collaborative prior (``cf-prior.*`` beside the adapter) next to the built GGUFs.
+
+    Copied when missing or different, not part of the model's cache key: a re-tuned λ needs no rebuild.
+    """
+    from .cf import SIDECAR_JSON, SIDECAR_WEIGHTS
+
+    if adapter is None:
+        return
+    with _build_lock(model_dir):
+        for name in (SIDECAR_JSON, SIDECAR_WEIGHTS):
+            src, dst = adapter / name, model_dir / name
+            if not src.is_file():
+                dst.unlink(missing_ok=True)
+            elif not dst.is_file() or dst.read_bytes() != src.read_bytes():
+                tmp = dst.with_name(dst.name + ".tmp")
+                shutil.copy2(src, tmp)
+                tmp.replace(dst)
+
+
 def build_level(level: str = DEFAULT_LEVEL, adapter: Path | None = None, progress: bool = True) -> Path:
-    """The default model quantized to ``level`` (F16 is the unquantized file itself), cached."""
+    """The default model quantized to ``level`` (F16 is the unquantized file itself), cached, with the
+    shipped collaborative prior beside it."""
     from .quantize import output_path, quantize
 
+    adapter = adapter or shipped_adapter()
     f16 = build_f16(adapter, progress=progress)
+    sync_prior(adapter, f16.parent)
     if level.upper() == "F16":
         return f16
     out = output_path(f16, level)

@@ -432,28 +432,17 @@ class Recommender:
 
         ``history_items``: the full item history the prior reads (default: each title's first item).
         """
-        unknown = [t for t in history_titles if t not in self.title_index]
-        if unknown:
-            raise NotFoundError(_unknown_title_message(unknown[0], self.trie.titles))
-        if not history_titles:
-            raise EmptyHistoryError("the history is empty: nothing to recommend from")
-        items = list(history_items) if history_items is not None else [self.first_item[t] for t in history_titles]
-        chosen = self._prior_for(prior, prior_weight)
-        with self.lock:
-            titles = list(history_titles)[-self.template.history_len:] if self.template.history_len > 0 else []
-            return self._rank_group([(titles, set(seen_titles), items, chosen)], k,
-                                    beam if beam is not None else self.beam)[0]
+        return self.rank_many([(history_titles, seen_titles, history_items)], k, beam, prior, prior_weight)[0]
 
     def rank_many(self, requests: Sequence[tuple[Sequence[str], Sequence[str] | set[str], Sequence[int] | None]], k: int,
-                  beam: int | None = None) -> list[Ranking]:
+                  beam: int | None = None, prior: str | None = None, prior_weight: float | None = None) -> list[Ranking]:
         """:meth:`rank_titles` for several ``(history_titles, seen_titles, history_items)`` requests, no database.
 
-        Up to ``batch`` (set at open) are searched together, with the recommender's default prior. The first
-        of each group gets exactly what ``rank_titles`` gives it alone; the others' history prefill (one call
-        of >= 64 tokens) goes through llama.cpp's tiled CPU flash attention, whose rounding depends on the
-        slot's KV cells, so their scores can move (~0.1 nats on SmolLM2 Q4_1). A bad request raises before
-        any search. For workers without the history database (``cluster.RankActor``), fed what a driver read.
+        Up to ``batch`` (set at open) are searched together; each gets exactly what ``rank_titles`` gives it
+        alone (engine.py keeps llama.cpp's numerics batch-independent). A bad request raises before any
+        search. For workers without the history database (``cluster.RankActor``), fed what a driver read.
         """
+        chosen = self._prior_for(prior, prior_weight)
         group = []
         for history_titles, seen_titles, history_items in requests:
             unknown = [t for t in history_titles if t not in self.title_index]
@@ -463,12 +452,34 @@ class Recommender:
                 raise EmptyHistoryError("the history is empty: nothing to recommend from")
             items = list(history_items) if history_items is not None else [self.first_item[t] for t in history_titles]
             titles = list(history_titles)[-self.template.history_len:] if self.template.history_len > 0 else []
-            group.append((titles, set(seen_titles), items, self._prior_for(None, None)))
+            group.append((titles, set(seen_titles), items, chosen))
         out: list[Ranking] = []
         with self.lock:
             for first in range(0, len(group), self.batch):
                 out += self._rank_group(group[first : first + self.batch], k, beam if beam is not None else self.beam)
         return out
+
+    def score_titles(self, history_titles: Sequence[str], titles: Sequence[str]) -> dict[str, float]:
+        """log P_LM(title + EOS | history) of each of ``titles`` (exact; no prior, no seen-title exclusion).
+
+        A search over the trie restricted to these titles, with a beam as wide as them (in groups of the
+        context's capacity): shared prefixes are decoded once.
+        """
+        unknown = [t for t in list(history_titles) + list(titles) if t not in self.title_index]
+        if unknown:
+            raise NotFoundError(_unknown_title_message(unknown[0], self.trie.titles))
+        if not history_titles:
+            raise EmptyHistoryError("the history is empty: nothing to score from")
+        wanted = list(dict.fromkeys(titles))
+        prompt = list(history_titles)[-self.template.history_len:] if self.template.history_len > 0 else []
+        out: dict[str, float] = {}
+        with self.lock:
+            for first in range(0, len(wanted), self.capacity):
+                chunk = set(wanted[first : first + self.capacity])
+                others = [t for t in self.trie.titles if t not in chunk]
+                ranking = self._rank_group([(prompt, set(others), [], None)], len(chunk), len(chunk))[0]
+                out.update(zip(ranking.titles, ranking.lm_scores, strict=True))
+        return {t: out[t] for t in wanted if t in out}
 
     def prompt_ids(self, history_titles: Sequence[str]) -> list[int]:
         """The token ids a request with this history is answered from (prefix + last titles + EOS each)."""

@@ -1,0 +1,158 @@
+"""``genrec-edge prior build|tune|show``: the collaborative prior fused into the LLM's search (cf.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
+
+
+def _sampled_valid(db: Path | None, users: str, seed: int):
+    from ..baselines import split_examples
+    from ..evalruns import sample_examples
+    from .history import open_db_for_reading
+
+    with open_db_for_reading(db) as history:
+        sequences, catalog = list(history.sequences()), history.catalog()
+    n = None if users == "all" else int(users)
+    return sample_examples(split_examples(sequences, "valid"), n, seed), catalog
+
+
+def register(app: typer.Typer) -> None:
+    prior_app = typer.Typer(
+        help="The collaborative prior (SASRec or popularity) the LLM's search fuses: log P_LM + λ·log P_CF.",
+        no_args_is_help=True,
+    )
+    app.add_typer(prior_app, name="prior")
+
+    @prior_app.command("build")
+    def build(
+        out: Path = typer.Option(..., "--out", help="Directory of the GGUF(s) it serves with (the sidecar goes there)."),
+        kind: str = typer.Option("sasrec", "--kind", help="sasrec (trained here, CPU minutes) or pop (counted)."),
+        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        weight: float = typer.Option(1.0, "--weight", min=0.0, help="λ until `prior tune` chooses one."),
+        variant: str = typer.Option("sum", "--variant", help="sum (prior mass below a trie node) or max (D3)."),
+        max_seconds: float = typer.Option(None, "--max-seconds", help="SASRec: stop after the first validation past this."),
+        epochs: int = typer.Option(200, "--epochs", help="SASRec: most epochs (early stopping usually ends sooner)."),
+        eval_every: int = typer.Option(2, "--eval-every", help="SASRec: validate every this many epochs."),
+        patience: int = typer.Option(4, "--patience", help="SASRec: validations without improvement before stopping."),
+        seed: int = typer.Option(0, "--seed", help="SASRec: random seed."),
+        force: bool = typer.Option(False, "--force", help="Replace an existing prior in --out."),
+    ) -> None:
+        """Build a prior on the database's training part (each user's items but the last two) and save it
+        next to a model as cf-prior.json (+ cf-prior.safetensors for SASRec), bound to the catalog.
+
+        Example: genrec-edge prior build --kind sasrec --out models/ --db ml.db
+        """
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+        from ..cf import SIDECAR_JSON, build_prior
+        from ..errors import UsageError
+        from .history import open_db_for_reading
+
+        if (out / SIDECAR_JSON).exists() and not force:
+            raise UsageError(f"{out / SIDECAR_JSON} exists (use --force to replace it)")
+        with open_db_for_reading(db) as history:
+            sequences, catalog = list(history.sequences()), history.catalog()
+        options = {"max_seconds": max_seconds, "epochs": epochs, "eval_every": eval_every, "patience": patience,
+                   "seed": seed} if kind == "sasrec" else {}
+        prior = build_prior(kind, sequences, catalog, weight=weight, variant=variant, **options)
+        path = prior.save(out)
+        typer.echo(f"wrote {path} ({prior.kind}, λ={prior.weight:g}, variant {prior.config.variant})")
+
+    @prior_app.command("tune")
+    def tune(
+        model: Path = typer.Option(None, "--model", help="GGUF (default: the default model)."),
+        db: Path = typer.Option(None, "--db", help=DB_HELP),
+        prior_dir: Path = typer.Option(None, "--prior-dir", help="Directory of the prior to tune (default: the model's)."),
+        users: str = typer.Option("200", "--users", help="Validation users: N (a seeded sample) or all."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the user sample."),
+        weights: str = typer.Option("0,0.25,0.5,0.75,1,1.5,2,3,5", "--weights", help="λ grid, comma-separated."),
+        n_lm: int = typer.Option(20, "--n-lm", min=1, help="Candidates from the LLM's own top list."),
+        n_cf: int = typer.Option(50, "--n-cf", min=1, help="Candidates from the prior's top list."),
+        threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for llama.cpp."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the table; do not write λ into the prior."),
+    ) -> None:
+        """Choose λ on the VALIDATION split (never the test split) and write it into the prior's JSON.
+
+        Per user, the LLM's top titles and the prior's top titles are scored exactly by the LLM, then ranked
+        by log P_LM + λ·log P_CF for every λ of the grid (genrec_edge/tune.py); λ with the best NDCG@10 wins.
+        Check it with the real fused search: genrec-edge evaluate --split valid.
+
+        Example: genrec-edge prior tune --model models/model-Q8_0.gguf --users 200
+        """
+        os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+        from dataclasses import replace
+
+        from ..cf import SIDECAR_JSON, CFPrior
+        from ..errors import UsageError
+        from ..models import default_model_path
+        from ..paths import default_db
+        from ..recommend import Recommender
+        from ..tune import tune_weight
+
+        try:
+            grid = [float(w) for w in weights.split(",") if w.strip()]
+        except ValueError:
+            raise UsageError(f"--weights must be comma-separated numbers (got {weights!r})") from None
+        if not grid or any(w < 0 for w in grid):
+            raise UsageError("--weights needs at least one number >= 0")
+        if users != "all" and (not users.isdigit() or int(users) < 1):
+            raise UsageError(f"--users must be a positive number or all (got {users!r})")
+        db_path = db if db is not None else default_db()
+        examples, catalog = _sampled_valid(db_path, users, seed)
+        model_path = model if model is not None else default_model_path()
+        directory = prior_dir if prior_dir is not None else model_path.parent
+        prior = CFPrior.load(directory, catalog)
+        capacity = max(40, n_lm, n_cf)
+        with Recommender.open(model_path, db_path, threads=threads, beam=capacity, prior="none",
+                              warn=lambda m: None) as rec:
+            result = tune_weight(rec, prior, examples, catalog, grid, n_lm=n_lm, n_cf=n_cf)
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"λ for the {prior.kind} prior on {result.n_users} validation users "
+                            f"(candidates hold the target for {result.candidates_hold_target:.1%})")
+        for column in ("λ", "HR@10", "NDCG@10", f"top-{n_cf} rerank HR@10", "rerank NDCG@10"):
+            table.add_column(column, justify="right")
+        for row in result.table():
+            mark = " *" if row["weight"] == result.best_weight else ""
+            table.add_row(f"{row['weight']:g}{mark}", f"{row['HR@10']:.4f}", f"{row['NDCG@10']:.4f}",
+                          f"{row['rerank HR@10']:.4f}", f"{row['rerank NDCG@10']:.4f}")
+        Console(stderr=False).print(table)
+        if dry_run:
+            return
+        tuned = {"split": "valid", "users": result.n_users, "seed": seed, "metric": "NDCG@10 (candidate re-ranking)",
+                 "n_lm": n_lm, "n_cf": n_cf, "model": model_path.name, "seconds": round(result.seconds, 1),
+                 "table": result.table()}
+        prior = CFPrior(replace(prior.config, weight=result.best_weight, tuned=tuned), prior.titles,
+                        prior.item_title, prior.item_index, prior.weights, prior.title_log_counts)
+        prior.save(directory)
+        typer.echo(f"λ = {result.best_weight:g} written to {directory / SIDECAR_JSON}")
+
+    @prior_app.command("show")
+    def show(
+        model: Path = typer.Option(None, "--model", help="GGUF (default: the default model)."),
+        prior_dir: Path = typer.Option(None, "--prior-dir", help="Directory of the prior (default: the model's)."),
+    ) -> None:
+        """Print the prior a model serves with: kind, λ, variant, how it was trained and tuned.
+
+        Example: genrec-edge prior show --model models/model-Q8_0.gguf
+        """
+        from ..cf import SIDECAR_JSON
+        from ..errors import CorruptModelError, NotFoundError
+        from ..models import default_model_path
+
+        directory = prior_dir if prior_dir is not None else (model if model is not None else default_model_path()).parent
+        path = directory / SIDECAR_JSON
+        if not path.is_file():
+            raise NotFoundError(f"no prior at {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CorruptModelError(f"{path}: unreadable ({exc})") from None
+        data.get("trained_on", {}).pop("title_counts", None)
+        typer.echo(json.dumps(data, indent=1, ensure_ascii=False))

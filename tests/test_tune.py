@@ -1,0 +1,82 @@
+"""Choosing λ (genrec_edge.tune, `genrec-edge prior build|tune|show`) on the tiny GGUF and database."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from conftest import TINY_TITLES
+from test_recommend import cache_home, tiny_model  # noqa: F401
+
+from genrec_edge import cf
+from genrec_edge.baselines import split_examples
+from genrec_edge.cli import main
+from genrec_edge.history import HistoryDB
+from genrec_edge.recommend import Recommender
+from genrec_edge.tune import tune_weight
+
+
+@pytest.fixture
+def model_dir(tiny_model, tmp_path):  # noqa: F811
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / "model.gguf")
+    return folder
+
+
+def test_score_titles_is_the_exact_lm_score(tiny_model, tiny_db, cache_home):  # noqa: F811
+    history = [TINY_TITLES[10], TINY_TITLES[20]]
+    titles = list(TINY_TITLES.values())
+    with Recommender.open(tiny_model, tiny_db, beam=len(titles), prior="none", warn=lambda m: None) as rec:
+        everything = rec.rank_titles(history, set(), k=len(titles))  # nothing excluded: every title's score
+        truth = dict(zip(everything.titles, everything.lm_scores, strict=True))
+    with Recommender.open(tiny_model, tiny_db, beam=4, prior="none", warn=lambda m: None) as narrow:
+        got = narrow.score_titles(history, titles[3:14])  # 11 titles in groups of the capacity (4)
+    assert list(got) == titles[3:14]
+    for title, score in got.items():
+        assert score == pytest.approx(truth[title], abs=1e-4)
+
+
+def test_tune_extremes_are_the_lm_and_the_prior_alone(tiny_model, tiny_db, cache_home):  # noqa: F811
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        sequences, catalog = list(db.sequences()), db.catalog()
+    examples = split_examples(sequences, "valid")
+    prior = cf.popularity_prior(sequences, catalog)
+    with Recommender.open(tiny_model, tiny_db, beam=40, prior="none", warn=lambda m: None) as rec:
+        result = tune_weight(rec, prior, examples, catalog, weights=(0, 1e6), n_lm=20, n_cf=20, progress=False)
+        lm_hits = []
+        for ex in examples:
+            history = [catalog.title_of(i) for i in ex.history]
+            top = rec.rank_titles(history, set(history), k=10).titles
+            lm_hits.append(catalog.title_of(ex.item) in top)
+    assert result.n_users == len(examples) and result.weights == (0.0, 1e6)
+    assert result.hr10[0.0] == pytest.approx(np.mean(lm_hits))
+    pop_hits = []
+    for ex in examples:
+        seen = {catalog.title_of(i) for i in ex.history}
+        ranked = [t for t in sorted(prior.titles, key=lambda t: (-prior.title_log_counts[prior.titles.index(t)],
+                                                                 prior.titles.index(t))) if t not in seen]
+        pop_hits.append(catalog.title_of(ex.item) in ranked[:10])
+    assert result.hr10[1e6] == pytest.approx(np.mean(pop_hits))
+    assert result.best_weight in (0.0, 1e6) and 0 <= result.candidates_hold_target <= 1
+
+
+def test_prior_build_tune_show_cli(model_dir, tiny_db, cache_home, capsys):  # noqa: F811
+    assert main(["prior", "build", "--kind", "pop", "--db", str(tiny_db), "--out", str(model_dir)]) == 0
+    assert main(["prior", "build", "--kind", "pop", "--db", str(tiny_db), "--out", str(model_dir)]) == 2
+    assert "--force" in capsys.readouterr().err
+    model = model_dir / "model.gguf"
+    rc = main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--users", "all",
+               "--weights", "0,0.5,2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "validation users" in out
+    saved = json.loads((model_dir / cf.SIDECAR_JSON).read_text())
+    assert saved["weight"] in (0.0, 0.5, 2.0) and saved["tuned"]["split"] == "valid"
+    assert [row["weight"] for row in saved["tuned"]["table"]] == [0.0, 0.5, 2.0]
+    assert main(["prior", "show", "--model", str(model)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["kind"] == "pop" and "title_counts" not in shown["trained_on"]
+    assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--weights", "a,b"]) == 2
+    assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--users", "-3"]) == 2
