@@ -98,23 +98,29 @@ def sasrec_run(path: Path, catalog: Catalog, base_config: dict, keep: int = 10, 
     return Run("SASRec", config, produce)
 
 
-def llm_rankings(rec, examples: Sequence[Example], catalog: Catalog, k: int) -> Iterator[tuple[Example, list[str]]]:
-    """The LLM's top-``k`` titles for each example, yielded as they are computed (one search per user today).
+def llm_rankings(rec, examples: Sequence[Example], catalog: Catalog, k: int, prior: str | None = None,
+                 prior_weight: float | None = None) -> Iterator[tuple[Example, list[str]]]:
+    """The LLM's top-``k`` titles for each example, yielded as they are computed.
 
     The history is the example's titles; every title in it is excluded inside the search. A collaborative
-    prior, where the Recommender has one, reads the example's item ids.
+    prior reads the example's item ids. ``rec.batch`` examples are searched together
+    (``Recommender.rank_many``: the same results as one at a time, fewer llama_decode calls).
     """
-    import inspect
+    group = max(1, getattr(rec, "batch", 1))
+    for first in range(0, len(examples), group):
+        chunk = examples[first : first + group]
+        requests = []
+        for example in chunk:
+            history = [catalog.title_of(item) for item in example.history]
+            requests.append((history, set(history), list(example.history)))
+        for example, ranking in zip(chunk, rec.rank_many(requests, k, prior=prior, prior_weight=prior_weight),
+                                    strict=True):
+            yield example, list(ranking.titles)
 
-    takes_items = "history_items" in inspect.signature(rec.rank_titles).parameters
-    for example in examples:
-        history = [catalog.title_of(item) for item in example.history]
-        options = {"history_items": list(example.history)} if takes_items else {}
-        yield example, list(rec.rank_titles(history, set(history), k, **options).titles)
 
-
-def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None, beam: int | None) -> Run:
-    """The LLM behind ``rec`` (an open ``Recommender``) as a top-``k`` run."""
+def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None, beam: int | None,
+            prior_weight: float | None = None) -> Run:
+    """The LLM behind ``rec`` (an open ``Recommender``) as a top-``k`` run, with ``prior`` (None: its default)."""
     from .hashing import sha256_file
 
     model_path = Path(rec.engine.path)
@@ -125,12 +131,16 @@ def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None,
     sidecar = {p.name: sha256_file(p) for p in files if p.is_file()}
     config = {**base_config, "recommender": "llm", "model_sha256": sha256_file(model_path), "prior": prior,
               "prior_sidecar": sidecar, "k": k, "beam": beam}
+    if prior_weight is not None:
+        config["prior_weight"] = prior_weight
 
     def produce(examples):
-        for example, titles in llm_rankings(rec, examples, catalog, k):
+        for example, titles in llm_rankings(rec, examples, catalog, k, prior, prior_weight):
             yield [result_from_titles(example, titles, catalog, keep=k, k_max=k)]
 
-    label = "LLM " + model_path.stem + (f" +{prior}" if prior else "")
+    used = rec.default_prior if prior is None else prior
+    suffix = "" if used == "none" else f" +{used}" + (f" λ={prior_weight:g}" if prior_weight is not None else "")
+    label = "LLM " + model_path.stem + suffix
     return Run(label, config, produce, top_k=k)
 
 
@@ -150,6 +160,7 @@ class RecommenderSpec:
     kind: str
     path: Path | None = None
     prior: str | None = None
+    prior_weight: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("llm", "sasrec", "pop"):
@@ -221,12 +232,14 @@ def evaluate_recommenders(
     beam: int | None = None,
     progress: bool = True,
     warn=None,
+    batch: int = 1,
 ) -> Evaluation:
     """Score every recommender in ``specs`` on the same users, with intervals and paired differences.
 
     Per-user results stream to ``out`` (a ``ResultLog``; None: no file) and are reused from it. When any
     recommender is top-``k`` (the LLM), every recommender's MRR is MRR@k, so that all compare alike.
-    ``by`` names slicings (``SLICINGS``) to report the metrics within.
+    ``by`` names slicings (``SLICINGS``) to report the metrics within. ``batch``: LLM requests searched
+    together (the results do not depend on it).
     """
     from . import paths
     from .baselines import split_examples
@@ -256,7 +269,7 @@ def evaluate_recommenders(
     runs: dict[str, dict] = {}
     order = {"llm": 0, "sasrec": 1, "pop": 2}  # differences read "LLM - SASRec", "SASRec - popularity"
     for spec in sorted(specs, key=lambda sp: order[sp.kind]):
-        with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn) as run:
+        with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn, batch) as run:
             name = run.name
             while name in results:
                 name += " #2"
@@ -288,23 +301,16 @@ def evaluate_recommenders(
 
 @contextmanager
 def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog, split: str, base: dict, k: int,
-              threads: int | None, beam: int | None, warn):
+              threads: int | None, beam: int | None, warn, batch: int = 1):
     if spec.kind == "pop":
         yield popularity_run(sequences, catalog, split, base, keep=STORED_TITLES)
     elif spec.kind == "sasrec":
         yield sasrec_run(Path(spec.path), catalog, base, keep=STORED_TITLES, threads=threads)
     else:
-        import inspect
-
         from .recommend import Recommender
 
-        options = {}
-        if spec.prior is not None:  # only when asked: a Recommender without priors still serves
-            if "prior" not in inspect.signature(Recommender.open).parameters:
-                raise UsageError("--prior needs a genrec-edge whose Recommender has a collaborative prior")
-            options["prior"] = spec.prior
-        with Recommender.open(spec.path, db_path, threads=threads, beam=beam, warn=warn, **options) as rec:
-            yield llm_run(rec, catalog, base, k, spec.prior, beam)
+        with Recommender.open(spec.path, db_path, threads=threads, beam=beam, warn=warn, batch=batch) as rec:
+            yield llm_run(rec, catalog, base, k, spec.prior, beam, spec.prior_weight)
 
 
 # ======================================================================================= the results log

@@ -3,7 +3,6 @@ real SQLite database; intervals, paired differences, slices, the resumable JSONL
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import random
@@ -204,15 +203,19 @@ def test_users_sample_split_and_default_log(db, tmp_path, home, capsys):
     assert rc == 0 and "popularity" in out and "HR@10" in out and "[" in out
 
 
-def test_prior_is_passed_only_when_given(db, tiny_model, capsys):
-    rc = main(["evaluate", "--db", str(db), "--model", str(tiny_model), "--prior", "none", "--users", "2", "--json"])
+def test_each_prior_is_a_run_of_its_own(db, tiny_model, capsys):
+    """--prior none --prior pop: the model twice, as two runs on the same users, with paired differences."""
+    rc = main(["evaluate", "--db", str(db), "--model", str(tiny_model), "--prior", "none", "--prior", "pop",
+               "--users", "3", "--batch", "2", "--json"])
     captured = capsys.readouterr()
-    if "prior" in inspect.signature(Recommender.open).parameters:
-        assert rc == 0, captured.err
-        assert json.loads(captured.out)["recommenders"]["LLM model-F32 +none"]["config"]["prior"] == "none"
-    else:  # this Recommender has no collaborative prior yet: one clear line, no traceback
-        assert rc == 2 and captured.err.startswith("error: ") and "--prior" in captured.err
-        assert len(captured.err.strip().splitlines()) == 1
+    assert rc == 0, captured.err
+    report = json.loads(captured.out)
+    runs = report["recommenders"]
+    assert set(runs) == {"LLM model-F32", "LLM model-F32 +pop"}
+    assert runs["LLM model-F32"]["config"]["prior"] == "none" and runs["LLM model-F32 +pop"]["config"]["prior"] == "pop"
+    assert len(report["differences"]) == 1
+    rc = main(["evaluate", "--db", str(db), "--pop", "--prior", "pop"])
+    assert rc == 2 and "apply to --model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -26,15 +26,17 @@ def _parse_users(users: str) -> int | None:
     return count
 
 
-def _specs(models: list[Path], prior: str | None, sasrec: list[Path], pop: bool):
+def _specs(models: list[Path], priors: list[str], sasrec: list[Path], pop: bool, prior_weight: float | None = None):
     from ..errors import UsageError
     from ..evalruns import PRIORS, RecommenderSpec
 
-    if prior is not None and prior not in PRIORS:
-        raise UsageError(f"--prior is one of {', '.join(PRIORS)} (got {prior!r})")
-    if prior is not None and not models:
-        raise UsageError("--prior applies to --model (the LLM); give a --model")
-    specs = [RecommenderSpec("llm", None if str(m) == "default" else Path(m), prior) for m in models]
+    for prior in priors:
+        if prior not in PRIORS:
+            raise UsageError(f"--prior is one of {', '.join(PRIORS)} (got {prior!r})")
+    if (priors or prior_weight is not None) and not models:
+        raise UsageError("--prior and --prior-weight apply to --model (the LLM); give a --model")
+    specs = [RecommenderSpec("llm", None if str(m) == "default" else Path(m), prior, prior_weight)
+             for m in models for prior in (priors or [None])]
     specs += [RecommenderSpec("sasrec", Path(d)) for d in sasrec]
     if pop:
         specs.append(RecommenderSpec("pop"))
@@ -101,8 +103,16 @@ def register(app: typer.Typer) -> None:
         model: list[Path] = typer.Option(
             None, "--model", help="GGUF model (the LLM) to evaluate; repeatable; 'default' for the default model."
         ),
-        prior: str | None = typer.Option(
-            None, "--prior", help="The LLM's collaborative prior: sasrec, pop or none (default: the model's own)."
+        prior: list[str] = typer.Option(
+            None, "--prior",
+            help="The LLM's collaborative prior: sasrec, pop or none (default: the model's own); repeatable: "
+            "each --model is evaluated with each.",
+        ),
+        prior_weight: float | None = typer.Option(
+            None, "--prior-weight", min=0.0, help="λ of the prior (default: the one tuned for the model)."
+        ),
+        batch: int = typer.Option(
+            4, "--batch", min=1, help="LLM requests searched together (same results, fewer llama_decode calls)."
         ),
         sasrec: list[Path] = typer.Option(
             None, "--sasrec", help="A SASRec directory saved by `baseline sasrec --save`; repeatable."
@@ -138,12 +148,12 @@ def register(app: typer.Typer) -> None:
         from .. import paths
         from ..evalruns import evaluate_recommenders
 
-        specs = _specs(list(model or []), prior, list(sasrec or []), pop)
+        specs = _specs(list(model or []), list(prior or []), list(sasrec or []), pop, prior_weight)
         slicings = [part.strip() for item in (by or []) for part in item.split(",") if part.strip()]
         log_path = out if out is not None else paths.cache_dir() / "evaluate" / "results.jsonl"
         evaluation = evaluate_recommenders(
             specs, db=db, split=split, users=_parse_users(users), seed=seed, k=k, out=log_path, by=slicings,
-            threads=threads, beam=beam,
+            threads=threads, beam=beam, batch=batch,
         )
         resumed = {n: r["resumed"] for n, r in evaluation.runs.items() if r["resumed"]}
         note = f" (reused: {', '.join(f'{n} {c}' for n, c in resumed.items())})" if resumed else ""
