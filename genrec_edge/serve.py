@@ -38,6 +38,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
@@ -79,6 +80,7 @@ MAX_HISTORY_TITLES = 1000
 MAX_TITLE_CHARS = 2000
 MAX_LIMIT = 1_000_000
 MAX_INFLIGHT = 16
+BATCH_WAIT_MS = 10.0  # how long a /recommend request waits for others to share its search
 MAX_ID = 2**63 - 1
 REQUEST_TIMEOUT = 30.0  # seconds a client may take to send its request, and then its body
 
@@ -208,6 +210,12 @@ class RecommendRequest(_Request):
         None, description="Exact catalog titles, oldest first: an ad-hoc user."
     )
     k: K = DEFAULT_K
+    prior: Literal["none", "pop", "sasrec"] | None = Field(
+        None, description="Collaborative prior fused into the search (default: the model's own; none: the LLM alone)."
+    )
+    prior_weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None, description="λ in log P_LM + λ·log P_CF (default: the weight tuned for the model's prior)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> RecommendRequest:
@@ -303,11 +311,14 @@ class Recommendation(BaseModel):
     title: str
     year: int | None
     genres: list[str]
-    score: float | None = Field(description="Summed log-probability of the title (null when sampled).")
+    score: float | None = Field(description="What ranks: log P_LM + λ·log P_CF up to a per-user constant.")
+    lm_score: float | None = Field(description="The language model's log-probability of the title alone.")
 
 
 class Recommendations(BaseModel):
     items: list[Recommendation] = Field(description="Best first.")
+    prior: str = Field(description="The collaborative prior used: none, pop or sasrec.")
+    prior_weight: float = Field(description="Its λ (0 for none).")
     timings: dict[str, int | float] = Field(description="Milliseconds (*_ms) and token counts.")
 
     @classmethod
@@ -344,6 +355,10 @@ class Service:
     recommender: Any = None
     model: Path | None = None
     busy_timeout: float = 5.0
+    batch_wait_ms: float = BATCH_WAIT_MS
+
+    def __post_init__(self) -> None:
+        self._batcher = RequestBatcher(self.recommender, self.batch_wait_ms) if self.recommender is not None else None
 
     def _open_db(self, *, readonly: bool):
         from .history import HistoryDB
@@ -365,9 +380,15 @@ class Service:
         return History(user=user, history=[Interaction.of(r) for r in rows])
 
     def recommend(self, request: RecommendRequest) -> Recommendations:
-        if self.recommender is None:
+        if self._batcher is None:
             raise HTTPError(503, "no model loaded: start the server with --model")
-        recs = self.recommender.recommend(user=request.user, history=request.history, k=request.k)
+        from .recommend import Request
+
+        recs = self._batcher.submit(
+            Request(user=request.user, history=None if request.history is None else tuple(request.history),
+                    prior=request.prior, prior_weight=request.prior_weight),
+            request.k,
+        )
         return Recommendations.of(recs)
 
     def add_history(self, request: HistoryAdd) -> StoredInteraction:
@@ -383,6 +404,98 @@ class Service:
                 item_id = matches[0].id
             row = db.add_interaction(request.user, item_id, timestamp=request.timestamp, rating=request.rating)
         return StoredInteraction(user=request.user, **Interaction.of(row).model_dump())
+
+
+class RequestBatcher:
+    """Gathers /recommend requests that arrive together into one ``Recommender.recommend_many`` call.
+
+    The first request of a group waits at most ``wait_ms`` for others (the bound on added latency), then
+    searches up to ``recommender.batch`` requests with the same ``k`` at once; later arrivals form the
+    next group. Results are those of single requests (recommend.py); a request the group call refuses
+    (unknown user, ...) is answered alone, so one bad request never fails its neighbours.
+    """
+
+    def __init__(self, recommender: Any, wait_ms: float = BATCH_WAIT_MS):
+        self.recommender = recommender
+        self.wait = max(0.0, wait_ms) / 1000
+        self.size = max(1, int(getattr(recommender, "batch", 1)))
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._leader = False
+
+    def submit(self, request: Any, k: int):
+        pending = _Pending(request, k)
+        with self._cond:
+            self._queue.append(pending)
+            self._cond.notify_all()
+            if self._leader:  # someone is serving groups: wait for ours
+                while not pending.done.is_set() and self._leader:
+                    self._cond.wait()
+                if pending.done.is_set():
+                    return pending.result()
+            self._leader = True
+        try:
+            self._lead(pending)
+        finally:
+            with self._cond:
+                self._leader = False
+                self._cond.notify_all()
+        return pending.result()
+
+    def _lead(self, mine: _Pending) -> None:
+        """Serve groups until our own request is answered (later ones lead themselves)."""
+        while not mine.done.is_set():
+            with self._cond:
+                deadline = time.monotonic() + self.wait
+                while len([p for p in self._queue if p.k == mine.k]) < self.size:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                k = self._queue[0].k
+                group = [p for p in self._queue if p.k == k][: self.size]
+                for p in group:
+                    self._queue.remove(p)
+            self._run(group, k)
+            with self._cond:
+                self._cond.notify_all()
+
+    def _run(self, group: list[_Pending], k: int) -> None:
+        try:
+            results = self.recommender.recommend_many([p.request for p in group], k=k)
+        except Exception as exc:  # noqa: BLE001 - each request gets its own answer below
+            if len(group) == 1:
+                group[0].fail(exc)
+                return
+            for p in group:
+                try:
+                    p.succeed(self.recommender.recommend_many([p.request], k=k)[0])
+                except Exception as one:  # noqa: BLE001
+                    p.fail(one)
+            return
+        for p, result in zip(group, results, strict=True):
+            p.succeed(result)
+
+
+class _Pending:
+    def __init__(self, request: Any, k: int):
+        self.request, self.k = request, k
+        self.done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def succeed(self, value: Any) -> None:
+        self._value = value
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self.done.set()
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -778,6 +891,7 @@ def make_server(
     port: int = DEFAULT_PORT,
     threads: int | None = None,
     beam: int | None = None,
+    batch: int = 4,
     recommender: Any = None,
     allow_remote: bool = False,
     token: str | None = None,
@@ -808,7 +922,7 @@ def make_server(
         if recommender is None and model is not None:
             from .recommend import Recommender
 
-            recommender = Recommender.open(model, db, threads=threads, beam=beam)
+            recommender = Recommender.open(model, db, threads=threads, beam=beam, batch=batch)
             owns = True
     except BaseException:
         sock.close()
@@ -827,6 +941,7 @@ def serve(
     port: int = DEFAULT_PORT,
     threads: int | None = None,
     beam: int | None = None,
+    batch: int = 4,
     allow_remote: bool = False,
     token: str | None = None,
     log: Callable[[str], None] | None = None,
@@ -836,7 +951,7 @@ def serve(
 
     Must run in the main thread (it installs the signal handlers, restoring the previous ones on return).
     """
-    server = make_server(db, model, host=host, port=port, threads=threads, beam=beam,
+    server = make_server(db, model, host=host, port=port, threads=threads, beam=beam, batch=batch,
                          allow_remote=allow_remote, token=token, log=log)
 
     def _stop(signum: int, frame: Any) -> None:

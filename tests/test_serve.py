@@ -327,6 +327,57 @@ def test_recommend_errors_with_model(model_server):
     assert 400 <= status < 500 and "No Such Film" in body["error"]
 
 
+def test_concurrent_requests_share_searches_and_get_their_own_answers(tiny_db, tiny_model):
+    """Requests arriving together are searched in groups (recommend_many); each answer equals the one a
+    request gets alone, and a bad request in a group fails alone."""
+    from genrec_edge.recommend import Recommender
+
+    with Recommender.open(tiny_model, tiny_db, threads=1, batch=4, warn=lambda m: None) as rec:
+        alone = {u: [r.title for r in rec.recommend(user=u, k=3).items] for u in (1, 2, 4, 7, 8)}
+        groups: list[int] = []
+        real = rec.recommend_many
+
+        def spy(requests, k=10):
+            groups.append(len(requests))
+            return real(requests, k=k)
+
+        rec.recommend_many = spy
+        with running(make_server(tiny_db, port=0, recommender=rec, log=lambda line: None)) as server:
+            users = [1, 2, 4, 7, 8, 999]
+            answers: dict[int, tuple] = {}
+            barrier = threading.Barrier(len(users))
+
+            def ask(user: int) -> None:
+                barrier.wait()
+                answers[user] = http(server.url + "/recommend", "POST", {"user": user, "k": 3})[:2]
+
+            threads = [threading.Thread(target=ask, args=(u,)) for u in users]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    for user, titles in alone.items():
+        status, body = answers[user]
+        assert status == 200 and [r["title"] for r in body["items"]] == titles
+    assert answers[999][0] == 404 and "999" in answers[999][1]["error"]
+    assert max(groups) > 1, f"no request shared a search: {groups}"
+
+
+def test_recommend_prior_field(model_server):
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "k": 3, "prior": "pop",
+                                                                      "prior_weight": 0.5})
+    assert status == 200, body
+    assert body["prior"] == "pop" and body["prior_weight"] == 0.5
+    assert all(r["lm_score"] is not None and r["score"] <= r["lm_score"] for r in body["items"])
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "k": 3, "prior": "none"})
+    assert status == 200 and body["prior"] == "none" and all(r["score"] == r["lm_score"] for r in body["items"])
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "prior": "sasrec"})
+    assert status == 404 and "no sasrec prior" in body["error"]
+    for bad in ({"user": 1, "prior": "knn"}, {"user": 1, "prior_weight": -1}, {"user": 1, "prior_weight": "1"}):
+        status, body, _ = http(model_server.url + "/recommend", "POST", bad)
+        assert status == 400 and "prior" in body["error"], (bad, body)
+
+
 def _start_cli_server(tiny_db: Path, model: Path) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, OMP_WAIT_POLICY="passive", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(

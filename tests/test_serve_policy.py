@@ -138,6 +138,9 @@ class _BrokenRecommender:
     def recommend(self, **_):
         raise ZeroDivisionError("boom")
 
+    def recommend_many(self, *_, **__):  # what the service calls (requests gathered into groups)
+        raise ZeroDivisionError("boom")
+
 
 def test_an_unexpected_exception_is_one_line_and_the_log_keeps_no_secret(tiny_db):
     lines: list[str] = []

@@ -16,7 +16,10 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(None, "--model", help="GGUF model (default: the default model)."),
         db: Path = typer.Option(None, "--db", help="History database (default: the one `init` builds)."),
         threads: int = typer.Option(None, "--threads", min=1, help="llama.cpp threads."),
-        beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: k)."),
+        beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: max(10, 2k))."),
+        batch: int = typer.Option(
+            4, "--batch", min=1, help="Concurrent /recommend requests searched together (waiting at most 10 ms)."
+        ),
         allow_remote: bool = typer.Option(
             False, "--allow-remote", help="Allow a non-loopback --host (no TLS: anyone who can reach it can use it)."
         ),
@@ -57,7 +60,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"serving on {server.url} (model {model}, db {server.service.db}); Ctrl-C to stop", err=True)
 
         run_server(
-            db if db is not None else default_db(), model, host=host, port=port, threads=threads, beam=beam,
+            db if db is not None else default_db(), model, host=host, port=port, threads=threads, beam=beam, batch=batch,
             allow_remote=allow_remote, token=token, log=log, ready=ready,
         )
         typer.echo("stopped", err=True)
