@@ -107,9 +107,7 @@ def register(app: typer.Typer) -> None:
         model_path = model if model is not None else default_model_path()
         directory = prior_dir if prior_dir is not None else model_path.parent
         prior = CFPrior.load(directory, catalog)
-        capacity = max(40, n_lm, n_cf)
-        with Recommender.open(model_path, db_path, threads=threads, beam=capacity, prior="none",
-                              warn=lambda m: None) as rec:
+        with Recommender.open(model_path, db_path, threads=threads, prior="none", warn=lambda m: None) as rec:
             result = tune_weight(rec, prior, examples, catalog, grid, n_lm=n_lm, n_cf=n_cf)
         from rich.console import Console
         from rich.table import Table
