@@ -138,6 +138,7 @@ class CFPrior:
             tmp = directory / (SIDECAR_WEIGHTS + ".tmp")
             save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in self.weights.items()}, str(tmp),
                       metadata={"format": PRIOR_FORMAT, "catalog_sha256": self.config.catalog_sha256})
+            tmp.chmod(0o644)  # safetensors writes 0600; a shared install must be able to read it
             tmp.replace(directory / SIDECAR_WEIGHTS)
         else:
             (directory / SIDECAR_WEIGHTS).unlink(missing_ok=True)
