@@ -51,17 +51,11 @@ from pathlib import Path  # noqa: E402
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .errors import CorruptModelError, GenrecError, GrammarError, NotFoundError  # noqa: E402
+from .errors import CorruptModelError, EngineError, GrammarError, NotFoundError  # noqa: E402
 
 PREFIX_SEQ = 0
 FIRST_BEAM_SEQ = 1
 EXACT_BATCH = 63  # tokens per llama_decode: below the tiled attention kernel's 64 rows (module docstring)
-
-
-class EngineError(GenrecError):
-    """llama.cpp refused an operation (a decode failed, the context is too small)."""
-
-    exit_code = 11
 
 
 # ---------------------------------------------------------------------------------------- logging

@@ -66,7 +66,28 @@ class DownloadError(GenrecError):
     exit_code = 10
 
 
+class QuantizeError(GenrecError):
+    """llama.cpp's quantizer failed (non-zero return code)."""
+
+    exit_code = CorruptModelError.exit_code
+
+
+class EngineError(GenrecError):
+    """llama.cpp refused an operation (a decode failed, the context is too small)."""
+
+    exit_code = 11
+
+
 class UnsupportedCPUError(GenrecError):
     """The installed llama.cpp was built with instructions this CPU/OS cannot execute."""
+
+    exit_code = 12
+
+
+class BenchError(GenrecError):
+    """A ``python -m bench.run`` measurement child failed; the message carries its last error line.
+
+    Its code is 12, as ``UnsupportedCPUError``'s: the bench's code came first and scripts may rely on it.
+    """
 
     exit_code = 12

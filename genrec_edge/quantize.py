@@ -16,19 +16,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CorruptModelError, GenrecError, UsageError
+from .errors import QuantizeError, UsageError
 
 DEFAULT_LEVELS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
 UNQUANTIZED_TYPES = {"F32", "F16", "BF16"}
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 _SOURCE_SUFFIX = re.compile(r"-(F16|F32|BF16)$", re.IGNORECASE)
 _PROGRESS_LINE = re.compile(rb"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
-
-
-class QuantizeError(GenrecError):
-    """llama.cpp's quantizer failed (non-zero return code)."""
-
-    exit_code = CorruptModelError.exit_code
 
 
 @dataclass(frozen=True)

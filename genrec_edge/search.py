@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import EXACT_BATCH, Engine, EngineError, log_normalizers
+from .engine import EXACT_BATCH, Engine, log_normalizers
+from .errors import EngineError
 from .trie import CatalogTrie
 
 
