@@ -38,7 +38,7 @@ from collections.abc import Sequence  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from genrec_edge.errors import BenchError, CatalogMismatchError, GenrecError, NotFoundError, UsageError  # noqa: E402
+from genrec_edge.errors import BenchError, GenrecError, NotFoundError, UsageError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO / "bench" / "results"
@@ -374,6 +374,7 @@ def difference_columns(result, reference, k: int, seed: int = 0) -> dict:
 # =========================================================================================== the run
 def resolve_model(model_f16: Path | None, catalog, db_path: Path, progress: bool) -> tuple[Path, dict]:
     """The F16 GGUF and its ``genrec.*`` provenance; refuses a model trained for another catalog."""
+    from genrec_edge.catalog import check_model_catalog
     from genrec_edge.convert.header import read_provenance
 
     if model_f16 is not None:
@@ -385,12 +386,7 @@ def resolve_model(model_f16: Path | None, catalog, db_path: Path, progress: bool
 
         model_f16 = build_f16(progress=progress)
     provenance = read_provenance(model_f16)
-    model_sha = provenance.get("catalog_sha256")
-    if model_sha is not None and model_sha != catalog.sha256:
-        raise CatalogMismatchError(
-            f"{model_f16.name} was trained for catalog {str(model_sha)[:12]}…, but {db_path} has catalog "
-            f"{catalog.sha256[:12]}…"
-        )
+    check_model_catalog(provenance.get("catalog_sha256"), catalog.sha256, model_f16.name, str(db_path))
     return model_f16, provenance
 
 

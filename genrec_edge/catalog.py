@@ -11,12 +11,33 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from .errors import CatalogMismatchError
+
 
 def catalog_sha256(items: list[tuple[int, str]]) -> str:
     """sha256 over the catalog's titles in item-id order: JSON ``[[id, title], ...]``, UTF-8, no spaces."""
     ordered = sorted(items, key=lambda pair: pair[0])
     payload = json.dumps(ordered, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return hashlib.sha256(payload).hexdigest()
+
+
+def check_model_catalog(
+    trained_for: str | None, catalog_sha: str, model: str = "model", database: str = "the database"
+) -> bool:
+    """Is a model whose ``genrec.catalog_sha256`` is ``trained_for`` fit for a database of catalog ``catalog_sha``?
+
+    True: the same catalog. False: the model has no catalog hash (a zero-shot base), served with a warning.
+    Raises :class:`~genrec_edge.errors.CatalogMismatchError` for a model trained for another catalog;
+    ``model`` and ``database`` name the two in its message.
+    """
+    if trained_for is None:
+        return False
+    if trained_for != catalog_sha:
+        raise CatalogMismatchError(
+            f"{model} was trained for catalog {str(trained_for)[:12]}…, but {database} has catalog "
+            f"{catalog_sha[:12]}…: train or convert a model for this catalog"
+        )
+    return True
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,7 @@ def check_model(model_path: str | Path, catalog_sha256: str | None) -> list[Chec
     """The model checks; ``catalog_sha256`` is the database's (None: skip the match check)."""
     from gguf import Keys
 
+    from .catalog import check_model_catalog
     from .convert import read_provenance, require_llama, validate_gguf_header
 
     path = Path(model_path)
@@ -138,17 +139,15 @@ def check_model(model_path: str | Path, catalog_sha256: str | None) -> list[Chec
     except GenrecError as exc:
         checks.append(_fail("catalog match", str(exc), exc))
         return checks
-    trained_for = provenance.get("catalog_sha256")
-    if not trained_for:
-        checks.append(Check("catalog match", WARN, "model has no genrec.catalog_sha256 (a base model): served with a warning"))
-    elif trained_for != catalog_sha256:
-        checks.append(_fail(
-            "catalog match",
-            f"model was trained for catalog {str(trained_for)[:12]}, the database has {catalog_sha256[:12]}",
-            CatalogMismatchError,
-        ))
-    else:
+    try:
+        trained = check_model_catalog(provenance.get("catalog_sha256"), catalog_sha256)
+    except CatalogMismatchError as exc:
+        checks.append(_fail("catalog match", str(exc), exc))
+        return checks
+    if trained:
         checks.append(Check("catalog match", OK, f"model and database share catalog {catalog_sha256[:12]}"))
+    else:
+        checks.append(Check("catalog match", WARN, "model has no genrec.catalog_sha256 (a base model): served with a warning"))
     return checks
 
 
