@@ -17,7 +17,7 @@ LLAMA_AMX ?= 0
 LLAMA_CMAKE_EXTRA ?=
 export LLAMA_CPU LLAMA_AMX LLAMA_CMAKE_EXTRA
 STAMP := $(VENV)/.installed
-LEVELS ?= F16,Q8_0,Q6_K,Q5_K_M,Q5_0,Q4_K_M,Q4_0,Q3_K_M,Q2_K
+LEVELS ?=# empty: every level (genrec_edge.quantize.LEVELS)
 FULL ?= 0
 export OMP_WAIT_POLICY ?= passive
 
@@ -50,7 +50,7 @@ test-slow: install
 
 ## bench: compare quantization levels (LEVELS=F16,Q8_0 to choose; USERS=N sampled users; FULL=1 for every test user)
 bench: install
-	$(BIN)/python -m bench.run --levels $(LEVELS) $(if $(USERS),--users $(USERS),) $(if $(filter 1,$(FULL)),--full,)
+	$(BIN)/python -m bench.run $(if $(LEVELS),--levels $(LEVELS),) $(if $(USERS),--users $(USERS),) $(if $(filter 1,$(FULL)),--full,)
 
 ## lint: ruff
 lint: install

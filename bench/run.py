@@ -39,10 +39,11 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from genrec_edge.errors import BenchError, GenrecError, NotFoundError, UsageError  # noqa: E402
+from genrec_edge.quantize import LEVELS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO / "bench" / "results"
-DEFAULT_LEVELS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+DEFAULT_LEVELS = LEVELS  # every level, F16 (the reference) first
 REFERENCE = "F16"
 KS = (1, 5, 10)
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 from .errors import QuantizeError, UsageError
 
-DEFAULT_LEVELS = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+# The levels we ship and compare (make bench, python -m bench.run), best first; F16 is the unquantized reference.
+LEVELS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
+DEFAULT_LEVELS = LEVELS[1:]  # what `quantize` writes by default: every level below F16
 UNQUANTIZED_TYPES = {"F32", "F16", "BF16"}
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 _SOURCE_SUFFIX = re.compile(r"-(F16|F32|BF16)$", re.IGNORECASE)

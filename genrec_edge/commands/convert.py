@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ..quantize import DEFAULT_LEVELS  # stdlib only at import time: --help stays fast
+
 
 def convert(
     hf_dir: Path = typer.Argument(..., help="HF LLaMA directory (config.json, *.safetensors, tokenizer)."),
@@ -34,9 +36,7 @@ def convert(
 
 def quantize(
     src: Path = typer.Argument(..., help="An F16 or F32 GGUF, e.g. model-F16.gguf."),
-    levels: str = typer.Option(
-        "Q8_0,Q6_K,Q5_K_M,Q5_0,Q4_K_M,Q4_0,Q3_K_M,Q2_K", "--levels", help="Comma-separated llama.cpp levels."
-    ),
+    levels: str = typer.Option(",".join(DEFAULT_LEVELS), "--levels", help="Comma-separated llama.cpp levels."),
     out_dir: Path = typer.Option(None, "--out-dir", help="Where to write model-<LEVEL>.gguf (default: next to SRC)."),
     threads: int = typer.Option(None, "--threads", help="Quantizer threads (default: all cores)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
