@@ -111,16 +111,15 @@ def resolve_db(db: Path | None) -> Path:
 
 
 def file_info(path: Path) -> dict:
-    """Size, effective bits per weight (file bytes * 8 / parameters, as quantize.QuantResult) and types."""
+    """Size, effective bits per weight (GGUFHeaderInfo.bits_per_weight, as quantize reports) and types."""
     from genrec_edge.convert.header import require_llama, validate_gguf_header
 
     info = require_llama(validate_gguf_header(path))
-    size = path.stat().st_size
     return {
         "path": str(path),
-        "size_bytes": size,
+        "size_bytes": info.file_size,
         "n_params": info.n_params,
-        "bpw": size * 8 / max(info.n_params, 1),
+        "bpw": info.bits_per_weight,
         "tensor_types": info.tensor_type_counts(),
     }
 

@@ -97,6 +97,11 @@ class GGUFHeaderInfo:
     def n_params(self) -> int:
         return sum(t.n_elements for t in self.tensors)
 
+    @property
+    def bits_per_weight(self) -> float:
+        """File size * 8 / parameters: the effective bits per weight, metadata and F32 norms included."""
+        return self.file_size * 8 / max(self.n_params, 1)
+
     def tensor_type_counts(self) -> dict[str, int]:
         """How many tensors each ggml type holds, e.g. ``{"Q8_0": 14, "F32": 5}``."""
         counts: dict[str, int] = {}

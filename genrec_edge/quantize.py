@@ -32,7 +32,7 @@ class QuantResult:
     level: str
     path: Path
     size_bytes: int
-    bpw: float  # file size * 8 / parameters: includes metadata and the F32 norms
+    bpw: float  # GGUFHeaderInfo.bits_per_weight: file size * 8 / parameters
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> tensor count
     seconds: float = 0.0
 
@@ -125,12 +125,11 @@ def _result(level: str, path: Path, seconds: float) -> QuantResult:
     from genrec_edge.convert.header import require_llama, validate_gguf_header
 
     info = require_llama(validate_gguf_header(path))
-    size = path.stat().st_size
     return QuantResult(
         level=level,
         path=path,
-        size_bytes=size,
-        bpw=size * 8 / max(info.n_params, 1),
+        size_bytes=info.file_size,
+        bpw=info.bits_per_weight,
         tensor_types=info.tensor_type_counts(),
         seconds=seconds,
     )
