@@ -22,7 +22,9 @@ on the workers). See docs/CLUSTER.md.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -51,6 +53,7 @@ class RankActor:
         from .recommend import Recommender
 
         self.workdir = Path(tempfile.mkdtemp(prefix="genrec-edge-actor-"))
+        weakref.finalize(self, shutil.rmtree, self.workdir, True)  # the shipped model and the catalog db
         if isinstance(model, ray.ObjectRef):  # shipped through the object store
             path = self.workdir / "model.gguf"
             path.write_bytes(ray.get(model))
@@ -85,13 +88,13 @@ class RankActor:
                                         strict=True):
                     out[name].append(values)
                 out["error"].append(None if ok else result)
-        return pa.table(out, schema=RESULT_SCHEMA())
+        return pa.table(out, schema=_result_schema())
 
     def _rank(self, requests):
         return [(list(r.titles), list(r.scores), list(r.lm_scores)) for r in self.rec.rank_many(requests, self.k)]
 
 
-def RESULT_SCHEMA():  # noqa: N802 - a constant that needs pyarrow, built on first use
+def _result_schema():
     import pyarrow as pa
 
     return pa.schema([("key", pa.int64()), ("titles", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
@@ -199,10 +202,10 @@ def ray_rankings(
             rows["keys"].append([key for key, _ in group])
             rows["items"].append([list(items) for _, items in group])
             if len(rows["keys"]) >= per_block:
-                blocks.append(ray.put(pa.table(rows, schema=REQUEST_SCHEMA())))
+                blocks.append(ray.put(pa.table(rows, schema=_request_schema())))
                 rows = {"keys": [], "items": []}
         if rows["keys"]:
-            blocks.append(ray.put(pa.table(rows, schema=REQUEST_SCHEMA())))
+            blocks.append(ray.put(pa.table(rows, schema=_request_schema())))
         if not blocks:
             return
         dataset = ray.data.from_arrow_refs(blocks).map_batches(
@@ -226,7 +229,7 @@ def ray_rankings(
             ray.shutdown()
 
 
-def REQUEST_SCHEMA():  # noqa: N802
+def _request_schema():
     import pyarrow as pa
 
     return pa.schema([("keys", pa.list_(pa.int64())), ("items", pa.list_(pa.list_(pa.int64())))])
