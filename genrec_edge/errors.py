@@ -81,7 +81,7 @@ class EngineError(GenrecError):
 class UnsupportedCPUError(GenrecError):
     """The installed llama.cpp was built with instructions this CPU/OS cannot execute."""
 
-    exit_code = 12
+    exit_code = 13  # 12 is BenchError
 
 
 class BenchError(GenrecError):

@@ -216,7 +216,7 @@ def test_the_runtime_probe_passes_here_and_doctor_prints_the_system_info(tiny_db
 
 
 def test_a_child_killed_by_sigill_becomes_one_failing_check():
-    """The probe's parent survives an illegal instruction in the child and names it; doctor fails with 12."""
+    """The probe's parent survives an illegal instruction in the child and names it; doctor fails with 13."""
     import sys
 
     from genrec_edge import llama_probe
@@ -233,7 +233,7 @@ def test_a_child_killed_by_sigill_becomes_one_failing_check():
     checks = check_runtime(result)
     failed = [c for c in checks if c.status == FAIL]
     assert failed and failed[-1].name == "batched decode"
-    assert exit_code(checks) == 12
+    assert exit_code(checks) == 13
 
 
 def test_a_child_that_dies_before_printing_is_reported_as_a_load_failure():
@@ -269,4 +269,4 @@ def test_doctor_fails_on_an_instruction_set_this_cpu_lacks():
         pytest.skip("this CPU offers every instruction set the fake build names")
     checks = check_runtime(fake)
     cpu = next(c for c in checks if c.name == "cpu features")
-    assert cpu.status == FAIL and "rebuild" in cpu.detail and cpu.exit_code == 12
+    assert cpu.status == FAIL and "rebuild" in cpu.detail and cpu.exit_code == 13
