@@ -8,7 +8,9 @@ from pathlib import Path
 
 import typer
 
-DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
+from . import DB_HELP
+from .history import read_sequences
+
 SPLIT_HELP = "Which leave-one-out target to score: test (last item) or valid (second-to-last)."
 
 
@@ -16,13 +18,6 @@ def _passive_openmp() -> None:
     # Under CPU contention OpenMP's default spin-wait makes 2-thread torch 10-30x slower (measured: a
     # 15-epoch toy SASRec run took 89 s instead of 3 s). libgomp reads this once, when torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-
-
-def _read(db: Path | None):
-    from .history import open_db_for_reading
-
-    with open_db_for_reading(db) as history:
-        return list(history.sequences()), history.catalog()
 
 
 def _report(name: str, split: str, result, as_json: bool, extra: dict | None = None) -> None:
@@ -73,7 +68,7 @@ def register(app: typer.Typer) -> None:
         from ..baselines import popularity, split_examples
         from ..evaluation import evaluate_scores
 
-        sequences, catalog = _read(db)
+        sequences, catalog = read_sequences(db)
         ranker = popularity(sequences, catalog, split=split)
         result = evaluate_scores(ranker.scores, split_examples(sequences, split), catalog)
         _report("popularity", split, result, as_json)
@@ -109,7 +104,7 @@ def register(app: typer.Typer) -> None:
 
         if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
             raise UsageError(f"{save} exists and is not an empty directory; choose another --save path")
-        sequences, catalog = _read(db)
+        sequences, catalog = read_sequences(db)
         examples = split_examples(sequences, split)  # validates --split before the long training
         model: SASRecModel = train_sasrec(
             sequences,

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import typer
 
+from . import DB_HELP
+
 
 def register(app: typer.Typer) -> None:
     @app.command("doctor")
     def doctor(
-        db: Path = typer.Option(None, "--db", help="History database (default: the one `init` builds)."),
+        db: Path = typer.Option(None, "--db", help=DB_HELP),
         model: Path = typer.Option(None, "--model", help="GGUF model to check against the database."),
         as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
     ) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
+from . import DB_HELP
+
 SLICE_METRICS = ("HR@10", "NDCG@10")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
+from . import DB_HELP
 
 
 def open_db_for_reading(db: Path | None, busy_timeout: float = 5.0):
@@ -18,6 +18,12 @@ def open_db_for_reading(db: Path | None, busy_timeout: float = 5.0):
     path = Path(db) if db is not None else default_db()
     readonly = path.exists() and path.is_file() and _is_read_only_file(path)
     return HistoryDB.open(path, readonly=readonly, busy_timeout=busy_timeout)
+
+
+def read_sequences(db: Path | None):
+    """Every user's history (``HistoryDB.sequences()``, as a list) and the catalog of ``db``."""
+    with open_db_for_reading(db) as history:
+        return list(history.sequences()), history.catalog()
 
 
 def open_db_for_writing(db: Path | None, busy_timeout: float = 5.0):

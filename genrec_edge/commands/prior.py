@@ -8,16 +8,15 @@ from pathlib import Path
 
 import typer
 
-DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
+from . import DB_HELP
+from .history import read_sequences
 
 
 def _sampled_valid(db: Path | None, users: str, seed: int):
     from ..baselines import split_examples
     from ..evalruns import sample_examples
-    from .history import open_db_for_reading
 
-    with open_db_for_reading(db) as history:
-        sequences, catalog = list(history.sequences()), history.catalog()
+    sequences, catalog = read_sequences(db)
     n = None if users == "all" else int(users)
     return sample_examples(split_examples(sequences, "valid"), n, seed), catalog
 
@@ -51,12 +50,10 @@ def register(app: typer.Typer) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         from ..cf import SIDECAR_JSON, build_prior
         from ..errors import UsageError
-        from .history import open_db_for_reading
 
         if (out / SIDECAR_JSON).exists() and not force:
             raise UsageError(f"{out / SIDECAR_JSON} exists (use --force to replace it)")
-        with open_db_for_reading(db) as history:
-            sequences, catalog = list(history.sequences()), history.catalog()
+        sequences, catalog = read_sequences(db)
         options = {"max_seconds": max_seconds, "epochs": epochs, "eval_every": eval_every, "patience": patience,
                    "seed": seed} if kind == "sasrec" else {}
         prior = build_prior(kind, sequences, catalog, weight=weight, variant=variant, **options)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from .history import DB_HELP, open_db_for_reading
+from . import DB_HELP
+from .history import open_db_for_reading
 
 SPLITS = ("train", "valid", "test")
 

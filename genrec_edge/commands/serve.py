@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from . import DB_HELP
+
 
 def register(app: typer.Typer) -> None:
     @app.command("serve")
@@ -14,7 +16,7 @@ def register(app: typer.Typer) -> None:
         host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback unless --allow-remote)."),
         port: int = typer.Option(8765, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
         model: Path = typer.Option(None, "--model", help="GGUF model (default: the default model)."),
-        db: Path = typer.Option(None, "--db", help="History database (default: the one `init` builds)."),
+        db: Path = typer.Option(None, "--db", help=DB_HELP),
         threads: int = typer.Option(None, "--threads", min=1, help="llama.cpp threads."),
         beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: max(10, 2k))."),
         batch: int = typer.Option(

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UsageError
+from . import DB_HELP
 
 
 def register(app: typer.Typer) -> None:
@@ -20,7 +21,7 @@ def train(
     out: Path = typer.Option(
         ..., "--out", help="Run directory to create (a peft adapter dir + genrec_run.json)."
     ),
-    db: Path | None = typer.Option(None, "--db", help="History database (default: the one `init` builds)."),
+    db: Path | None = typer.Option(None, "--db", help=DB_HELP),
     config_file: Path | None = typer.Option(
         None, "--config", help="JSON file of options; flags override it."
     ),
