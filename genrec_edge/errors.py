@@ -87,7 +87,7 @@ class UnsupportedCPUError(GenrecError):
 class BenchError(GenrecError):
     """A ``python -m bench.run`` measurement child failed; the message carries its last error line.
 
-    Its code is 12, as ``UnsupportedCPUError``'s: the bench's code came first and scripts may rely on it.
+    Its code is 12 (the bench's code came first; ``UnsupportedCPUError`` is 13).
     """
 
     exit_code = 12
