@@ -3,7 +3,14 @@
 Importing this package is cheap (gguf only); torch and transformers are imported inside ``convert``.
 """
 
-from .header import GGUFHeaderInfo, TensorInfo, read_provenance, require_llama, validate_gguf_header
+from .header import (
+    GGUFHeaderInfo,
+    TensorInfo,
+    provenance_of,
+    read_provenance,
+    require_llama,
+    validate_gguf_header,
+)
 from .hf_to_gguf import PROVENANCE_FILE, PROVENANCE_KEYS, convert
 
 __all__ = [
@@ -12,6 +19,7 @@ __all__ = [
     "PROVENANCE_KEYS",
     "TensorInfo",
     "convert",
+    "provenance_of",
     "read_provenance",
     "require_llama",
     "validate_gguf_header",

@@ -330,13 +330,12 @@ def require_llama(info: GGUFHeaderInfo) -> GGUFHeaderInfo:
     return info
 
 
-def read_provenance(gguf_path: str | Path) -> dict[str, Any]:
-    """The ``genrec.*`` keys of a GGUF (after validating its header), without the prefix.
+def provenance_of(info: GGUFHeaderInfo) -> dict[str, Any]:
+    """The ``genrec.*`` keys of a validated header, without the prefix.
 
     ``prompt_template`` is decoded from JSON to a dict; ``history_len`` is an int. An empty dict means a
     model without provenance (e.g. the zero-shot base).
     """
-    info = validate_gguf_header(gguf_path)
     out: dict[str, Any] = {}
     for key, value in info.metadata.items():
         if key.startswith(GENREC_PREFIX):
@@ -345,5 +344,10 @@ def read_provenance(gguf_path: str | Path) -> dict[str, Any]:
         try:
             out["prompt_template"] = json.loads(out["prompt_template"])
         except json.JSONDecodeError:
-            raise CorruptModelError(f"{gguf_path}: genrec.prompt_template is not valid JSON") from None
+            raise CorruptModelError(f"{info.path}: genrec.prompt_template is not valid JSON") from None
     return out
+
+
+def read_provenance(gguf_path: str | Path) -> dict[str, Any]:
+    """:func:`provenance_of` a GGUF file, after validating its header."""
+    return provenance_of(validate_gguf_header(gguf_path))

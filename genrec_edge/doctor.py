@@ -109,7 +109,7 @@ def check_model(model_path: str | Path, catalog_sha256: str | None) -> list[Chec
     from gguf import Keys
 
     from .catalog import check_model_catalog
-    from .convert import read_provenance, require_llama, validate_gguf_header
+    from .convert import provenance_of, require_llama, validate_gguf_header
 
     path = Path(model_path)
     try:
@@ -135,7 +135,7 @@ def check_model(model_path: str | Path, catalog_sha256: str | None) -> list[Chec
         checks.append(Check("catalog match", WARN, "skipped (no readable database)"))
         return checks
     try:
-        provenance = read_provenance(path)
+        provenance = provenance_of(info)
     except GenrecError as exc:
         checks.append(_fail("catalog match", str(exc), exc))
         return checks
