@@ -304,9 +304,10 @@ def recommend_users(
     ``parquet`` also writes ``out`` with the suffix ``.parquet`` when every user is done.
     """
     from . import paths
+    from .catalog import check_model_catalog
     from .history import HistoryDB
     from .models import default_model_path
-    from .recommend import MAX_SEQUENCES, _check_default_model_catalog, default_beam
+    from .recommend import MAX_SEQUENCES, _check_default_model_catalog, _header_checks, default_beam
 
     started = time.perf_counter()
     if not isinstance(k, int) or k < 1:
@@ -340,6 +341,13 @@ def recommend_users(
         model_path = Path(model) if model is not None else default_model_path()
         if not model_path.is_file():
             raise NotFoundError(f"model file not found: {model_path}")
+        # Recommender.open's checks, before the output file is touched: a corrupt or foreign GGUF, a model
+        # trained for another catalog. It warns about a model without a catalog hash itself; Ray's do not.
+        trained_for = _header_checks(model_path).get("catalog_sha256")
+        checked = check_model_catalog(trained_for, catalog.sha256, model_path.name, str(db_path))
+        if not checked and ray not in (None, False):
+            (warn or _stderr_warning)(f"{model_path.name} has no genrec.catalog_sha256 (a zero-shot base model?): "
+                                      "serving it for this catalog without a training check")
         config = batch_config(model_path, history, catalog, k, width, prior, prior_weight)
 
     with OutFile(out, config) as sink:
@@ -359,7 +367,7 @@ def recommend_users(
                     results = ray_results(model_path, db_path, groups, catalog, k=k, beam=width, batch=batch,
                                           threads=threads, prior=prior, prior_weight=prior_weight,
                                           address=None if ray is True else ray, actors=actors,
-                                          ship_model=ship_model, warn=warn)
+                                          ship_model=ship_model)
                 for records in results:
                     new = [r for r in records if r["user"] not in sink.done]
                     sink.append(new)
@@ -381,6 +389,12 @@ def plan_groups(users: Sequence[int], done: set[int], batch: int) -> list[list[i
     """
     groups = [list(users[first : first + batch]) for first in range(0, len(users), batch)]
     return [group for group in groups if any(user not in done for user in group)]
+
+
+def _stderr_warning(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def _bar(total: int, resumed: int, progress: bool):

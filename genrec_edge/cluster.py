@@ -116,19 +116,17 @@ def ray_results(
     address: str | None = None,
     actors: int | None = None,
     ship_model: bool = False,
-    warn=None,
 ) -> Iterator[list[dict]]:
     """``batch.record`` lines for ``groups`` of users (``batch.plan_groups``), ranked by actors on Ray.
 
-    The driver's part of the batch job: checks the model against the catalog, loads the prior the model
-    would be served with, reads each group's histories from the database and hands them to
+    The driver's part of the batch job (which checked the model against the catalog): loads the prior the
+    model would be served with, reads each group's histories from the database and hands them to
     :func:`ray_rankings`. Lines come in the order the actors finish, several groups at a time.
     """
     from .batch import group_records, history_items
     from .history import HistoryDB
     from .recommend import _load_prior
 
-    _check_model(model_path, catalog, warn)
     # The prior Recommender.open would load for this model and database, resolved here: the actors
     # have neither the database (a popularity prior is counted from it) nor, maybe, the sidecar.
     loaded_prior = _load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
@@ -246,23 +244,3 @@ def _worker_error(exc: Exception):
     if isinstance(kind, type) and issubclass(kind, errors.GenrecError):
         return kind(f"on a Ray worker: {message}")
     return errors.GenrecError(f"the Ray job failed: {last}")
-
-
-def _check_model(model_path: Path, catalog, warn) -> None:
-    """What Recommender.open checks before it serves a model, done once on the driver."""
-    import sys
-
-    from .errors import CatalogMismatchError
-    from .recommend import _header_checks
-
-    provenance = _header_checks(model_path)
-    model_sha = provenance.get("catalog_sha256")
-    warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
-    if model_sha is None:
-        warn(f"{model_path.name} has no genrec.catalog_sha256 (a zero-shot base model?): "
-             "serving it for this catalog without a training check")
-    elif model_sha != catalog.sha256:
-        raise CatalogMismatchError(
-            f"{model_path.name} was trained for catalog {str(model_sha)[:12]}…, but the database has catalog "
-            f"{catalog.sha256[:12]}…: train or convert a model for this catalog"
-        )

@@ -223,3 +223,19 @@ def test_huge_timestamps_do_not_overflow_the_data_checksum(tiny_model, tiny_db, 
             db.add_interaction(user, 200 if user == 1 else 10, timestamp=9_000_000_000_000_000_000, rating=3.0)
     report = run(tiny_model, tiny_db, tmp_path / "recs.jsonl", users=[1, 2])
     assert report.written == 2
+
+
+def test_a_model_for_another_catalog_is_refused_before_the_file_is_touched(tiny_model, tiny_db, tmp_path):
+    from genrec_edge.convert import convert
+    from genrec_edge.errors import CatalogMismatchError, CorruptModelError
+
+    foreign = convert(tiny_model.parent / "hf", tmp_path / "foreign.gguf", outtype="f32",
+                      provenance={"catalog_sha256": "0" * 64}, progress=False)
+    out = tmp_path / "recs.jsonl"
+    with pytest.raises(CatalogMismatchError, match="foreign.gguf was trained for catalog 000000000000"):
+        run(foreign, tiny_db, out)
+    not_a_model = tmp_path / "model.gguf"
+    not_a_model.write_bytes(b"GGUF but not really")
+    with pytest.raises(CorruptModelError):
+        run(not_a_model, tiny_db, out)
+    assert not out.exists()
