@@ -239,3 +239,11 @@ def test_a_model_for_another_catalog_is_refused_before_the_file_is_touched(tiny_
     with pytest.raises(CorruptModelError):
         run(not_a_model, tiny_db, out)
     assert not out.exists()
+
+
+def test_ray_without_ray_installed_is_one_clear_error(tiny_model, tiny_db, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the cluster extra were not installed
+    with pytest.raises(UsageError, match=r"--ray needs Ray: pip install 'genrec-edge\[cluster\]'"):
+        run(tiny_model, tiny_db, tmp_path / "recs.jsonl", ray=True)
