@@ -58,6 +58,25 @@ def test_adapter_is_built_once_into_a_served_q8_model(tmp_path, tiny_db, tiny_ru
     seen = set(TINY_HISTORIES[user])
     assert len(recs.items) == 3
     assert all(not set(r.item_ids) & seen for r in recs.items)
+    assert recs.prior == "none"  # this adapter ships no collaborative prior
+
+
+def test_the_shipped_prior_follows_the_adapter_next_to_the_model(tmp_path, tiny_db, tiny_run, monkeypatch):
+    """A cf-prior beside the adapter is copied beside the built GGUFs (and replaced when re-tuned), not
+    baked into the model's cache key: the served model fuses it."""
+    from genrec_edge import cf
+
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        prior = cf.popularity_prior(list(db.sequences()), db.catalog(), weight=0.5)
+    prior.save(tiny_run)
+    model = default_model.build_level("Q8_0", adapter=tiny_run, progress=False)
+    assert json.loads((model.parent / cf.SIDECAR_JSON).read_text())["weight"] == 0.5
+    with Recommender.open(model, tiny_db, threads=1) as rec:
+        assert rec.recommend(user=1, k=3).prior == "pop"
+    prior.with_weight(2.0).save(tiny_run)  # re-tuned: same model, new λ
+    again = default_model.build_level("Q8_0", adapter=tiny_run, progress=False)
+    assert again == model and json.loads((model.parent / cf.SIDECAR_JSON).read_text())["weight"] == 2.0
 
 
 def test_no_shipped_adapter_means_no_build(tmp_path, monkeypatch):
