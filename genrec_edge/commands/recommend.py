@@ -34,7 +34,8 @@ OUT_HELP = (
 )
 RAY_HELP = (
     "Batch on a Ray cluster (pip install 'genrec-edge[cluster]'): ADDRESS is local (connect to the cluster "
-    "RAY_ADDRESS or `ray start` names, else start one here), auto (a running cluster) or ray://HEAD:10001."
+    "RAY_ADDRESS or `ray start` names, else start one here), auto (a running cluster) or ray://HEAD:10001. "
+    "--threads is then per actor (default 1)."
 )
 
 
