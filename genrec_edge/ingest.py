@@ -10,6 +10,9 @@ Formats (``FORMAT PATH``):
 - ``csv``: generic - ``interactions`` and ``items`` CSV files with named columns; time as unix seconds
   or an ISO date.
 
+A MovieLens release name (``ml-1m``, the names ``data download`` takes) stands for its format, and
+``auto`` detects the format from the files in PATH (``detect_format``).
+
 The whole ingest is one transaction: a malformed row raises ``IngestError("FILE:LINE: reason")`` and
 leaves the database exactly as it was; with ``skip_bad`` bad rows are counted and skipped instead. Rows
 are streamed and written in chunks, so ML-25M never sits in memory. Inserts are ``INSERT OR IGNORE``,
@@ -398,6 +401,43 @@ def generic_interactions(
 
 
 # ----------------------------------------------------------------------------- the ingest
+MOVIELENS_FILES = {  # format -> (items file, interactions file) in the release folder
+    "movielens-csv": ("movies.csv", "ratings.csv"),
+    "movielens-dat": ("movies.dat", "ratings.dat"),
+    "movielens-100k": ("u.item", "u.data"),
+}
+
+
+def detect_format(path: Path | None) -> str:
+    """The MovieLens format of an extracted release folder, from the files it holds."""
+    if path is None:
+        raise UsageError("format auto needs the PATH of the extracted release folder")
+    if not path.is_dir():
+        raise IngestError(f"{path}: not a folder (expected an extracted MovieLens release)")
+    found = [fmt for fmt, names in MOVIELENS_FILES.items() if all((path / name).is_file() for name in names)]
+    if len(found) != 1:
+        expected = "; ".join(" and ".join(names) for names in MOVIELENS_FILES.values())
+        held = f"files of several formats ({', '.join(found)})" if found else "none of the MovieLens files"
+        raise UsageError(f"{path}: cannot detect the format, it holds {held} ({expected}): name the format")
+    return found[0]
+
+
+def resolve_format(fmt: str, path: Path | None) -> str:
+    """One of ``FORMATS``, from a format, a MovieLens release name (``ml-1m``: its format) or ``auto``."""
+    from .download import RELEASES
+
+    if fmt in FORMATS:
+        return fmt
+    if fmt in RELEASES:
+        return RELEASES[fmt].format
+    if fmt == "auto":
+        return detect_format(path)
+    raise UsageError(
+        f"unknown format {fmt!r} (choose from {', '.join(FORMATS)}); or a MovieLens release name "
+        f"({', '.join(RELEASES)}), or auto to detect it from PATH"
+    )
+
+
 def _resolve_files(fmt: str, path: Path | None, interactions: Path | None, items: Path | None) -> tuple[Path, Path]:
     if fmt == "csv":
         if interactions is None or items is None:
@@ -407,11 +447,7 @@ def _resolve_files(fmt: str, path: Path | None, interactions: Path | None, items
     else:
         if path is None:
             raise UsageError(f"format {fmt} needs the PATH of the extracted release folder")
-        names = {
-            "movielens-csv": ("movies.csv", "ratings.csv"),
-            "movielens-dat": ("movies.dat", "ratings.dat"),
-            "movielens-100k": ("u.item", "u.data"),
-        }[fmt]
+        names = MOVIELENS_FILES[fmt]
         if not path.is_dir():
             raise IngestError(f"{path}: not a folder (expected the extracted release with {' and '.join(names)})")
         files = (path / names[0], path / names[1])
@@ -444,14 +480,14 @@ def ingest(
 ) -> IngestReport:
     """Ingest one dataset into ``db_path`` (created if missing) in a single transaction.
 
-    Example: ``ingest("my.db", "movielens-csv", "ml-latest-small")``. The interactions' items must be in
-    the items file or already in the database. Returns the counts of new rows.
+    Example: ``ingest("my.db", "movielens-csv", "ml-latest-small")``. ``fmt`` may also be a MovieLens
+    release name or ``auto`` (:func:`resolve_format`). The interactions' items must be in the items file
+    or already in the database. Returns the counts of new rows.
     """
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    path = Path(path) if path is not None else None
+    fmt = resolve_format(fmt, path)
     if encoding not in ("auto", "utf-8", "latin-1"):
         raise UsageError(f"unknown encoding {encoding!r} (auto, utf-8 or latin-1)")
-    path = Path(path) if path is not None else None
     items_file, interactions_file = _resolve_files(
         fmt, path, Path(interactions) if interactions else None, Path(items) if items else None
     )
@@ -634,4 +670,4 @@ def build_default_db(db_path: str | Path, *, force: bool = False, progress: bool
     return report
 
 
-__all__ = ["FORMATS", "IngestReport", "build_default_db", "ingest", "parse_year"]
+__all__ = ["FORMATS", "IngestReport", "build_default_db", "detect_format", "ingest", "parse_year", "resolve_format"]

@@ -13,7 +13,7 @@ import genrec_edge.ingest as ingest_module
 from genrec_edge.cli import main
 from genrec_edge.errors import IngestError, UsageError
 from genrec_edge.history import HistoryDB
-from genrec_edge.ingest import ingest, parse_year
+from genrec_edge.ingest import detect_format, ingest, parse_year
 
 N_INTERACTIONS = sum(map(len, TINY_HISTORIES.values()))
 
@@ -80,8 +80,7 @@ def test_movielens_dat_in_both_encodings(tmp_path, encoding):
         assert [(h.item_id, h.rating) for h in db.history(1)] == [(1, 3.0), (2, 5.0)]
 
 
-def test_movielens_100k_format(tmp_path):
-    folder = tmp_path / "ml-100k"
+def _write_100k(folder):
     folder.mkdir()
     # u.item: id|title|release date|video release date|IMDb URL|19 flags (unknown, Action, Adventure, ...)
     flags_toy = ["0", "0", "0", "1", "1", "1"] + ["0"] * 13  # Animation, Children's, Comedy
@@ -93,6 +92,11 @@ def test_movielens_100k_format(tmp_path):
     )
     (folder / "u.item").write_bytes(u_item.encode("latin-1"))
     (folder / "u.data").write_text("196\t1\t3\t881250949\n196\t2\t4\t881250000\n22\t267\t1\t878887116\n")
+    return folder
+
+
+def test_movielens_100k_format(tmp_path):
+    folder = _write_100k(tmp_path / "ml-100k")
     report = ingest(tmp_path / "100k.db", "movielens-100k", folder, progress=False)
     assert (report.items, report.users, report.interactions) == (3, 2, 3)
     with HistoryDB.open(tmp_path / "100k.db") as db:
@@ -102,6 +106,81 @@ def test_movielens_100k_format(tmp_path):
         assert [h.item_id for h in db.history(196)] == [2, 1]
     extra = sqlite3.connect(tmp_path / "100k.db").execute("SELECT extra FROM items WHERE id = 1").fetchone()[0]
     assert json.loads(extra)["release_date"] == "01-Jan-1995"
+
+
+def _contents(db_path) -> dict[str, list[tuple]]:
+    """Every row but the timestamps of the ingest itself (migrations, ingested_at)."""
+    queries = {
+        "datasets": "SELECT name, source, catalog_sha256 FROM datasets",
+        "items": "SELECT * FROM items ORDER BY id",
+        "users": "SELECT * FROM users ORDER BY id",
+        "interactions": "SELECT * FROM interactions ORDER BY user_id, timestamp, item_id",
+    }
+    conn = sqlite3.connect(db_path)
+    try:
+        return {table: conn.execute(query).fetchall() for table, query in queries.items()}
+    finally:
+        conn.close()
+
+
+def _write_release(fmt: str, folder, tiny_movielens_dir):
+    """Write a release folder of MovieLens format ``fmt`` (the tiny fixtures above); returns the folder."""
+    if fmt == "movielens-csv":
+        shutil.copytree(tiny_movielens_dir, folder)
+    elif fmt == "movielens-dat":
+        _write_dat(folder, "latin-1")
+    else:
+        _write_100k(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "release, fmt",
+    [("ml-latest-small", "movielens-csv"), ("ml-latest", "movielens-csv"), ("ml-20m", "movielens-csv"),
+     ("ml-25m", "movielens-csv"), ("ml-1m", "movielens-dat"), ("ml-10m", "movielens-dat"),
+     ("ml-100k", "movielens-100k")],
+)  # fmt: skip
+def test_release_names_and_auto_ingest_as_their_format(release, fmt, tiny_movielens_dir, tmp_path):
+    """`data download ml-1m` then `data ingest ml-1m PATH` (or `auto PATH`): the same rows as the format."""
+    folder = _write_release(fmt, tmp_path / release, tiny_movielens_dir)
+    by_format = ingest(tmp_path / "format.db", fmt, folder, progress=False)
+    by_name = ingest(tmp_path / "name.db", release, folder, progress=False)
+    detected = ingest(tmp_path / "auto.db", "auto", folder, progress=False)
+    counts = lambda r: (r.dataset, r.items, r.users, r.interactions, r.skipped)  # noqa: E731
+    assert counts(by_name) == counts(detected) == counts(by_format) and by_format.interactions > 0
+    contents = _contents(tmp_path / "format.db")
+    assert _contents(tmp_path / "name.db") == _contents(tmp_path / "auto.db") == contents
+    assert contents["datasets"][0][1] == f"{fmt}:{folder.resolve()}"  # the format it was read as, not the alias
+
+
+def test_detect_format(tiny_movielens_dir, tmp_path):
+    for fmt in ("movielens-csv", "movielens-dat", "movielens-100k"):
+        assert detect_format(_write_release(fmt, tmp_path / fmt, tiny_movielens_dir)) == fmt
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"empty: cannot detect the format, it holds none of the MovieLens files"):
+        detect_format(tmp_path / "empty")
+    both = tmp_path / "both"
+    shutil.copytree(tiny_movielens_dir, both)
+    (both / "u.item").write_text("")
+    (both / "u.data").write_text("")
+    with pytest.raises(UsageError, match=r"files of several formats \(movielens-csv, movielens-100k\)"):
+        detect_format(both)
+    with pytest.raises(IngestError, match=r"nowhere: not a folder"):
+        detect_format(tmp_path / "nowhere")
+    with pytest.raises(UsageError, match=r"format auto needs the PATH"):
+        detect_format(None)
+
+
+def test_cli_ingest_auto_and_release_name(tiny_movielens_dir, tmp_path, capsys):
+    db_path = tmp_path / "cli.db"
+    assert main(["data", "ingest", "auto", str(tiny_movielens_dir), "--db", str(db_path)]) == 0
+    assert f"tiny-ml: 20 new items, 8 new users, {N_INTERACTIONS} new interactions" in capsys.readouterr().out
+    assert main(["data", "ingest", "ml-latest-small", str(tiny_movielens_dir), "--db", str(db_path)]) == 0
+    assert "tiny-ml: 0 new items, 0 new users, 0 new interactions" in capsys.readouterr().out  # the same data
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "ingest", "auto", str(tmp_path / "empty"), "--db", str(db_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "cannot detect the format" in err and err.count("\n") == 1
 
 
 def test_generic_csv_with_iso_dates_and_custom_columns(tmp_path, capsys):
