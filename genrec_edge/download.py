@@ -70,9 +70,6 @@ class DownloadResult:
     seconds: float
 
 
-sha256_of = sha256_file  # the name tests and callers use
-
-
 def _fetch(url: str, part: Path, timeout: float, progress: bool) -> tuple[int, int]:
     """Fetch ``url`` into ``part``, resuming from its current size. Returns (resumed_from, bytes fetched)."""
     offset = part.stat().st_size if part.exists() else 0
@@ -223,7 +220,7 @@ def download(
         source = part
     else:
         source = zip_path  # downloaded before: verify it again before extracting
-    actual = sha256_of(source)
+    actual = sha256_file(source)
     if expected is not None and actual != expected:
         source.unlink()
         raise DownloadError(

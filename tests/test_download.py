@@ -109,6 +109,21 @@ def test_resumes_a_partial_download_then_extracts_and_ingests(server, tmp_path):
         assert db.item(130).title.startswith("Amélie")
 
 
+def test_the_printed_ingest_command_ingests_the_download(server, tmp_path, capsys):
+    """`data download NAME` ends with the command to ingest it: `data ingest NAME FOLDER`, the same name."""
+    body = release_zip(tmp_path)
+    RangeHandler.files["ml-latest-small.zip"] = body
+    sha = hashlib.sha256(body).hexdigest()
+    assert main(["data", "download", "ml-latest-small", "--dest", str(tmp_path / "dl"), "--sha256", sha,
+                 "--base-url", server]) == 0
+    hint = capsys.readouterr().out.strip().splitlines()[-1]
+    prefix = "extracted to "
+    assert hint.startswith(prefix) and "; ingest with: genrec-edge data ingest ml-latest-small " in hint
+    folder = hint.rsplit(" ", 1)[-1]
+    assert main(["data", "ingest", "ml-latest-small", folder, "--db", str(tmp_path / "d.db")]) == 0
+    assert "20 new items, 8 new users" in capsys.readouterr().out
+
+
 def test_an_interrupted_download_is_resumed_by_the_next_call(server, tmp_path, monkeypatch):
     body = release_zip(tmp_path, top="ml-1m")
     RangeHandler.files["ml-1m.zip"] = body

@@ -42,7 +42,9 @@ def register(app: typer.Typer) -> None:
 
     @data_app.command("ingest")
     def ingest_command(
-        fmt: str = typer.Argument(..., metavar="FORMAT", help="movielens-csv, movielens-dat, movielens-100k or csv."),
+        fmt: str = typer.Argument(..., metavar="FORMAT", help="movielens-csv, movielens-dat, movielens-100k or csv; "
+                                  "a MovieLens release name (ml-1m, ml-100k, ...) for its format; auto: detect "
+                                  "it from the release folder's files."),
         path: Path = typer.Argument(None, help="The extracted release folder (for csv: base folder, optional)."),
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         interactions: Path = typer.Option(None, "--interactions", help="csv: the interactions file."),
@@ -65,7 +67,7 @@ def register(app: typer.Typer) -> None:
         Re-ingesting the same data adds nothing. A malformed row stops the ingest with FILE:LINE and
         leaves the database as it was, unless --skip-bad.
 
-        Example: genrec-edge data ingest movielens-dat ~/data/ml-1m --db ml1m.db
+        Example: genrec-edge data ingest ml-1m ~/data/ml-1m --db ml1m.db
         """
         from ..ingest import ingest
         from ..paths import default_db
@@ -93,14 +95,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:  # fmt: skip
         """Download a MovieLens release (resumable), verify its sha256 and extract it.
 
-        Example: genrec-edge data download ml-1m && genrec-edge data ingest movielens-dat ~/.local/share/genrec-edge/downloads/ml-1m
+        Example: genrec-edge data download ml-1m && genrec-edge data ingest ml-1m ~/.local/share/genrec-edge/downloads/ml-1m
         """
         from ..download import download
 
         result = download(name, dest, sha256=sha256, no_verify=no_verify, base_url=base_url)
         verified = "verified" if result.verified else "NOT verified"
         typer.echo(f"{result.zip_path}: sha256 {result.sha256} ({verified})")
-        typer.echo(f"extracted to {result.folder}; ingest with: genrec-edge data ingest {result.format} {result.folder}")
+        typer.echo(f"extracted to {result.folder}; ingest with: genrec-edge data ingest {result.name} {result.folder}")
 
     @items_app.command("search")
     def search(
