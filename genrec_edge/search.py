@@ -89,7 +89,7 @@ class SearchRequest:
 class _Beams:
     """Live beams of one request: parallel arrays plus, per beam, what is known below its node."""
 
-    def __init__(self, n_vocab: int):
+    def __init__(self):
         self.scores = np.zeros(0)
         self.nodes = np.zeros(0, dtype=np.int64)
         self.seqs: list[int] = []
@@ -112,7 +112,7 @@ class _State:
         self.n_allowed = np.bincount(trie.parent[allowed], minlength=trie.n_nodes)
         self.finished: list[tuple[float, int, int]] = []  # min-heap of (score, -title, leaf): worst on top
         self.budget = r.speculation if r.speculation is not None else r.beam * trie.max_depth
-        self.beams = _Beams(engine.n_vocab)
+        self.beams = _Beams()
         logits = np.asarray(r.prompt_logits, dtype=np.float32)
         self.beams.scores = np.zeros(1)
         self.beams.nodes = np.zeros(1, dtype=np.int64)
@@ -223,7 +223,7 @@ def beam_search(
             for seq in free:
                 _bury(engine, seq, graveyard_seq)
             free += [seq for seq in beam_seqs[: r.beam] if seq not in b.seqs]
-            new = _Beams(0)
+            new = _Beams()
             new.scores, new.nodes = scores, nodes
             inherited: set[int] = set()
             for j, parent in enumerate(parents.tolist()):
