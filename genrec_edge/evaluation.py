@@ -178,16 +178,6 @@ def seen_titles(example: Example, catalog: Catalog) -> set[str]:
     return {_title(catalog, item) for item in example.history}
 
 
-def title_ranking(ranked_items: Sequence[int], catalog: Catalog, exclude: set[str]) -> list[str]:
-    """Item ids -> titles, each title once at its first position, titles in ``exclude`` dropped."""
-    kept: dict[str, None] = {}
-    for item in ranked_items:
-        title = _title(catalog, item)
-        if title not in exclude:
-            kept.setdefault(title, None)
-    return list(kept)
-
-
 def result_from_titles(
     example: Example, titles: Sequence[str], catalog: Catalog, keep: int, k_max: int | None = None
 ) -> UserResult:
@@ -467,17 +457,6 @@ def _paired_rankings(a: EvalResult, b: EvalResult) -> list[tuple[tuple[str, ...]
     if not pairs:
         raise UsageError("the two evaluation results have no user in common")
     return pairs
-
-
-def per_user_topk_overlap(a: EvalResult, b: EvalResult, k: int) -> dict[int, float]:
-    """For each user in both results, ``metrics.overlap_at_k`` of their two title rankings."""
-    _check_stored(a, b, k)
-    by_user_b = dict(zip(b.users, b.rankings, strict=True))
-    return {
-        u: overlap_at_k(ra, by_user_b[u], k)
-        for u, ra in zip(a.users, a.rankings, strict=True)
-        if u in by_user_b
-    }
 
 
 def topk_overlap(a: EvalResult, b: EvalResult, k: int) -> float:

@@ -12,9 +12,7 @@ from genrec_edge.errors import NotFoundError, UsageError
 from genrec_edge.evaluation import (
     evaluate,
     from_rankings,
-    per_user_topk_overlap,
     seen_titles,
-    title_ranking,
     topk_overlap,
     topk_rank_correlation,
 )
@@ -103,12 +101,9 @@ def fixed(ranking):
     return lambda example: ranking
 
 
-def test_seen_titles_and_title_ranking():
+def test_seen_titles():
     ex = Example(user=1, history=(1, 4), item=5)
     assert seen_titles(ex, CATALOG) == {"A", "Twin"}
-    # 3 and 4 merge into "Twin" at its first position; excluded titles vanish.
-    assert title_ranking([2, 3, 5, 4, 6], CATALOG, exclude=set()) == ["B", "Twin", "C", "D"]
-    assert title_ranking([2, 3, 5, 4, 6], CATALOG, exclude={"Twin"}) == ["B", "C", "D"]
 
 
 def test_duplicate_titles_count_once_and_a_hit_is_a_title_match():
@@ -161,7 +156,6 @@ def test_comparing_two_results_user_by_user():
     b = evaluate(from_rankings(examples, [[2, 5, 6], [6, 3, 5]]), examples, CATALOG, ks=(3,), progress=False)
     # user 1 identical (overlap 1, rho 1); user 2: {B, C, D} vs {D, Twin, C} share C, D -> 2/3;
     # union B, C, D, Twin: x = (1, 2, 3, 4), y = (4, 3, 1, 2) -> rho = -0.8 (by hand: cov -4, var 5 each)
-    assert per_user_topk_overlap(a, b, 3) == {1: 1.0, 2: pytest.approx(2 / 3)}
     assert topk_overlap(a, b, 3) == pytest.approx((1 + 2 / 3) / 2)
     assert topk_rank_correlation(a, b, 3) == pytest.approx((1 - 0.8) / 2)
     with pytest.raises(UsageError):
