@@ -14,7 +14,8 @@ may write to it. Open it with ``HistoryDB.open(tiny_db)``. What it holds, writte
 - Timestamps: ``tiny_timestamp(user, position)``; ratings: ``tiny_rating(user, position)``.
 
 Fixtures: ``tiny_movielens_dir`` (session: the folder with movies.csv + ratings.csv), ``tiny_db``,
-``tiny_histories`` (a copy of ``TINY_HISTORIES``) and ``tiny_titles`` (item id -> title).
+``tiny_histories`` (a copy of ``TINY_HISTORIES``), ``tiny_titles`` (item id -> title) and ``tiny_model``
+(session: a tiny random LLaMA GGUF for that catalog, ``tests/tinymodel.tiny_gguf``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import csv
 from pathlib import Path
 
 import pytest
-from tinymodel import DEFAULT_TITLES
+from tinymodel import DEFAULT_TITLES, tiny_gguf
 
 TINY_ITEM_IDS = [10 * (k + 1) for k in range(len(DEFAULT_TITLES))]
 TINY_TITLES = dict(zip(TINY_ITEM_IDS, DEFAULT_TITLES, strict=True))
@@ -92,6 +93,15 @@ def tiny_db(tiny_movielens_dir, tmp_path) -> Path:
     ingest(path, "movielens-csv", tiny_movielens_dir, progress=False)
     with HistoryDB.open(path) as db:
         db.add_user(EMPTY_USER)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny random LLaMA GGUF (F32, seed 5) whose vocabulary covers the tiny catalog's titles, built once."""
+    path = tmp_path_factory.getbasetemp() / "runtime-tiny-gguf-db" / "model-F32.gguf"
+    if not path.exists():
+        tiny_gguf(path.parent, corpus=DEFAULT_TITLES, seed=5)
     return path
 
 

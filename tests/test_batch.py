@@ -6,7 +6,6 @@ import json
 
 import pytest
 from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES
-from tinymodel import DEFAULT_TITLES, tiny_gguf
 
 from genrec_edge.batch import OUT_FORMAT, read_records, recommend_users
 from genrec_edge.cli import main
@@ -15,14 +14,6 @@ from genrec_edge.history import HistoryDB
 from genrec_edge.recommend import Recommender, default_beam
 
 K = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    cached = tmp_path_factory.getbasetemp() / "runtime-tiny-gguf-db" / "model-F32.gguf"  # test_recommend's model
-    if not cached.exists():
-        tiny_gguf(cached.parent, corpus=DEFAULT_TITLES, seed=5)
-    return cached
 
 
 @pytest.fixture(autouse=True)

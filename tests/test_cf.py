@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 from conftest import TINY_HISTORIES, TINY_TITLES
-from test_recommend import cache_home, tiny_model  # noqa: F401
+from test_recommend import cache_home  # noqa: F401
 from tinymodel import DEFAULT_TITLES
 
 from genrec_edge import cf

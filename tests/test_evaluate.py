@@ -8,7 +8,6 @@ import os
 import random
 
 import pytest
-from tinymodel import DEFAULT_TITLES, tiny_gguf
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
@@ -32,14 +31,6 @@ from genrec_edge.prompts import Example
 from genrec_edge.recommend import Recommender
 
 N_TEST_USERS = 7  # tiny database: users 1-5, 7, 8 have a test example (user 6 has one item)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    cached = tmp_path_factory.getbasetemp() / "runtime-tiny-gguf-db" / "model-F32.gguf"
-    if not cached.exists():
-        tiny_gguf(cached.parent, corpus=DEFAULT_TITLES, seed=5)
-    return cached
 
 
 @pytest.fixture(scope="module")

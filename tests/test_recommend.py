@@ -8,7 +8,7 @@ import threading
 
 import pytest
 from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES
-from tinymodel import DEFAULT_TITLES, tiny_gguf
+from tinymodel import DEFAULT_TITLES
 
 from genrec_edge.catalog import Catalog
 from genrec_edge.cli import main
@@ -22,14 +22,6 @@ from genrec_edge.errors import (
 from genrec_edge.history import HistoryDB
 from genrec_edge.prompts import PromptTemplate, build_prompt_ids
 from genrec_edge.recommend import Recommender
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    cached = tmp_path_factory.getbasetemp() / "runtime-tiny-gguf-db" / "model-F32.gguf"
-    if not cached.exists():
-        tiny_gguf(cached.parent, corpus=DEFAULT_TITLES, seed=5)
-    return cached
 
 
 @pytest.fixture

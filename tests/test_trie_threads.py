@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tinymodel import DEFAULT_TITLES, tiny_gguf
+from tinymodel import DEFAULT_TITLES
 
 from genrec_edge import trie as T
 
@@ -13,11 +13,8 @@ from genrec_edge.engine import Engine  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "runtime-tiny-gguf-db" / "model-F32.gguf"  # test_recommend's model
-    if not path.exists():
-        tiny_gguf(path.parent, corpus=DEFAULT_TITLES, seed=5)
-    eng = Engine.open(path, n_ctx=256, n_seq_max=1, threads=1)
+def engine(tiny_model):
+    eng = Engine.open(tiny_model, n_ctx=256, n_seq_max=1, threads=1)
     yield eng
     eng.close()
 

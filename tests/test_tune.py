@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import TINY_TITLES
-from test_recommend import cache_home, tiny_model  # noqa: F401
+from test_recommend import cache_home  # noqa: F401
 
 from genrec_edge import cf
 from genrec_edge.baselines import split_examples
