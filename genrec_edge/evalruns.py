@@ -118,29 +118,64 @@ def llm_rankings(rec, examples: Sequence[Example], catalog: Catalog, k: int, pri
             yield example, list(ranking.titles)
 
 
-def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None, beam: int | None,
-            prior_weight: float | None = None) -> Run:
-    """The LLM behind ``rec`` (an open ``Recommender``) as a top-``k`` run, with ``prior`` (None: its default)."""
+def _llm_identity(model_path: Path, base_config: dict, k: int, prior: str | None, beam: int | None,
+                  prior_weight: float | None, used_prior: str) -> tuple[str, dict]:
+    """(label, config) of an LLM run: the same wherever it runs (here or on a Ray cluster)."""
+    from .cf import SIDECAR_JSON, SIDECAR_WEIGHTS
     from .hashing import sha256_file
 
-    model_path = Path(rec.engine.path)
     # The collaborative prior's sidecar next to the model (cf.py) changes the results as much as the model.
-    from .cf import SIDECAR_JSON, SIDECAR_WEIGHTS
-
     files = [model_path.parent / name for name in (SIDECAR_JSON, SIDECAR_WEIGHTS)]
     sidecar = {p.name: sha256_file(p) for p in files if p.is_file()}
     config = {**base_config, "recommender": "llm", "model_sha256": sha256_file(model_path), "prior": prior,
               "prior_sidecar": sidecar, "k": k, "beam": beam}
     if prior_weight is not None:
         config["prior_weight"] = prior_weight
+    suffix = "" if used_prior == "none" else f" +{used_prior}" + (f" λ={prior_weight:g}" if prior_weight is not None else "")
+    return "LLM " + model_path.stem + suffix, config
+
+
+def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None, beam: int | None,
+            prior_weight: float | None = None) -> Run:
+    """The LLM behind ``rec`` (an open ``Recommender``) as a top-``k`` run, with ``prior`` (None: its default)."""
+    used = rec.default_prior if prior is None else prior
+    label, config = _llm_identity(Path(rec.engine.path), base_config, k, prior, beam, prior_weight, used)
 
     def produce(examples):
         for example, titles in llm_rankings(rec, examples, catalog, k, prior, prior_weight):
             yield [result_from_titles(example, titles, catalog, keep=k, k_max=k)]
 
-    used = rec.default_prior if prior is None else prior
-    suffix = "" if used == "none" else f" +{used}" + (f" λ={prior_weight:g}" if prior_weight is not None else "")
-    label = "LLM " + model_path.stem + suffix
+    return Run(label, config, produce, top_k=k)
+
+
+def ray_llm_run(model_path: Path | None, db_path: Path, catalog: Catalog, base_config: dict, k: int,
+                prior: str | None, beam: int | None, prior_weight: float | None, batch: int, threads: int | None,
+                address: str) -> Run:
+    """The same run as :func:`llm_run`, its searches done by a Ray actor pool (``cluster.ray_rankings``):
+    same config (so the same log entries), same results. The prior is resolved here, on the driver."""
+    from .cluster import ray_rankings
+    from .errors import GenrecError
+    from .models import default_model_path
+    from .recommend import _load_prior, default_beam
+
+    model_path = Path(model_path) if model_path is not None else default_model_path()
+    loaded = _load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+    used = loaded.kind if loaded is not None else "none"
+    label, config = _llm_identity(model_path, base_config, k, prior, beam, prior_weight, used)
+    width = beam if beam is not None else default_beam(k)
+
+    def produce(examples):
+        requests = [(i, list(ex.history)) for i, ex in enumerate(examples)]
+        groups = [requests[g : g + batch] for g in range(0, len(requests), batch)]
+        for chunk in ray_rankings(model_path, catalog, loaded, groups, len(groups), k=k, beam=width, batch=batch,
+                                  threads=threads, address=None if address == "local" else address):
+            out = []
+            for key, value in chunk:
+                if isinstance(value, str):
+                    raise GenrecError(f"on a Ray worker: {value}")
+                out.append(result_from_titles(examples[key], list(value[0]), catalog, keep=k, k_max=k))
+            yield out
+
     return Run(label, config, produce, top_k=k)
 
 
@@ -233,13 +268,15 @@ def evaluate_recommenders(
     progress: bool = True,
     warn=None,
     batch: int = 1,
+    ray: str | None = None,
 ) -> Evaluation:
     """Score every recommender in ``specs`` on the same users, with intervals and paired differences.
 
     Per-user results stream to ``out`` (a ``ResultLog``; None: no file) and are reused from it. When any
     recommender is top-``k`` (the LLM), every recommender's MRR is MRR@k, so that all compare alike.
     ``by`` names slicings (``SLICINGS``) to report the metrics within. ``batch``: LLM requests searched
-    together (the results do not depend on it).
+    together (the results do not depend on it). ``ray``: a Ray address (``local`` for a local instance)
+    to run the LLM's searches on an actor pool, same results.
     """
     from . import paths
     from .baselines import split_examples
@@ -269,7 +306,7 @@ def evaluate_recommenders(
     runs: dict[str, dict] = {}
     order = {"llm": 0, "sasrec": 1, "pop": 2}  # differences read "LLM - SASRec", "SASRec - popularity"
     for spec in sorted(specs, key=lambda sp: order[sp.kind]):
-        with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn, batch) as run:
+        with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn, batch, ray) as run:
             name = run.name
             while name in results:
                 name += " #2"
@@ -301,11 +338,13 @@ def evaluate_recommenders(
 
 @contextmanager
 def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog, split: str, base: dict, k: int,
-              threads: int | None, beam: int | None, warn, batch: int = 1):
+              threads: int | None, beam: int | None, warn, batch: int = 1, ray: str | None = None):
     if spec.kind == "pop":
         yield popularity_run(sequences, catalog, split, base, keep=STORED_TITLES)
     elif spec.kind == "sasrec":
         yield sasrec_run(Path(spec.path), catalog, base, keep=STORED_TITLES, threads=threads)
+    elif ray is not None:
+        yield ray_llm_run(spec.path, db_path, catalog, base, k, spec.prior, beam, spec.prior_weight, batch, threads, ray)
     else:
         from .recommend import Recommender
 

@@ -70,3 +70,23 @@ def test_ray_with_a_popularity_prior_and_the_model_shipped(local_ray, tiny_model
     plain = tmp_path / "plain.jsonl"
     run(tiny_model, tiny_db, plain, users=users)
     assert read_records(plain) != read_records(local)  # the prior did change the rankings
+
+
+def test_evaluate_on_ray_equals_the_local_evaluation(local_ray, tiny_model, tiny_db, tmp_path):
+    """`evaluate --ray`: the LLM's searches on the actor pool, the same per-user results and metrics."""
+    from genrec_edge.evalruns import RecommenderSpec, evaluate_recommenders
+
+    specs = [RecommenderSpec("llm", tiny_model, "pop", 0.5)]
+    local = evaluate_recommenders(specs, db=tiny_db, split="valid", k=K, out=tmp_path / "local.jsonl", threads=1,
+                                  batch=2, progress=False, warn=lambda m: None)
+    remote = evaluate_recommenders(specs, db=tiny_db, split="valid", k=K, out=tmp_path / "ray.jsonl", threads=1,
+                                   batch=2, progress=False, warn=lambda m: None, ray="auto")
+    assert list(local.runs) == list(remote.runs)
+    name = next(iter(local.runs))
+    assert local.runs[name]["key"] == remote.runs[name]["key"]  # one log may serve the other
+    tops = {}
+    for path in (tmp_path / "local.jsonl", tmp_path / "ray.jsonl"):
+        lines = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+        tops[path.name] = {r["user"]: (r["rank"], r["top"]) for r in lines if "user" in r}
+    assert tops["local.jsonl"] == tops["ray.jsonl"] and len(tops["ray.jsonl"]) == len(local.users)
+    assert local.summary["recommenders"][name] == remote.summary["recommenders"][name]

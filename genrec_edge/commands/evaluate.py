@@ -115,6 +115,11 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(
             4, "--batch", min=1, help="LLM requests searched together (same results, fewer llama_decode calls)."
         ),
+        ray: str | None = typer.Option(
+            None, "--ray",
+            help="Run the LLM's searches on a Ray cluster: its address (auto, ray://host:10001) or local "
+            "(needs the [cluster] extra; docs/CLUSTER.md).",
+        ),
         sasrec: list[Path] = typer.Option(
             None, "--sasrec", help="A SASRec directory saved by `baseline sasrec --save`; repeatable."
         ),
@@ -154,7 +159,7 @@ def register(app: typer.Typer) -> None:
         log_path = out if out is not None else paths.cache_dir() / "evaluate" / "results.jsonl"
         evaluation = evaluate_recommenders(
             specs, db=db, split=split, users=_parse_users(users), seed=seed, k=k, out=log_path, by=slicings,
-            threads=threads, beam=beam, batch=batch,
+            threads=threads, beam=beam, batch=batch, ray=ray,
         )
         resumed = {n: r["resumed"] for n, r in evaluation.runs.items() if r["resumed"]}
         note = f" (reused: {', '.join(f'{n} {c}' for n, c in resumed.items())})" if resumed else ""
