@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import csv
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,15 @@ def write_tiny_movielens(folder: Path) -> Path:
         writer.writerow(["userId", "movieId", "rating", "timestamp"])
         writer.writerows(reversed(rows))
     return folder
+
+
+def dump(path) -> list[str]:
+    """The SQL text of a whole database (sqlite3's iterdump), to compare two databases or a before/after."""
+    conn = sqlite3.connect(path)
+    try:
+        return list(conn.iterdump())
+    finally:
+        conn.close()
 
 
 @pytest.fixture(scope="session")

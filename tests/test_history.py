@@ -9,21 +9,13 @@ import sqlite3
 import stat
 
 import pytest
-from conftest import EMPTY_USER, TINY_HISTORIES, TINY_ITEM_IDS, TINY_TITLES, tiny_rating, tiny_timestamp
+from conftest import EMPTY_USER, TINY_HISTORIES, TINY_ITEM_IDS, TINY_TITLES, dump, tiny_rating, tiny_timestamp
 
 from genrec_edge.catalog import catalog_sha256
 from genrec_edge.cli import main
 from genrec_edge.errors import DatabaseError, NotFoundError
 from genrec_edge.history import SCHEMA_VERSION, HistoryDB, migrations
 from genrec_edge.paths import BUNDLED_DATASET
-
-
-def dump(path) -> list[str]:
-    conn = sqlite3.connect(path)
-    try:
-        return list(conn.iterdump())
-    finally:
-        conn.close()
 
 
 # ----------------------------------------------------------------------------- schema
@@ -309,17 +301,3 @@ def test_cli_read_only_file_reads_but_refuses_writes(tiny_db, capsys):
         assert (rc, err) == (3, f"error: database is read-only: {tiny_db} (fix its permissions or open it read-only)")
     finally:
         os.chmod(tiny_db, stat.S_IRUSR | stat.S_IWUSR)
-
-
-def test_every_command_has_help_with_an_example(capsys):
-    from genrec_edge.commands import data, history, prompts
-
-    for module in (data, history, prompts):
-        import typer
-
-        app = typer.Typer()
-        module.register(app)
-        commands = list(app.registered_commands) + [c for g in app.registered_groups for c in g.typer_instance.registered_commands]
-        assert commands
-        for command in commands:
-            assert "Example:" in (command.callback.__doc__ or ""), command.callback.__name__

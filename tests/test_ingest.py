@@ -7,7 +7,7 @@ import shutil
 import sqlite3
 
 import pytest
-from conftest import TINY_HISTORIES, TINY_TITLES, write_tiny_movielens
+from conftest import TINY_HISTORIES, TINY_TITLES, dump, write_tiny_movielens
 
 import genrec_edge.ingest as ingest_module
 from genrec_edge.cli import main
@@ -16,14 +16,6 @@ from genrec_edge.history import HistoryDB
 from genrec_edge.ingest import detect_format, ingest, parse_year
 
 N_INTERACTIONS = sum(map(len, TINY_HISTORIES.values()))
-
-
-def dump(path) -> list[str]:
-    conn = sqlite3.connect(path)
-    try:
-        return list(conn.iterdump())
-    finally:
-        conn.close()
 
 
 def test_parse_year():

@@ -1,0 +1,58 @@
+"""The docs promise what the code does: every command's --help has an example, and the README's exit-code
+list names every code the CLI can return."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import typer.main
+
+from genrec_edge import errors
+from genrec_edge.cli import app, main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _command_tree(command, path=()):
+    """(path, command) for the root, every group and every command below it."""
+    yield path, command
+    if hasattr(command, "list_commands"):  # a group
+        for name in command.list_commands(None):
+            yield from _command_tree(command.get_command(None, name), (*path, name))
+
+
+def test_every_command_and_subcommand_has_help_with_an_example(capsys):
+    tree = dict(_command_tree(typer.main.get_command(app)))
+    groups = {path: command for path, command in tree.items() if hasattr(command, "list_commands")}
+    leaves = [path for path in tree if path not in groups]
+    # The walk reaches the nested commands, not only the top level (a few named here as a check).
+    assert {("recommend",), ("data", "ingest"), ("history", "add"), ("prior", "tune"), ("baseline", "sasrec")} <= set(leaves)
+    assert len(leaves) >= 20 and ("data",) in groups
+    for path in leaves:
+        assert main([*path, "--help"]) == 0, path
+        out = capsys.readouterr().out
+        assert "Example:" in out and f"genrec-edge {' '.join(path)}" in out, path
+    for path, group in groups.items():
+        assert main([*path, "--help"]) == 0, path
+        out = capsys.readouterr().out
+        assert all(name in out for name in group.list_commands(None)), path  # the group lists its commands
+
+
+def _readme_exit_codes() -> dict[int, str]:
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    listed = re.search(r"non-zero exit code \(([^()]*(?:\([^()]*\)[^()]*)*)\)", text)  # one level of (...) inside
+    assert listed, "README: the exit-code list after 'non-zero exit code (' is missing"
+    return {int(code): words.strip() for code, words in re.findall(r"(\d+) ([^,;]+)", listed.group(1))}
+
+
+def test_readme_lists_every_exit_code():
+    codes = {
+        cls.exit_code
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if issubclass(cls, errors.GenrecError) and cls is not errors.GenrecError
+    }
+    codes |= {1, 70, 130}  # GenrecError itself; cli.main: an internal error, an interrupt
+    assert {11, 12} <= codes  # EngineError and UnsupportedCPUError are in errors.py
+    assert set(_readme_exit_codes()) == codes
