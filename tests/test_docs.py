@@ -56,3 +56,26 @@ def test_readme_lists_every_exit_code():
     codes |= {1, 70, 130}  # GenrecError itself; cli.main: an internal error, an interrupt
     assert {11, 12} <= codes  # EngineError and UnsupportedCPUError are in errors.py
     assert set(_readme_exit_codes()) == codes
+
+
+ARCHITECTURE = README.parent / "docs" / "ARCHITECTURE.md"
+MODULE_FOLDERS = ("genrec_edge", "genrec_edge/train", "genrec_edge/commands", "convert", "bench")
+
+
+def _documented_modules(folder: str) -> set[str]:
+    """The module names in the table under ARCHITECTURE.md's heading for ``folder``."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    heading = re.search(rf"^### `{re.escape(folder)}/`.*$", text, re.M)
+    assert heading, f"docs/ARCHITECTURE.md has no section for {folder}/"
+    section = re.split(r"^##", text[heading.end():], flags=re.M)[0]
+    return set(re.findall(r"^\| `([^`]+\.py)` \|", section, re.M))
+
+
+def test_architecture_names_every_module():
+    root = README.parent
+    for folder in MODULE_FOLDERS:
+        modules = {p.name for p in (root / folder).glob("*.py")} - {"__init__.py"}
+        assert modules, folder
+        missing = modules - _documented_modules(folder)
+        assert not missing, f"docs/ARCHITECTURE.md: add a line for {sorted(missing)} under {folder}/"
+    assert "scripts/llama_wheel.py" in ARCHITECTURE.read_text(encoding="utf-8")
