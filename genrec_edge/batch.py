@@ -307,7 +307,7 @@ def recommend_users(
     from .catalog import check_model_catalog
     from .history import HistoryDB
     from .models import default_model_path
-    from .recommend import MAX_SEQUENCES, _check_default_model_catalog, _header_checks, default_beam
+    from .recommend import MAX_SEQUENCES, check_default_model_catalog, default_beam, model_provenance
 
     started = time.perf_counter()
     if not isinstance(k, int) or k < 1:
@@ -337,13 +337,13 @@ def recommend_users(
             check_users(history, wanted, users_source)
         catalog = history.catalog()
         if model is None:
-            _check_default_model_catalog(db_path)  # before building the default model
+            check_default_model_catalog(db_path)  # before building the default model
         model_path = Path(model) if model is not None else default_model_path()
         if not model_path.is_file():
             raise NotFoundError(f"model file not found: {model_path}")
         # Recommender.open's checks, before the output file is touched: a corrupt or foreign GGUF, a model
         # trained for another catalog. It warns about a model without a catalog hash itself; Ray's do not.
-        trained_for = _header_checks(model_path).get("catalog_sha256")
+        trained_for = model_provenance(model_path).get("catalog_sha256")
         checked = check_model_catalog(trained_for, catalog.sha256, model_path.name, str(db_path))
         if not checked and ray not in (None, False):
             (warn or _stderr_warning)(f"{model_path.name} has no genrec.catalog_sha256 (a zero-shot base model?): "

@@ -125,11 +125,11 @@ def ray_results(
     """
     from .batch import group_records, history_items
     from .history import HistoryDB
-    from .recommend import _load_prior
+    from .recommend import load_prior
 
     # The prior Recommender.open would load for this model and database, resolved here: the actors
     # have neither the database (a popularity prior is counted from it) nor, maybe, the sidecar.
-    loaded_prior = _load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+    loaded_prior = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
 
     def histories():
         with HistoryDB.open(db_path, readonly=True) as db:

@@ -53,8 +53,6 @@ import numpy as np  # noqa: E402
 
 from .errors import CorruptModelError, EngineError, GrammarError, NotFoundError  # noqa: E402
 
-PREFIX_SEQ = 0
-FIRST_BEAM_SEQ = 1
 EXACT_BATCH = 63  # tokens per llama_decode: below the tiled attention kernel's 64 rows (module docstring)
 
 

@@ -156,10 +156,10 @@ def ray_llm_run(model_path: Path | None, db_path: Path, catalog: Catalog, base_c
     from .cluster import ray_rankings
     from .errors import GenrecError
     from .models import default_model_path
-    from .recommend import _load_prior, default_beam
+    from .recommend import default_beam, load_prior
 
     model_path = Path(model_path) if model_path is not None else default_model_path()
-    loaded = _load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+    loaded = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
     used = loaded.kind if loaded is not None else "none"
     label, config = _llm_identity(model_path, base_config, k, prior, beam, prior_weight, used)
     width = beam if beam is not None else default_beam(k)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .catalog import check_model_catalog
 from .errors import (
     CatalogMismatchError,
     CorruptModelError,
@@ -162,14 +163,11 @@ class Request:
         return cls(history=tuple(value))
 
 
-def _header_checks(path: Path) -> dict:
-    """Validate the GGUF header (bounded reads) and return its ``genrec.*`` provenance keys."""
-    try:
-        from .convert.header import require_llama, validate_gguf_header
-    except ImportError:  # converter not installed: llama.cpp's loader is the only check
-        return {}
-    info = require_llama(validate_gguf_header(path))
-    return {k[len("genrec.") :]: v for k, v in info.metadata.items() if k.startswith("genrec.")}
+def model_provenance(path: Path) -> dict:
+    """Validate the GGUF header (bounded reads, a LLaMA model) and return its ``genrec.*`` provenance keys."""
+    from .convert import provenance_of, require_llama, validate_gguf_header
+
+    return provenance_of(require_llama(validate_gguf_header(path)))
 
 
 PRIOR_CHOICES = ("none", "pop", "sasrec")
@@ -266,42 +264,27 @@ class Recommender:
                 f"at most {MAX_SEQUENCES}: lower the batch or the beam"
             )
         if model is None:
-            _check_default_model_catalog(db_path)  # before building it (the first time, ~40 s)
+            check_default_model_catalog(db_path)  # before building it (the first time, ~40 s)
         model_path = Path(model) if model is not None else default_model_path()
         if not model_path.is_file():
             raise NotFoundError(f"model file not found: {model_path}")
-        provenance = _header_checks(model_path)
+        provenance = model_provenance(model_path)
 
         with HistoryDB.open(db_path, readonly=True) as history:
             catalog = history.catalog()
         if len(catalog) == 0:
             raise NotFoundError(f"the database has no items: {db_path}")
-        loaded_prior = _load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+        loaded_prior = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
 
         raw_model = Engine.load_model(model_path)
         engine = None
         try:
-            from .engine import model_meta
-
-            if not provenance:  # no header parser available: read the keys through llama.cpp
-                for key in ("catalog_sha256", "prompt_template"):
-                    value = model_meta(raw_model, "genrec." + key)
-                    if value is not None:
-                        provenance[key] = value
-            arch = model_meta(raw_model, "general.architecture")
-            if arch != "llama":
-                raise CorruptModelError(f"{model_path}: foreign model (architecture {arch!r}, expected 'llama')")
             template = _template_from(provenance, model_path)
-            model_sha = provenance.get("catalog_sha256")
-            if model_sha is None:
+            if not check_model_catalog(provenance.get("catalog_sha256"), catalog.sha256, model=model_path.name,
+                                       database=f"the database {db_path}"):
                 warn(
                     f"{model_path.name} has no genrec.catalog_sha256 (a zero-shot base model?): "
                     "serving it for this catalog without a training check"
-                )
-            elif model_sha != catalog.sha256:
-                raise CatalogMismatchError(
-                    f"{model_path.name} was trained for catalog {str(model_sha)[:12]}…, but the database "
-                    f"{db_path} has catalog {catalog.sha256[:12]}…: train or convert a model for this catalog"
                 )
 
             import llama_cpp
@@ -658,8 +641,9 @@ def _check_k(k: int) -> None:
         raise UsageError(f"k must be >= 1 (got {k})")
 
 
-def _load_prior(prior, weight, model_dir: Path, catalog, db_path: Path):
-    """Resolve :meth:`Recommender.open`'s ``prior`` argument to a loaded prior (or None)."""
+def load_prior(prior, weight, model_dir: Path, catalog, db_path: Path):
+    """Resolve :meth:`Recommender.open`'s ``prior`` argument to a loaded prior (or None): what a model in
+    ``model_dir`` serving ``db_path`` fuses (a driver resolves it once for its workers, cluster.py)."""
     from .cf import CFPrior, has_sidecar
 
     if isinstance(prior, CFPrior):
@@ -733,7 +717,7 @@ def _template_from(provenance: dict, model_path: Path) -> PromptTemplate:
         raise CorruptModelError(f"{model_path}: bad genrec.prompt_template ({exc})") from None
 
 
-def _check_default_model_catalog(db_path: Path) -> None:
+def check_default_model_catalog(db_path: Path) -> None:
     """The shipped default model is for the bundled catalog: refuse another database's before building it."""
     import json
 
