@@ -38,24 +38,33 @@ PRIOR_FORMAT = "genrec-prior-v1"
 SIDECAR_JSON = "cf-prior.json"
 SIDECAR_WEIGHTS = "cf-prior.safetensors"
 KINDS = ("sasrec", "pop")
-VARIANTS = ("sum", "max")
+VARIANTS = ("sum", "max", "rerank")
+DEFAULT_CANDIDATES = 50
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which baselines.SASRec uses
 
 
 @dataclass(frozen=True)
 class PriorConfig:
-    """What travels with a model: which prior, how strongly (``weight`` = λ), how it guides the search.
+    """What travels with a model: which prior, how strongly (``weight`` = λ), how it enters the search.
 
-    ``variant``: ``sum`` gives a trie node the prior mass of the unseen titles below it (a proper
-    marginal); ``max`` the largest single title's (D3's choice). Both telescope to ``λ · log P_CF(title)``
-    at a leaf, up to a per-user constant, so they rank finished titles identically and differ only in
-    which prefixes the beam keeps.
+    ``variant``, how ``log P_LM + λ · log P_CF`` is searched for:
+
+    - ``sum`` (inside the search): a trie node carries the prior mass of the unseen titles below it;
+    - ``max`` (inside the search, D3's choice): the largest single title's mass;
+    - ``rerank``: the prior's top ``candidates`` unseen titles are scored exactly by the language model
+      (one search restricted to them) and ranked by the fused score.
+
+    ``sum`` and ``max`` telescope to ``λ · log P_CF(title)`` at a leaf, so they rank finished titles as
+    ``rerank`` does; but a beam of 20 prunes by prefix scores in which the prior mass of a big subtree is an
+    optimistic bound, and on the validation split it loses titles of higher fused score (README, Results).
+    ``rerank`` is exact on its candidates and recommends only among them.
     """
 
     kind: str
     weight: float
     variant: str = "sum"
     catalog_sha256: str = ""
+    candidates: int = DEFAULT_CANDIDATES  # rerank: how many of the prior's top titles are scored
     sasrec: dict | None = None  # SASRecConfig fields, for kind == "sasrec"
     trained_on: dict = field(default_factory=dict)
     tuned: dict = field(default_factory=dict)
@@ -68,6 +77,8 @@ class PriorConfig:
             raise UsageError(f"unknown prior variant {self.variant!r}; use one of {', '.join(VARIANTS)}")
         if not (isinstance(self.weight, int | float) and math.isfinite(self.weight) and self.weight >= 0):
             raise UsageError(f"the prior weight must be a finite number >= 0 (got {self.weight!r})")
+        if not (isinstance(self.candidates, int) and not isinstance(self.candidates, bool) and self.candidates >= 1):
+            raise UsageError(f"the prior's candidates must be a whole number >= 1 (got {self.candidates!r})")
 
     @classmethod
     def from_dict(cls, data: dict) -> PriorConfig:

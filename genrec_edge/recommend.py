@@ -534,21 +534,36 @@ class Recommender:
         prefill_ms = (time.perf_counter() - t0) * 1000
         return unseen, seen, prompt, logits, prefill_ms
 
-    def _prior_mass(self, prior: CFPrior | None, items: list[int], seen: list[int]):
+    def _prior_terms(self, prior: CFPrior | None, items: list[int], seen: list[int], k: int):
+        """(per-node prior mass for the search, candidate titles for a rerank, log P_CF, milliseconds).
+
+        No prior: nothing. ``sum``/``max``: the mass of the unseen titles below each trie node.
+        ``rerank``: the prior's top ``candidates`` unseen titles (at least k, at most a slot's beams).
+        """
         if prior is None:
-            return None, 0.0
+            return None, None, None, 0.0
         import numpy as np
 
         t0 = time.perf_counter()
         mask = np.zeros(len(self.trie.titles), dtype=bool)
         mask[seen] = True
-        mass = self.trie.prior_log_mass(prior.log_probs(items, mask), prior.config.variant)
-        return mass, (time.perf_counter() - t0) * 1000
+        log_p = prior.log_probs(items, mask)
+        if prior.config.variant == "rerank":
+            n = min(max(prior.config.candidates, k), self.capacity)
+            order = np.argsort(-log_p, kind="stable")[:n]
+            candidates = [int(j) for j in order if np.isfinite(log_p[j]) and self.trie.title_leaf[j] >= 0]
+            return None, candidates, log_p, (time.perf_counter() - t0) * 1000
+        mass = self.trie.prior_log_mass(log_p, prior.config.variant)
+        return mass, None, log_p, (time.perf_counter() - t0) * 1000
 
     def _rank_group(self, group, k: int, beam: int | None, first_step: Sequence[bool] = ()) -> list[Ranking]:
-        """Search several prepared requests together: ``(prompt titles, seen titles, items, prior)`` each."""
+        """Search several prepared requests together: ``(prompt titles, seen titles, items, prior)`` each.
+
+        A request whose prior re-ranks is a search restricted to its candidates, as wide as them (exact
+        LM scores), then ordered by the fused score; the others search the catalog, the prior inside.
+        """
         from .engine import log_softmax
-        from .search import SearchRequest, SearchStats, beam_search
+        from .search import Hit, SearchRequest, SearchStats, beam_search
 
         width = min(beam if beam is not None else default_beam(k), self.capacity)
         engine = self.engine
@@ -556,23 +571,32 @@ class Recommender:
         requests, extra = [], []
         for slot, (titles, seen_titles, items, prior) in enumerate(group):
             unseen, seen, prompt, logits, prefill_ms = self._prepare(slot, titles, seen_titles)
-            mass, prior_ms = self._prior_mass(prior, items, seen)
+            mass, candidates, log_p, prior_ms = self._prior_terms(prior, items, seen, k)
             prompt_seq, beam_seqs = self._slot_seqs(slot)
-            requests.append(SearchRequest(prompt_seq, len(prompt), logits, unseen, k, width, beam_seqs[:width],
-                                          prior_log_mass=mass, prior_weight=prior.weight if prior else 0.0))
+            if candidates is not None and candidates:
+                wide = len(candidates)
+                requests.append(SearchRequest(prompt_seq, len(prompt), logits, self.trie.counts_of(candidates), wide,
+                                              wide, beam_seqs[:wide]))
+            else:
+                requests.append(SearchRequest(prompt_seq, len(prompt), logits, unseen, k, width, beam_seqs[:width],
+                                              prior_log_mass=mass, prior_weight=prior.weight if prior else 0.0))
             first = None
             if slot < len(first_step) and first_step[slot]:
                 tokens, nodes = self.trie.children(0)
                 first = FirstStep(tokens.copy(), log_softmax(logits)[tokens], unseen[nodes] > 0)
-            extra.append((prefill_ms, prior_ms, seen, prior, first))
+            extra.append((prefill_ms, prior_ms, seen, prior, first, candidates, log_p))
         stats = SearchStats()
         beam_search(engine, self.trie, requests, self.graveyard_seq, stats, jump=self.jump_forward)
         out = []
-        for request, (prefill_ms, prior_ms, seen, prior, first) in zip(requests, extra, strict=True):
+        for request, (prefill_ms, prior_ms, seen, prior, first, candidates, log_p) in zip(requests, extra, strict=True):
             hits = list(request.hits)
+            if candidates is not None:  # rerank: every candidate's exact LM score, ordered by the fused one
+                fused = [Hit(h.title_index, h.lm_score + prior.weight * float(log_p[h.title_index]), h.lm_score)
+                         for h in hits]
+                hits = sorted(fused, key=lambda h: (-h.score, h.title_index))[:k]
             # A narrow beam can lose every path to the k-th title; search again without the titles found
             # (rare) so the answer has k items whenever the catalog has k unseen titles.
-            while len(hits) < k:
+            while len(hits) < k and candidates is None:
                 more_unseen = self.trie.unseen_counts(seen + [h.title_index for h in hits])
                 if more_unseen[0] == 0:
                     break

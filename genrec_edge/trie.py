@@ -201,6 +201,17 @@ class CatalogTrie:
             nodes = nodes[nodes >= 0]
         return counts
 
+    def counts_of(self, title_indices: Sequence[int]) -> np.ndarray:
+        """Per-node count of the given titles below it (0 elsewhere): a search restricted to them."""
+        counts = np.zeros(self.n_nodes, dtype=self.title_count.dtype)
+        leaves = self.title_leaf[np.asarray(sorted(set(title_indices)), dtype=np.int64)]
+        nodes = leaves[leaves >= 0].astype(np.int64)
+        while nodes.size:
+            np.add.at(counts, nodes, 1)
+            nodes = self.parent[nodes].astype(np.int64)
+            nodes = nodes[nodes >= 0]
+        return counts
+
     def prior_log_mass(self, title_log_probs: np.ndarray, variant: str = "sum") -> np.ndarray:
         """Per-node log of the prior mass below it: ``log Σ P(t)`` (``sum``) or ``log max P(t)`` (``max``)
         over the titles ``t`` under the node, from per-title log-probabilities (``-inf`` = excluded).

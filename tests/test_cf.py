@@ -165,3 +165,35 @@ def test_asking_for_a_prior_the_model_does_not_have(tiny_model, tiny_db, cache_h
     rc = main(["recommend", "--user", "4", "--db", str(tiny_db), "--model", str(tiny_model), "--prior", "sasrec"])
     err = capsys.readouterr().err
     assert rc == 4 and "no sasrec prior" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("candidates", [5, 40])
+def test_rerank_scores_the_priors_top_titles_exactly(model_with_prior, tiny_db, cache_home, candidates):  # noqa: F811
+    """variant rerank: the prior's top candidates, ranked by exact LM score + λ log P_CF."""
+    from dataclasses import replace
+
+    from genrec_edge.recommend import Recommender
+
+    n_titles = len(DEFAULT_TITLES)
+    folder = model_with_prior.parent
+    prior = cf.CFPrior.load(folder, cf_catalog(tiny_db))
+    cf.CFPrior(replace(prior.config, variant="rerank", candidates=candidates), prior.titles, prior.item_title,
+               prior.item_index, prior.weights).save(folder)
+    with Recommender.open(model_with_prior, tiny_db, beam=n_titles, warn=lambda m: None) as rec:
+        got = rec.recommend(user=4, k=3)
+        everything = rec.recommend(user=4, k=n_titles, prior="none")
+    lm = {r.title: r.score for r in everything.items}
+    seen = np.zeros(n_titles, dtype=bool)
+    seen[[prior.titles.index(TINY_TITLES[i]) for i in TINY_HISTORIES[4]]] = True
+    logp = prior.log_probs(TINY_HISTORIES[4], seen)
+    pool = [prior.titles[j] for j in np.argsort(-logp, kind="stable")[:candidates] if np.isfinite(logp[j])]
+    expected = sorted(pool, key=lambda t: -(lm[t] + 2.0 * logp[prior.titles.index(t)]))[:3]
+    assert [r.title for r in got.items] == expected
+    for r in got.items:
+        assert r.lm_score == pytest.approx(lm[r.title], abs=1e-4)
+        assert r.score == pytest.approx(lm[r.title] + 2.0 * logp[prior.titles.index(r.title)], abs=1e-4)
+
+
+def cf_catalog(db):
+    with HistoryDB.open(db, readonly=True) as history:
+        return history.catalog()

@@ -184,3 +184,10 @@ def test_subtree_ranges_are_preorder(trie):
     for node in range(1, trie.n_nodes):
         parent = trie.parent[node]
         assert parent < node < end[parent] and end[node] <= end[parent]
+
+
+def test_counts_of_a_subset_equal_unseen_counts_of_its_complement(trie):
+    rng = np.random.default_rng(3)
+    subset = [int(j) for j in rng.choice(len(trie.titles), 12, replace=False)]
+    others = [j for j in range(len(trie.titles)) if j not in subset]
+    np.testing.assert_array_equal(trie.counts_of(subset), trie.unseen_counts(others))
