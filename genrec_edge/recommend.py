@@ -257,12 +257,6 @@ class Recommender:
             raise UsageError(f"unknown prior {prior!r}; use one of {', '.join(PRIOR_CHOICES)} or a directory")
         if prior_weight is not None and not (math.isfinite(prior_weight) and prior_weight >= 0):
             raise UsageError(f"the prior weight must be a finite number >= 0 (got {prior_weight})")
-        capacity = beam if beam is not None else (DEFAULT_BEAM_CAPACITY if batch == 1 else default_beam(DEFAULT_K))
-        if 2 + batch * (capacity + 1) > MAX_SEQUENCES:
-            raise UsageError(
-                f"batch {batch} x beam {capacity} needs {2 + batch * (capacity + 1)} llama.cpp sequences; "
-                f"at most {MAX_SEQUENCES}: lower the batch or the beam"
-            )
         if model is None:
             check_default_model_catalog(db_path)  # before building it (the first time, ~40 s)
         model_path = Path(model) if model is not None else default_model_path()
@@ -275,6 +269,14 @@ class Recommender:
         if len(catalog) == 0:
             raise NotFoundError(f"the database has no items: {db_path}")
         loaded_prior = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+        capacity = beam if beam is not None else (DEFAULT_BEAM_CAPACITY if batch == 1 else default_beam(DEFAULT_K))
+        if beam is None and loaded_prior is not None and loaded_prior.config.variant == "rerank":
+            capacity = max(capacity, loaded_prior.config.candidates)  # one exact search over the candidates
+        if 2 + batch * (capacity + 1) > MAX_SEQUENCES:
+            raise UsageError(
+                f"batch {batch} x beam {capacity} needs {2 + batch * (capacity + 1)} llama.cpp sequences; "
+                f"at most {MAX_SEQUENCES}: lower the batch or the beam"
+            )
 
         raw_model = Engine.load_model(model_path)
         engine = None
