@@ -60,8 +60,12 @@ def _rank_of(target: str, ranked: Sequence[str]) -> int | None:
 
 
 def tune_weight(rec, prior, examples: Sequence[Example], catalog, weights: Sequence[float] = DEFAULT_WEIGHTS,
-                n_lm: int = 20, n_cf: int = 50, progress: bool = True) -> TuneResult:
-    """Grid-search λ for ``prior`` with ``rec`` (a Recommender) on validation ``examples`` (see the module)."""
+                n_lm: int = 20, n_cf: int = 50, progress: bool = True, rerank: bool = False) -> TuneResult:
+    """Grid-search λ for ``prior`` with ``rec`` (a Recommender) on validation ``examples`` (see the module).
+
+    ``rerank``: choose λ for the ``rerank`` variant (the prior's top ``n_cf`` re-ranked; exact), else for
+    a search over the whole catalog (the candidates' fused ranking approximates it).
+    """
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -105,7 +109,9 @@ def tune_weight(rec, prior, examples: Sequence[Example], catalog, weights: Seque
     mean = lambda v: float(np.mean(v)) if v else 0.0  # noqa: E731
     ndcg10 = {w: mean(gains[w]) for w in weights}
     hr10 = {w: mean(hits[w]) for w in weights}
-    best = max(weights, key=lambda w: (round(ndcg10[w], 12), round(hr10[w], 12), -w))
-    return TuneResult(weights, len(examples), hr10, ndcg10, {w: mean(rerank_hits[w]) for w in weights},
-                      {w: mean(rerank_gains[w]) for w in weights}, best, mean(in_candidates),
+    rerank_ndcg = {w: mean(rerank_gains[w]) for w in weights}
+    rerank_hr = {w: mean(rerank_hits[w]) for w in weights}
+    by_ndcg, by_hr = (rerank_ndcg, rerank_hr) if rerank else (ndcg10, hr10)
+    best = max(weights, key=lambda w: (round(by_ndcg[w], 12), round(by_hr[w], 12), -w))
+    return TuneResult(weights, len(examples), hr10, ndcg10, rerank_hr, rerank_ndcg, best, mean(in_candidates),
                       time.perf_counter() - started, n_lm, n_cf, per_user)

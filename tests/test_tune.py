@@ -78,5 +78,12 @@ def test_prior_build_tune_show_cli(model_dir, tiny_db, cache_home, capsys):  # n
     assert main(["prior", "show", "--model", str(model)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["kind"] == "pop" and "title_counts" not in shown["trained_on"]
+    rc = main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--users", "all", "--weights", "0.5,9",
+               "--variant", "rerank", "--n-cf", "7"])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads((model_dir / cf.SIDECAR_JSON).read_text())
+    assert (saved["variant"], saved["candidates"]) == ("rerank", 7) and saved["weight"] in (0.5, 9.0)
+    assert "re-ranked" in saved["tuned"]["metric"]
+    assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--variant", "best"]) == 2
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--weights", "a,b"]) == 2
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--users", "-3"]) == 2

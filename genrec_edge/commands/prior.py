@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
         kind: str = typer.Option("sasrec", "--kind", help="sasrec (trained here, CPU minutes) or pop (counted)."),
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         weight: float = typer.Option(1.0, "--weight", min=0.0, help="λ until `prior tune` chooses one."),
-        variant: str = typer.Option("sum", "--variant", help="sum (prior mass below a trie node) or max (D3)."),
+        variant: str = typer.Option(
+            "sum", "--variant", help="sum or max (inside the search: prior mass below a trie node; max: D3) or rerank."
+        ),
         max_seconds: float = typer.Option(None, "--max-seconds", help="SASRec: stop after the first validation past this."),
         epochs: int = typer.Option(200, "--epochs", help="SASRec: most epochs (early stopping usually ends sooner)."),
         eval_every: int = typer.Option(2, "--eval-every", help="SASRec: validate every this many epochs."),
@@ -71,6 +73,11 @@ def register(app: typer.Typer) -> None:
         n_lm: int = typer.Option(20, "--n-lm", min=1, help="Candidates from the LLM's own top list."),
         n_cf: int = typer.Option(50, "--n-cf", min=1, help="Candidates from the prior's top list."),
         threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for llama.cpp."),
+        variant: str = typer.Option(
+            None, "--variant",
+            help="How the prior will be served: sum or max (inside the search) or rerank (its top --n-cf "
+            "titles re-scored); λ is chosen for it and it is written too (default: the prior's own).",
+        ),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the table; do not write λ into the prior."),
     ) -> None:
         """Choose λ on the VALIDATION split (never the test split) and write it into the prior's JSON.
@@ -84,7 +91,7 @@ def register(app: typer.Typer) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         from dataclasses import replace
 
-        from ..cf import SIDECAR_JSON, CFPrior
+        from ..cf import SIDECAR_JSON, VARIANTS, CFPrior
         from ..errors import UsageError
         from ..models import default_model_path
         from ..paths import default_db
@@ -104,8 +111,11 @@ def register(app: typer.Typer) -> None:
         model_path = model if model is not None else default_model_path()
         directory = prior_dir if prior_dir is not None else model_path.parent
         prior = CFPrior.load(directory, catalog)
+        variant = variant or prior.config.variant
+        if variant not in VARIANTS:
+            raise UsageError(f"--variant is one of {', '.join(VARIANTS)} (got {variant!r})")
         with Recommender.open(model_path, db_path, threads=threads, prior="none", warn=lambda m: None) as rec:
-            result = tune_weight(rec, prior, examples, catalog, grid, n_lm=n_lm, n_cf=n_cf)
+            result = tune_weight(rec, prior, examples, catalog, grid, n_lm=n_lm, n_cf=n_cf, rerank=variant == "rerank")
         from rich.console import Console
         from rich.table import Table
 
@@ -120,13 +130,15 @@ def register(app: typer.Typer) -> None:
         Console(stderr=False).print(table)
         if dry_run:
             return
-        tuned = {"split": "valid", "users": result.n_users, "seed": seed, "metric": "NDCG@10 (candidate re-ranking)",
-                 "n_lm": n_lm, "n_cf": n_cf, "model": model_path.name, "seconds": round(result.seconds, 1),
-                 "table": result.table()}
-        prior = CFPrior(replace(prior.config, weight=result.best_weight, tuned=tuned), prior.titles,
-                        prior.item_title, prior.item_index, prior.weights, prior.title_log_counts)
+        metric = f"NDCG@10 of the prior's top {n_cf} re-ranked" if variant == "rerank" else \
+            f"NDCG@10 of the LLM's top {n_lm} and the prior's top {n_cf} re-ranked (approximates the search)"
+        tuned = {"split": "valid", "users": result.n_users, "seed": seed, "metric": metric, "n_lm": n_lm,
+                 "n_cf": n_cf, "model": model_path.name, "seconds": round(result.seconds, 1), "table": result.table()}
+        config = replace(prior.config, weight=result.best_weight, variant=variant, tuned=tuned,
+                         candidates=n_cf if variant == "rerank" else prior.config.candidates)
+        prior = CFPrior(config, prior.titles, prior.item_title, prior.item_index, prior.weights, prior.title_log_counts)
         prior.save(directory)
-        typer.echo(f"λ = {result.best_weight:g} written to {directory / SIDECAR_JSON}")
+        typer.echo(f"λ = {result.best_weight:g} ({variant}) written to {directory / SIDECAR_JSON}")
 
     @prior_app.command("show")
     def show(
