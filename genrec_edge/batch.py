@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EmptyHistoryError, IngestError, NotFoundError, UsageError
+from .jsonlog import json_line, lock_exclusive
 
 OUT_FORMAT = "genrec-edge-recommendations"
 OUT_VERSION = 1
@@ -124,10 +125,6 @@ def record(user: int, titles: Sequence[str], scores: Sequence[float], lm_scores:
     ]}
 
 
-def _json_line(data: dict) -> bytes:
-    return (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
-
-
 # ------------------------------------------------------------------------------------------------ the file
 class OutFile:
     """The output JSONL: its header, the users it holds, appends. Use as a context manager (holds a lock)."""
@@ -147,12 +144,12 @@ class OutFile:
         except OSError as exc:
             raise UsageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         try:
-            _lock(self.fh, self.path)
+            lock_exclusive(self.fh, self.path)
             self.fh.seek(0)
             keep = self._read()
             self.fh.truncate(keep)  # a line cut short by a crash: that user is computed again
             if keep == 0:
-                self.fh.write(_json_line({"format": OUT_FORMAT, "version": OUT_VERSION, "config": self.config}))
+                self.fh.write(json_line({"format": OUT_FORMAT, "version": OUT_VERSION, "config": self.config}))
                 self.fh.flush()
         except BaseException:
             self.fh.close()
@@ -164,7 +161,7 @@ class OutFile:
 
     def append(self, records: Sequence[dict]) -> None:
         """Append and flush (one write: a crash cuts at most the last line)."""
-        self.fh.write(b"".join(_json_line(r) for r in records))
+        self.fh.write(b"".join(json_line(r) for r in records))
         self.fh.flush()
         self.done.update(r["user"] for r in records)
 
@@ -204,17 +201,6 @@ class OutFile:
             self.done.add(user)
             keep += len(raw)
         return keep
-
-
-def _lock(fh, path: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UsageError(f"{path} is being written by another process; wait for it or pass another --out") from None
 
 
 def read_records(path: str | Path) -> dict[int, dict]:

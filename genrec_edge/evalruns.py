@@ -33,6 +33,7 @@ from .evaluation import (
     slice_order,
     target_popularity_slices,
 )
+from .jsonlog import json_line, lock_exclusive
 from .prompts import Example
 
 
@@ -388,7 +389,7 @@ class ResultLog:
             raise UsageError(f"{self.path} is not a file")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as fh:
-            _lock(fh, self.path)
+            lock_exclusive(fh, self.path, "another evaluation")
             fh.seek(0)
             data = fh.read()
             everything = self._parse(data)
@@ -398,11 +399,11 @@ class ResultLog:
             if keep == 0:
                 fh.write(_HEADER)
             if run.key not in everything:
-                fh.write(_json_line({"run": run.key, "name": run.name, "config": run.config}))
+                fh.write(json_line({"run": run.key, "name": run.name, "config": run.config}))
             fh.flush()
 
             def append(chunk: list[UserResult]) -> None:
-                fh.write(b"".join(_json_line({"run": run.key, **r.to_dict()}) for r in chunk))
+                fh.write(b"".join(json_line({"run": run.key, **r.to_dict()}) for r in chunk))
                 fh.flush()
 
             return _run_with(run, examples, everything.get(run.key, {}), append, progress)
@@ -439,21 +440,6 @@ class ResultLog:
 
 
 _HEADER = (json.dumps({"format": LOG_FORMAT, "version": LOG_VERSION}) + "\n").encode("utf-8")
-
-
-def _json_line(record: dict) -> bytes:
-    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def _lock(fh, path: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raise UsageError(f"{path} is being written by another evaluation; wait for it or pass another --out") from None
 
 
 def run_unlogged(run: Run, examples: Sequence[Example], progress: bool = True) -> list[UserResult]:
