@@ -186,12 +186,13 @@ def plot(summary: dict, names: list[str], path: Path, subtitle: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = dict(zip(names, ["tab:purple", "tab:blue", "tab:orange", "tab:gray", "tab:green"], strict=False))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, metric in zip(axes[:2], SLICE_METRICS, strict=True):
         est = [summary["recommenders"][n][metric] for n in names]
         ax.bar(range(len(names)), [e.mean for e in est],
                yerr=[[e.mean - e.low for e in est], [e.high - e.mean for e in est]], capsize=5,
-               color=["tab:purple", "tab:blue", "tab:orange", "tab:gray"][: len(names)])
+               color=[colors.get(n) for n in names])
         ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
         ax.set_title(f"{metric} (95% interval)")
     ax = axes[2]
@@ -201,7 +202,8 @@ def plot(summary: dict, names: list[str], path: Path, subtitle: str) -> None:
     for i, name in enumerate(names):
         est = [groups[g]["recommenders"][name]["HR@10"] for g in labels]
         ax.bar(np.arange(len(labels)) + i * width, [e.mean for e in est], width,
-               yerr=[[e.mean - e.low for e in est], [e.high - e.mean for e in est]], capsize=3, label=name)
+               yerr=[[e.mean - e.low for e in est], [e.high - e.mean for e in est]], capsize=3, label=name,
+               color=colors.get(name))
     ax.set_xticks(np.arange(len(labels)) + width * (len(names) - 1) / 2,
                   [f"{g} ({groups[g]['users']})" for g in labels])
     ax.set_title("HR@10 by the target's popularity")
