@@ -7,9 +7,10 @@ interleaving the builds rep by rep so that load from other jobs hits both alike.
     python -m bench.cpu_builds --python native=.venv/bin/python --python portable=/tmp/venv-portable/bin/python \\
         --model ~/.local/share/genrec-edge/models/default-*/model-Q8_0.gguf --reps 5
 
-Each build runs as a child ``<python> -m bench.cpu_builds --child ...`` (the other venv needs numpy,
-gguf, sqlite-utils, typer, rich, platformdirs, tqdm, safetensors and its llama-cpp-python wheel; this
-checkout is put on its PYTHONPATH). Prints a markdown table of medians and the spread over reps.
+Each build runs as a child ``<python> -m bench.cpu_builds --child ...``. The other venv needs its own
+llama-cpp-python wheel and this checkout installed without extras (``<venv>/bin/pip install -e .``: pip keeps
+the llama-cpp-python already there; the package maps ``convert/`` to ``genrec_edge.convert``, so a bare
+PYTHONPATH is not enough). Prints a markdown table of medians and the spread over reps.
 """
 
 from __future__ import annotations
