@@ -55,6 +55,27 @@ def lock_is_held(db: Path) -> bool:
         conn.close()
 
 
+def wait_midway(proc: subprocess.Popen, db: Path) -> None:
+    """Return once the ingest's progress bar (on ``proc``'s stderr) is well into the interactions, far from the
+    end, with its transaction open; fail if it ended first. Leaves ``proc.stderr`` blocking again."""
+    os.set_blocking(proc.stderr.fileno(), False)
+    seen = b""
+    done_mb = total_mb = 0.0
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and proc.poll() is None:
+        seen += proc.stderr.read() or b""
+        found = PROGRESS.findall(seen[-400:])
+        if found:
+            done_mb, total_mb = (float(x) for x in found[-1])
+            if done_mb >= 1.0:
+                break
+        time.sleep(0.05)
+    os.set_blocking(proc.stderr.fileno(), True)
+    assert proc.poll() is None, f"ingest ended before it could be stopped: {seen[-300:]!r}"
+    assert 1.0 <= done_mb < total_mb, (done_mb, total_mb)
+    assert lock_is_held(db), "the ingest's transaction should be open"
+
+
 def test_kill_9_mid_ingest_leaves_the_database_unchanged(tiny_db, tmp_path, capsys):
     items, inter = write_big_csv(tmp_path)
     before_rows = snapshot(tiny_db)
@@ -65,23 +86,8 @@ def test_kill_9_mid_ingest_leaves_the_database_unchanged(tiny_db, tmp_path, caps
          "--interactions", str(inter), "--db", str(tiny_db)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
-    os.set_blocking(proc.stderr.fileno(), False)
-    seen = b""
-    done_mb = total_mb = 0.0
-    deadline = time.monotonic() + 40
     try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            chunk = proc.stderr.read() or b""
-            seen += chunk
-            found = PROGRESS.findall(seen[-400:])
-            if found:
-                done_mb, total_mb = (float(x) for x in found[-1])
-                if done_mb >= 1.0:  # well into the interactions, far from the end
-                    break
-            time.sleep(0.05)
-        assert proc.poll() is None, f"ingest ended before it could be killed: {seen[-300:]!r}"
-        assert 1.0 <= done_mb < total_mb, (done_mb, total_mb)
-        assert lock_is_held(tiny_db), "the ingest's transaction should be open"
+        wait_midway(proc, tiny_db)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(timeout=10) == -signal.SIGKILL
     finally:
@@ -107,18 +113,14 @@ def test_interrupted_ingest_rolls_back_and_says_so(tiny_db, tmp_path, sig):
     """A polite stop (Ctrl-C, SIGTERM) rolls back too, and is one line, not a traceback."""
     items, inter = write_big_csv(tmp_path)
     before_rows = snapshot(tiny_db)
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    env = dict(os.environ, FORCE_COLOR="1", COLUMNS="100", OMP_WAIT_POLICY="passive")  # rich draws progress
     proc = subprocess.Popen(
         [sys.executable, "-m", "genrec_edge", "data", "ingest", "csv", "--items", str(items),
          "--interactions", str(inter), "--db", str(tiny_db)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not lock_is_held(tiny_db):
-            assert proc.poll() is None and time.monotonic() < deadline, "ingest never started its transaction"
-            time.sleep(0.05)
-        time.sleep(0.3)
+        wait_midway(proc, tiny_db)  # mid-way by its progress, not after a fixed sleep it may outrun
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=20)
     finally:
