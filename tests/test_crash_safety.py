@@ -114,8 +114,13 @@ def test_interrupted_ingest_rolls_back_and_says_so(tiny_db, tmp_path, sig):
     items, inter = write_big_csv(tmp_path)
     before_rows = snapshot(tiny_db)
     env = dict(os.environ, FORCE_COLOR="1", COLUMNS="100", OMP_WAIT_POLICY="passive")  # rich draws progress
+    # As a shell starts a foreground job: SIGINT handled and unblocked. pytest started in the background
+    # (`cmd &`, nohup) has SIGINT ignored and its children inherit that: the ingest then ran to the end, exit 0.
+    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
+                   "sys.argv[0] = 'genrec-edge'; runpy.run_module('genrec_edge', run_name='__main__')")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "genrec_edge", "data", "ingest", "csv", "--items", str(items),
+        [sys.executable, "-c", interactive, "data", "ingest", "csv", "--items", str(items),
          "--interactions", str(inter), "--db", str(tiny_db)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )
@@ -127,7 +132,7 @@ def test_interrupted_ingest_rolls_back_and_says_so(tiny_db, tmp_path, sig):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
+    assert proc.returncode != 0, err[-800:]
     assert b"Traceback" not in err, err[-500:]
     if sig == signal.SIGINT:
         # typer handles KeyboardInterrupt itself (exit 130, no message): cli.main's "error: interrupted"
