@@ -33,6 +33,7 @@ import numpy as np
 
 from .catalog import Catalog
 from .errors import CatalogMismatchError, CorruptModelError, NotFoundError, UsageError
+from .jsonlog import read_json_object
 
 PRIOR_FORMAT = "genrec-prior-v1"
 SIDECAR_JSON = "cf-prior.json"
@@ -168,12 +169,7 @@ class CFPrior:
         path = directory / SIDECAR_JSON
         if not path.is_file():
             raise NotFoundError(f"no collaborative prior next to the model ({path} is missing)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CorruptModelError(f"{path}: unreadable prior ({exc})") from None
-        if not isinstance(data, dict):
-            raise CorruptModelError(f"{path}: not a JSON object")
+        data = read_json_object(path, CorruptModelError, "collaborative prior")
         counts = (data.get("trained_on") or {}).get("title_counts")
         config = PriorConfig.from_dict(data)
         if config.catalog_sha256 != catalog.sha256:

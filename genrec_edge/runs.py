@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .errors import CorruptModelError, NotFoundError
+from .jsonlog import read_json_object
 
 RUN_CONFIG = "genrec_run.json"
 TRAIN_LOG = "train_log.jsonl"
@@ -32,13 +33,7 @@ def read_run_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / RUN_CONFIG
     if not path.is_file():
         raise NotFoundError(f"not a training run directory (no {RUN_CONFIG}): {run_dir}")
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptModelError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(run, dict):
-        raise CorruptModelError(f"{path} must hold a JSON object")
-    return run
+    return read_json_object(path, CorruptModelError, "training run config")
 
 
 def write_run_config(run_dir: str | Path, run: dict) -> Path:

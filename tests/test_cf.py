@@ -197,3 +197,26 @@ def test_rerank_scores_the_priors_top_titles_exactly(model_with_prior, tiny_db, 
 def cf_catalog(db):
     with HistoryDB.open(db, readonly=True) as history:
         return history.catalog()
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\udcff"], ids=["not-json", "a-list", "not-utf8"])
+def test_every_json_object_file_refuses_bad_content_with_one_line(tmp_path, capsys, content):
+    """Prior sidecar, `prior show`, a training run's config and a `train --config` file share one reader:
+    each bad file is its error class and one line naming the file, never an internal error."""
+    from genrec_edge.runs import RUN_CONFIG, read_run_config
+    from genrec_edge.train.config import resolve_config
+
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content.encode("utf-8", "surrogateescape"))
+    (tmp_path / cf.SIDECAR_JSON).write_bytes(bad.read_bytes())
+    (tmp_path / RUN_CONFIG).write_bytes(bad.read_bytes())
+    catalog = Catalog.from_pairs(list(TINY_TITLES.items()))
+    for call, error in ((lambda: cf.CFPrior.load(tmp_path, catalog), CorruptModelError),
+                        (lambda: read_run_config(tmp_path), CorruptModelError),
+                        (lambda: resolve_config(bad), UsageError)):
+        with pytest.raises(error) as info:
+            call()
+        assert "\n" not in str(info.value) and str(tmp_path) in str(info.value)
+    assert main(["prior", "show", "--prior-dir", str(tmp_path)]) == CorruptModelError.exit_code
+    err = capsys.readouterr().err
+    assert err.startswith("error: collaborative prior ") and err.count("\n") == 1, err

@@ -151,15 +151,14 @@ def register(app: typer.Typer) -> None:
         """
         from ..cf import SIDECAR_JSON
         from ..errors import CorruptModelError, NotFoundError
+        from ..jsonlog import read_json_object
         from ..models import default_model_path
 
         directory = prior_dir if prior_dir is not None else (model if model is not None else default_model_path()).parent
         path = directory / SIDECAR_JSON
         if not path.is_file():
             raise NotFoundError(f"no prior at {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise CorruptModelError(f"{path}: unreadable ({exc})") from None
-        data.get("trained_on", {}).pop("title_counts", None)
+        data = read_json_object(path, CorruptModelError, "collaborative prior")
+        if isinstance(data.get("trained_on"), dict):
+            data["trained_on"].pop("title_counts", None)
         typer.echo(json.dumps(data, indent=1, ensure_ascii=False))

@@ -7,11 +7,11 @@ have the fields' names). Unknown keys and values of the wrong type are refused w
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import NotFoundError, UsageError
+from ..jsonlog import read_json_object
 from ..models_hf import DEFAULT_BASE
 from ..prompts import DEFAULT_HISTORY_LEN
 
@@ -89,13 +89,7 @@ def resolve_config(config_file: str | Path | None = None, **overrides) -> TrainC
 def _read_config_file(path: Path) -> dict:
     if not path.is_file():
         raise NotFoundError(f"no config file {path}")
-    try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"config file {path} is not valid JSON: {exc}") from None
-    if not isinstance(loaded, dict):
-        raise UsageError(f"config file {path} must hold a JSON object")
-    return loaded
+    return read_json_object(path, UsageError, "config file")
 
 
 def check_config(c: TrainConfig) -> None:
