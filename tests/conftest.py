@@ -80,6 +80,30 @@ def write_tiny_movielens(folder: Path) -> Path:
     return folder
 
 
+def cli_help_in_a_fresh_process(argvs: list[list[str]], heavy: set[str]) -> tuple[str, list[str]]:
+    """Run ``genrec_edge.cli.main(argv)`` for each argv (help pages) in a new interpreter: (their stdout,
+    which of the ``heavy`` top-level packages got imported). Help must not pay for torch, llama.cpp, Ray ..."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from genrec_edge.cli import main\n"
+        f"for argv in json.loads({json.dumps(argvs)!r}):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        f"heavy = set(json.loads({json.dumps(sorted(heavy))!r}))\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & heavy)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    *out, imported = done.stdout.strip().splitlines()
+    return "\n".join(out), json.loads(imported)
+
+
 def dump(path) -> list[str]:
     """The SQL text of a whole database (sqlite3's iterdump), to compare two databases or a before/after."""
     conn = sqlite3.connect(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES
+from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES, cli_help_in_a_fresh_process
 
 from genrec_edge.batch import OUT_FORMAT, read_records, recommend_users
 from genrec_edge.cli import main
@@ -177,19 +177,9 @@ def test_rank_many_ranks_like_rank_titles_without_a_database(tiny_model, tiny_db
 
 
 def test_help_does_not_import_ray_or_llama_cpp():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "from genrec_edge.cli import main\n"
-        "main(['recommend', '--help'])\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'pyarrow', 'torch', 'llama_cpp'}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "Example: genrec-edge recommend --all-users" in done.stdout and "--ray" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    out, imported = cli_help_in_a_fresh_process([["recommend", "--help"]], {"ray", "pyarrow", "torch", "llama_cpp"})
+    assert "Example: genrec-edge recommend --all-users" in out and "--ray" in out
+    assert imported == []
 
 
 def test_a_header_cut_short_is_started_over(tiny_model, tiny_db, tmp_path):

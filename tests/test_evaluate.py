@@ -11,6 +11,8 @@ import pytest
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+from conftest import cli_help_in_a_fresh_process
+
 from genrec_edge.baselines import popularity, split_examples
 from genrec_edge.cli import main
 from genrec_edge.evalruns import (
@@ -278,17 +280,7 @@ def test_slices_by_hand():
 
 
 def test_help_imports_neither_torch_nor_scipy():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "from genrec_edge.cli import main\n"
-        "for argv in (['--help'], ['evaluate', '--help'], ['baseline', 'pop', '--help']):\n"
-        "    main(argv)\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'scipy', 'llama_cpp'}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "Example: genrec-edge evaluate" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    out, imported = cli_help_in_a_fresh_process([["--help"], ["evaluate", "--help"], ["baseline", "pop", "--help"]],
+                                                {"torch", "scipy", "llama_cpp"})
+    assert "Example: genrec-edge evaluate" in out
+    assert imported == []

@@ -12,7 +12,7 @@ import sqlite3
 import threading
 import time
 
-from conftest import TINY_TITLES
+from conftest import TINY_TITLES, cli_help_in_a_fresh_process
 from test_serve import http as request
 from test_serve import raw_request, running
 
@@ -189,19 +189,6 @@ def test_head_and_cors_preflight_are_not_served(tiny_db):
 
 
 def test_the_cli_imports_the_web_stack_only_to_serve():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\n"
-        "from genrec_edge.cli import main\n"
-        "for argv in (['--help'], ['serve', '--help']):\n"
-        "    try:\n"
-        "        main(argv)\n"
-        "    except SystemExit:\n"
-        "        pass\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'uvicorn', 'starlette', 'llama_cpp'}))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    _, imported = cli_help_in_a_fresh_process([["--help"], ["serve", "--help"]],
+                                              {"fastapi", "uvicorn", "starlette", "llama_cpp"})
+    assert imported == []
