@@ -87,3 +87,11 @@ def test_prior_build_tune_show_cli(model_dir, tiny_db, cache_home, capsys):  # n
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--variant", "best"]) == 2
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--weights", "a,b"]) == 2
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--users", "-3"]) == 2
+
+
+@pytest.mark.parametrize("users", ["abc", "0", "-3", "1.5"])
+@pytest.mark.parametrize("command", [["prior", "tune"], ["evaluate", "--pop"]])
+def test_users_option_is_checked_the_same_way_everywhere(tiny_db, capsys, command, users):
+    assert main([*command, "--db", str(tiny_db), "--users", users]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --users ") and err.count("\n") == 1, err

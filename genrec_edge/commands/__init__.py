@@ -1,3 +1,18 @@
 """CLI commands, one module per stage. Each defines ``register(app)`` and imports heavy code lazily."""
 
 DB_HELP = "History database (default: the one `genrec-edge init` builds under GENREC_EDGE_HOME)."
+
+
+def parse_users(users: str) -> int | None:
+    """``--users N|all`` (evaluate, prior tune): None for all, else N >= 1; UsageError otherwise."""
+    from ..errors import UsageError
+
+    if users.strip().lower() == "all":
+        return None
+    try:
+        count = int(users)
+    except ValueError:
+        raise UsageError(f"--users takes a number or 'all' (got {users!r})") from None
+    if count < 1:
+        raise UsageError(f"--users must be >= 1 or 'all' (got {count})")
+    return count

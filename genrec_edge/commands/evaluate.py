@@ -8,23 +8,9 @@ from pathlib import Path
 
 import typer
 
-from . import DB_HELP
+from . import DB_HELP, parse_users
 
 SLICE_METRICS = ("HR@10", "NDCG@10")
-
-
-def _parse_users(users: str) -> int | None:
-    from ..errors import UsageError
-
-    if users.strip().lower() == "all":
-        return None
-    try:
-        count = int(users)
-    except ValueError:
-        raise UsageError(f"--users takes a number or 'all' (got {users!r})") from None
-    if count < 1:
-        raise UsageError(f"--users must be >= 1 or 'all' (got {count})")
-    return count
 
 
 def _specs(models: list[Path], priors: list[str], sasrec: list[Path], pop: bool, prior_weight: float | None = None):
@@ -158,7 +144,7 @@ def register(app: typer.Typer) -> None:
         slicings = [part.strip() for item in (by or []) for part in item.split(",") if part.strip()]
         log_path = out if out is not None else paths.cache_dir() / "evaluate" / "results.jsonl"
         evaluation = evaluate_recommenders(
-            specs, db=db, split=split, users=_parse_users(users), seed=seed, k=k, out=log_path, by=slicings,
+            specs, db=db, split=split, users=parse_users(users), seed=seed, k=k, out=log_path, by=slicings,
             threads=threads, beam=beam, batch=batch, ray=ray,
         )
         resumed = {n: r["resumed"] for n, r in evaluation.runs.items() if r["resumed"]}

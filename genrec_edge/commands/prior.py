@@ -8,16 +8,15 @@ from pathlib import Path
 
 import typer
 
-from . import DB_HELP
+from . import DB_HELP, parse_users
 from .history import read_sequences
 
 
-def _sampled_valid(db: Path | None, users: str, seed: int):
+def _sampled_valid(db: Path | None, n: int | None, seed: int):
     from ..baselines import split_examples
     from ..evalruns import sample_examples
 
     sequences, catalog = read_sequences(db)
-    n = None if users == "all" else int(users)
     return sample_examples(split_examples(sequences, "valid"), n, seed), catalog
 
 
@@ -104,10 +103,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--weights must be comma-separated numbers (got {weights!r})") from None
         if not grid or any(w < 0 for w in grid):
             raise UsageError("--weights needs at least one number >= 0")
-        if users != "all" and (not users.isdigit() or int(users) < 1):
-            raise UsageError(f"--users must be a positive number or all (got {users!r})")
+        n_users = parse_users(users)
         db_path = db if db is not None else default_db()
-        examples, catalog = _sampled_valid(db_path, users, seed)
+        examples, catalog = _sampled_valid(db_path, n_users, seed)
         model_path = model if model is not None else default_model_path()
         directory = prior_dir if prior_dir is not None else model_path.parent
         prior = CFPrior.load(directory, catalog)
