@@ -78,6 +78,7 @@ def start(checkout: Path, port: int, model: str | None, db: str | None, threads:
             raise RuntimeError(f"{checkout}: serve exited {proc.returncode}: {log.read().decode()[-500:]}")
         try:
             _get(port, "/health")
+            log.close()  # the child keeps its own descriptor
             return proc, time.perf_counter() - t0
         except (OSError, RuntimeError, http.client.HTTPException):
             time.sleep(0.02)
