@@ -181,7 +181,32 @@ def check_runtime(result=None) -> list[Check]:
         checks.append(Check("batched decode", OK, result.detail))
     else:
         checks.append(_fail("batched decode", result.detail, UnsupportedCPUError))
+        return checks
+    import os
+
+    from . import engine
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    checks.append(check_threads(engine.ADAPT_THREADS, engine.OPENMP_SPIN, os.environ.get("OMP_WAIT_POLICY"),
+                                engine.default_threads(), cpus))
     return checks
+
+
+LONG_SPIN = 10_000  # GOMP_SPINCOUNT from which fixed-count threads collapse beside other work (FINDINGS.md)
+
+
+def check_threads(adapt: bool, spin: int | None, wait_policy: str | None, threads: int, cpus: int) -> Check:
+    """How llama.cpp's threads run (engine.py, cpu_share.py): a warning where they spin long at a fixed count."""
+    waiting = f"spin {spin} times at a barrier, then sleep" if spin else "sleep at a barrier"
+    if adapt:
+        return Check("threads", OK, f"up to {threads} of {cpus} CPUs, fewer while other programs keep cores busy; "
+                                    f"llama.cpp's threads {waiting}")
+    if (wait_policy or "").strip().lower() in ("active", "true") or (spin or 0) >= LONG_SPIN:
+        return Check("threads", WARN, (
+            f"{threads} fixed threads spin-wait ({'OMP_WAIT_POLICY=active' if not spin else f'GOMP_SPINCOUNT={spin}'}): "
+            "beside another busy program a request was 2.8x slower (docs/FINDINGS.md); unset it, or let the "
+            "count adapt (GENREC_EDGE_ADAPT_THREADS unset, Linux)"))
+    return Check("threads", OK, f"{threads} of {cpus} CPUs, fixed; llama.cpp's threads {waiting}")
 
 
 def run_checks(db: str | Path | None, model: str | Path | None, runtime: bool = False) -> list[Check]:

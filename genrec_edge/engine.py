@@ -17,8 +17,9 @@ dead beam mid-search corrupts the next step. Dead beams are therefore moved to t
 (their cells stay occupied) and all freed at once when the search ends; every sequence then always
 grows into cells after its existing ones.
 
-Pitfalls handled here (FINDINGS.md): ``OMP_WAIT_POLICY=passive`` must be set before llama_cpp is
-imported, or two threads spin to a halt under CPU contention; ``llama_decode`` returns non-zero without
+Pitfalls handled here (FINDINGS.md): OpenMP's environment must be set before llama_cpp is imported
+(passive waiting, plus a short spin where the thread count adapts to other programs' load: cpu_share.py),
+or two threads spin to a halt under CPU contention; ``llama_decode`` returns non-zero without
 raising, so every return code is checked; a sequence's positions must stay consecutive; logits are read
 with ``llama_get_logits_ith``; llama.cpp's logging goes through a callback we keep alive. Numerics: CPU
 flash attention switches to a tiled F16 kernel for micro-batches of 64 rows or more (log-probs move by
@@ -39,8 +40,19 @@ whichever order its tokens were decoded in.
 from __future__ import annotations
 
 import os
+import sys
 
+# Threads and OpenMP (cpu_share.py, docs/FINDINGS.md). OMP_WAIT_POLICY=passive stays in the environment for
+# every OpenMP runtime of the process (torch's too): spinning collapses under contention. Where the engine
+# adapts its thread count to the cores other programs leave free (Linux, unless GENREC_EDGE_ADAPT_THREADS=0),
+# llama.cpp's own OpenMP runtime - and only it: the variable is gone again once llama_cpp has loaded - also
+# spins ``SPIN_COUNT`` times at a barrier before it sleeps. A GOMP_SPINCOUNT of the user's own is kept.
+ADAPT_THREADS = sys.platform.startswith("linux") and os.environ.get("GENREC_EDGE_ADAPT_THREADS", "1") != "0"
+SPIN_COUNT = 3000
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+_spin_added = ADAPT_THREADS and "GOMP_SPINCOUNT" not in os.environ and "llama_cpp" not in sys.modules
+if _spin_added:
+    os.environ["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
 
 import ctypes  # noqa: E402
 import hashlib  # noqa: E402
@@ -51,6 +63,14 @@ from pathlib import Path  # noqa: E402
 import llama_cpp  # noqa: E402
 import numpy as np  # noqa: E402
 
+if _spin_added:
+    del os.environ["GOMP_SPINCOUNT"]
+# What llama.cpp's OpenMP runtime does at a barrier, for `doctor`: spin count, or None = sleep at once
+# (unknown if llama_cpp was loaded before this module).
+OPENMP_SPIN: int | None = SPIN_COUNT if _spin_added else (
+    int(os.environ["GOMP_SPINCOUNT"]) if os.environ.get("GOMP_SPINCOUNT", "").isdigit() else None)
+
+from .cpu_share import CoreShare, ThreadGovernor  # noqa: E402
 from .errors import CorruptModelError, EngineError, GrammarError, NotFoundError  # noqa: E402
 
 EXACT_BATCH = 63  # tokens per llama_decode: below the tiled attention kernel's 64 rows (module docstring)
@@ -94,7 +114,8 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
         self.n_batch = n_batch
-        self.threads = threads
+        self.threads = threads  # the configured count; llama.cpp runs on ``threads_now``
+        self.governor: ThreadGovernor | None = None
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.eos_id = int(llama_cpp.llama_vocab_eos(vocab))
         self.memory = llama_cpp.llama_get_memory(ctx)
@@ -126,9 +147,12 @@ class Engine:
     @classmethod
     def open(
         cls, path: Path, n_ctx: int = 2048, n_seq_max: int = 4, threads: int | None = None, model=None,
-        kv_f32: bool = False,
+        kv_f32: bool = False, adapt_threads: bool | None = None,
     ) -> Engine:
         """Load ``path`` and create a context of ``n_ctx`` cells shared by ``n_seq_max`` sequences.
+
+        ``adapt_threads``: run on at most ``threads`` threads, fewer while other programs keep cores busy
+        (cpu_share.py; default: ``ADAPT_THREADS``); False keeps ``threads`` fixed.
 
         ``kv_f32``: keep the KV cache in F32 instead of llama.cpp's F16. F16 rounding makes a logit depend
         on how tokens were grouped into decode calls (~1e-2 on a tiny random model); exactness tests that
@@ -160,7 +184,18 @@ class Engine:
                 llama_cpp.llama_model_free(model)
             raise EngineError(f"llama.cpp could not create a context (n_ctx={n_ctx}, seqs={n_seq_max})")
         vocab = llama_cpp.llama_model_get_vocab(model)
-        return cls(path, model, vocab, ctx, n_ctx, n_seq_max, EXACT_BATCH, threads)
+        engine = cls(path, model, vocab, ctx, n_ctx, n_seq_max, EXACT_BATCH, threads)
+        share = CoreShare.for_this_machine() if (ADAPT_THREADS if adapt_threads is None else adapt_threads) else None
+        if share is not None:
+            engine.governor = ThreadGovernor(share, threads, engine._set_threads)
+        return engine
+
+    def _set_threads(self, n: int) -> None:
+        llama_cpp.llama_set_n_threads(self.ctx, n, n)
+
+    @property
+    def threads_now(self) -> int:
+        return self.governor.current if self.governor is not None else self.threads
 
     def close(self) -> None:
         if self._closed:
@@ -228,6 +263,8 @@ class Engine:
             batch.n_seq_id[1] = 1
             batch.seq_id[1][0] = self.pad_seq
             batch.logits[1] = 0
+        if self.governor is not None:
+            self.governor.before_call()
         rc = llama_cpp.llama_decode(self.ctx, batch)
         if rc != 0:
             raise EngineError(

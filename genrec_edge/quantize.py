@@ -42,9 +42,8 @@ class QuantResult:
 
 
 def _llama_cpp():
-    # OpenMP's spin-wait collapses to < 1 token/s on a busy 2-core machine (FINDINGS.md); must precede the import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-    import llama_cpp
+    # Through engine.py, which sets OpenMP's environment before llama_cpp loads (FINDINGS.md).
+    from .engine import llama_cpp
 
     return llama_cpp
 

@@ -289,10 +289,11 @@ class Recommender:
                     "serving it for this catalog without a training check"
                 )
 
-            import llama_cpp
-
+            from .engine import (
+                llama_cpp,  # engine.py sets OpenMP's environment before llama_cpp loads
+                tokenizer_fingerprint,
+            )
             from .engine import tokenize as vocab_tokenize
-            from .engine import tokenizer_fingerprint
 
             vocab = llama_cpp.llama_model_get_vocab(raw_model)
             eos_id = int(llama_cpp.llama_vocab_eos(vocab))

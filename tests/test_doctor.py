@@ -62,9 +62,10 @@ def test_healthy_database_and_model(tiny_db, tmp_path, capsys):
     rc, out, err = run_cli(capsys, "--db", str(tiny_db), "--model", str(model))
     assert rc == 0, out + err
     lines = out.strip().splitlines()
-    # 3 runtime checks (llama.cpp build, cpu features, batched decode) + the 9 above, all ok
-    assert len(lines) == 12 and all(line.startswith("ok ") for line in lines)
-    assert [line.split(":")[0].split(maxsplit=1)[1] for line in lines[:3]] == ["llama.cpp", "cpu features", "batched decode"]
+    # 4 runtime checks (llama.cpp build, cpu features, batched decode, threads) + the 9 above, all ok
+    assert len(lines) == 13 and all(line.startswith("ok ") for line in lines)
+    assert [line.split(":")[0].split(maxsplit=1)[1] for line in lines[:4]] == [
+        "llama.cpp", "cpu features", "batched decode", "threads"]
     assert "20 items, 9 users" in out
     assert err == ""
 
@@ -213,6 +214,21 @@ def test_the_runtime_probe_passes_here_and_doctor_prints_the_system_info(tiny_db
     out = capsys.readouterr().out
     assert rc == 0
     assert "ok   llama.cpp: CPU :" in out and "ok   batched decode" in out
+    assert "ok   threads: " in out
+
+
+@pytest.mark.parametrize(("adapt", "spin", "policy", "status", "words"), [
+    (True, 3000, "passive", "ok", "fewer while other programs keep cores busy; llama.cpp's threads spin 3000"),
+    (False, None, "passive", "ok", "2 of 2 CPUs, fixed; llama.cpp's threads sleep at a barrier"),
+    (False, 3000, "passive", "ok", "fixed; llama.cpp's threads spin 3000 times"),
+    (False, 30000, "passive", "warn", "GOMP_SPINCOUNT=30000"),
+    (False, None, "ACTIVE", "warn", "OMP_WAIT_POLICY=active"),
+])
+def test_threads_check(adapt, spin, policy, status, words):
+    from genrec_edge.doctor import check_threads
+
+    check = check_threads(adapt, spin, policy, threads=2, cpus=2)
+    assert check.status == status and words in check.detail and check.ok
 
 
 def test_a_child_killed_by_sigill_becomes_one_failing_check():

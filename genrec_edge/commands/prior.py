@@ -71,7 +71,7 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option("0,0.25,0.5,0.75,1,1.5,2,3,5", "--weights", help="λ grid, comma-separated."),
         n_lm: int = typer.Option(20, "--n-lm", min=1, help="Candidates from the LLM's own top list."),
         n_cf: int = typer.Option(50, "--n-cf", min=1, help="Candidates from the prior's top list."),
-        threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for llama.cpp."),
+        threads: int = typer.Option(None, "--threads", min=1, help="Most CPU threads for llama.cpp (fewer while other programs keep cores busy)."),
         variant: str = typer.Option(
             None, "--variant",
             help="How the prior will be served: sum or max (inside the search) or rerank (its top --n-cf "

@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(None, "--model", help=MODEL_HELP),
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-        threads: int = typer.Option(None, "--threads", min=1, help="CPU threads for llama.cpp (default: all cores)."),
+        threads: int = typer.Option(None, "--threads", min=1, help="Most CPU threads for llama.cpp (default: all cores; fewer while other programs keep cores busy)."),
         beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: max(10, 2k))."),
         sample: bool = typer.Option(False, "--sample", help="Sample titles with the catalog grammar instead of beam search."),
         seed: int = typer.Option(0, "--seed", help="Random seed for --sample."),

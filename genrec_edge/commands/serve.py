@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8765, "--port", min=0, max=65535, help="TCP port (0: any free port)."),
         model: Path = typer.Option(None, "--model", help="GGUF model (default: the default model)."),
         db: Path = typer.Option(None, "--db", help=DB_HELP),
-        threads: int = typer.Option(None, "--threads", min=1, help="llama.cpp threads."),
+        threads: int = typer.Option(None, "--threads", min=1, help="Most llama.cpp threads (fewer while other programs keep cores busy)."),
         beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: max(10, 2k))."),
         batch: int = typer.Option(
             4, "--batch", min=1, help="Concurrent /recommend requests searched together (waiting at most 10 ms)."
