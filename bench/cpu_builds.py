@@ -30,9 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def child(args) -> None:
-    import llama_cpp
-
     from bench.measure import llama_bench
+    from genrec_edge.engine import llama_cpp  # through engine.py: its OpenMP settings precede the load
     from genrec_edge.recommend import Recommender
 
     result = llama_bench(Path(args.model), args.threads, args.n_prompt, args.n_gen, reps=1, seed=0)

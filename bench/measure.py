@@ -70,10 +70,12 @@ def mean_sd(values: list[float]) -> dict:
 # ------------------------------------------------------------------------------------------ llama-bench
 def llama_bench(model_path: Path, threads: int, n_prompt: int, n_gen: int, reps: int, seed: int) -> dict:
     """pp<n_prompt> / tg<n_gen> tokens/s in llama-bench's convention, plus the model load time."""
-    import llama_cpp
     import numpy as np
 
-    from genrec_edge.engine import Engine
+    from genrec_edge.engine import (
+        Engine,
+        llama_cpp,  # through engine.py: its OpenMP settings precede the load
+    )
 
     started = time.perf_counter()
     model = Engine.load_model(model_path)

@@ -60,6 +60,15 @@ def same(a, b) -> bool:
         abs(x.score - y.score) <= 1e-4 for x, y in zip(a.items, b.items, strict=True))
 
 
+def bench_users(db_path: Path, n: int) -> list[int]:
+    """The benches' fixed users: a seeded sample of those with at least 5 rated items."""
+    from genrec_edge.history import HistoryDB
+
+    with HistoryDB.open(db_path, readonly=True) as db:
+        candidates = [u for u in db.users() if len(db.history(u, limit=5)) >= 5]
+    return random.Random(0).sample(candidates, min(n, len(candidates)))
+
+
 # ------------------------------------------------------------------------------------------ raw llama.cpp
 def raw_llama(engine, prefix_len: int, prompt: list[int], batch_sizes: list[int]) -> float:
     """The same prefill and llama_decode calls (token counts) as a search, unconstrained: milliseconds.
@@ -155,10 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scaling", action="store_true", help="also the catalog-size scaling table")
     args = parser.parse_args(argv)
 
-    import llama_cpp
     from tqdm.auto import tqdm
 
-    from genrec_edge.engine import Engine
+    from genrec_edge.engine import (
+        Engine,
+        llama_cpp,  # through engine.py: its OpenMP settings precede the load
+    )
     from genrec_edge.history import HistoryDB
     from genrec_edge.models import default_model_path
     from genrec_edge.paths import default_db
@@ -167,9 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     db_path = args.db or default_db()
     model_path = args.model or default_model_path()
+    pool = bench_users(db_path, max(args.users, args.batch_users))
     with HistoryDB.open(db_path, readonly=True) as db:
-        candidates = [u for u in db.users() if len(db.history(u, limit=5)) >= 5]
-        pool = random.Random(0).sample(candidates, min(max(args.users, args.batch_users), len(candidates)))
         base_titles = db.catalog().unique_titles
     users, batch_users = pool[: args.users], pool[: args.batch_users]
     quiet = {"warn": lambda m: None, "threads": args.threads, "beam": BEAM}

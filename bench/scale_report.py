@@ -131,9 +131,7 @@ def step_lookups(args) -> dict:
 
 
 def step_trie(args) -> dict:
-    import llama_cpp
-
-    from genrec_edge.engine import Engine, tokenize, tokenizer_fingerprint
+    from genrec_edge.engine import Engine, llama_cpp, tokenize, tokenizer_fingerprint
     from genrec_edge.history import HistoryDB
     from genrec_edge.models import base_gguf_path
     from genrec_edge.trie import _ARRAYS, CatalogTrie, default_tokenize_threads
