@@ -9,8 +9,9 @@ fixed users (seed 0), all through the public API (``Recommender``, ``Engine``, `
    decoded one step at a time, as before) against the default (decoded ahead in the same call), the two
    interleaved user by user; p50/p95 of ``Timings.total_ms``, decode calls, and whether the top-10 titles
    and scores are identical (scores to 1e-4);
-2. **throughput** — the same ``--batch-users`` users one ``recommend`` at a time vs one
-   ``recommend_many`` with ``batch`` requests per search: users/s and identical results;
+2. **throughput** — the same ``--batch-users`` users one ``recommend`` at a time vs ``recommend_many``
+   with ``batch`` requests per search, group by group (``batch`` users) with the order alternating:
+   users/s, decoded tokens and identical results;
 3. **the collaborative prior's cost** — the model's prior (its sidecar, else popularity) vs ``prior="none"``
    on the same users: p50 ratio and the prior's own time;
 4. **constraint overhead** — the request against raw llama.cpp doing the same prefill and the same
@@ -208,18 +209,27 @@ def main(argv: list[str] | None = None) -> int:
 
     # 2. throughput: sequential vs batched
     batched_rec = Recommender.open(model_path, db_path, prior="none", batch=args.batch, **quiet)
-    t0 = time.perf_counter()
-    sequential = [after_rec.recommend(user=u, k=K) for u in tqdm(batch_users, desc="2. sequential", unit="user")]
-    seq_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    many = batched_rec.recommend_many(batch_users, k=K)
-    many_s = time.perf_counter() - t0
+    batched_rec.recommend_many(batch_users[: args.batch], k=K)  # warm-up
+    # Group by group (``batch`` users), the two ways alternating which goes first: drift hits both alike.
+    sequential, many, seq_s, many_s = [], [], 0.0, 0.0
+    groups = [batch_users[i: i + args.batch] for i in range(0, len(batch_users), args.batch)]
+    for n, group in enumerate(tqdm(groups, desc="2. sequential vs batched", unit="group")):
+        for way in (("seq", "many") if n % 2 == 0 else ("many", "seq")):
+            t0 = time.perf_counter()
+            if way == "seq":
+                sequential += [after_rec.recommend(user=u, k=K) for u in group]
+                seq_s += time.perf_counter() - t0
+            else:
+                many += batched_rec.recommend_many(group, k=K)
+                many_s += time.perf_counter() - t0
     batched_rec.close()
     results["throughput"] = {
         "users": len(batch_users), "batch": args.batch, "sequential_s": seq_s, "batched_s": many_s,
         "mismatches": sum(not same(a, b) for a, b in zip(sequential, many, strict=True)),
         "sequential_decode_calls": sum(r.timings.decode_steps for r in sequential),
         "batched_decode_calls": sum(s.decode_steps for s in {id(r.stats): r.stats for r in many}.values()),
+        "sequential_tokens": sum(r.timings.decoded_tokens for r in sequential),
+        "batched_tokens": sum(s.decoded_tokens for s in {id(r.stats): r.stats for r in many}.values()),
     }
 
     # 3. the prior's cost
@@ -311,11 +321,13 @@ def render(results: dict, scale_rows: list[dict], args, model_path: Path, n_titl
         "",
         f"## 2. Throughput: {thr['users']} users one at a time vs `recommend_many` ({thr['batch']} per search)",
         "",
-        "| | users/s | llama_decode calls | wall s |",
-        "|---|---:|---:|---:|",
-        f"| sequential | {seq_rate:.2f} | {thr['sequential_decode_calls']} | {thr['sequential_s']:.1f} |",
-        f"| batched | {many_rate:.2f} | {thr['batched_decode_calls']} | {thr['batched_s']:.1f} |",
-        f"| **batched / sequential** | **{many_rate / seq_rate:.2f}×** | | |",
+        "| | users/s | llama_decode calls | decoded tokens | wall s |",
+        "|---|---:|---:|---:|---:|",
+        f"| sequential | {seq_rate:.2f} | {thr['sequential_decode_calls']} | {thr.get('sequential_tokens', '')} | "
+        f"{thr['sequential_s']:.1f} |",
+        f"| batched | {many_rate:.2f} | {thr['batched_decode_calls']} | {thr.get('batched_tokens', '')} | "
+        f"{thr['batched_s']:.1f} |",
+        f"| **batched / sequential** | **{many_rate / seq_rate:.2f}×** | | | |",
         "",
         f"Identical results: {thr['users'] - thr['mismatches']}/{thr['users']} users.",
         "",
