@@ -167,15 +167,25 @@ def summarize(runs: list[dict], names: list[str]) -> dict:
     return table
 
 
-def render(table: dict, names: list[str], runs: list[dict], args, mismatches: int, compared: int) -> str:
+def paired(table: dict, a: str, b: str, cond: str) -> str | None:
+    """Per-user p50 ratio ``a / b`` (same users, same condition): median [min, max], and how many are < 1."""
+    if (a, cond) not in table or (b, cond) not in table:
+        return None
+    r = np.array(table[(a, cond)]["total_ms"]) / np.array(table[(b, cond)]["total_ms"])
+    return (f"| {a} / {b} | {cond} | {np.median(r):.2f}× | {r.min():.2f}–{r.max():.2f}× | "
+            f"{int((r < 1).sum())}/{len(r)} |")
+
+
+def render(table: dict, names: list[str], n_users: int, rounds: int, when: str, mismatches: int,
+           compared: int) -> str:
     base = {cond: table[("passive", cond)] for cond in ("idle", "hog")}
     before = {cond: table[("before", cond)] for cond in ("idle", "hog")}
     lines = [
         "# Where a request's time goes, and the OpenMP wait policy (`python -m bench.cost_model`)",
         "",
-        f"Default model (Q8_0), prior off, top-{K}, beam {BEAM}, {len(args.users_sample)} users × {args.rounds} rounds "
+        f"Default model (Q8_0), prior off, top-{K}, beam {BEAM}, {n_users} users × {rounds} rounds "
         f"(per-user medians), {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{time.strftime('%Y-%m-%d %H:%M')}. Each configuration in its own process; \"hog\" = one busy-looping "
+        f"{when}. Each configuration in its own process; \"hog\" = one busy-looping "
         "process beside it. Shared, noisy CPU: compare ratios within a condition.",
         "",
         "## One request",
@@ -198,6 +208,16 @@ def render(table: dict, names: list[str], runs: list[dict], args, mismatches: in
         "",
         f"Identical top-{K} (titles, scores to 1e-4) against passive, same user: {compared - mismatches}/{compared} "
         "request pairs.",
+        "",
+        "Paired, user by user (each user's p50 in one setting over its p50 in the other, same condition):",
+        "",
+        "| ratio | condition | median | range over users | users faster |",
+        "|---|---|---:|---:|---:|",
+    ]
+    lines += [row for cond in ("idle", "hog")
+              for row in (paired(table, "adaptive", "before", cond), paired(table, "adaptive", "passive", cond),
+                          paired(table, "passive", "before", cond)) if row]
+    lines += [
         "",
         "## One llama_decode call with logits, n beams one token each: ms = fixed + per-token · n",
         "",
@@ -262,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spin", default="3000", help="GOMP_SPINCOUNT values to compare (comma-separated)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--render", type=Path, help="redraw the tables and plot of a saved run (its .json)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--users-list", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
@@ -269,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         child(json.loads(args.child), [int(u) for u in args.users_list.split(",")], args.child_out)
         return 0
+    if args.render:
+        return report(args.render.with_suffix(""))
 
     from tqdm.auto import tqdm
 
@@ -280,7 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     args.users_sample = bench_users(default_db(), args.users)
     spins = [int(s) for s in args.spin.split(",") if s.strip()]
     cfgs = configs(spins, args.threads)
-    names = [c["name"] for c in cfgs]
     plan = []
     for rnd in range(args.rounds):
         order = cfgs if rnd % 2 == 0 else cfgs[::-1]
@@ -290,6 +312,18 @@ def main(argv: list[str] | None = None) -> int:
     for rnd, cond, cfg in tqdm(plan, desc="configurations × conditions × rounds", unit="run"):
         runs.append({"round": rnd, "condition": cond, "config": cfg["name"],
                      "result": run_child(cfg, args.users_sample, hog=cond == "hog")})
+    stem = args.out / f"cost-model-{time.strftime('%Y-%m-%d')}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"date": time.strftime("%Y-%m-%d %H:%M"), "users": args.users_sample, "configs": cfgs, "runs": runs},
+        indent=1), encoding="utf-8")
+    return report(stem)
+
+
+def report(stem: Path) -> int:
+    """Tables and plot of the run saved in ``<stem>.json`` (``--render`` redraws them from that file)."""
+    data = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+    runs, names = data["runs"], [c["name"] for c in data["configs"]]
     table = summarize(runs, names)
     # Same requests in every configuration: compare each run's results to the passive run of its round.
     mismatches = compared = 0
@@ -301,18 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         for a, b in zip(r["result"]["requests"], ref["result"]["requests"], strict=True):
             compared += 1
             mismatches += not same(a, b)
-    text = render(table, names, runs, args, mismatches, compared)
+    when = data.get("date") or stem.name.removeprefix("cost-model-")
+    rounds = 1 + max(r["round"] for r in runs)
+    text = render(table, names, len(data["users"]), rounds, when, mismatches, compared)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"cost-model-{time.strftime('%Y-%m-%d')}"
     stem.with_suffix(".md").write_text(text, encoding="utf-8")
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"users": args.users_sample, "configs": cfgs, "runs": runs,
-         "table": {f"{k[0]} | {k[1]}": v for k, v in table.items()}}, indent=1), encoding="utf-8")
     plot(table, names, stem.with_suffix(".png"))
-    print(f"wrote {stem}.{{md,json,png}}")
+    print(f"wrote {stem}.{{md,png}} from {stem}.json")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
