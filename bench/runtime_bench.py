@@ -211,23 +211,29 @@ def main(argv: list[str] | None = None) -> int:
     batched_rec = Recommender.open(model_path, db_path, prior="none", batch=args.batch, **quiet)
     batched_rec.recommend_many(batch_users[: args.batch], k=K)  # warm-up
     # Group by group (``batch`` users), the two ways alternating which goes first: drift hits both alike.
-    sequential, many, seq_s, many_s = [], [], 0.0, 0.0
+    # Latency as a server sees it when a group's requests arrive together: one after another, request i
+    # waits for the i-1 before it; batched, every request waits for the whole group.
+    sequential, many, seq_s, many_s, seq_wait, many_wait = [], [], 0.0, 0.0, [], []
     groups = [batch_users[i: i + args.batch] for i in range(0, len(batch_users), args.batch)]
     for n, group in enumerate(tqdm(groups, desc="2. sequential vs batched", unit="group")):
         for way in (("seq", "many") if n % 2 == 0 else ("many", "seq")):
             t0 = time.perf_counter()
             if way == "seq":
-                sequential += [after_rec.recommend(user=u, k=K) for u in group]
+                for u in group:
+                    sequential.append(after_rec.recommend(user=u, k=K))
+                    seq_wait.append(time.perf_counter() - t0)
                 seq_s += time.perf_counter() - t0
             else:
                 many += batched_rec.recommend_many(group, k=K)
                 many_s += time.perf_counter() - t0
+                many_wait += [time.perf_counter() - t0] * len(group)
     batched_rec.close()
     results["throughput"] = {
         "users": len(batch_users), "batch": args.batch, "sequential_s": seq_s, "batched_s": many_s,
         "mismatches": sum(not same(a, b) for a, b in zip(sequential, many, strict=True)),
         "sequential_decode_calls": sum(r.timings.decode_steps for r in sequential),
         "batched_decode_calls": sum(s.decode_steps for s in {id(r.stats): r.stats for r in many}.values()),
+        "sequential_wait_s": seq_wait, "batched_wait_s": many_wait,
         "sequential_tokens": sum(r.timings.decoded_tokens for r in sequential),
         "batched_tokens": sum(s.decoded_tokens for s in {id(r.stats): r.stats for r in many}.values()),
     }
@@ -330,6 +336,17 @@ def render(results: dict, scale_rows: list[dict], args, model_path: Path, n_titl
         f"| **batched / sequential** | **{many_rate / seq_rate:.2f}×** | | | |",
         "",
         f"Identical results: {thr['users'] - thr['mismatches']}/{thr['users']} users.",
+    ]
+    if thr.get("sequential_wait_s"):
+        sw, bw = thr["sequential_wait_s"], thr["batched_wait_s"]
+        lines += [
+            "",
+            f"A group's {thr['batch']} requests arriving together (a server's view): mean latency "
+            f"{statistics.mean(sw):.2f} s one after another, {statistics.mean(bw):.2f} s batched "
+            f"(**{statistics.mean(bw) / statistics.mean(sw):.2f}×**); the last request {max(sw):.2f} s vs "
+            f"{max(bw):.2f} s.",
+        ]
+    lines += [
         "",
         f"## 3. The collaborative prior's cost ({prior['kind']}, λ={prior['weight']:g}), {n} users, interleaved",
         "",

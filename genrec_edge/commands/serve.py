@@ -20,7 +20,8 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(None, "--threads", min=1, help="Most llama.cpp threads (fewer while other programs keep cores busy)."),
         beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: max(10, 2k))."),
         batch: int = typer.Option(
-            4, "--batch", min=1, help="Concurrent /recommend requests searched together (waiting at most 10 ms)."
+            1, "--batch", min=1, help="Concurrent /recommend requests searched together (waiting at most 10 ms). "
+            "1: one after another, the lower mean latency on 2 cores (bench/results/runtime.md); more where cores are spare."
         ),
         allow_remote: bool = typer.Option(
             False, "--allow-remote", help="Allow a non-loopback --host (no TLS: anyone who can reach it can use it)."
