@@ -5,7 +5,7 @@ the compute graph, ~600 barriers per ``llama_decode``. Sleeping there (OpenMP's 
 ~30 ms per call on an idle 2-core machine; spinning a little first (``GOMP_SPINCOUNT``) saves most of it
 (a request 0.79× as long), but a spinning thread whose partner was preempted by another program burns
 the partner's turn: beside one busy process, 2 spinning threads on 2 cores are 1.2× (and with long spins
-2.8×) slower, while 1 thread is 0.90× of 2 sleeping ones. So the engine spins briefly and runs only on
+2.8×) slower, while 1 thread is 0.90–0.95× of 2 sleeping ones. So the engine spins briefly and runs only on
 the cores the other programs leave free, re-reading that before a decode call at most every
 ``interval`` seconds:
 
