@@ -301,6 +301,7 @@ def render(results: dict, scale_rows: list[dict], args, model_path: Path, n_titl
     n = len(results["users"])
     seq_rate = thr["users"] / thr["sequential_s"]
     many_rate = thr["users"] / thr["batched_s"]
+    seq_wait, many_wait = thr["sequential_wait_s"], thr["batched_wait_s"]
     lines = [
         "# Runtime benchmark (`python -m bench.runtime_bench`)",
         "",
@@ -329,24 +330,18 @@ def render(results: dict, scale_rows: list[dict], args, model_path: Path, n_titl
         "",
         "| | users/s | llama_decode calls | decoded tokens | wall s |",
         "|---|---:|---:|---:|---:|",
-        f"| sequential | {seq_rate:.2f} | {thr['sequential_decode_calls']} | {thr.get('sequential_tokens', '')} | "
+        f"| sequential | {seq_rate:.2f} | {thr['sequential_decode_calls']} | {thr['sequential_tokens']} | "
         f"{thr['sequential_s']:.1f} |",
-        f"| batched | {many_rate:.2f} | {thr['batched_decode_calls']} | {thr.get('batched_tokens', '')} | "
+        f"| batched | {many_rate:.2f} | {thr['batched_decode_calls']} | {thr['batched_tokens']} | "
         f"{thr['batched_s']:.1f} |",
         f"| **batched / sequential** | **{many_rate / seq_rate:.2f}×** | | | |",
         "",
         f"Identical results: {thr['users'] - thr['mismatches']}/{thr['users']} users.",
-    ]
-    if thr.get("sequential_wait_s"):
-        sw, bw = thr["sequential_wait_s"], thr["batched_wait_s"]
-        lines += [
-            "",
-            f"A group's {thr['batch']} requests arriving together (a server's view): mean latency "
-            f"{statistics.mean(sw):.2f} s one after another, {statistics.mean(bw):.2f} s batched "
-            f"(**{statistics.mean(bw) / statistics.mean(sw):.2f}×**); the last request {max(sw):.2f} s vs "
-            f"{max(bw):.2f} s.",
-        ]
-    lines += [
+        "",
+        f"A group's {thr['batch']} requests arriving together (a server's view): mean latency "
+        f"{statistics.mean(seq_wait):.2f} s one after another, {statistics.mean(many_wait):.2f} s batched "
+        f"(**{statistics.mean(many_wait) / statistics.mean(seq_wait):.2f}×**); the last request "
+        f"{max(seq_wait):.2f} s vs {max(many_wait):.2f} s.",
         "",
         f"## 3. The collaborative prior's cost ({prior['kind']}, λ={prior['weight']:g}), {n} users, interleaved",
         "",

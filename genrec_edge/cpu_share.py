@@ -86,7 +86,7 @@ class CoreShare:
             return None
         # user nice system idle iowait irq softirq steal: busy = all but idle and iowait (steal included:
         # a hypervisor's other guests take the core as surely as a local process does).
-        busy = sum(sum(f[:3]) + sum(f[5:8]) for c in self.cpus for f in (lines[c],))
+        busy = sum(sum(lines[c][:3]) + sum(lines[c][5:8]) for c in self.cpus)
         return busy * self.tick, self.own_seconds(), self.clock()
 
     def others(self) -> float | None:
@@ -111,7 +111,6 @@ class ThreadGovernor:
         self.clock = clock
         self.current = configured
         self.switches = 0
-        self.last_others: float | None = None
         self._last_check = clock()
 
     def before_call(self) -> int:
@@ -120,7 +119,6 @@ class ThreadGovernor:
             self._last_check = now
             others = self.share.others()
             if others is not None:
-                self.last_others = others
                 threads = next_threads(self.current, others, len(self.share.cpus), self.configured)
                 if threads != self.current:
                     self.set_threads(threads)

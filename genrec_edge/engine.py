@@ -114,7 +114,7 @@ class Engine:
         self.n_ctx = n_ctx
         self.n_seq_max = n_seq_max
         self.n_batch = n_batch
-        self.threads = threads  # the configured count; llama.cpp runs on ``threads_now``
+        self.threads = threads  # the configured count; ``governor.current`` is the one in use
         self.governor: ThreadGovernor | None = None
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self.eos_id = int(llama_cpp.llama_vocab_eos(vocab))
@@ -192,10 +192,6 @@ class Engine:
 
     def _set_threads(self, n: int) -> None:
         llama_cpp.llama_set_n_threads(self.ctx, n, n)
-
-    @property
-    def threads_now(self) -> int:
-        return self.governor.current if self.governor is not None else self.threads
 
     def close(self) -> None:
         if self._closed:
