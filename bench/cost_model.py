@@ -291,7 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         child(json.loads(args.child), [int(u) for u in args.users_list.split(",")], args.child_out)
         return 0
     if args.render:
+        if not args.render.is_file():
+            parser.error(f"--render: no such saved run: {args.render}")
         return report(args.render.with_suffix(""))
+    try:
+        spins = [int(s) for s in args.spin.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--spin takes comma-separated whole numbers (got {args.spin!r})")
 
     from tqdm.auto import tqdm
 
@@ -301,7 +307,6 @@ def main(argv: list[str] | None = None) -> int:
 
     default_model_path()  # build the default model now, not inside the first timed child
     args.users_sample = bench_users(default_db(), args.users)
-    spins = [int(s) for s in args.spin.split(",") if s.strip()]
     cfgs = configs(spins, args.threads)
     plan = []
     for rnd in range(args.rounds):

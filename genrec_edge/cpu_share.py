@@ -91,7 +91,10 @@ class CoreShare:
 
     def others(self) -> float | None:
         """Cores busy with other programs since the previous call (None if unreadable or no time passed)."""
-        now = self._read()
+        try:
+            now = self._read()
+        except (OSError, ValueError):  # a read that fails mid-request leaves the count as it is
+            now = None
         last, self._last = self._last, now
         if now is None or last is None or now[2] <= last[2]:
             return None

@@ -75,6 +75,9 @@ def test_core_share_is_none_where_it_cannot_read(tmp_path):
     assert CoreShare(cpus=[0, 1], stat_path=str(stat)).others() is None  # cpu1 missing
     with pytest.raises(OSError):
         CoreShare(cpus=[0], stat_path=str(tmp_path / "missing"))
+    share = CoreShare(cpus=[0], stat_path=str(stat))
+    stat.unlink()  # gone mid-request: no reading, no exception in the decode path
+    assert share.others() is None
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux /proc only")
