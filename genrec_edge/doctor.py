@@ -188,15 +188,24 @@ def check_runtime(result=None) -> list[Check]:
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     checks.append(check_threads(engine.ADAPT_THREADS, engine.OPENMP_SPIN, os.environ.get("OMP_WAIT_POLICY"),
-                                engine.default_threads(), cpus))
+                                engine.default_threads(), cpus, openmp=result.features.get("OPENMP")))
     return checks
 
 
 LONG_SPIN = 10_000  # GOMP_SPINCOUNT from which fixed-count threads collapse beside other work (FINDINGS.md)
 
 
-def check_threads(adapt: bool, spin: int | None, wait_policy: str | None, threads: int, cpus: int) -> Check:
-    """How llama.cpp's threads run (engine.py, cpu_share.py): a warning where they spin long at a fixed count."""
+def check_threads(adapt: bool, spin: int | None, wait_policy: str | None, threads: int, cpus: int,
+                  openmp: bool | None = True) -> Check:
+    """How llama.cpp's threads run (engine.py, cpu_share.py): a warning where they spin long at a fixed count.
+
+    ``openmp``: whether llama.cpp was built with OpenMP (its system info's ``OPENMP = 1``; None: unknown).
+    Without it ggml runs its own thread pool, which neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT reaches.
+    """
+    if openmp is False:
+        how = "fewer while other programs keep cores busy" if adapt else "fixed"
+        return Check("threads", OK, f"up to {threads} of {cpus} CPUs, {how}; llama.cpp was built without OpenMP, "
+                                    "so OMP_WAIT_POLICY/GOMP_SPINCOUNT do not apply (ggml's own thread pool)")
     waiting = f"spin {spin} times at a barrier, then sleep" if spin else "sleep at a barrier"
     if adapt:
         return Check("threads", OK, f"up to {threads} of {cpus} CPUs, fewer while other programs keep cores busy; "

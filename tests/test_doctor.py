@@ -231,6 +231,15 @@ def test_threads_check(adapt, spin, policy, status, words):
     assert check.status == status and words in check.detail and check.ok
 
 
+@pytest.mark.parametrize("adapt", [True, False])
+def test_threads_check_names_no_spin_on_a_build_without_openmp(adapt):
+    """ggml's own thread pool ignores GOMP_SPINCOUNT: doctor must not report (or warn about) a spin there."""
+    from genrec_edge.doctor import check_threads
+
+    check = check_threads(adapt, 30000, "active", threads=2, cpus=2, openmp=False)
+    assert check.status == "ok" and "without OpenMP" in check.detail and "spin" not in check.detail
+
+
 def test_a_child_killed_by_sigill_becomes_one_failing_check():
     """The probe's parent survives an illegal instruction in the child and names it; doctor fails with 13."""
     import sys
