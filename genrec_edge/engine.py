@@ -147,7 +147,7 @@ class Engine:
     @classmethod
     def open(
         cls, path: Path, n_ctx: int = 2048, n_seq_max: int = 4, threads: int | None = None, model=None,
-        kv_f32: bool = False, adapt_threads: bool | None = None,
+        kv_f32: bool = False, adapt_threads: bool | None = None, flash_attn: bool | None = None,
     ) -> Engine:
         """Load ``path`` and create a context of ``n_ctx`` cells shared by ``n_seq_max`` sequences.
 
@@ -157,6 +157,10 @@ class Engine:
         ``kv_f32``: keep the KV cache in F32 instead of llama.cpp's F16. F16 rounding makes a logit depend
         on how tokens were grouped into decode calls (~1e-2 on a tiny random model); exactness tests that
         compare two decode orders need F32.
+
+        ``flash_attn``: None leaves llama.cpp's choice (flash attention on this CPU: the row-by-row kernel
+        the module docstring relies on); False is llama.cpp's other attention, for ``bench.attention_cost``
+        only - it changes scores and rankings (docs/FINDINGS.md).
         """
         path = Path(path)
         owns_model = model is None  # a model passed in stays the caller's to free if this fails
@@ -175,6 +179,9 @@ class Engine:
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        if flash_attn is not None:
+            cparams.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                       else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         if kv_f32:
             cparams.type_k = llama_cpp.GGML_TYPE_F32
             cparams.type_v = llama_cpp.GGML_TYPE_F32

@@ -225,6 +225,7 @@ class Recommender:
         prior_weight: float | None = None,
         batch: int = 1,
         jump_forward: bool = True,
+        flash_attn: bool | None = None,
     ) -> Recommender:
         """Load ``model`` (default: models.default_model_path()) for the catalog of ``db``.
 
@@ -234,7 +235,8 @@ class Recommender:
         :class:`~genrec_edge.cf.CFPrior`. ``prior_weight`` replaces its λ. ``batch``: how many requests
         :meth:`recommend_many` searches together (each needs ``capacity + 1`` sequences and its cells).
         ``jump_forward=False`` decodes forced title suffixes one step at a time, as before search.py's
-        jump-forward (same results, more llama_decode calls: for benchmarks).
+        jump-forward (same results, more llama_decode calls: for benchmarks). ``flash_attn=False`` swaps
+        llama.cpp's attention kernel (``Engine.open``; changes scores: for ``bench.attention_cost`` only).
 
         Raises NotFoundError / CorruptModelError for a missing or bad model, DatabaseError for a bad
         database, CatalogMismatchError if the model (or the prior) was made for another catalog.
@@ -312,7 +314,7 @@ class Recommender:
             n_ctx = prefix_len + batch * (template.history_len * depth + 2 * capacity * depth) + 16
             engine = Engine.open(
                 model_path, n_ctx=n_ctx, n_seq_max=2 + batch * (capacity + 1), threads=threads or default_threads(),
-                model=raw_model,
+                model=raw_model, flash_attn=flash_attn,
             )
             rec = cls(engine, trie, catalog, db_path, template, capacity, beam, batch, loaded_prior,
                       model_path.parent)
