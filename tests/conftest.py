@@ -28,10 +28,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import csv
 import sqlite3
+import sys
 from pathlib import Path
 
 import pytest
 from tinymodel import DEFAULT_TITLES, tiny_gguf
+
+# bench/ is a folder of scripts, not installed: every test module imports it from the checkout, whatever
+# order the modules are collected in.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TINY_ITEM_IDS = [10 * (k + 1) for k in range(len(DEFAULT_TITLES))]
 TINY_TITLES = dict(zip(TINY_ITEM_IDS, DEFAULT_TITLES, strict=True))

@@ -6,13 +6,9 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 from tinymodel import tiny_gguf
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a folder of scripts, not installed
 
 from bench.run import BenchConfig, main, prepare_levels, run_bench
 

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a folder of scripts, not installed
-
-from bench.scale_report import main  # noqa: E402
+from bench.scale_report import main
 
 
 def test_small_scale_report(tmp_path, monkeypatch):

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from collections import Counter
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a folder of scripts, not installed
-
-from bench.synth_ml25m import MIN_PER_USER, ML25M_ITEMS, ML25M_RATINGS, ML25M_USERS, generate  # noqa: E402
-from genrec_edge.history import HistoryDB  # noqa: E402
-from genrec_edge.ingest import ingest  # noqa: E402
+from bench.synth_ml25m import MIN_PER_USER, ML25M_ITEMS, ML25M_RATINGS, ML25M_USERS, generate
+from genrec_edge.history import HistoryDB
+from genrec_edge.ingest import ingest
 
 SCALE = 0.01  # 1,625 users, 624 titles, 250k ratings (a user rates at most 60 % of the titles)
 
