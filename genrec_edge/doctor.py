@@ -203,9 +203,10 @@ def check_threads(adapt: bool, spin: int | None, wait_policy: str | None, thread
     Without it ggml runs its own thread pool, which neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT reaches.
     """
     if openmp is False:
-        how = "fewer while other programs keep cores busy" if adapt else "fixed"
-        return Check("threads", OK, f"up to {threads} of {cpus} CPUs, {how}; llama.cpp was built without OpenMP, "
-                                    "so OMP_WAIT_POLICY/GOMP_SPINCOUNT do not apply (ggml's own thread pool)")
+        how = (f"up to {threads} of {cpus} CPUs, fewer while other programs keep cores busy" if adapt
+               else f"{threads} of {cpus} CPUs, fixed")
+        return Check("threads", OK, f"{how}; llama.cpp was built without OpenMP, so OMP_WAIT_POLICY/GOMP_SPINCOUNT "
+                                    "do not apply (ggml's own thread pool)")
     waiting = f"spin {spin} times at a barrier, then sleep" if spin else "sleep at a barrier"
     if adapt:
         return Check("threads", OK, f"up to {threads} of {cpus} CPUs, fewer while other programs keep cores busy; "
