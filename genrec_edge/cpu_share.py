@@ -28,6 +28,14 @@ TAKES_A_CORE = 0.35  # cores of other work that count as taking one of ours
 HYSTERESIS = 0.3  # how much lower ``others`` must be before the count goes back up
 
 
+def usable_cpus() -> int:
+    """How many CPUs this process may run on (its affinity set; all CPUs where that cannot be read)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def wanted_threads(others: float, cpus: int, configured: int) -> int:
     return max(1, min(configured, cpus - max(0, math.ceil(others - TAKES_A_CORE))))
 

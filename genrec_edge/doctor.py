@@ -185,10 +185,10 @@ def check_runtime(result=None) -> list[Check]:
     import os
 
     from . import engine
+    from .cpu_share import usable_cpus
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     checks.append(check_threads(engine.ADAPT_THREADS, engine.OPENMP_SPIN, os.environ.get("OMP_WAIT_POLICY"),
-                                engine.default_threads(), cpus, openmp=result.features.get("OPENMP")))
+                                engine.default_threads(), usable_cpus(), openmp=result.features.get("OPENMP")))
     return checks
 
 
@@ -202,21 +202,18 @@ def check_threads(adapt: bool, spin: int | None, wait_policy: str | None, thread
     ``openmp``: whether llama.cpp was built with OpenMP (its system info's ``OPENMP = 1``; None: unknown).
     Without it ggml runs its own thread pool, which neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT reaches.
     """
+    how = (f"up to {threads} of {cpus} CPUs, fewer while other programs keep cores busy" if adapt
+           else f"{threads} of {cpus} CPUs, fixed")
     if openmp is False:
-        how = (f"up to {threads} of {cpus} CPUs, fewer while other programs keep cores busy" if adapt
-               else f"{threads} of {cpus} CPUs, fixed")
         return Check("threads", OK, f"{how}; llama.cpp was built without OpenMP, so OMP_WAIT_POLICY/GOMP_SPINCOUNT "
                                     "do not apply (ggml's own thread pool)")
-    waiting = f"spin {spin} times at a barrier, then sleep" if spin else "sleep at a barrier"
-    if adapt:
-        return Check("threads", OK, f"up to {threads} of {cpus} CPUs, fewer while other programs keep cores busy; "
-                                    f"llama.cpp's threads {waiting}")
-    if (wait_policy or "").strip().lower() in ("active", "true") or (spin or 0) >= LONG_SPIN:
+    if not adapt and ((wait_policy or "").strip().lower() in ("active", "true") or (spin or 0) >= LONG_SPIN):
         return Check("threads", WARN, (
             f"{threads} fixed threads spin-wait ({'OMP_WAIT_POLICY=active' if not spin else f'GOMP_SPINCOUNT={spin}'}): "
             "beside another busy program a request was 2.8x slower (docs/FINDINGS.md); unset it, or let the "
             "count adapt (GENREC_EDGE_ADAPT_THREADS unset, Linux)"))
-    return Check("threads", OK, f"{threads} of {cpus} CPUs, fixed; llama.cpp's threads {waiting}")
+    waiting = f"spin {spin} times at a barrier, then sleep" if spin else "sleep at a barrier"
+    return Check("threads", OK, f"{how}; llama.cpp's threads {waiting}")
 
 
 def run_checks(db: str | Path | None, model: str | Path | None, runtime: bool = False) -> list[Check]:

@@ -313,11 +313,9 @@ def _tokenize_all(titles: list[str], tokenize: Callable[[str], Sequence[int]], t
 
 def default_tokenize_threads() -> int:
     """The CPUs this process may run on (at most 8: tokenizing is a few seconds at most)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(8, cpus))
+    from .cpu_share import usable_cpus
+
+    return max(1, min(8, usable_cpus()))
 
 
 def _depths(parent: np.ndarray) -> np.ndarray:
