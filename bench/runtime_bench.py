@@ -228,14 +228,15 @@ def main(argv: list[str] | None = None) -> int:
                 many_s += time.perf_counter() - t0
                 many_wait += [time.perf_counter() - t0] * len(group)
     batched_rec.close()
+    batched_stats = list({id(r.stats): r.stats for r in many}.values())  # one SearchStats per search
     results["throughput"] = {
         "users": len(batch_users), "batch": args.batch, "sequential_s": seq_s, "batched_s": many_s,
         "mismatches": sum(not same(a, b) for a, b in zip(sequential, many, strict=True)),
         "sequential_decode_calls": sum(r.timings.decode_steps for r in sequential),
-        "batched_decode_calls": sum(s.decode_steps for s in {id(r.stats): r.stats for r in many}.values()),
+        "batched_decode_calls": sum(s.decode_steps for s in batched_stats),
         "sequential_wait_s": seq_wait, "batched_wait_s": many_wait,
         "sequential_tokens": sum(r.timings.decoded_tokens for r in sequential),
-        "batched_tokens": sum(s.decoded_tokens for s in {id(r.stats): r.stats for r in many}.values()),
+        "batched_tokens": sum(s.decoded_tokens for s in batched_stats),
     }
 
     # 3. the prior's cost
