@@ -116,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    servers = {name: Path(path).resolve() for name, path in (s.split("=", 1) for s in args.server)}
+    servers: dict[str, Path] = {}
+    for spec in args.server:
+        name, sep, path = spec.partition("=")
+        if not (sep and name and Path(path).is_dir()):
+            parser.error(f"--server takes name=checkout-directory (got {spec!r})")
+        servers[name] = Path(path).resolve()
     runs: dict[str, list[dict]] = {name: [] for name in servers}
     for r in range(args.rounds):
         for name, checkout in servers.items():
