@@ -242,7 +242,7 @@ def render(table: dict, names: list[str], n_users: int, rounds: int, when: str, 
     return "\n".join(lines) + "\n"
 
 
-def plot(table: dict, names: list[str], path: Path) -> None:
+def plot(table: dict, names: list[str], path: Path, when: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +269,7 @@ def plot(table: dict, names: list[str], path: Path) -> None:
     ax_r.set_ylabel("one request p50 ms")
     ax_r.grid(alpha=0.3, axis="y")
     ax_r.legend(fontsize=8)
-    fig.suptitle(f"genrec-edge: decode cost and OpenMP wait policy, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    fig.suptitle(f"genrec-edge: decode cost and OpenMP wait policy, {os.cpu_count()} CPUs, {when[:10]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -345,9 +345,10 @@ def report(stem: Path) -> int:
     text = render(table, names, len(data["users"]), rounds, when, mismatches, compared)
     print(text)
     stem.with_suffix(".md").write_text(text, encoding="utf-8")
-    plot(table, names, stem.with_suffix(".png"))
+    plot(table, names, stem.with_suffix(".png"), when)
     print(f"wrote {stem}.{{md,png}} from {stem}.json")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())
