@@ -1,0 +1,262 @@
+"""Throughput of a batch job by how its CPUs are split: one process with every thread, or one per core.
+
+    .venv/bin/python -m bench.process_split [--users 32] [--reps 3] [--layouts 1x2,2x1] [--model PATH] [--db PATH]
+
+A layout ``PxT`` is P worker processes, each with one ``Recommender`` (llama.cpp with up to T threads,
+adapted to other programs' load as shipped: cpu_share.py) pulling users from one shared queue - what
+``genrec-edge recommend --all-users`` does with one process, and ``--ray local`` with one single-thread
+actor per CPU. The default compares ``1x<cpus>`` (the local batch job) with ``<cpus>x1``. Every worker
+loads its model and ranks one warm-up user first; the clock runs from the moment all are ready until the
+last result is in. Layouts alternate their order rep by rep, on the same users (``bench.runtime_bench``'s),
+top-10, beam 20, prior off. Results must be identical across layouts (llama.cpp's row-by-row attention
+kernel makes a token's logits independent of the thread count: docs/FINDINGS.md); the report says whether
+they were.
+
+Output: ``bench/results/process-split-<date>.{md,json,png}``; ``--render RUN.json`` redraws a saved run.
+The CPU is shared: compare the ratios of one run, rep by rep.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before llama_cpp (FINDINGS.md); spawned workers too
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import queue as queue_mod  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+K, BEAM = 10, 20
+READY_TIMEOUT_S = 900.0  # a worker that has not loaded its model by then is a failure, not a wait
+
+
+def parse_layouts(text: str) -> list[tuple[int, int]]:
+    """``"1x2,2x1"`` -> [(1, 2), (2, 1)]: (processes, threads each); ValueError for anything else."""
+    layouts = []
+    for part in text.split(","):
+        procs, sep, threads = part.strip().partition("x")
+        if not sep or not procs.isdigit() or not threads.isdigit() or int(procs) < 1 or int(threads) < 1:
+            raise ValueError(f"a layout is PROCESSESxTHREADS, both at least 1 (got {part.strip()!r})")
+        layouts.append((int(procs), int(threads)))
+    if len(layouts) < 2 or len(set(layouts)) != len(layouts):
+        raise ValueError("give at least two different layouts, the reference first")
+    return layouts
+
+
+def _worker(model: str, db: str, threads: int, warm_user: int, barrier, todo, done) -> None:
+    """One process: load, rank the warm-up user, wait for the others, then rank users until a None."""
+    try:
+        from genrec_edge.recommend import Recommender
+
+        rec = Recommender.open(model, db, threads=threads, beam=BEAM, prior="none", warn=lambda m: None)
+        rec.recommend(user=warm_user, k=K)
+    except BaseException as exc:  # noqa: BLE001 - reported by the parent as one line
+        barrier.abort()
+        done.put(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    try:
+        barrier.wait()
+        while (user := todo.get()) is not None:
+            result = rec.recommend(user=user, k=K)
+            done.put(("user", user, [r.title for r in result.items], [r.score for r in result.items]))
+    except BaseException as exc:  # noqa: BLE001
+        done.put(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        rec.close()
+
+
+def run_layout(model: Path, db: Path, users: list[int], procs: int, threads: int, progress=None) -> dict:
+    """Rank ``users`` with ``procs`` processes of ``threads`` threads: seconds and each user's top-k."""
+    import multiprocessing as mp
+    import threading
+
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no llama.cpp or OpenMP state inherited
+    barrier, todo, done = ctx.Barrier(procs + 1), ctx.Queue(), ctx.Queue()
+    for user in users:
+        todo.put(user)
+    for _ in range(procs):
+        todo.put(None)
+    workers = [ctx.Process(target=_worker, args=(str(model), str(db), threads, users[0], barrier, todo, done))
+               for _ in range(procs)]
+    for w in workers:
+        w.start()
+    try:
+        try:
+            barrier.wait(timeout=READY_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(_first_error(done) or "a worker did not start") from None
+        began = time.perf_counter()
+        ranked: dict[int, dict] = {}
+        while len(ranked) < len(users):
+            try:
+                event = done.get(timeout=5.0)
+            except queue_mod.Empty:
+                if not any(w.is_alive() for w in workers):
+                    raise RuntimeError("every worker exited before all users were ranked") from None
+                continue
+            if event[0] == "error":
+                raise RuntimeError(event[1])
+            ranked[event[1]] = {"titles": event[2], "scores": event[3]}
+            if progress:
+                progress()
+        seconds = time.perf_counter() - began
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.kill()
+    return {"seconds": seconds, "results": {str(u): ranked[u] for u in users}}
+
+
+def _first_error(done) -> str | None:
+    try:
+        while True:
+            event = done.get(timeout=1.0)
+            if event[0] == "error":
+                return event[1]
+    except queue_mod.Empty:
+        return None
+
+
+def name(layout) -> str:
+    procs, threads = layout
+    return f"{procs}x{threads}"
+
+
+def summarize(runs: list[dict], layouts: list[str], users: int) -> dict:
+    """Per layout: users/s by rep and its ratio to the first layout's in the same rep; identical results."""
+    ref = layouts[0]
+    out: dict = {"reference": ref, "layouts": {}}
+    for lay in layouts:
+        rates = [users / run[lay]["seconds"] for run in runs]
+        ratios = [(users / run[lay]["seconds"]) / (users / run[ref]["seconds"]) for run in runs]
+        out["layouts"][lay] = {"users_per_s": rates, "ratio": ratios, "ratio_median": statistics.median(ratios),
+                               "ratio_min": min(ratios), "ratio_max": max(ratios)}
+    first = runs[0][ref]["results"]
+    out["identical_users"] = sum(all(run[lay]["results"][u] == first[u] for run in runs for lay in layouts)
+                                 for u in first)
+    out["users"] = len(first)
+    return out
+
+
+def render(data: dict, stem: Path) -> None:
+    """``stem``.md and ``stem``.png from a saved run's dict."""
+    meta, summ = data["meta"], data["summary"]
+    layouts = list(summ["layouts"])
+    ref = summ["reference"]
+    lines = [
+        "# Throughput by process layout (`python -m bench.process_split`)", "",
+        f"{meta['model']}, {meta['machine']} with {meta['cpus']} usable CPUs, llama-cpp-python {meta['llama_cpp']}, "
+        f"{meta['date']}; {meta['users']} users, top-{K}, beam {BEAM}, prior off. `PxT` = P processes with up to "
+        "T llama.cpp threads each (adaptive, as shipped), pulling users from one queue. Shared, noisy CPU: "
+        "compare within a rep.", "",
+        "| rep | order | " + " | ".join(f"{lay} users/s" for lay in layouts) + " | "
+        + " | ".join(f"{lay} / {ref}" for lay in layouts[1:]) + " |",
+        "|---:|---|" + "---:|" * (2 * len(layouts) - 1),
+    ]
+    for i, order in enumerate(data["orders"]):
+        lines.append(f"| {i + 1} | {' → '.join(order)} | "
+                     + " | ".join(f"{summ['layouts'][lay]['users_per_s'][i]:.3f}" for lay in layouts) + " | "
+                     + " | ".join(f"{summ['layouts'][lay]['ratio'][i]:.2f}×" for lay in layouts[1:]) + " |")
+    lines.append("")
+    for lay in layouts[1:]:
+        s = summ["layouts"][lay]
+        lines.append(f"{lay} / {ref}, paired by rep: median **{s['ratio_median']:.2f}×** (range {s['ratio_min']:.2f}–"
+                     f"{s['ratio_max']:.2f}×, {len(s['ratio'])} reps).")
+    lines += [f"Identical top-{K} titles and scores in every layout and rep: **{summ['identical_users']}/"
+              f"{summ['users']}** users.", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    reps = list(range(1, len(data["orders"]) + 1))
+    for lay, marker in zip(layouts, "osd^v", strict=False):
+        ax.plot(reps, summ["layouts"][lay]["users_per_s"], marker + "-", label=f"{lay} (processes x threads)")
+    ax.set_xlabel("rep")
+    ax.set_xticks(reps)
+    ax.set_ylabel("users per second")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"batch throughput by layout: {meta['cpus']} CPUs, {meta['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from genrec_edge.cpu_share import usable_cpus
+
+    cpus = usable_cpus()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--users", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--layouts", default=f"1x{cpus},{cpus}x1" if cpus > 1 else "1x1,2x1",
+                        help="PROCESSESxTHREADS,... the first is the reference (default: 1x<cpus>,<cpus>x1)")
+    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: the default model, Q8_0)")
+    parser.add_argument("--db", type=Path, default=None, help="default: the database `genrec-edge init` builds")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--render", type=Path, help="redraw the table and plot of a saved run (its .json)")
+    args = parser.parse_args(argv)
+    if args.render:
+        if not args.render.is_file():
+            parser.error(f"--render: no such saved run: {args.render}")
+        render(json.loads(args.render.read_text()), args.render.with_suffix(""))
+        return 0
+    try:
+        layouts = parse_layouts(args.layouts)
+    except ValueError as exc:
+        parser.error(f"--layouts: {exc}")
+    if args.users < 1 or args.reps < 1:
+        parser.error("--users and --reps must be at least 1")
+
+    from tqdm.auto import tqdm
+
+    from bench.runtime_bench import bench_users
+    from genrec_edge import engine
+    from genrec_edge.models import default_model_path
+    from genrec_edge.paths import default_db
+
+    model_path = args.model or default_model_path()
+    db = args.db or default_db()
+    users = bench_users(db, args.users)
+    names = [name(lay) for lay in layouts]
+    runs, orders = [], []
+    with tqdm(total=args.reps * len(layouts) * len(users), desc="users ranked", unit="user") as bar:
+        for rep in range(args.reps):
+            order = layouts if rep % 2 == 0 else layouts[::-1]  # drift hits every layout alike
+            run = {}
+            for lay in order:
+                try:
+                    run[name(lay)] = run_layout(model_path, db, users, *lay, progress=lambda: bar.update(1))
+                except RuntimeError as exc:
+                    raise SystemExit(f"error: layout {name(lay)}: {exc}") from None
+            runs.append(run)
+            orders.append([name(lay) for lay in order])
+    date = time.strftime("%Y-%m-%d %H:%M")
+    data = {
+        "meta": {"model": f"{model_path.name} ({model_path.parent.name})", "machine": platform.machine(),
+                 "cpus": cpus, "llama_cpp": engine.llama_cpp.__version__, "date": date, "users": len(users),
+                 "reps": args.reps},
+        "orders": orders, "users": users,
+        "seconds": [{lay: run[lay]["seconds"] for lay in names} for run in runs],
+        "summary": summarize(runs, names, len(users)),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"process-split-{date[:10]}"
+    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    render(data, stem)
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,68 @@
+"""bench.process_split on the tiny model: real worker processes on real llama.cpp, and a report of what they did."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.process_split import main, parse_layouts, render, summarize
+
+
+def test_layouts_parse_and_bad_ones_are_refused():
+    assert parse_layouts("1x2, 2x1") == [(1, 2), (2, 1)]
+    for bad in ("2", "1x2", "1x2,1x2", "0x1,1x1", "1x2,ax1", "1x-1,2x1"):
+        with pytest.raises(ValueError):
+            parse_layouts(bad)
+
+
+def _run(seconds, results):
+    return {"seconds": seconds, "results": results}
+
+
+def test_summary_pairs_each_rep_and_counts_identical_users():
+    same = {"1": {"titles": ["A"], "scores": [-1.0]}, "2": {"titles": ["B"], "scores": [-2.0]}}
+    moved = {"1": {"titles": ["A"], "scores": [-1.0]}, "2": {"titles": ["B"], "scores": [-2.0000001]}}
+    runs = [{"1x2": _run(10.0, same), "2x1": _run(8.0, same)},
+            {"1x2": _run(10.0, same), "2x1": _run(5.0, moved)}]
+    s = summarize(runs, ["1x2", "2x1"], 2)
+    assert s["layouts"]["2x1"]["ratio"] == [1.25, 2.0] and s["layouts"]["1x2"]["ratio"] == [1.0, 1.0]
+    assert s["layouts"]["2x1"]["ratio_median"] == 1.625 and s["layouts"]["2x1"]["users_per_s"][1] == 0.4
+    assert s["identical_users"] == 1 and s["users"] == 2  # a score moved in the last bit counts as different
+
+
+def test_runs_end_to_end_on_the_tiny_model(tiny_model, tiny_db, tmp_path):
+    assert main(["--model", str(tiny_model), "--db", str(tiny_db), "--users", "3", "--reps", "2",
+                 "--layouts", "1x1,2x1", "--out", str(tmp_path)]) == 0
+    saved = next(tmp_path.glob("process-split-*.json"))
+    data = json.loads(saved.read_text())
+    assert data["orders"] == [["1x1", "2x1"], ["2x1", "1x1"]]
+    assert all(s > 0 for rep in data["seconds"] for s in rep.values())
+    summ = data["summary"]
+    assert summ["users"] == 3 and summ["identical_users"] == 3  # the thread/process split changes no result
+    text = saved.with_suffix(".md").read_text()
+    assert "**3/3** users" in text and "2x1 / 1x1" in text
+    assert saved.with_suffix(".png").stat().st_size > 0
+    saved.with_suffix(".md").unlink()
+    assert main(["--render", str(saved)]) == 0
+    assert saved.with_suffix(".md").read_text() == text
+    render(data, tmp_path / "again")
+    assert (tmp_path / "again.md").read_text() == text
+
+
+def test_a_worker_that_cannot_start_is_one_error_line(tiny_db, tmp_path):
+    missing = tmp_path / "missing.gguf"
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(missing), "--db", str(tiny_db), "--users", "2", "--reps", "1", "--layouts", "1x1,2x1",
+              "--out", str(tmp_path)])
+    assert str(exc.value.code).startswith("error: layout 1x1: ") and "missing.gguf" in str(exc.value.code)
+    assert not list(tmp_path.glob("process-split-*"))
+
+
+def test_bad_arguments_are_one_usage_line(tmp_path, capsys):
+    for argv in (["--render", str(tmp_path / "missing.json")], ["--layouts", "1x2"], ["--users", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no such saved run" in err and "--layouts: give at least two" in err
