@@ -27,13 +27,14 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before llama_cpp (FINDINGS.md)
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from bench.saved_run import render_saved, save_run  # noqa: E402
 
 K, BEAM = 10, 20
 CALL_TOKENS = 32
@@ -229,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", type=Path, help="redraw the table and plot of a saved run (its .json)")
     args = parser.parse_args(argv)
     if args.render:
-        if not args.render.is_file():
-            parser.error(f"--render: no such saved run: {args.render}")
-        render(json.loads(args.render.read_text()), args.render.with_suffix(""))
-        return 0
+        return render_saved(parser, args.render, render)
     try:
         contexts = sorted({int(x) for x in args.contexts.split(",") if x.strip()})
     except ValueError:
@@ -265,13 +263,11 @@ def main(argv: list[str] | None = None) -> int:
                  "reps": args.reps, "prompt_tokens": PROMPT_TOKENS},
         "contexts": contexts_ms, "prefill": prefill_ms, "requests": rows, "summary": summarize(rows),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"attention-cost-{date[:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    render(data, stem)
-    print(stem.with_suffix(".md").read_text())
+    save_run(data, args.out, "attention-cost", render)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bench.entry import run
+
+    raise SystemExit(run(main))

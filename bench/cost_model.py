@@ -351,4 +351,6 @@ def report(stem: Path) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.entry import run
+
+    raise SystemExit(run(main))

@@ -23,12 +23,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before llama_cpp (FINDINGS.md); spawned workers too
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import queue as queue_mod  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from bench.saved_run import render_saved, save_run  # noqa: E402
 
 K, BEAM = 10, 20
 READY_TIMEOUT_S = 900.0  # a worker that has not loaded its model by then is a failure, not a wait
@@ -127,19 +128,20 @@ def name(layout) -> str:
     return f"{procs}x{threads}"
 
 
-def summarize(runs: list[dict], layouts: list[str], users: int) -> dict:
+def summarize(runs: list[dict], layouts: list[str]) -> dict:
     """Per layout: users/s by rep and its ratio to the first layout's in the same rep; identical results."""
     ref = layouts[0]
+    first = runs[0][ref]["results"]
+    users = len(first)
     out: dict = {"reference": ref, "layouts": {}}
     for lay in layouts:
         rates = [users / run[lay]["seconds"] for run in runs]
-        ratios = [(users / run[lay]["seconds"]) / (users / run[ref]["seconds"]) for run in runs]
+        ratios = [run[ref]["seconds"] / run[lay]["seconds"] for run in runs]  # of users/s, same users
         out["layouts"][lay] = {"users_per_s": rates, "ratio": ratios, "ratio_median": statistics.median(ratios),
                                "ratio_min": min(ratios), "ratio_max": max(ratios)}
-    first = runs[0][ref]["results"]
     out["identical_users"] = sum(all(run[lay]["results"][u] == first[u] for run in runs for lay in layouts)
                                  for u in first)
-    out["users"] = len(first)
+    out["users"] = users
     return out
 
 
@@ -207,10 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", type=Path, help="redraw the table and plot of a saved run (its .json)")
     args = parser.parse_args(argv)
     if args.render:
-        if not args.render.is_file():
-            parser.error(f"--render: no such saved run: {args.render}")
-        render(json.loads(args.render.read_text()), args.render.with_suffix(""))
-        return 0
+        return render_saved(parser, args.render, render)
     try:
         layouts = parse_layouts(args.layouts)
     except ValueError as exc:
@@ -248,15 +247,13 @@ def main(argv: list[str] | None = None) -> int:
                  "reps": args.reps},
         "orders": orders, "users": users,
         "seconds": [{lay: run[lay]["seconds"] for lay in names} for run in runs],
-        "summary": summarize(runs, names, len(users)),
+        "summary": summarize(runs, names),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"process-split-{date[:10]}"
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
-    render(data, stem)
-    print(stem.with_suffix(".md").read_text())
+    save_run(data, args.out, "process-split", render)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from bench.entry import run
+
+    raise SystemExit(run(main))

@@ -35,7 +35,6 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -63,10 +62,13 @@ def same(a, b) -> bool:
 
 def bench_users(db_path: Path, n: int) -> list[int]:
     """The benches' fixed users: a seeded sample of those with at least 5 rated items."""
+    from genrec_edge.errors import UsageError
     from genrec_edge.history import HistoryDB
 
     with HistoryDB.open(db_path, readonly=True) as db:
         candidates = [u for u in db.users() if len(db.history(u, limit=5)) >= 5]
+    if not candidates:
+        raise UsageError(f"no user in {db_path} has 5 or more rated items to benchmark")
     return random.Random(0).sample(candidates, min(n, len(candidates)))
 
 
@@ -384,4 +386,6 @@ def render(results: dict, scale_rows: list[dict], args, model_path: Path, n_titl
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.entry import run
+
+    raise SystemExit(run(main))

@@ -27,6 +27,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import csv
+import json
 import sqlite3
 import sys
 from pathlib import Path
@@ -107,6 +108,16 @@ def cli_help_in_a_fresh_process(argvs: list[list[str]], heavy: set[str]) -> tupl
     assert done.returncode == 0, done.stderr
     *out, imported = done.stdout.strip().splitlines()
     return "\n".join(out), json.loads(imported)
+
+
+def assert_rerender_reproduces(main, render, saved: Path, tmp_path: Path) -> None:
+    """A bench's ``--render RUN.json`` (and ``render`` itself) writes the report its measuring run wrote."""
+    text = saved.with_suffix(".md").read_text()
+    saved.with_suffix(".md").unlink()
+    assert main(["--render", str(saved)]) == 0
+    assert saved.with_suffix(".md").read_text() == text
+    render(json.loads(saved.read_text()), tmp_path / "again")
+    assert (tmp_path / "again.md").read_text() == text
 
 
 def dump(path) -> list[str]:

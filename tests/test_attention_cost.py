@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from conftest import assert_rerender_reproduces
+
 from bench.attention_cost import main, render, summarize
 
 
@@ -34,12 +36,7 @@ def test_runs_end_to_end_on_the_tiny_model(tiny_model, tiny_db, tmp_path, capsys
     text = saved.with_suffix(".md").read_text()
     assert "| 40 |" in text and f"/{len(data['requests'])}** users" in text
     assert saved.with_suffix(".png").stat().st_size > 0
-    # --render redraws the same report from the saved run
-    saved.with_suffix(".md").unlink()
-    assert main(["--render", str(saved)]) == 0
-    assert saved.with_suffix(".md").read_text() == text
-    render(data, tmp_path / "again")
-    assert (tmp_path / "again.md").read_text() == text
+    assert_rerender_reproduces(main, render, saved, tmp_path)  # --render redraws the same report
 
 
 def test_bad_arguments_are_one_usage_line(tmp_path, capsys):

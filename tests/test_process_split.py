@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+from conftest import assert_rerender_reproduces
 
 from bench.process_split import main, parse_layouts, render, summarize
 
@@ -25,7 +27,7 @@ def test_summary_pairs_each_rep_and_counts_identical_users():
     moved = {"1": {"titles": ["A"], "scores": [-1.0]}, "2": {"titles": ["B"], "scores": [-2.0000001]}}
     runs = [{"1x2": _run(10.0, same), "2x1": _run(8.0, same)},
             {"1x2": _run(10.0, same), "2x1": _run(5.0, moved)}]
-    s = summarize(runs, ["1x2", "2x1"], 2)
+    s = summarize(runs, ["1x2", "2x1"])
     assert s["layouts"]["2x1"]["ratio"] == [1.25, 2.0] and s["layouts"]["1x2"]["ratio"] == [1.0, 1.0]
     assert s["layouts"]["2x1"]["ratio_median"] == 1.625 and s["layouts"]["2x1"]["users_per_s"][1] == 0.4
     assert s["identical_users"] == 1 and s["users"] == 2  # a score moved in the last bit counts as different
@@ -43,11 +45,7 @@ def test_runs_end_to_end_on_the_tiny_model(tiny_model, tiny_db, tmp_path):
     text = saved.with_suffix(".md").read_text()
     assert "**3/3** users" in text and "2x1 / 1x1" in text
     assert saved.with_suffix(".png").stat().st_size > 0
-    saved.with_suffix(".md").unlink()
-    assert main(["--render", str(saved)]) == 0
-    assert saved.with_suffix(".md").read_text() == text
-    render(data, tmp_path / "again")
-    assert (tmp_path / "again.md").read_text() == text
+    assert_rerender_reproduces(main, render, saved, tmp_path)  # --render redraws the same report
 
 
 def test_a_worker_that_cannot_start_is_one_error_line(tiny_db, tmp_path):
@@ -66,3 +64,24 @@ def test_bad_arguments_are_one_usage_line(tmp_path, capsys):
         assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "no such saved run" in err and "--layouts: give at least two" in err
+
+
+def test_the_benches_refuse_a_missing_or_empty_database_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    from bench.runtime_bench import bench_users
+    from genrec_edge.errors import UsageError
+    from genrec_edge.history import HistoryDB
+
+    missing = tmp_path / "missing.db"
+    for bench in ("process_split", "attention_cost", "runtime_bench"):
+        done = subprocess.run([sys.executable, "-m", f"bench.{bench}", "--db", str(missing), "--users", "2"],
+                              capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert (done.returncode, done.stderr.strip()) == (3, f"error: no database at {missing} (run `genrec-edge init`)")
+    assert not missing.exists()
+    empty = tmp_path / "empty.db"
+    HistoryDB.open(empty, create=True).close()
+    with pytest.raises(UsageError, match="no user in .* has 5 or more rated items"):
+        bench_users(empty, 2)
