@@ -78,6 +78,11 @@ class EngineError(GenrecError):
     exit_code = 11
 
 
+class WorkerLostError(EngineError):
+    """A worker process of a :class:`~genrec_edge.pool.RecommenderPool` died during a call (it was replaced:
+    the call may be retried)."""
+
+
 class UnsupportedCPUError(GenrecError):
     """The installed llama.cpp was built with instructions this CPU/OS cannot execute."""
 

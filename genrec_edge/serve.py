@@ -16,6 +16,10 @@ weeks next to a user's data (:class:`_Guard`, one middleware):
 * at most ``max_inflight`` requests are served at once (503 beyond);
 * SIGTERM/SIGINT stop accepting connections and finish the requests in flight (:func:`serve`).
 
+``workers=N`` (> 1) searches in N processes, each with its own model (:class:`~genrec_edge.pool.RecommenderPool`),
+while this process keeps the HTTP side: concurrent /recommend requests are answered up to N at a time,
+each by a free worker, and a lone request still gets every core (pool.py says why this pays on 2 cores).
+
 The routes are plain ``def`` functions: FastAPI runs them in its threadpool, so SQLite and llama.cpp never
 block the event loop. Routes (``GET /openapi.json``, also saved as ``docs/openapi.json``)::
 
@@ -64,11 +68,13 @@ from .errors import (
     DatabaseError,
     DatabaseUnavailableError,
     EmptyHistoryError,
+    EngineError,
     GenrecError,
     GrammarError,
     IngestError,
     NotFoundError,
     UsageError,
+    WorkerLostError,
 )
 
 DEFAULT_HOST = "127.0.0.1"
@@ -107,7 +113,9 @@ def status_for(exc: GenrecError) -> int:
         if isinstance(exc, DatabaseUnavailableError):
             return 503
         return 500
-    if isinstance(exc, (CorruptModelError, CatalogMismatchError, GrammarError)):
+    if isinstance(exc, WorkerLostError):  # replaced already: a retry is answered
+        return 503
+    if isinstance(exc, (CorruptModelError, CatalogMismatchError, GrammarError, EngineError)):
         return 500
     return 400
 
@@ -411,47 +419,52 @@ class RequestBatcher:
 
     The first request of a group waits at most ``wait_ms`` for others (the bound on added latency), then
     searches up to ``recommender.batch`` requests with the same ``k`` at once; later arrivals form the
-    next group. Results are those of single requests (recommend.py); a request the group call refuses
-    (unknown user, ...) is answered alone, so one bad request never fails its neighbours.
+    next group. Up to ``recommender.workers`` groups (1 for a Recommender, N for a pool of N processes)
+    are searched at the same time, oldest requests first. Results are those of single requests
+    (recommend.py); a request the group call refuses (unknown user, ...) is answered alone, so one bad
+    request never fails its neighbours.
     """
 
     def __init__(self, recommender: Any, wait_ms: float = BATCH_WAIT_MS):
         self.recommender = recommender
         self.wait = max(0.0, wait_ms) / 1000
         self.size = max(1, int(getattr(recommender, "batch", 1)))
+        self.parallel = max(1, int(getattr(recommender, "workers", 1)))
         self._cond = threading.Condition()
         self._queue: list[_Pending] = []
-        self._leader = False
+        self._leaders = 0  # threads now forming or searching a group
 
     def submit(self, request: Any, k: int):
         pending = _Pending(request, k)
         with self._cond:
             self._queue.append(pending)
             self._cond.notify_all()
-            if self._leader:  # someone is serving groups: wait for ours
-                while not pending.done.is_set() and self._leader:
-                    self._cond.wait()
-                if pending.done.is_set():
-                    return pending.result()
-            self._leader = True
+            while self._leaders >= self.parallel and not pending.done.is_set():  # wait for ours or a free slot
+                self._cond.wait()
+            if pending.done.is_set():
+                return pending.result()
+            self._leaders += 1
         try:
             self._lead(pending)
         finally:
             with self._cond:
-                self._leader = False
+                self._leaders -= 1
                 self._cond.notify_all()
+        pending.done.wait()  # another leader's group took ours
         return pending.result()
 
     def _lead(self, mine: _Pending) -> None:
-        """Serve groups until our own request is answered (later ones lead themselves)."""
+        """Serve groups from the head of the queue until ours is answered or in another leader's group."""
         while not mine.done.is_set():
             with self._cond:
                 deadline = time.monotonic() + self.wait
-                while len([p for p in self._queue if p.k == mine.k]) < self.size:
+                while mine in self._queue and len([p for p in self._queue if p.k == mine.k]) < self.size:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
+                if mine not in self._queue:
+                    return
                 k = self._queue[0].k
                 group = [p for p in self._queue if p.k == k][: self.size]
                 for p in group:
@@ -892,6 +905,7 @@ def make_server(
     threads: int | None = None,
     beam: int | None = None,
     batch: int = 1,
+    workers: int = 1,
     recommender: Any = None,
     allow_remote: bool = False,
     token: str | None = None,
@@ -903,8 +917,9 @@ def make_server(
 ) -> GenrecHTTPServer:
     """A bound, not yet serving, server (``port=0`` picks a free port: see ``server.url``).
 
-    Opens the database once to fail fast on a bad file, then ``Recommender.open(model, db)`` unless a
-    ``recommender`` is given (the server then does not close it). Call ``serve_forever()`` and, when
+    Opens the database once to fail fast on a bad file, then ``Recommender.open(model, db)`` (``workers``
+    > 1: a :class:`~genrec_edge.pool.RecommenderPool` of that many) unless a ``recommender`` is given (the
+    server then does not close it). Call ``serve_forever()`` and, when
     done, ``shutdown()`` + ``server_close()``.
     """
     from .history import HistoryDB, _is_read_only_file
@@ -920,9 +935,15 @@ def make_server(
     owns = False
     try:
         if recommender is None and model is not None:
-            from .recommend import Recommender
+            if workers > 1:
+                from .pool import RecommenderPool
 
-            recommender = Recommender.open(model, db, threads=threads, beam=beam, batch=batch)
+                recommender = RecommenderPool.open(model, db, workers=workers, threads=threads, beam=beam,
+                                                   batch=batch)
+            else:
+                from .recommend import Recommender
+
+                recommender = Recommender.open(model, db, threads=threads, beam=beam, batch=batch)
             owns = True
     except BaseException:
         sock.close()
@@ -942,17 +963,20 @@ def serve(
     threads: int | None = None,
     beam: int | None = None,
     batch: int = 1,
+    workers: int = 1,
     allow_remote: bool = False,
     token: str | None = None,
     log: Callable[[str], None] | None = None,
-    ready: Callable[[GenrecHTTPServer], None] | None = None,
+    ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then finish the requests in flight and return.
+
+    ``ready(url)`` is called once the socket listens and the model (every worker's) is loaded.
 
     Must run in the main thread (it installs the signal handlers, restoring the previous ones on return).
     """
     server = make_server(db, model, host=host, port=port, threads=threads, beam=beam, batch=batch,
-                         allow_remote=allow_remote, token=token, log=log)
+                         workers=workers, allow_remote=allow_remote, token=token, log=log)
 
     def _stop(signum: int, frame: Any) -> None:
         server.shutdown(wait=False)  # a second signal changes nothing: in-flight requests still finish
@@ -960,7 +984,7 @@ def serve(
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         if ready is not None:
-            ready(server)
+            ready(server.url)
         server.serve_forever()
     finally:
         for sig, handler in previous.items():

@@ -23,6 +23,11 @@ def register(app: typer.Typer) -> None:
             1, "--batch", min=1, help="Concurrent /recommend requests searched together (waiting at most 10 ms). "
             "1: one after another, the lower mean latency on 2 cores (bench/results/runtime.md); more where cores are spare."
         ),
+        workers: int = typer.Option(
+            1, "--workers", min=1, help="Processes that search, each with its own model (~150 MB at Q8_0) and threads: "
+            "concurrent /recommend requests are answered up to this many at a time (2 on 2 cores: see "
+            "bench/results/serve-workers-*.md). A lone request is as fast either way.",
+        ),
         allow_remote: bool = typer.Option(
             False, "--allow-remote", help="Allow a non-loopback --host (no TLS: anyone who can reach it can use it)."
         ),
@@ -55,15 +60,17 @@ def register(app: typer.Typer) -> None:
                 err=True,
             )
 
-        def log(line: str) -> None:
-            if not quiet:
-                typer.echo(line, err=True)
+        db = db if db is not None else default_db()
 
-        def ready(server) -> None:
-            typer.echo(f"serving on {server.url} (model {model}, db {server.service.db}); Ctrl-C to stop", err=True)
+        def log(line: str) -> None:
+            typer.echo(line, err=True)
+
+        def ready(url: str) -> None:
+            shown = f"{workers} search processes, " if workers > 1 else ""
+            typer.echo(f"serving on {url} ({shown}model {model}, db {db}); Ctrl-C to stop", err=True)
 
         run_server(
-            db if db is not None else default_db(), model, host=host, port=port, threads=threads, beam=beam, batch=batch,
-            allow_remote=allow_remote, token=token, log=log, ready=ready,
+            db, model, host=host, port=port, threads=threads, beam=beam, batch=batch, workers=workers,
+            allow_remote=allow_remote, token=token, log=None if quiet else log, ready=ready,
         )
         typer.echo("stopped", err=True)

@@ -1,0 +1,145 @@
+"""Recommendations from N worker processes, each with its own model: what ``serve --workers N`` searches with.
+
+Why processes (bench/results/process-split-2026-12-01.md, docs/FINDINGS.md): on 2 cores, two processes
+with one model each rank 1.2-1.3x the users/s of one process using both cores, with identical results,
+while batching several users into one search does not pay (bench/results/runtime.md). Each worker keeps
+the shipped adaptive thread count (cpu_share.py): a lone request still runs on every core, concurrent
+ones share them out.
+
+:class:`RecommenderPool` has the :class:`~genrec_edge.recommend.Recommender` calls a server makes
+(``recommend``, ``recommend_many``, ``batch``, ``close``) plus ``workers``, how many calls it serves at
+once. The process pool is :class:`concurrent.futures.ProcessPoolExecutor` (spawn: a forked child would
+inherit this process's threads and llama.cpp state): a free worker takes the next call. A worker that
+dies (killed, out of memory) breaks that executor; the pool then starts a fresh one: the calls that
+were in flight raise :class:`~genrec_edge.errors.WorkerLostError` (HTTP 503: retry), later ones are served.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError, WorkerLostError
+
+_recommender: Any = None  # in a worker process: its own Recommender
+
+
+def _load(kwargs: dict[str, Any]) -> None:
+    global _recommender
+    os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before llama_cpp loads (docs/FINDINGS.md)
+    from .recommend import Recommender
+
+    _recommender = Recommender.open(**kwargs, warn=lambda message: None)  # the parent showed the warnings
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def _recommend_many(requests: list, k: int) -> tuple[int, list]:
+    return os.getpid(), _recommender.recommend_many(requests, k=k)
+
+
+class RecommenderPool:
+    """``workers`` processes, each with ``Recommender.open(model, db, ...)``. Use :meth:`open`."""
+
+    def __init__(self, kwargs: dict[str, Any], workers: int):
+        self.workers = workers
+        self.batch = kwargs["batch"]
+        self._kwargs = kwargs
+        self._lock = threading.Lock()
+        self.served: Counter[int] = Counter()  # calls answered, by worker process id
+        self._executor = self._start()
+
+    @classmethod
+    def open(
+        cls,
+        model: str | Path,
+        db: str | Path,
+        *,
+        workers: int,
+        threads: int | None = None,
+        beam: int | None = None,
+        batch: int = 1,
+        prior: str | None = None,
+        prior_weight: float | None = None,
+        warn=None,
+    ) -> RecommenderPool:
+        """Open the model here once, so bad input fails as it does for one process (same error, same
+        warnings), then start ``workers`` processes and wait until each has loaded it."""
+        if workers < 1:
+            raise UsageError(f"workers must be at least 1, not {workers}")
+        from .recommend import Recommender
+
+        kwargs = {"model": str(model), "db": str(db), "threads": threads, "beam": beam, "batch": batch,
+                  "prior": prior, "prior_weight": prior_weight}
+        Recommender.open(**kwargs, warn=warn).close()
+        return cls(kwargs, workers)
+
+    def _start(self) -> ProcessPoolExecutor:
+        executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_load, initargs=(self._kwargs,))
+        try:
+            # One call per worker, all at once: the executor starts a process for each (none is idle yet)
+            # and each loads its model before answering, so the first requests do not wait for a load.
+            for future in [executor.submit(_pid) for _ in range(self.workers)]:
+                future.result()
+        except BrokenProcessPool:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise WorkerLostError("a worker process could not load the model") from None
+        return executor
+
+    def recommend_many(self, requests: Sequence, k: int = 10) -> list:
+        """``Recommender.recommend_many`` in one free worker (the same results: tested)."""
+        from .recommend import Request
+
+        requests = [Request.of(r) for r in requests]  # a bad request fails here, before any pickling
+        executor = self._executor
+        try:
+            future = executor.submit(_recommend_many, requests, k)
+        except BrokenProcessPool:  # a worker died between calls: replace them, then this call goes ahead
+            self._replace(executor)
+            executor = self._executor
+            future = executor.submit(_recommend_many, requests, k)
+        try:
+            pid, results = future.result()
+        except BrokenProcessPool:  # died during this call (maybe because of it): replaced, not retried
+            self._replace(executor)
+            raise WorkerLostError("a worker process died during this request; it was replaced: try again") from None
+        with self._lock:
+            self.served[pid] += 1
+        return results
+
+    def recommend(self, user: int | None = None, history: Sequence[str] | None = None, k: int = 10,
+                  prior: str | None = None, prior_weight: float | None = None):
+        """``Recommender.recommend`` (beam search; sampling is not offered here)."""
+        from .recommend import Request
+
+        if (user is None) == (history is None):
+            raise UsageError("give exactly one of a user or a history")
+        request = Request(user=user, history=None if history is None else tuple(history), prior=prior,
+                          prior_weight=prior_weight)
+        return self.recommend_many([request], k=k)[0]
+
+    def _replace(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._executor is broken:  # the first caller to see it broken replaces it
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> RecommenderPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,198 @@
+"""RecommenderPool (``serve --workers N``): real spawned worker processes, each with real llama.cpp on the
+tiny random GGUF over the tiny SQLite database."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_serve import http, model_root, running, tiny_model, tiny_model_for  # noqa: F401 (fixtures)
+
+from genrec_edge.errors import CorruptModelError, NotFoundError, UsageError, WorkerLostError
+from genrec_edge.pool import RecommenderPool
+from genrec_edge.recommend import Recommender
+from genrec_edge.serve import make_server, status_for
+
+USERS = (1, 2, 3, 4, 5, 6, 7, 8)
+
+
+def _ranked(recs) -> list[tuple[str, float]]:
+    return [(r.title, r.score) for r in recs.items]
+
+
+def _same(a: list[tuple[str, float]], b: list[tuple[str, float]]) -> bool:
+    return [t for t, _ in a] == [t for t, _ in b] and all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, b, strict=True))
+
+
+@pytest.fixture
+def pool(tiny_db, tiny_model):  # noqa: F811
+    with RecommenderPool.open(tiny_model, tiny_db, workers=2) as p:
+        yield p
+
+
+def test_pool_answers_equal_one_process_and_both_workers_serve(pool, tiny_db, tiny_model):  # noqa: F811
+    with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as rec:
+        alone = {u: _ranked(rec.recommend(user=u, k=5)) for u in USERS}
+    assert len(multiprocessing.active_children()) == 2, "both workers start (and load) at open"
+    answers: dict[int, list] = {u: [] for u in USERS}
+    asks = USERS * 2
+    barrier = threading.Barrier(len(asks))
+
+    def ask(user: int) -> None:
+        barrier.wait()
+        answers[user].append(_ranked(pool.recommend(user=user, k=5)))
+
+    threads = [threading.Thread(target=ask, args=(u,)) for u in asks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for user in USERS:
+        assert len(answers[user]) == 2 and all(_same(a, alone[user]) for a in answers[user]), user
+    assert sum(pool.served.values()) == len(asks)
+    assert len(pool.served) == 2, f"one worker answered everything: {pool.served}"
+    assert _ranked(pool.recommend_many([3], k=5)[0]) == answers[3][0]
+
+
+def test_pool_bad_input_fails_as_one_process_does(pool, tiny_db, tiny_model, tmp_path):  # noqa: F811
+    with pytest.raises(NotFoundError, match="999"):
+        pool.recommend(user=999, k=3)  # raised in a worker, re-raised here with its type
+    with pytest.raises(UsageError, match="exactly one"):
+        pool.recommend(k=3)
+    with pytest.raises(UsageError, match="one string"):
+        pool.recommend_many(["a title"], k=3)
+    assert _ranked(pool.recommend(user=1, k=3)), "a bad request leaves the workers serving"
+    with pytest.raises(UsageError, match="at least 1"):
+        RecommenderPool.open(tiny_model, tiny_db, workers=0)
+    bad = tmp_path / "model-Q8_0.gguf"
+    bad.write_bytes(b"not a gguf")
+    with pytest.raises(CorruptModelError):  # checked in this process: no worker is started
+        RecommenderPool.open(bad, tiny_db, workers=2)
+
+
+def test_a_dead_worker_is_replaced(pool):
+    before = _ranked(pool.recommend(user=2, k=3))
+    victim = multiprocessing.active_children()[0].pid
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the call in flight when it breaks (if any) is a WorkerLostError
+        try:
+            after = _ranked(pool.recommend(user=2, k=3))
+            break
+        except WorkerLostError:
+            time.sleep(0.1)
+    assert after == before
+    pids = {p.pid for p in multiprocessing.active_children()}
+    assert victim not in pids and len(pids) == 2
+    assert status_for(WorkerLostError("x")) == 503
+
+
+def test_server_with_workers_answers_concurrent_requests_in_parallel(tiny_db, tiny_model):  # noqa: F811
+    """make_server(workers=2): the request batcher hands two groups at once to the pool (one per worker)."""
+    server = make_server(tiny_db, tiny_model, port=0, workers=2, log=lambda line: None)
+    pool = server.service.recommender
+    assert isinstance(pool, RecommenderPool)
+    inflight, most = 0, 0
+    lock = threading.Lock()
+    real = pool.recommend_many
+
+    def counting(requests, k=10):
+        nonlocal inflight, most
+        with lock:
+            inflight += 1
+            most = max(most, inflight)
+        try:
+            time.sleep(0.2)  # hold the slot: the second request must not wait for the first
+            return real(requests, k=k)
+        finally:
+            with lock:
+                inflight -= 1
+
+    pool.recommend_many = counting
+    with running(server):
+        answers: dict[int, tuple] = {}
+        barrier = threading.Barrier(4)
+
+        def ask(user: int) -> None:
+            barrier.wait()
+            answers[user] = http(server.url + "/recommend", "POST", {"user": user, "k": 3})[:2]
+
+        threads = [threading.Thread(target=ask, args=(u,)) for u in (1, 2, 4, 999)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert most == 2, f"{most} searches at once with 2 workers"
+    assert all(answers[u][0] == 200 for u in (1, 2, 4)), answers
+    assert answers[999][0] == 404 and "999" in answers[999][1]["error"]
+    assert not multiprocessing.active_children(), "server_close stops the workers"
+
+
+def test_cli_serve_workers_starts_answers_and_stops_clean(tiny_db, tiny_model):  # noqa: F811
+    env = dict(os.environ, OMP_WAIT_POLICY="passive", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genrec_edge", "serve", "--port", "0", "--db", str(tiny_db), "--model", str(tiny_model),
+         "--workers", "2", "--threads", "1"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+    )
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("serving on http://127.0.0.1:") and "2 search processes" in line, line
+        port = int(line.split("http://127.0.0.1:", 1)[1].split(" ", 1)[0])
+        children = _children(proc.pid)
+        assert len(children) >= 2, children  # the workers (and multiprocessing's resource tracker)
+        status, body, _ = http(f"http://127.0.0.1:{port}/recommend", "POST", {"user": 1, "k": 3})
+        assert status == 200 and len(body["items"]) == 3
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "stopped" in err and "Traceback" not in err, err
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)], "no worker outlives the server"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_serve_workers_bad_input_is_one_line(tiny_db, tmp_path):
+    bad = tmp_path / "model-Q8_0.gguf"
+    bad.write_bytes(b"not a gguf")
+    for args, code in ((["--model", str(bad), "--workers", "2"], CorruptModelError.exit_code),
+                       (["--workers", "0"], 2)):
+        done = subprocess.run([sys.executable, "-m", "genrec_edge", "serve", "--port", "0", "--db", str(tiny_db), *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == code, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert "Traceback" not in done.stderr and len(lines) <= 6, done.stderr  # typer's usage box for --workers 0
+        assert "error" in done.stderr.lower() or "invalid" in done.stderr.lower()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
