@@ -1,10 +1,11 @@
 """Recommendations from N worker processes, each with its own model: what ``serve --workers N`` searches with.
 
-Why processes (bench/results/process-split-2026-12-01.md, docs/FINDINGS.md): on 2 cores, two processes
-with one model each rank 1.2-1.3x the users/s of one process using both cores, with identical results,
-while batching several users into one search does not pay (bench/results/runtime.md). Each worker keeps
-the shipped adaptive thread count (cpu_share.py): a lone request still runs on every core, concurrent
-ones share them out.
+Why processes (docs/FINDINGS.md): on 2 cores, two processes with one model each rank 1.2-1.3x the users/s
+of one process using both cores, with identical results (bench/results/process-split-2026-12-01.md), while
+batching several users into one search does not pay (bench/results/runtime.md). Behind the HTTP service,
+a busy service answered 1.49x the users/s with 2 search processes and 1.19x with 1 than with the search in
+the HTTP process (bench/results/serve-workers-2026-12-02.md). Each worker keeps the shipped adaptive thread
+count (cpu_share.py): a lone request still runs on every core, concurrent ones share them out.
 
 :class:`RecommenderPool` has the :class:`~genrec_edge.recommend.Recommender` calls a server makes
 (``recommend``, ``recommend_many``, ``batch``, ``close``) plus ``workers``, how many calls it serves at
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,10 +36,21 @@ _recommender: Any = None  # in a worker process: its own Recommender
 
 def _load(kwargs: dict[str, Any]) -> None:
     global _recommender
+    # Ctrl-C reaches the terminal's whole process group: the parent finishes its requests in flight, then
+    # stops us (ProcessPoolExecutor.shutdown). If the parent dies without doing so (SIGKILL, a crash), we
+    # must not live on holding a model: a worker is re-parented, so its parent id changes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before llama_cpp loads (docs/FINDINGS.md)
     from .recommend import Recommender
 
     _recommender = Recommender.open(**kwargs, warn=lambda message: None)  # the parent showed the warnings
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _pid() -> int:

@@ -16,9 +16,12 @@ weeks next to a user's data (:class:`_Guard`, one middleware):
 * at most ``max_inflight`` requests are served at once (503 beyond);
 * SIGTERM/SIGINT stop accepting connections and finish the requests in flight (:func:`serve`).
 
-``workers=N`` (> 1) searches in N processes, each with its own model (:class:`~genrec_edge.pool.RecommenderPool`),
-while this process keeps the HTTP side: concurrent /recommend requests are answered up to N at a time,
-each by a free worker, and a lone request still gets every core (pool.py says why this pays on 2 cores).
+``workers=N`` (≥ 1; ``genrec-edge serve`` uses 1) searches in N processes, each with its own model
+(:class:`~genrec_edge.pool.RecommenderPool`), while this process keeps the HTTP side: concurrent /recommend
+requests are answered up to N at a time, each by a free worker; a lone request still gets every core, and
+a worker that crashes costs one 503, not the service (bench/results/serve-workers-2026-12-02.md: 1.19x
+and, with 2 workers, 1.49x the users/s of a busy service on 2 cores). ``workers=0`` (the default here: a
+script that spawns processes needs an ``if __name__ == "__main__"`` guard) searches in this process.
 
 The routes are plain ``def`` functions: FastAPI runs them in its threadpool, so SQLite and llama.cpp never
 block the event loop. Routes (``GET /openapi.json``, also saved as ``docs/openapi.json``)::
@@ -905,7 +908,7 @@ def make_server(
     threads: int | None = None,
     beam: int | None = None,
     batch: int = 1,
-    workers: int = 1,
+    workers: int = 0,
     recommender: Any = None,
     allow_remote: bool = False,
     token: str | None = None,
@@ -918,8 +921,8 @@ def make_server(
     """A bound, not yet serving, server (``port=0`` picks a free port: see ``server.url``).
 
     Opens the database once to fail fast on a bad file, then ``Recommender.open(model, db)`` (``workers``
-    > 1: a :class:`~genrec_edge.pool.RecommenderPool` of that many) unless a ``recommender`` is given (the
-    server then does not close it). Call ``serve_forever()`` and, when
+    ≥ 1: a :class:`~genrec_edge.pool.RecommenderPool` of that many processes) unless a ``recommender`` is
+    given (the server then does not close it). Call ``serve_forever()`` and, when
     done, ``shutdown()`` + ``server_close()``.
     """
     from .history import HistoryDB, _is_read_only_file
@@ -935,7 +938,9 @@ def make_server(
     owns = False
     try:
         if recommender is None and model is not None:
-            if workers > 1:
+            if workers < 0:
+                raise UsageError(f"workers must be 0 (search in this process) or more, not {workers}")
+            if workers >= 1:
                 from .pool import RecommenderPool
 
                 recommender = RecommenderPool.open(model, db, workers=workers, threads=threads, beam=beam,
@@ -963,7 +968,7 @@ def serve(
     threads: int | None = None,
     beam: int | None = None,
     batch: int = 1,
-    workers: int = 1,
+    workers: int = 0,
     allow_remote: bool = False,
     token: str | None = None,
     log: Callable[[str], None] | None = None,

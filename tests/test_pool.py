@@ -168,12 +168,12 @@ def test_cli_serve_workers_bad_input_is_one_line(tiny_db, tmp_path):
     bad = tmp_path / "model-Q8_0.gguf"
     bad.write_bytes(b"not a gguf")
     for args, code in ((["--model", str(bad), "--workers", "2"], CorruptModelError.exit_code),
-                       (["--workers", "0"], 2)):
+                       (["--workers", "-1"], 2)):
         done = subprocess.run([sys.executable, "-m", "genrec_edge", "serve", "--port", "0", "--db", str(tiny_db), *args],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == code, (args, done.stderr)
         lines = done.stderr.strip().splitlines()
-        assert "Traceback" not in done.stderr and len(lines) <= 6, done.stderr  # typer's usage box for --workers 0
+        assert "Traceback" not in done.stderr and len(lines) <= 6, done.stderr  # typer's usage box for --workers -1
         assert "error" in done.stderr.lower() or "invalid" in done.stderr.lower()
 
 
@@ -196,3 +196,60 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_workers_exit_when_their_parent_is_killed(tiny_db, tiny_model, tmp_path):  # noqa: F811
+    script = tmp_path / "holder.py"
+    script.write_text(
+        "import sys, time\n"
+        "from genrec_edge.pool import RecommenderPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = RecommenderPool.open(sys.argv[1], sys.argv[2], workers=2)\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model), str(tiny_db)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers
+        proc.kill()  # no shutdown: the workers must notice on their own
+        proc.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not [pid for pid in workers if _alive(pid)], "a worker outlived its killed parent"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ctrl_c_to_the_process_group_stops_serve_cleanly(tiny_db, tiny_model):  # noqa: F811
+    """A terminal's Ctrl-C reaches the server and its search processes: the workers ignore it, the server
+    stops them after its requests in flight, nothing prints a traceback."""
+    env = dict(os.environ, OMP_WAIT_POLICY="passive", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genrec_edge", "serve", "--port", "0", "--db", str(tiny_db), "--model", str(tiny_model),
+         "--threads", "1"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, start_new_session=True,
+    )
+    try:
+        line = proc.stderr.readline()
+        assert "1 search process" in line, line
+        port = int(line.split("http://127.0.0.1:", 1)[1].split(" ", 1)[0])
+        assert http(f"http://127.0.0.1:{port}/recommend", "POST", {"user": 2, "k": 3})[0] == 200
+        children = _children(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        err = proc.stderr.read()
+        assert "stopped" in err and "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.1)
+        assert not [pid for pid in children if _alive(pid)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -24,9 +24,9 @@ def register(app: typer.Typer) -> None:
             "1: one after another, the lower mean latency on 2 cores (bench/results/runtime.md); more where cores are spare."
         ),
         workers: int = typer.Option(
-            1, "--workers", min=1, help="Processes that search, each with its own model (~150 MB at Q8_0) and threads: "
-            "concurrent /recommend requests are answered up to this many at a time (2 on 2 cores: see "
-            "bench/results/serve-workers-*.md). A lone request is as fast either way.",
+            1, "--workers", min=0, help="Processes that search, each with its own model (~180 MB at Q8_0): concurrent "
+            "/recommend requests are answered up to this many at a time; a crashed one is replaced. 0: search in "
+            "the HTTP process itself (least memory). Concurrent clients: one per core (bench/results/serve-workers-2026-12-02.md).",
         ),
         allow_remote: bool = typer.Option(
             False, "--allow-remote", help="Allow a non-loopback --host (no TLS: anyone who can reach it can use it)."
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(line, err=True)
 
         def ready(url: str) -> None:
-            shown = f"{workers} search processes, " if workers > 1 else ""
+            shown = {0: "", 1: "1 search process, "}.get(workers, f"{workers} search processes, ")
             typer.echo(f"serving on {url} ({shown}model {model}, db {db}); Ctrl-C to stop", err=True)
 
         run_server(
