@@ -3,8 +3,9 @@
 ``recommend_users(db, out, users=None, ...)`` is what ``genrec-edge recommend --all-users`` runs::
 
     users (all with a history, or a list) -> groups of `batch` consecutive users (plan_groups), minus the
-    groups already in `out` -> Recommender.recommend_many, one group per search (or, with `ray=`,
-    cluster.ray_results: an actor pool on a Ray cluster, each actor one Recommender fed groups of histories)
+    groups already in `out` -> Recommender.recommend_many, one group per search (with `workers=N`, N groups
+    at a time in N spawned processes: pool.RecommenderPool; with `ray=`, cluster.ray_results: an actor
+    pool on a Ray cluster, each actor one Recommender fed groups of histories)
     -> one JSON line per user, appended and flushed as each group finishes; `out` + ".parquet" at the end
 
 The file (``OUT_FORMAT``): line 1 ``{"format": ..., "version": 1, "config": {...}}``, where ``config`` is
@@ -277,6 +278,7 @@ def recommend_users(
     ray: str | bool | None = None,
     actors: int | None = None,
     ship_model: bool = False,
+    workers: int = 1,
     progress: bool = True,
     warn=None,
 ) -> BatchReport:
@@ -287,6 +289,9 @@ def recommend_users(
     single-request ones). ``ray``: None/False
     runs here; True or an address runs on a Ray cluster (``cluster.ray_results``: ``actors`` actors of
     ``threads`` CPUs each), with results identical to the local run's.
+    ``workers`` > 1 ranks in that many spawned processes here, each with its own model (the lines and
+    their order are those of ``workers=1``; on 2 cores 2 processes rank ~1.28x the users/s of one:
+    bench/results/process-split-2026-12-01.md); call it under ``if __name__ == "__main__":`` in a script.
     ``parquet`` also writes ``out`` with the suffix ``.parquet`` when every user is done.
     """
     from . import paths
@@ -300,6 +305,10 @@ def recommend_users(
         raise UsageError(f"--k must be >= 1 (got {k})")
     if batch < 1:
         raise UsageError(f"--batch must be >= 1 (got {batch})")
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1 (got {workers})")
+    if workers > 1 and ray not in (None, False):
+        raise UsageError("--workers is for runs here; on Ray, --actors says how many")
     width = beam if beam is not None else default_beam(k)
     if not 1 <= width <= MAX_SEQUENCES - 3:
         raise UsageError(f"--beam must be between 1 and {MAX_SEQUENCES - 3} (got {width})")
@@ -344,7 +353,10 @@ def recommend_users(
         if groups:
             bar = _bar(todo, resumed, progress)
             try:
-                if ray is None or ray is False:
+                if (ray is None or ray is False) and workers > 1:
+                    results = _pool_results(model_path, db_path, groups, k, width, batch, threads, prior,
+                                            prior_weight, catalog, warn, workers)
+                elif ray is None or ray is False:
                     results = _local_results(model_path, db_path, groups, k, width, batch, threads, prior,
                                              prior_weight, catalog, warn)
                 else:
@@ -403,6 +415,35 @@ def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, 
                           prior_weight=prior_weight, batch=batch) as rec:
         for group in groups:
             yield group_records(group, rank_group(rank, group), catalog)
+
+
+def _pool_results(model_path, db_path, groups, k, beam, batch, threads, prior, prior_weight, catalog, warn,
+                  workers) -> Iterator[list[dict]]:
+    """``_local_results``'s records, in its order, with ``workers`` groups searched at a time in a pool."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .pool import RecommenderPool
+
+    with RecommenderPool.open(model_path, db_path, workers=workers, threads=threads, beam=beam, batch=batch,
+                              prior=prior, prior_weight=prior_weight, warn=warn) as pool:
+        def rank(requests):
+            return [([r.title for r in res.items], [r.score for r in res.items], [r.lm_score for r in res.items])
+                    for res in pool.recommend_many(requests, k=k)]
+
+        # One thread per worker waits on its call; a window of 2 x workers groups keeps every worker busy
+        # while the records are yielded in the groups' order (a resumed file is byte-identical).
+        with ThreadPoolExecutor(workers) as callers:
+            window: deque = deque()
+            todo = iter(groups)
+            for group in todo:
+                window.append((group, callers.submit(rank_group, rank, group)))
+                if len(window) >= 2 * workers:
+                    group, future = window.popleft()
+                    yield group_records(group, future.result(), catalog)
+            while window:
+                group, future = window.popleft()
+                yield group_records(group, future.result(), catalog)
 
 
 def group_records(users: Sequence[int], results: Sequence, catalog) -> list[dict]:

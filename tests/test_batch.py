@@ -228,3 +228,32 @@ def test_ray_without_ray_installed_is_one_clear_error(tiny_model, tiny_db, tmp_p
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the cluster extra were not installed
     with pytest.raises(UsageError, match=r"--ray needs Ray: pip install 'genrec-edge\[cluster\]'"):
         run(tiny_model, tiny_db, tmp_path / "recs.jsonl", ray=True)
+
+
+def test_workers_write_the_bytes_one_process_writes(tiny_model, tiny_db, tmp_path):
+    """--workers 2: two spawned processes rank groups at once; the lines and their order are those of one
+    process, a resume continues either's file, and a user with nothing left still gets its error line."""
+    with HistoryDB.open(tiny_db) as db:
+        for n, item_id in enumerate(TINY_TITLES):
+            db.add_interaction(42, item_id, timestamp=2_000_000_000 + n, rating=3.0)
+    users = [1, 2, 42, 4, 5, 6, 7, 8, 3]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    run(tiny_model, tiny_db, one, users=users, batch=2)
+    report = run(tiny_model, tiny_db, two, users=users, batch=2, workers=2)
+    assert (report.written, report.errors) == (len(users), 1)
+    assert two.read_bytes() == one.read_bytes()
+    lines = one.read_bytes().split(b"\n")
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"\n".join(lines[:4]) + b"\n" + lines[4][:7])  # users 1, 2, 42, then a crash
+    again = run(tiny_model, tiny_db, cut, users=users, batch=2, workers=2)
+    assert (again.resumed, again.written) == (3, 6) and cut.read_bytes() == one.read_bytes()
+    with pytest.raises(UsageError, match="--workers must be >= 1"):
+        run(tiny_model, tiny_db, tmp_path / "x.jsonl", workers=0)
+    with pytest.raises(UsageError, match="--actors says how many"):
+        run(tiny_model, tiny_db, tmp_path / "x.jsonl", workers=2, ray=True)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_cli_workers_is_for_batch_runs(tiny_model, tiny_db, capsys):
+    assert main(["recommend", "--user", "1", "--workers", "2", "--model", str(tiny_model), "--db", str(tiny_db)]) == 2
+    assert "--workers applies to batch runs" in capsys.readouterr().err

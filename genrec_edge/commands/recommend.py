@@ -40,7 +40,7 @@ RAY_HELP = (
 
 
 def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet, ray, actors,
-           ship_model, json_output) -> None:
+           ship_model, workers, json_output) -> None:
     from ..batch import read_users_file, recommend_users
     from ..errors import UsageError
 
@@ -55,6 +55,7 @@ def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior
         db, out, users, users_source=str(users_file) if users_file else None, model=model, k=k, beam=beam,
         batch=batch, threads=threads, prior=prior, prior_weight=prior_weight, parquet=parquet,
         ray=None if ray is None else (True if ray == "local" else ray), actors=actors, ship_model=ship_model,
+        workers=workers,
     )
     if json_output:
         payload = {**report.__dict__, "out": str(report.out), "parquet": str(report.parquet) if report.parquet else None}
@@ -91,6 +92,9 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1, "--batch", min=1, help="Batch: users searched together per llama_decode "
                                   "(the same results; faster only with cores to spare)."),
         parquet: bool = typer.Option(False, "--parquet", help="Batch: also write OUT as .parquet (needs pyarrow)."),
+        workers: int = typer.Option(1, "--workers", min=1, help="Batch: processes ranking users here, each with its "
+                                    "own model (~180 MB at Q8_0); the same lines. 2 on 2 cores: ~1.28x users/s "
+                                    "(bench/results/process-split-2026-12-01.md)."),
         ray: str = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
         actors: int = typer.Option(None, "--actors", min=1, help="With --ray: actors, each with --threads CPUs "
                                    "(default: the cluster's CPUs / threads)."),
@@ -116,10 +120,10 @@ def register(app: typer.Typer) -> None:
             if user is not None or history or more_titles or sample:
                 raise UsageError("--all-users / --users-file do not combine with --user, --history or --sample")
             _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet,
-                   ray, actors, ship_model, json_output)
+                   ray, actors, ship_model, workers, json_output)
             return
         for name, value in (("--out", out), ("--ray", ray), ("--actors", actors), ("--parquet", parquet or None),
-                            ("--ship-model", ship_model or None)):
+                            ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None)):
             if value is not None:
                 raise UsageError(f"{name} applies to batch runs: add --all-users or --users-file FILE")
         from ..recommend import Recommender
