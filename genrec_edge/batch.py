@@ -420,10 +420,7 @@ def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, 
 def _pool_results(model_path, db_path, groups, k, beam, batch, threads, prior, prior_weight, catalog, warn,
                   workers) -> Iterator[list[dict]]:
     """``_local_results``'s records, in its order, with ``workers`` groups searched at a time in a pool."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    from .pool import RecommenderPool
+    from .pool import RecommenderPool, ordered_map
 
     with RecommenderPool.open(model_path, db_path, workers=workers, threads=threads, beam=beam, batch=batch,
                               prior=prior, prior_weight=prior_weight, warn=warn) as pool:
@@ -431,19 +428,9 @@ def _pool_results(model_path, db_path, groups, k, beam, batch, threads, prior, p
             return [([r.title for r in res.items], [r.score for r in res.items], [r.lm_score for r in res.items])
                     for res in pool.recommend_many(requests, k=k)]
 
-        # One thread per worker waits on its call; a window of 2 x workers groups keeps every worker busy
-        # while the records are yielded in the groups' order (a resumed file is byte-identical).
-        with ThreadPoolExecutor(workers) as callers:
-            window: deque = deque()
-            todo = iter(groups)
-            for group in todo:
-                window.append((group, callers.submit(rank_group, rank, group)))
-                if len(window) >= 2 * workers:
-                    group, future = window.popleft()
-                    yield group_records(group, future.result(), catalog)
-            while window:
-                group, future = window.popleft()
-                yield group_records(group, future.result(), catalog)
+        # In the groups' order, as one process writes them: a resumed file is byte-identical.
+        for group, results in ordered_map(lambda g: (g, rank_group(rank, g)), groups, workers):
+            yield group_records(group, results, catalog)
 
 
 def group_records(users: Sequence[int], results: Sequence, catalog) -> list[dict]:

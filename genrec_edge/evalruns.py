@@ -105,17 +105,28 @@ def llm_rankings(rec, examples: Sequence[Example], catalog: Catalog, k: int, pri
 
     The history is the example's titles; every title in it is excluded inside the search. A collaborative
     prior reads the example's item ids. ``rec.batch`` examples are searched together
-    (``Recommender.rank_many``: the same results as one at a time, fewer llama_decode calls).
+    (``Recommender.rank_many``: the same results as one at a time, fewer llama_decode calls); a
+    ``RecommenderPool`` searches ``rec.workers`` such groups at a time, yielded in the same order.
     """
     group = max(1, getattr(rec, "batch", 1))
-    for first in range(0, len(examples), group):
-        chunk = examples[first : first + group]
+    chunks = [examples[first : first + group] for first in range(0, len(examples), group)]
+
+    def rank(chunk):
         requests = []
         for example in chunk:
             history = [catalog.title_of(item) for item in example.history]
             requests.append((history, set(history), list(example.history)))
-        for example, ranking in zip(chunk, rec.rank_many(requests, k, prior=prior, prior_weight=prior_weight),
-                                    strict=True):
+        return chunk, rec.rank_many(requests, k, prior=prior, prior_weight=prior_weight)
+
+    workers = getattr(rec, "workers", 1)
+    if workers > 1:
+        from .pool import ordered_map
+
+        ranked = ordered_map(rank, chunks, workers)
+    else:
+        ranked = map(rank, chunks)
+    for chunk, rankings in ranked:
+        for example, ranking in zip(chunk, rankings, strict=True):
             yield example, list(ranking.titles)
 
 
@@ -138,9 +149,10 @@ def _llm_identity(model_path: Path, base_config: dict, k: int, prior: str | None
 
 def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None, beam: int | None,
             prior_weight: float | None = None) -> Run:
-    """The LLM behind ``rec`` (an open ``Recommender``) as a top-``k`` run, with ``prior`` (None: its default)."""
+    """The LLM behind ``rec`` (an open ``Recommender`` or ``RecommenderPool``) as a top-``k`` run, with ``prior``
+    (None: its default)."""
     used = rec.default_prior if prior is None else prior
-    label, config = _llm_identity(Path(rec.engine.path), base_config, k, prior, beam, prior_weight, used)
+    label, config = _llm_identity(rec.model_path, base_config, k, prior, beam, prior_weight, used)
 
     def produce(examples):
         for example, titles in llm_rankings(rec, examples, catalog, k, prior, prior_weight):
@@ -270,6 +282,7 @@ def evaluate_recommenders(
     warn=None,
     batch: int = 1,
     ray: str | None = None,
+    workers: int = 1,
 ) -> Evaluation:
     """Score every recommender in ``specs`` on the same users, with intervals and paired differences.
 
@@ -277,7 +290,9 @@ def evaluate_recommenders(
     recommender is top-``k`` (the LLM), every recommender's MRR is MRR@k, so that all compare alike.
     ``by`` names slicings (``SLICINGS``) to report the metrics within. ``batch``: LLM requests searched
     together (the results do not depend on it). ``ray``: a Ray address (``local`` for a local instance)
-    to run the LLM's searches on an actor pool, same results.
+    to run the LLM's searches on an actor pool, same results. ``workers`` > 1: the LLM's searches in that
+    many spawned processes here (``pool.RecommenderPool``), same results (call it under ``if __name__ ==
+    "__main__":`` in a script).
     """
     from . import paths
     from .baselines import split_examples
@@ -290,6 +305,10 @@ def evaluate_recommenders(
         raise UsageError("nothing to evaluate: give --pop, --sasrec DIR or --model GGUF")
     if k < 1:
         raise UsageError(f"--k must be >= 1 (got {k})")
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1 (got {workers})")
+    if workers > 1 and ray is not None:
+        raise UsageError("--workers is for runs here; on Ray the cluster's CPUs say how many actors")
     unknown = [b for b in by if b not in SLICINGS]
     if unknown:
         raise UsageError(f"unknown --by {unknown[0]!r}; use {' or '.join(SLICINGS)}")
@@ -307,7 +326,8 @@ def evaluate_recommenders(
     runs: dict[str, dict] = {}
     order = {"llm": 0, "sasrec": 1, "pop": 2}  # differences read "LLM - SASRec", "SASRec - popularity"
     for spec in sorted(specs, key=lambda sp: order[sp.kind]):
-        with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn, batch, ray) as run:
+        with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn, batch, ray,
+                       workers) as run:
             name = run.name
             while name in results:
                 name += " #2"
@@ -339,13 +359,20 @@ def evaluate_recommenders(
 
 @contextmanager
 def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog, split: str, base: dict, k: int,
-              threads: int | None, beam: int | None, warn, batch: int = 1, ray: str | None = None):
+              threads: int | None, beam: int | None, warn, batch: int = 1, ray: str | None = None,
+              workers: int = 1):
     if spec.kind == "pop":
         yield popularity_run(sequences, catalog, split, base, keep=STORED_TITLES)
     elif spec.kind == "sasrec":
         yield sasrec_run(Path(spec.path), catalog, base, keep=STORED_TITLES, threads=threads)
     elif ray is not None:
         yield ray_llm_run(spec.path, db_path, catalog, base, k, spec.prior, beam, spec.prior_weight, batch, threads, ray)
+    elif workers > 1:
+        from .pool import RecommenderPool
+
+        with RecommenderPool.open(spec.path, db_path, workers=workers, threads=threads, beam=beam, warn=warn,
+                                  batch=batch) as pool:
+            yield llm_run(pool, catalog, base, k, spec.prior, beam, spec.prior_weight)
     else:
         from .recommend import Recommender
 

@@ -22,9 +22,9 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -61,12 +61,32 @@ def _recommend_many(requests: list, k: int) -> tuple[int, list]:
     return os.getpid(), _recommender.recommend_many(requests, k=k)
 
 
+def _rank_many(requests: list, k: int, prior: str | None, prior_weight: float | None) -> tuple[int, list]:
+    return os.getpid(), _recommender.rank_many(requests, k, prior=prior, prior_weight=prior_weight)
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+    """``fn(item)`` for each item, yielded in the items' order, up to ``2 * workers`` calls at a time (each
+    in a thread that waits on a pool call): every worker stays busy, and whoever writes the results writes
+    them in the order one process would."""
+    with ThreadPoolExecutor(workers) as callers:
+        window: deque = deque()
+        for item in items:
+            window.append(callers.submit(fn, item))
+            if len(window) >= 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
 class RecommenderPool:
     """``workers`` processes, each with ``Recommender.open(model, db, ...)``. Use :meth:`open`."""
 
-    def __init__(self, kwargs: dict[str, Any], workers: int):
+    def __init__(self, kwargs: dict[str, Any], workers: int, default_prior: str = "none"):
         self.workers = workers
         self.batch = kwargs["batch"]
+        self.model_path = Path(kwargs["model"])
+        self.default_prior = default_prior  # the prior a request without one gets, as Recommender's
         self._kwargs = kwargs
         self._lock = threading.Lock()
         self.served: Counter[int] = Counter()  # calls answered, by worker process id
@@ -75,7 +95,7 @@ class RecommenderPool:
     @classmethod
     def open(
         cls,
-        model: str | Path,
+        model: str | Path | None,
         db: str | Path,
         *,
         workers: int,
@@ -90,12 +110,14 @@ class RecommenderPool:
         warnings), then start ``workers`` processes and wait until each has loaded it."""
         if workers < 1:
             raise UsageError(f"workers must be at least 1, not {workers}")
+        from .models import default_model_path
         from .recommend import Recommender
 
-        kwargs = {"model": str(model), "db": str(db), "threads": threads, "beam": beam, "batch": batch,
+        kwargs = {"model": str(model if model is not None else default_model_path()), "db": str(db), "threads": threads, "beam": beam, "batch": batch,
                   "prior": prior, "prior_weight": prior_weight}
-        Recommender.open(**kwargs, warn=warn).close()
-        return cls(kwargs, workers)
+        with Recommender.open(**kwargs, warn=warn) as rec:
+            default_prior = rec.default_prior
+        return cls(kwargs, workers, default_prior)
 
     def _start(self) -> ProcessPoolExecutor:
         executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -115,13 +137,22 @@ class RecommenderPool:
         from .recommend import Request
 
         requests = [Request.of(r) for r in requests]  # a bad request fails here, before any pickling
+        return self._call(_recommend_many, requests, k)
+
+    def rank_many(self, requests: Sequence, k: int, prior: str | None = None,
+                  prior_weight: float | None = None) -> list:
+        """``Recommender.rank_many`` (no database: the histories are given) in one free worker."""
+        requests = [(list(h), set(s), None if i is None else list(i)) for h, s, i in requests]
+        return self._call(_rank_many, requests, k, prior, prior_weight)
+
+    def _call(self, fn, *args) -> list:
         executor = self._executor
         try:
-            future = executor.submit(_recommend_many, requests, k)
+            future = executor.submit(fn, *args)
         except BrokenProcessPool:  # a worker died between calls: replace them, then this call goes ahead
             self._replace(executor)
             executor = self._executor
-            future = executor.submit(_recommend_many, requests, k)
+            future = executor.submit(fn, *args)
         try:
             pid, results = future.result()
         except BrokenProcessPool:  # died during this call (maybe because of it): replaced, not retried

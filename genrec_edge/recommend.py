@@ -204,6 +204,10 @@ class Recommender:
         self._prefill_prefix()
 
     @property
+    def model_path(self) -> Path:
+        return Path(self.engine.path)
+
+    @property
     def prompt_seq(self) -> int:
         return self._slot_seqs(0)[0]
 

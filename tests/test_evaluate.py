@@ -284,3 +284,16 @@ def test_help_imports_neither_torch_nor_scipy():
                                                 {"torch", "scipy", "llama_cpp"})
     assert "Example: genrec-edge evaluate" in out
     assert imported == []
+
+
+def test_workers_write_the_log_one_process_writes(db, tiny_model, tmp_path, capsys):
+    """--workers 2: the LLM's searches in two spawned processes; the same report and the same log bytes
+    (the results are written in the users' order, as one process writes them)."""
+    one_log, two_log = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    args = ["--db", str(db), "--model", str(tiny_model), "--batch", "2"]
+    one = run_json(capsys, *args, "--out", str(one_log))
+    two = run_json(capsys, *args, "--out", str(two_log), "--workers", "2")
+    assert comparable(two) == comparable(one)
+    assert two_log.read_bytes() == one_log.read_bytes()
+    assert main(["evaluate", *args, "--workers", "2", "--ray", "local"]) == 2
+    assert "--workers is for runs here" in capsys.readouterr().err
