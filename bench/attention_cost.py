@@ -34,7 +34,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from bench.saved_run import render_saved, save_run  # noqa: E402
+from bench.saved_run import add_run_arguments, render_saved, save_figure, save_run  # noqa: E402
 
 K, BEAM = 10, 20
 CALL_TOKENS = 32
@@ -213,9 +213,7 @@ def render(data: dict, stem: Path) -> None:
     right.grid(alpha=0.3)
     right.legend(fontsize=8)
     fig.suptitle(f"attention's cost: {meta['model']}, {meta['threads']} threads, {meta['date']}")
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, stem)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,11 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: the default model, Q8_0)")
-    parser.add_argument("--db", type=Path, default=None, help="default: the database `genrec-edge init` builds")
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="context lengths L of part 1")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--render", type=Path, help="redraw the table and plot of a saved run (its .json)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.render:
         return render_saved(parser, args.render, render)

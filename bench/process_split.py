@@ -29,7 +29,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from bench.saved_run import render_saved, save_run  # noqa: E402
+from bench.saved_run import add_run_arguments, render_saved, save_figure, save_run  # noqa: E402
 
 K, BEAM = 10, 20
 READY_TIMEOUT_S = 900.0  # a worker that has not loaded its model by then is a failure, not a wait
@@ -189,9 +189,7 @@ def render(data: dict, stem: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"batch throughput by layout: {meta['cpus']} CPUs, {meta['date']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, stem)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--layouts", default=f"1x{cpus},{cpus}x1" if cpus > 1 else "1x1,2x1",
                         help="PROCESSESxTHREADS,... the first is the reference (default: 1x<cpus>,<cpus>x1)")
-    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: the default model, Q8_0)")
-    parser.add_argument("--db", type=Path, default=None, help="default: the database `genrec-edge init` builds")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--render", type=Path, help="redraw the table and plot of a saved run (its .json)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.render:
         return render_saved(parser, args.render, render)

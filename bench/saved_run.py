@@ -13,6 +13,23 @@ from pathlib import Path
 Render = Callable[[dict, Path], None]  # (the run's dict, stem) -> writes stem.md and stem.png
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments every bench with a run of record takes: --model, --db, --out, --render."""
+    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: the default model, Q8_0)")
+    parser.add_argument("--db", type=Path, default=None, help="default: the database `genrec-edge init` builds")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--render", type=Path, help="redraw the table and plot of a saved run (its .json)")
+
+
+def save_figure(fig, stem: Path) -> None:
+    """``stem``.png, as every bench draws it, and the figure closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(stem.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+
+
 def render_saved(parser: argparse.ArgumentParser, path: Path, render: Render) -> int:
     """``--render``: redraw the run saved in ``path``; a missing file is one usage line (exit 2)."""
     if not path.is_file():

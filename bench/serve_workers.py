@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.saved_run import render_saved, save_run
+from bench.saved_run import add_run_arguments, render_saved, save_figure, save_run
 
 K, BEAM = 10, 20
 START_TIMEOUT_S = 300.0
@@ -241,9 +241,7 @@ def render(data: dict, stem: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"serve --workers: {meta['cpus']} CPUs, {meta['date']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(stem.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    save_figure(fig, stem)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -257,10 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--lone", type=int, default=8, help="users asked one after another")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--model", type=Path, default=None, help="GGUF (default: the default model, Q8_0)")
-    parser.add_argument("--db", type=Path, default=None, help="default: the database `genrec-edge init` builds")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--render", type=Path, help="redraw the table and plot of a saved run (its .json)")
+    add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.render:
         return render_saved(parser, args.render, render)

@@ -1,4 +1,5 @@
-"""Recommendations from N worker processes, each with its own model: what ``serve --workers N`` searches with.
+"""Recommendations from N worker processes, each with its own model: ``--workers N`` of ``serve``, ``evaluate``
+and batch ``recommend``.
 
 Why processes (docs/FINDINGS.md): on 2 cores, two processes with one model each rank 1.2-1.3x the users/s
 of one process using both cores, with identical results (bench/results/process-split-2026-12-01.md), while
@@ -7,9 +8,10 @@ a busy service answered 1.49x the users/s with 2 search processes and 1.19x with
 the HTTP process (bench/results/serve-workers-2026-12-02.md). Each worker keeps the shipped adaptive thread
 count (cpu_share.py): a lone request still runs on every core, concurrent ones share them out.
 
-:class:`RecommenderPool` has the :class:`~genrec_edge.recommend.Recommender` calls a server makes
-(``recommend``, ``recommend_many``, ``batch``, ``close``) plus ``workers``, how many calls it serves at
-once. The process pool is :class:`concurrent.futures.ProcessPoolExecutor` (spawn: a forked child would
+:class:`RecommenderPool` has the :class:`~genrec_edge.recommend.Recommender` calls those make
+(``recommend``, ``recommend_many``, ``rank_many``, ``batch``, ``model_path``, ``default_prior``, ``close``)
+plus ``workers``, how many calls it serves at once; :func:`ordered_map` keeps that many busy while the
+results come back in order. The process pool is :class:`concurrent.futures.ProcessPoolExecutor` (spawn: a forked child would
 inherit this process's threads and llama.cpp state): a free worker takes the next call. A worker that
 dies (killed, out of memory) breaks that executor; the pool then starts a fresh one: the calls that
 were in flight raise :class:`~genrec_edge.errors.WorkerLostError` (HTTP 503: retry), later ones are served.
@@ -113,8 +115,8 @@ class RecommenderPool:
         from .models import default_model_path
         from .recommend import Recommender
 
-        kwargs = {"model": str(model if model is not None else default_model_path()), "db": str(db), "threads": threads, "beam": beam, "batch": batch,
-                  "prior": prior, "prior_weight": prior_weight}
+        kwargs = {"model": str(model if model is not None else default_model_path()), "db": str(db),
+                  "threads": threads, "beam": beam, "batch": batch, "prior": prior, "prior_weight": prior_weight}
         with Recommender.open(**kwargs, warn=warn) as rec:
             default_prior = rec.default_prior
         return cls(kwargs, workers, default_prior)
