@@ -349,6 +349,7 @@ class Health(BaseModel):
     version: str
     model: str | None
     recommend: bool = Field(description="Whether a model is loaded (POST /recommend answers).")
+    workers: int = Field(description="Search processes (serve --workers); 0: searches run in the server process.")
     db: DatabaseInfo
 
 
@@ -383,7 +384,8 @@ class Service:
             info = DatabaseInfo(path=str(self.db), schema_version=db.schema_version(), users=len(db.users()),
                                 items=db.count_items())
         return Health(version=__version__, model=str(self.model) if self.model else None,
-                      recommend=self.recommender is not None, db=info)
+                      recommend=self.recommender is not None, workers=getattr(self.recommender, "workers", 0),
+                      db=info)
 
     def user_history(self, user: int, limit: int | None) -> History:
         with self._open_db(readonly=True) as db:

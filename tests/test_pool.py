@@ -117,6 +117,7 @@ def test_server_with_workers_answers_concurrent_requests_in_parallel(tiny_db, ti
 
     pool.recommend_many = counting
     with running(server):
+        assert http(server.url + "/health")[1]["workers"] == 2
         answers: dict[int, tuple] = {}
         barrier = threading.Barrier(4)
 
