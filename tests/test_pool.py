@@ -81,16 +81,22 @@ def test_a_dead_worker_is_replaced(pool):
     before = _ranked(pool.recommend(user=2, k=3))
     victim = multiprocessing.active_children()[0].pid
     os.kill(victim, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # the call in flight when it breaks (if any) is a WorkerLostError
+    # The executor notices the death on its own thread: until then the other worker answers; the first
+    # call after it (or the one in flight then: WorkerLostError) replaces the pool.
+    answers, pids = [], set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         try:
-            after = _ranked(pool.recommend(user=2, k=3))
-            break
+            answers.append(_ranked(pool.recommend(user=2, k=3)))
         except WorkerLostError:
-            time.sleep(0.1)
-    assert after == before
-    pids = {p.pid for p in multiprocessing.active_children()}
-    assert victim not in pids and len(pids) == 2
+            pass
+        pids = {p.pid for p in multiprocessing.active_children()}
+        if victim not in pids and len(pids) == 2:
+            break
+        time.sleep(0.1)
+    assert victim not in pids and len(pids) == 2, pids
+    assert all(a == before for a in answers)  # answers before the replacement (if any) are right too
+    assert _ranked(pool.recommend(user=2, k=3)) == before
     assert status_for(WorkerLostError("x")) == 503
 
 
