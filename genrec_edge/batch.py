@@ -298,7 +298,13 @@ def recommend_users(
     from .catalog import check_model_catalog
     from .history import HistoryDB
     from .models import default_model_path
-    from .recommend import MAX_SEQUENCES, check_default_model_catalog, default_beam, model_provenance
+    from .recommend import (
+        MAX_SEQUENCES,
+        check_default_model_catalog,
+        default_beam,
+        model_provenance,
+        stderr_warning,
+    )
 
     started = time.perf_counter()
     if not isinstance(k, int) or k < 1:
@@ -341,7 +347,7 @@ def recommend_users(
         trained_for = model_provenance(model_path).get("catalog_sha256")
         checked = check_model_catalog(trained_for, catalog.sha256, model_path.name, str(db_path))
         if not checked and ray not in (None, False):
-            (warn or _stderr_warning)(f"{model_path.name} has no genrec.catalog_sha256 (a zero-shot base model?): "
+            (warn or stderr_warning)(f"{model_path.name} has no genrec.catalog_sha256 (a zero-shot base model?): "
                                       "serving it for this catalog without a training check")
         config = batch_config(model_path, history, catalog, k, width, prior, prior_weight)
 
@@ -353,12 +359,9 @@ def recommend_users(
         if groups:
             bar = _bar(todo, resumed, progress)
             try:
-                if (ray is None or ray is False) and workers > 1:
-                    results = _pool_results(model_path, db_path, groups, k, width, batch, threads, prior,
-                                            prior_weight, catalog, warn, workers)
-                elif ray is None or ray is False:
+                if ray is None or ray is False:
                     results = _local_results(model_path, db_path, groups, k, width, batch, threads, prior,
-                                             prior_weight, catalog, warn)
+                                             prior_weight, catalog, warn, workers)
                 else:
                     from .cluster import ray_results
 
@@ -389,12 +392,6 @@ def plan_groups(users: Sequence[int], done: set[int], batch: int) -> list[list[i
     return [group for group in groups if any(user not in done for user in group)]
 
 
-def _stderr_warning(message: str) -> None:
-    import sys
-
-    print(f"warning: {message}", file=sys.stderr)
-
-
 def _bar(total: int, resumed: int, progress: bool):
     from tqdm.auto import tqdm
 
@@ -403,34 +400,26 @@ def _bar(total: int, resumed: int, progress: bool):
 
 
 def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, prior_weight, catalog,
-                   warn) -> Iterator[list[dict]]:
-    """The records of each group of users, through ``Recommender.recommend_many`` (one search per group)."""
+                   warn, workers: int = 1) -> Iterator[list[dict]]:
+    """The records of each group of users, through ``recommend_many`` (one search per group) of a
+    ``Recommender`` or, with ``workers`` > 1, of a ``RecommenderPool`` searching that many groups at a time;
+    either way in the groups' order, so a resumed file is byte-identical."""
+    from .pool import RecommenderPool, ordered_map
     from .recommend import Recommender
 
-    def rank(requests):
-        return [([r.title for r in res.items], [r.score for r in res.items], [r.lm_score for r in res.items])
-                for res in rec.recommend_many(requests, k=k)]
-
-    with Recommender.open(model_path, db_path, threads=threads, beam=beam, warn=warn, prior=prior,
-                          prior_weight=prior_weight, batch=batch) as rec:
-        for group in groups:
-            yield group_records(group, rank_group(rank, group), catalog)
-
-
-def _pool_results(model_path, db_path, groups, k, beam, batch, threads, prior, prior_weight, catalog, warn,
-                  workers) -> Iterator[list[dict]]:
-    """``_local_results``'s records, in its order, with ``workers`` groups searched at a time in a pool."""
-    from .pool import RecommenderPool, ordered_map
-
-    with RecommenderPool.open(model_path, db_path, workers=workers, threads=threads, beam=beam, batch=batch,
-                              prior=prior, prior_weight=prior_weight, warn=warn) as pool:
+    options = {"threads": threads, "beam": beam, "warn": warn, "prior": prior, "prior_weight": prior_weight,
+               "batch": batch}
+    opened = (RecommenderPool.open(model_path, db_path, workers=workers, **options) if workers > 1
+              else Recommender.open(model_path, db_path, **options))
+    with opened as rec:
         def rank(requests):
             return [([r.title for r in res.items], [r.score for r in res.items], [r.lm_score for r in res.items])
-                    for res in pool.recommend_many(requests, k=k)]
+                    for res in rec.recommend_many(requests, k=k)]
 
-        # In the groups' order, as one process writes them: a resumed file is byte-identical.
-        for group, results in ordered_map(lambda g: (g, rank_group(rank, g)), groups, workers):
-            yield group_records(group, results, catalog)
+        def records(group):
+            return group_records(group, rank_group(rank, group), catalog)
+
+        yield from (ordered_map(records, groups, workers) if workers > 1 else map(records, groups))
 
 
 def group_records(users: Sequence[int], results: Sequence, catalog) -> list[dict]:

@@ -367,16 +367,14 @@ def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog,
         yield sasrec_run(Path(spec.path), catalog, base, keep=STORED_TITLES, threads=threads)
     elif ray is not None:
         yield ray_llm_run(spec.path, db_path, catalog, base, k, spec.prior, beam, spec.prior_weight, batch, threads, ray)
-    elif workers > 1:
-        from .pool import RecommenderPool
-
-        with RecommenderPool.open(spec.path, db_path, workers=workers, threads=threads, beam=beam, warn=warn,
-                                  batch=batch) as pool:
-            yield llm_run(pool, catalog, base, k, spec.prior, beam, spec.prior_weight)
     else:
+        from .pool import RecommenderPool
         from .recommend import Recommender
 
-        with Recommender.open(spec.path, db_path, threads=threads, beam=beam, warn=warn, batch=batch) as rec:
+        options = {"threads": threads, "beam": beam, "warn": warn, "batch": batch}
+        opened = (RecommenderPool.open(spec.path, db_path, workers=workers, **options) if workers > 1
+                  else Recommender.open(spec.path, db_path, **options))
+        with opened as rec:
             yield llm_run(rec, catalog, base, k, spec.prior, beam, spec.prior_weight)
 
 

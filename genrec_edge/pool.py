@@ -32,21 +32,29 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError, WorkerLostError
+from .recommend import stderr_warning
 
 _recommender: Any = None  # in a worker process: its own Recommender
+_loaded: Any = None  # in a worker process: (its default prior, the warnings opening gave) or the GenrecError
 
 
 def _load(kwargs: dict[str, Any]) -> None:
-    global _recommender
+    global _recommender, _loaded
     # Ctrl-C reaches the terminal's whole process group: the parent finishes its requests in flight, then
     # stops us (ProcessPoolExecutor.shutdown). If the parent dies without doing so (SIGKILL, a crash), we
     # must not live on holding a model: a worker is re-parented, so its parent id changes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before llama_cpp loads (docs/FINDINGS.md)
+    from .errors import GenrecError
     from .recommend import Recommender
 
-    _recommender = Recommender.open(**kwargs, warn=lambda message: None)  # the parent showed the warnings
+    warnings: list[str] = []
+    try:
+        _recommender = Recommender.open(**kwargs, warn=warnings.append)
+        _loaded = (_recommender.default_prior, warnings)
+    except GenrecError as exc:  # bad input: the parent raises it, with its type, line and exit code
+        _loaded = exc
 
 
 def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
@@ -55,8 +63,8 @@ def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
     os._exit(1)
 
 
-def _pid() -> int:
-    return os.getpid()
+def _started() -> Any:
+    return _loaded
 
 
 def _recommend_many(requests: list, k: int) -> tuple[int, list]:
@@ -84,15 +92,16 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) ->
 class RecommenderPool:
     """``workers`` processes, each with ``Recommender.open(model, db, ...)``. Use :meth:`open`."""
 
-    def __init__(self, kwargs: dict[str, Any], workers: int, default_prior: str = "none"):
+    def __init__(self, kwargs: dict[str, Any], workers: int, warn=None):
         self.workers = workers
         self.batch = kwargs["batch"]
         self.model_path = Path(kwargs["model"])
-        self.default_prior = default_prior  # the prior a request without one gets, as Recommender's
         self._kwargs = kwargs
         self._lock = threading.Lock()
         self.served: Counter[int] = Counter()  # calls answered, by worker process id
-        self._executor = self._start()
+        self._executor, (self.default_prior, warnings) = self._start()
+        for message in warnings:  # the first worker's, once: every worker opened the same files
+            (warn or stderr_warning)(message)
 
     @classmethod
     def open(
@@ -108,31 +117,33 @@ class RecommenderPool:
         prior_weight: float | None = None,
         warn=None,
     ) -> RecommenderPool:
-        """Open the model here once, so bad input fails as it does for one process (same error, same
-        warnings), then start ``workers`` processes and wait until each has loaded it."""
+        """Start ``workers`` processes and wait until each has loaded the model. Bad input (a missing or
+        corrupt model, a foreign catalog) raises the error ``Recommender.open`` raises, with its message and
+        exit code, and the warnings it gives go to ``warn`` (default: stderr), once."""
         if workers < 1:
             raise UsageError(f"workers must be at least 1, not {workers}")
         from .models import default_model_path
-        from .recommend import Recommender
 
         kwargs = {"model": str(model if model is not None else default_model_path()), "db": str(db),
                   "threads": threads, "beam": beam, "batch": batch, "prior": prior, "prior_weight": prior_weight}
-        with Recommender.open(**kwargs, warn=warn) as rec:
-            default_prior = rec.default_prior
-        return cls(kwargs, workers, default_prior)
+        return cls(kwargs, workers, warn)
 
-    def _start(self) -> ProcessPoolExecutor:
+    def _start(self) -> tuple[ProcessPoolExecutor, tuple[str, list[str]]]:
+        """A fresh executor whose workers have all loaded, and the first one's (default prior, warnings)."""
         executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                        initializer=_load, initargs=(self._kwargs,))
         try:
             # One call per worker, all at once: the executor starts a process for each (none is idle yet)
             # and each loads its model before answering, so the first requests do not wait for a load.
-            for future in [executor.submit(_pid) for _ in range(self.workers)]:
-                future.result()
+            loaded = [future.result() for future in [executor.submit(_started) for _ in range(self.workers)]]
         except BrokenProcessPool:
             executor.shutdown(wait=False, cancel_futures=True)
             raise WorkerLostError("a worker process could not load the model") from None
-        return executor
+        failed = [result for result in loaded if isinstance(result, BaseException)]
+        if failed:
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise failed[0]
+        return executor, loaded[0]
 
     def recommend_many(self, requests: Sequence, k: int = 10) -> list:
         """``Recommender.recommend_many`` in one free worker (the same results: tested)."""
@@ -169,17 +180,13 @@ class RecommenderPool:
         """``Recommender.recommend`` (beam search; sampling is not offered here)."""
         from .recommend import Request
 
-        if (user is None) == (history is None):
-            raise UsageError("give exactly one of a user or a history")
-        request = Request(user=user, history=None if history is None else tuple(history), prior=prior,
-                          prior_weight=prior_weight)
-        return self.recommend_many([request], k=k)[0]
+        return self.recommend_many([Request.one_of(user, history, prior, prior_weight)], k=k)[0]
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
             if self._executor is broken:  # the first caller to see it broken replaces it
                 broken.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._start()
+                self._executor = self._start()[0]
 
     def close(self) -> None:
         with self._lock:

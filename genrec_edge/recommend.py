@@ -151,6 +151,15 @@ class Request:
     first_step: bool = False  # also return the first constrained step's log-probs (Recommendations.first_step)
 
     @classmethod
+    def one_of(cls, user: int | None, history: Sequence[str] | None, prior: str | None = None,
+               prior_weight: float | None = None, first_step: bool = False) -> Request:
+        """The request for exactly one of a ``user`` or a ``history`` (UsageError for both or neither)."""
+        if (user is None) == (history is None):
+            raise UsageError("give exactly one of a user or a history")
+        return cls(user=user, history=None if history is None else tuple(history), prior=prior,
+                   prior_weight=prior_weight, first_step=first_step)
+
+    @classmethod
     def of(cls, value) -> Request:
         if isinstance(value, Request):
             return value
@@ -161,6 +170,11 @@ class Request:
         if isinstance(value, str):
             raise UsageError("a history is a list of titles, not one string")
         return cls(history=tuple(value))
+
+
+def stderr_warning(message: str) -> None:
+    """Where a warning goes when the caller gives no ``warn``: one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def model_provenance(path: Path) -> dict:
@@ -251,7 +265,7 @@ class Recommender:
         from .models import default_model_path
         from .trie import load_or_build
 
-        warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+        warn = warn or stderr_warning
         db_path = Path(db) if db is not None else paths.default_db()
         if beam is not None and beam < 1:
             raise UsageError(f"--beam must be >= 1 (got {beam})")
@@ -367,11 +381,8 @@ class Recommender:
         ``sample=True`` draws titles with llama.cpp's grammar sampler instead (temperature, seed) until
         ``k`` distinct unseen titles or ``max_tries`` samples (default 20 k); no prior applies.
         """
-        if (user is None) == (history is None):
-            raise UsageError("give exactly one of a user or a history")
+        request = Request.one_of(user, history, prior, prior_weight, first_step)
         if not sample:
-            request = Request(user=user, history=None if history is None else tuple(history), prior=prior,
-                              prior_weight=prior_weight, first_step=first_step)
             return self.recommend_many([request], k=k)[0]
         started = time.perf_counter()
         _check_k(k)

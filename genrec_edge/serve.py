@@ -930,6 +930,8 @@ def make_server(
     from .history import HistoryDB, _is_read_only_file
 
     check_host(host, allow_remote)
+    if workers < 0:
+        raise UsageError(f"workers must be 0 (search in this process) or more, not {workers}")
     db = Path(db)
     # Missing / not SQLite / newer schema: refuse to start. A read-only file still serves reads (POST
     # /history then answers 503 "read-only").
@@ -940,17 +942,12 @@ def make_server(
     owns = False
     try:
         if recommender is None and model is not None:
-            if workers < 0:
-                raise UsageError(f"workers must be 0 (search in this process) or more, not {workers}")
-            if workers >= 1:
-                from .pool import RecommenderPool
+            from .pool import RecommenderPool
+            from .recommend import Recommender
 
-                recommender = RecommenderPool.open(model, db, workers=workers, threads=threads, beam=beam,
-                                                   batch=batch)
-            else:
-                from .recommend import Recommender
-
-                recommender = Recommender.open(model, db, threads=threads, beam=beam, batch=batch)
+            options = {"threads": threads, "beam": beam, "batch": batch}
+            recommender = (RecommenderPool.open(model, db, workers=workers, **options) if workers >= 1
+                           else Recommender.open(model, db, **options))
             owns = True
     except BaseException:
         sock.close()

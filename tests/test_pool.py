@@ -73,7 +73,7 @@ def test_pool_bad_input_fails_as_one_process_does(pool, tiny_db, tiny_model, tmp
         RecommenderPool.open(tiny_model, tiny_db, workers=0)
     bad = tmp_path / "model-Q8_0.gguf"
     bad.write_bytes(b"not a gguf")
-    with pytest.raises(CorruptModelError):  # checked in this process: no worker is started
+    with pytest.raises(CorruptModelError):  # a worker's error, raised here with its type
         RecommenderPool.open(bad, tiny_db, workers=2)
 
 
@@ -161,10 +161,7 @@ def test_cli_serve_workers_starts_answers_and_stops_clean(tiny_db, tiny_model): 
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()
         assert "stopped" in err and "Traceback" not in err, err
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
-            time.sleep(0.1)
-        assert not [pid for pid in children if _alive(pid)], "no worker outlives the server"
+        assert not _survivors(children, 10), "no worker outlives the server"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -197,6 +194,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _survivors(pids: list[int], seconds: float) -> list[int]:
+    """The processes among ``pids`` still running after waiting up to ``seconds`` for them all to end."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    return [pid for pid in pids if _alive(pid)]
+
+
 def _alive(pid: int) -> bool:
     try:
         state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -223,10 +228,7 @@ def test_workers_exit_when_their_parent_is_killed(tiny_db, tiny_model, tmp_path)
         assert len(workers) >= 2, workers
         proc.kill()  # no shutdown: the workers must notice on their own
         proc.wait()
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
-            time.sleep(0.2)
-        assert not [pid for pid in workers if _alive(pid)], "a worker outlived its killed parent"
+        assert not _survivors(workers, 15), "a worker outlived its killed parent"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -252,10 +254,7 @@ def test_ctrl_c_to_the_process_group_stops_serve_cleanly(tiny_db, tiny_model):  
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()
         assert "stopped" in err and "Traceback" not in err and "KeyboardInterrupt" not in err, err
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
-            time.sleep(0.1)
-        assert not [pid for pid in children if _alive(pid)]
+        assert not _survivors(children, 10)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
