@@ -1,11 +1,15 @@
 """Throughput of a batch job by how its CPUs are split: one process with every thread, or one per core.
 
     .venv/bin/python -m bench.process_split [--users 32] [--reps 3] [--layouts 1x2,2x1] [--model PATH] [--db PATH]
+    .venv/bin/python -m bench.process_split --layouts before,1x2,2x1   # against the runtime before issue 14
 
 A layout ``PxT`` is P worker processes, each with one ``Recommender`` (llama.cpp with up to T threads,
 adapted to other programs' load as shipped: cpu_share.py) pulling users from one shared queue - what
 ``genrec-edge recommend --all-users`` does with one process, and ``--ray local`` with one single-thread
-actor per CPU. The default compares ``1x<cpus>`` (the local batch job) with ``<cpus>x1``. Every worker
+actor per CPU. The default compares ``1x<cpus>`` (the local batch job) with ``<cpus>x1``. The layout
+``before`` is the runtime as issue 14 found it, for a before/after in one run: one process, ``<cpus>`` threads
+fixed, OpenMP threads sleeping at every barrier, forced title suffixes one step at a time (``bench.cost_model``'s
+``before``). Every worker
 loads its model and ranks one warm-up user first; the clock runs from the moment all are ready until the
 last result is in. Layouts alternate their order rep by rep, on the same users (``bench.runtime_bench``'s),
 top-10, beam 20, prior off. Results must be identical across layouts (llama.cpp's row-by-row attention
@@ -28,6 +32,7 @@ import queue as queue_mod  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 from bench.saved_run import add_run_arguments, render_saved, save_figure, save_run  # noqa: E402
 
@@ -35,25 +40,36 @@ K, BEAM = 10, 20
 READY_TIMEOUT_S = 900.0  # a worker that has not loaded its model by then is a failure, not a wait
 
 
-def parse_layouts(text: str) -> list[tuple[int, int]]:
-    """``"1x2,2x1"`` -> [(1, 2), (2, 1)]: (processes, threads each); ValueError for anything else."""
+class Layout(NamedTuple):
+    procs: int
+    threads: int
+    before: bool = False  # the runtime before issue 14: fixed threads, passive barriers, no jump-forward
+
+
+def parse_layouts(text: str, cpus: int = 2) -> list[Layout]:
+    """``"1x2,2x1"`` -> [(1, 2), (2, 1)]: (processes, threads each); ``before`` -> (1, cpus, before=True);
+    ValueError for anything else."""
     layouts = []
     for part in text.split(","):
+        if part.strip() == "before":
+            layouts.append(Layout(1, cpus, True))
+            continue
         procs, sep, threads = part.strip().partition("x")
         if not sep or not procs.isdigit() or not threads.isdigit() or int(procs) < 1 or int(threads) < 1:
-            raise ValueError(f"a layout is PROCESSESxTHREADS, both at least 1 (got {part.strip()!r})")
-        layouts.append((int(procs), int(threads)))
+            raise ValueError(f"a layout is PROCESSESxTHREADS, both at least 1, or before (got {part.strip()!r})")
+        layouts.append(Layout(int(procs), int(threads)))
     if len(layouts) < 2 or len(set(layouts)) != len(layouts):
         raise ValueError("give at least two different layouts, the reference first")
     return layouts
 
 
-def _worker(model: str, db: str, threads: int, warm_user: int, barrier, todo, done) -> None:
+def _worker(model: str, db: str, threads: int, jump: bool, warm_user: int, barrier, todo, done) -> None:
     """One process: load, rank the warm-up user, wait for the others, then rank users until a None."""
     try:
         from genrec_edge.recommend import Recommender
 
-        rec = Recommender.open(model, db, threads=threads, beam=BEAM, prior="none", warn=lambda m: None)
+        rec = Recommender.open(model, db, threads=threads, beam=BEAM, prior="none", warn=lambda m: None,
+                               jump_forward=jump)
         rec.recommend(user=warm_user, k=K)
     except BaseException as exc:  # noqa: BLE001 - reported by the parent as one line
         barrier.abort()
@@ -70,8 +86,10 @@ def _worker(model: str, db: str, threads: int, warm_user: int, barrier, todo, do
         rec.close()
 
 
-def run_layout(model: Path, db: Path, users: list[int], procs: int, threads: int, progress=None) -> dict:
-    """Rank ``users`` with ``procs`` processes of ``threads`` threads: seconds and each user's top-k."""
+def run_layout(model: Path, db: Path, users: list[int], procs: int, threads: int, before: bool = False,
+               progress=None) -> dict:
+    """Rank ``users`` with ``procs`` processes of ``threads`` threads: seconds and each user's top-k.
+    ``before``: the runtime before issue 14 (threads fixed and sleeping at barriers, no jump-forward)."""
     import multiprocessing as mp
     import threading
 
@@ -81,10 +99,21 @@ def run_layout(model: Path, db: Path, users: list[int], procs: int, threads: int
         todo.put(user)
     for _ in range(procs):
         todo.put(None)
-    workers = [ctx.Process(target=_worker, args=(str(model), str(db), threads, users[0], barrier, todo, done))
+    workers = [ctx.Process(target=_worker, args=(str(model), str(db), threads, not before, users[0], barrier, todo,
+                                                 done))
                for _ in range(procs)]
-    for w in workers:
-        w.start()
+    # A spawned child starts from this environment: engine.py reads it when llama_cpp loads there.
+    saved = os.environ.get("GENREC_EDGE_ADAPT_THREADS")
+    if before:
+        os.environ["GENREC_EDGE_ADAPT_THREADS"] = "0"
+    try:
+        for w in workers:
+            w.start()
+    finally:
+        if saved is None:
+            os.environ.pop("GENREC_EDGE_ADAPT_THREADS", None)
+        else:
+            os.environ["GENREC_EDGE_ADAPT_THREADS"] = saved
     try:
         try:
             barrier.wait(timeout=READY_TIMEOUT_S)
@@ -123,9 +152,8 @@ def _first_error(done) -> str | None:
         return None
 
 
-def name(layout) -> str:
-    procs, threads = layout
-    return f"{procs}x{threads}"
+def name(layout: Layout) -> str:
+    return "before" if layout.before else f"{layout.procs}x{layout.threads}"
 
 
 def summarize(runs: list[dict], layouts: list[str]) -> dict:
@@ -139,8 +167,19 @@ def summarize(runs: list[dict], layouts: list[str]) -> dict:
         ratios = [run[ref]["seconds"] / run[lay]["seconds"] for run in runs]  # of users/s, same users
         out["layouts"][lay] = {"users_per_s": rates, "ratio": ratios, "ratio_median": statistics.median(ratios),
                                "ratio_min": min(ratios), "ratio_max": max(ratios)}
-    out["identical_users"] = sum(all(run[lay]["results"][u] == first[u] for run in runs for lay in layouts)
-                                 for u in first)
+    # The shipped runtime in any layout: bitwise the same results. The old one adds the same log-probabilities
+    # in another order (no jump-forward), so it is held to the search's own test: same titles, scores to 1e-4.
+    shipped = [lay for lay in layouts if lay != "before"]
+    base = runs[0][shipped[0]]["results"]
+    out["identical_users"] = sum(all(run[lay]["results"][u] == base[u] for run in runs for lay in shipped)
+                                 for u in base)
+    if "before" in layouts:
+        old = [run["before"]["results"][u] for run in runs for u in base]
+        new = [base[u] for _ in runs for u in base]
+        out["before_same_titles"] = sum(all(run["before"]["results"][u]["titles"] == base[u]["titles"] for run in runs)
+                                        for u in base)
+        out["before_max_score_diff"] = max((abs(a - b) for o, n in zip(old, new, strict=True)
+                                            for a, b in zip(o["scores"], n["scores"], strict=False)), default=0.0)
     out["users"] = users
     return out
 
@@ -154,8 +193,10 @@ def render(data: dict, stem: Path) -> None:
         "# Throughput by process layout (`python -m bench.process_split`)", "",
         f"{meta['model']}, {meta['machine']} with {meta['cpus']} usable CPUs, llama-cpp-python {meta['llama_cpp']}, "
         f"{meta['date']}; {meta['users']} users, top-{K}, beam {BEAM}, prior off. `PxT` = P processes with up to "
-        "T llama.cpp threads each (adaptive, as shipped), pulling users from one queue. Shared, noisy CPU: "
-        "compare within a rep.", "",
+        "T llama.cpp threads each (adaptive, as shipped), pulling users from one queue"
+        + ("; `before` = the runtime before issue 14 (one process, threads fixed and sleeping at barriers, forced "
+           "suffixes step by step)" if "before" in layouts else "")
+        + ". Shared, noisy CPU: compare within a rep.", "",
         "| rep | order | " + " | ".join(f"{lay} users/s" for lay in layouts) + " | "
         + " | ".join(f"{lay} / {ref}" for lay in layouts[1:]) + " |",
         "|---:|---|" + "---:|" * (2 * len(layouts) - 1),
@@ -169,8 +210,13 @@ def render(data: dict, stem: Path) -> None:
         s = summ["layouts"][lay]
         lines.append(f"{lay} / {ref}, paired by rep: median **{s['ratio_median']:.2f}×** (range {s['ratio_min']:.2f}–"
                      f"{s['ratio_max']:.2f}×, {len(s['ratio'])} reps).")
-    lines += [f"Identical top-{K} titles and scores in every layout and rep: **{summ['identical_users']}/"
-              f"{summ['users']}** users.", ""]
+    lines.append(f"Identical top-{K} titles and scores in every layout{' but before' if 'before' in layouts else ''} "
+                 f"and rep: **{summ['identical_users']}/{summ['users']}** users.")
+    if "before" in layouts:
+        lines.append(f"`before` against them, every rep: the same top-{K} titles for **{summ['before_same_titles']}/"
+                     f"{summ['users']}** users, scores within {summ['before_max_score_diff']:.1e} (the same "
+                     "log-probabilities summed in another order).")
+    lines.append("")
     stem.with_suffix(".md").write_text("\n".join(lines))
 
     import matplotlib
@@ -181,7 +227,7 @@ def render(data: dict, stem: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     reps = list(range(1, len(data["orders"]) + 1))
     for lay, marker in zip(layouts, "osd^v", strict=False):
-        ax.plot(reps, summ["layouts"][lay]["users_per_s"], marker + "-", label=f"{lay} (processes x threads)")
+        ax.plot(reps, summ["layouts"][lay]["users_per_s"], marker + "-", label=lay if lay == "before" else f"{lay} (processes x threads)")
     ax.set_xlabel("rep")
     ax.set_xticks(reps)
     ax.set_ylabel("users per second")
@@ -200,13 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--layouts", default=f"1x{cpus},{cpus}x1" if cpus > 1 else "1x1,2x1",
-                        help="PROCESSESxTHREADS,... the first is the reference (default: 1x<cpus>,<cpus>x1)")
+                        help="PROCESSESxTHREADS or before,... the first is the reference (default: 1x<cpus>,<cpus>x1)")
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     if args.render:
         return render_saved(parser, args.render, render)
     try:
-        layouts = parse_layouts(args.layouts)
+        layouts = parse_layouts(args.layouts, cpus)
     except ValueError as exc:
         parser.error(f"--layouts: {exc}")
     if args.users < 1 or args.reps < 1:
@@ -230,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             run = {}
             for lay in order:
                 try:
-                    run[name(lay)] = run_layout(model_path, db, users, *lay, progress=lambda: bar.update(1))
+                    run[name(lay)] = run_layout(model_path, db, users, lay.procs, lay.threads, lay.before,
+                                                progress=lambda: bar.update(1))
                 except RuntimeError as exc:
                     raise SystemExit(f"error: layout {name(lay)}: {exc}") from None
             runs.append(run)

@@ -12,8 +12,9 @@ from bench.process_split import main, parse_layouts, render, summarize
 
 
 def test_layouts_parse_and_bad_ones_are_refused():
-    assert parse_layouts("1x2, 2x1") == [(1, 2), (2, 1)]
-    for bad in ("2", "1x2", "1x2,1x2", "0x1,1x1", "1x2,ax1", "1x-1,2x1"):
+    assert parse_layouts("1x2, 2x1") == [(1, 2, False), (2, 1, False)]
+    assert parse_layouts("before,1x4", cpus=4) == [(1, 4, True), (1, 4, False)]  # same split, other runtime
+    for bad in ("2", "1x2", "1x2,1x2", "0x1,1x1", "1x2,ax1", "1x-1,2x1", "before,before", "after,1x2"):
         with pytest.raises(ValueError):
             parse_layouts(bad)
 
@@ -31,19 +32,26 @@ def test_summary_pairs_each_rep_and_counts_identical_users():
     assert s["layouts"]["2x1"]["ratio"] == [1.25, 2.0] and s["layouts"]["1x2"]["ratio"] == [1.0, 1.0]
     assert s["layouts"]["2x1"]["ratio_median"] == 1.625 and s["layouts"]["2x1"]["users_per_s"][1] == 0.4
     assert s["identical_users"] == 1 and s["users"] == 2  # a score moved in the last bit counts as different
+    swapped = {"1": {"titles": ["A"], "scores": [-1.0]}, "2": {"titles": ["C"], "scores": [-2.0]}}
+    runs = [{"before": _run(20.0, moved), "1x2": _run(10.0, same)}, {"before": _run(20.0, swapped), "1x2": _run(8.0, same)}]
+    s = summarize(runs, ["before", "1x2"])
+    assert s["layouts"]["1x2"]["ratio"] == [2.0, 2.5] and s["identical_users"] == 2  # the old runtime held apart
+    assert s["before_same_titles"] == 1 and 0 < s["before_max_score_diff"] < 1e-6  # user 2 changed title in rep 2
 
 
 def test_runs_end_to_end_on_the_tiny_model(tiny_model, tiny_db, tmp_path):
     assert main(["--model", str(tiny_model), "--db", str(tiny_db), "--users", "3", "--reps", "2",
-                 "--layouts", "1x1,2x1", "--out", str(tmp_path)]) == 0
+                 "--layouts", "before,1x1,2x1", "--out", str(tmp_path)]) == 0
     saved = next(tmp_path.glob("process-split-*.json"))
     data = json.loads(saved.read_text())
-    assert data["orders"] == [["1x1", "2x1"], ["2x1", "1x1"]]
+    assert data["orders"] == [["before", "1x1", "2x1"], ["2x1", "1x1", "before"]]
     assert all(s > 0 for rep in data["seconds"] for s in rep.values())
     summ = data["summary"]
-    assert summ["users"] == 3 and summ["identical_users"] == 3  # the thread/process split changes no result
+    # Neither the thread/process split nor the old runtime (no jump-forward, fixed threads) changes a result
+    assert summ["users"] == 3 and summ["identical_users"] == 3 and summ["before_same_titles"] == 3
+    assert summ["before_max_score_diff"] < 1e-4
     text = saved.with_suffix(".md").read_text()
-    assert "**3/3** users" in text and "2x1 / 1x1" in text
+    assert "**3/3** users" in text and "2x1 / before" in text and "`before` = the runtime before issue 14" in text
     assert saved.with_suffix(".png").stat().st_size > 0
     assert_rerender_reproduces(main, render, saved, tmp_path)  # --render redraws the same report
 
