@@ -1,7 +1,8 @@
 """The history database: one SQLite file with items, users and their interactions.
 
 Schema (created and upgraded by the versioned migrations ``m001_…`` below, recorded by
-``sqlite_utils.Migrations`` in ``_sqlite_migrations``)::
+``sqlite_utils.Migrations`` in ``_sqlite_migrations``; opening an up-to-date file only reads that table, with
+sqlite3: importing sqlite_utils also imports pandas where it is installed, ~0.45 s of every command)::
 
     datasets(name TEXT PK, source TEXT, catalog_sha256 TEXT, ingested_at TEXT)
     items(id INTEGER PK, title TEXT NOT NULL, year INTEGER, genres TEXT, extra TEXT)   -- genres "|"-joined
@@ -30,18 +31,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import sqlite_utils
+from typing import TYPE_CHECKING
 
 from .catalog import Catalog, catalog_sha256
 from .errors import DatabaseError, DatabaseUnavailableError, NotFoundError, UsageError
 
+if TYPE_CHECKING:
+    import sqlite_utils
+
 DEFAULT_BUSY_TIMEOUT = 5.0
+MIGRATION_SET = "genrec_edge"
+MIGRATIONS_TABLE = "_sqlite_migrations"  # sqlite_utils.Migrations.migrations_table
 
-migrations = sqlite_utils.Migrations("genrec_edge")
 
-
-@migrations()
 def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute(
         "CREATE TABLE datasets (name TEXT PRIMARY KEY, source TEXT, catalog_sha256 TEXT, ingested_at TEXT)"
@@ -62,13 +64,31 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("CREATE INDEX idx_interactions_item ON interactions(item_id)")
 
 
-@migrations()
 def m002_items_title_index(db: sqlite_utils.Database) -> None:
     # `history add --title` and item_by_title look titles up exactly; ML-25M has 62k items.
     db.execute("CREATE INDEX idx_items_title ON items(title)")
 
 
-SCHEMA_VERSION = len(migrations._migrations)
+MIGRATIONS = (m001_initial, m002_items_title_index)  # in order; a migration's name is its function's
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrations() -> sqlite_utils.Migrations:
+    """The migration set as ``sqlite_utils.Migrations`` (imported here: only a create or an upgrade needs it)."""
+    import sqlite_utils
+
+    out = sqlite_utils.Migrations(MIGRATION_SET)
+    for fn in MIGRATIONS:
+        out()(fn)
+    return out
+
+
+def _applied_migrations(conn: sqlite3.Connection) -> list[str]:
+    """What ``sqlite_utils.Migrations.applied`` reads (names of this set, in the order applied), with sqlite3."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (MIGRATIONS_TABLE,)).fetchone() is None:
+        return []
+    rows = conn.execute(f"SELECT name FROM [{MIGRATIONS_TABLE}] WHERE migration_set = ? ORDER BY rowid", (MIGRATION_SET,))
+    return [name for (name,) in rows]
 
 # HistoryDB.rating_range's scans, by resolved file: (the datasets rows' ingest stamps, the range).
 _RATING_RANGES: dict[str, tuple[tuple, tuple[float, float] | None]] = {}
@@ -147,7 +167,6 @@ class HistoryDB:
         self.conn = conn
         self.readonly = readonly
         self.busy_timeout = busy_timeout
-        self.db = sqlite_utils.Database(conn)
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -195,18 +214,19 @@ class HistoryDB:
         return self
 
     def _migrate(self) -> None:
-        applied = [m.name for m in migrations.applied(self.db)]
-        known = {m.name for m in migrations._migrations}
+        applied = _applied_migrations(self.conn)
+        known = {fn.__name__ for fn in MIGRATIONS}
         unknown = [name for name in applied if name not in known]
         if unknown:
             raise DatabaseError(
                 f"database schema is newer than this genrec-edge (unknown migrations {unknown}): {self.path}"
             )
-        pending = migrations.pending(self.db)
-        if not pending:
+        if len(set(applied)) == len(known):
             return
         if not applied:
-            foreign = [t for t in self.db.table_names() if t != migrations.migrations_table]
+            foreign = [name for (name,) in self.conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' AND name != ? "
+                "ORDER BY rowid", (MIGRATIONS_TABLE,))]
             if foreign:
                 raise DatabaseError(f"not a genrec-edge database (it has tables {foreign[:5]}): {self.path}")
             if self.readonly:
@@ -216,7 +236,9 @@ class HistoryDB:
                 f"database schema is version {len(applied)}, this genrec-edge needs {SCHEMA_VERSION}: "
                 f"open it for writing once to upgrade: {self.path}"
             )
-        migrations.apply(self.db)
+        import sqlite_utils
+
+        migrations().apply(sqlite_utils.Database(self.conn))
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -241,7 +263,7 @@ class HistoryDB:
     def schema_version(self) -> int:
         """The number of applied migrations (m001 -> 1, ...)."""
         with self._errors():
-            return len(migrations.applied(self.db))
+            return len(_applied_migrations(self.conn))
 
     def quick_check(self) -> str:
         """SQLite's ``PRAGMA quick_check``: ``"ok"`` for a sound file, else the problems found."""

@@ -14,7 +14,7 @@ from conftest import EMPTY_USER, TINY_HISTORIES, TINY_ITEM_IDS, TINY_TITLES, dum
 from genrec_edge.catalog import catalog_sha256
 from genrec_edge.cli import main
 from genrec_edge.errors import DatabaseError, NotFoundError
-from genrec_edge.history import SCHEMA_VERSION, HistoryDB, migrations
+from genrec_edge.history import SCHEMA_VERSION, HistoryDB, _applied_migrations, migrations
 from genrec_edge.paths import BUNDLED_DATASET
 
 
@@ -44,13 +44,39 @@ def test_readonly_open_of_an_old_schema_is_refused_then_upgraded(tmp_path):
 
     path = tmp_path / "old.db"
     old = sqlite_utils.Database(path)
-    migrations.apply(old, stop_before="m002_items_title_index")
+    migrations().apply(old, stop_before="m002_items_title_index")
     old.close()
     with pytest.raises(DatabaseError, match="schema is version 1, this genrec-edge needs 2"):
         HistoryDB.open(path, readonly=True)
     with HistoryDB.open(path) as db:
         assert db.schema_version() == SCHEMA_VERSION == 2
     assert "idx_items_title" in {r[0] for r in sqlite3.connect(path).execute("SELECT name FROM sqlite_master")}
+
+
+def test_applied_migrations_are_read_as_sqlite_utils_reads_them(tmp_path, tiny_db):
+    import sqlite_utils
+
+    path = tmp_path / "old.db"
+    old = sqlite_utils.Database(path)
+    assert _applied_migrations(old.conn) == [] == migrations().applied(old)  # no table yet
+    migrations().apply(old, stop_before="m002_items_title_index")
+    for conn in (old.conn, sqlite3.connect(tiny_db)):
+        ours = _applied_migrations(conn)
+        assert ours == [m.name for m in migrations().applied(sqlite_utils.Database(conn))] and ours
+    assert _applied_migrations(old.conn) == ["m001_initial"]
+
+
+def test_opening_an_up_to_date_database_does_not_import_sqlite_utils(tiny_db):
+    """sqlite_utils imports pandas where it is installed (~0.45 s): only a create or an upgrade needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from genrec_edge.history import HistoryDB\n"
+            f"for ro in (True, False):\n    with HistoryDB.open({str(tiny_db)!r}, readonly=ro) as db: db.history(1)\n"
+            "print(sorted(m for m in ('sqlite_utils', 'pandas') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_unknown_future_migration_is_refused(tiny_db):
