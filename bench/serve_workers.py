@@ -7,7 +7,7 @@ spawned processes (genrec_edge/pool.py).
 
 For each rep, and each worker count in turn (the order alternating rep by rep), a real ``genrec-edge
 serve`` process is started on a free port with the default model and database (its shipped prior, the
-adaptive thread count, beam 20), and asked over HTTP, one new connection per request:
+adaptive thread count, beam 20, no result cache), and asked over HTTP, one new connection per request:
 
 1. ``--lone`` users one after another (a desktop app's case): the latency each request sees;
 2. ``--users`` users by ``--clients`` clients at once, each taking the next user when its answer is in
@@ -54,11 +54,13 @@ def parse_workers(text: str) -> list[int]:
     return counts
 
 
-def start_server(model: Path, db: Path, workers: int) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, db: Path, workers: int, cache: int = 0) -> tuple[subprocess.Popen, int]:
+    """A ``genrec-edge serve`` on a free port, once it listens: (process, port). ``cache=0``: every request
+    searches (what this bench measures)."""
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "genrec_edge", "serve", "--port", "0", "--quiet", "--model", str(model), "--db",
-         str(db), "--beam", str(BEAM), "--workers", str(workers)],
+         str(db), "--beam", str(BEAM), "--workers", str(workers), "--cache", str(cache)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )
     lines: list[str] = []

@@ -115,17 +115,20 @@ class RecommenderPool:
         batch: int = 1,
         prior: str | None = None,
         prior_weight: float | None = None,
+        cache: int = 0,
         warn=None,
     ) -> RecommenderPool:
         """Start ``workers`` processes and wait until each has loaded the model. Bad input (a missing or
         corrupt model, a foreign catalog) raises the error ``Recommender.open`` raises, with its message and
-        exit code, and the warnings it gives go to ``warn`` (default: stderr), once."""
+        exit code, and the warnings it gives go to ``warn`` (default: stderr), once. ``cache``: each worker's
+        result cache (``Recommender.open``); a repeated request is a hit where the worker that takes it has it."""
         if workers < 1:
             raise UsageError(f"workers must be at least 1, not {workers}")
         from .models import default_model_path
 
         kwargs = {"model": str(model if model is not None else default_model_path()), "db": str(db),
-                  "threads": threads, "beam": beam, "batch": batch, "prior": prior, "prior_weight": prior_weight}
+                  "threads": threads, "beam": beam, "batch": batch, "prior": prior, "prior_weight": prior_weight,
+                  "cache": cache}
         return cls(kwargs, workers, warn)
 
     def _start(self) -> tuple[ProcessPoolExecutor, tuple[str, list[str]]]:

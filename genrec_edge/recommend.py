@@ -29,6 +29,7 @@ import math
 import sys
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,9 +102,10 @@ class Recommendations:
     prior_weight: float = 0.0  # its λ
     stats: SearchStats | None = field(default=None, repr=False, compare=False)  # per-decode detail (bench)
     first_step: FirstStep | None = field(default=None, repr=False, compare=False)
+    cached: bool = False  # answered from the recommender's result cache (``Recommender.open(cache=...)``)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "items": [
                 {
                     "rank": r.rank,
@@ -120,6 +122,9 @@ class Recommendations:
             "prior_weight": self.prior_weight,
             "timings": self.timings.__dict__.copy(),
         }
+        if self.cached:  # only then: batch files and `recommend --json` (never cached) keep their shape
+            out["cached"] = True
+        return out
 
 
 def _finite(value: float) -> float | None:
@@ -191,7 +196,7 @@ class Recommender:
     """A loaded model + catalog trie + database path (+ a collaborative prior). Use :meth:`open`."""
 
     def __init__(self, engine, trie, catalog, db_path: Path, template: PromptTemplate, capacity: int, beam,
-                 batch: int = 1, prior: CFPrior | None = None, model_dir: Path | None = None):
+                 batch: int = 1, prior: CFPrior | None = None, model_dir: Path | None = None, cache: int = 0):
         self.engine = engine
         self.trie = trie
         self.catalog = catalog
@@ -214,6 +219,8 @@ class Recommender:
         self.default_prior = prior.kind if prior is not None else "none"
         self.model_dir = model_dir
         self.jump_forward = True
+        self.cache_size = cache
+        self._cache: OrderedDict[tuple, Ranking] = OrderedDict()  # search inputs -> result, least recent first
         self._grammar: str | None = None  # the catalog GBNF, built on the first --sample request
         self._prefill_prefix()
 
@@ -244,6 +251,7 @@ class Recommender:
         batch: int = 1,
         jump_forward: bool = True,
         flash_attn: bool | None = None,
+        cache: int = 0,
     ) -> Recommender:
         """Load ``model`` (default: models.default_model_path()) for the catalog of ``db``.
 
@@ -255,6 +263,11 @@ class Recommender:
         ``jump_forward=False`` decodes forced title suffixes one step at a time, as before search.py's
         jump-forward (same results, more llama_decode calls: for benchmarks). ``flash_attn=False`` swaps
         llama.cpp's attention kernel (``Engine.open``; changes scores: for ``bench.attention_cost`` only).
+        ``cache``: how many searches :meth:`recommend_many` keeps, least recently used out first (0: none).
+        A request whose search inputs - prompt titles, seen titles, the prior's item history, prior, λ, k,
+        beam - equal a kept one's gets its result back without a search (``Recommendations.cached``); a
+        user's new interaction changes those inputs, so the answer is never stale. For a server asked the
+        same users again (``serve --cache``); the items' descriptions are read from the database each time.
 
         Raises NotFoundError / CorruptModelError for a missing or bad model, DatabaseError for a bad
         database, CatalogMismatchError if the model (or the prior) was made for another catalog.
@@ -273,6 +286,8 @@ class Recommender:
             raise UsageError(f"--threads must be >= 1 (got {threads})")
         if batch < 1:
             raise UsageError(f"batch must be >= 1 (got {batch})")
+        if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
+            raise UsageError(f"the result cache holds 0 or more searches (got {cache!r})")
         if isinstance(prior, str) and prior not in PRIOR_CHOICES and not Path(prior).is_dir():
             raise UsageError(f"unknown prior {prior!r}; use one of {', '.join(PRIOR_CHOICES)} or a directory")
         if prior_weight is not None and not (math.isfinite(prior_weight) and prior_weight >= 0):
@@ -335,7 +350,7 @@ class Recommender:
                 model=raw_model, flash_attn=flash_attn,
             )
             rec = cls(engine, trie, catalog, db_path, template, capacity, beam, batch, loaded_prior,
-                      model_path.parent)
+                      model_path.parent, cache)
             rec.jump_forward = jump_forward
             return rec
         except BaseException:
@@ -412,18 +427,30 @@ class Recommender:
         with HistoryDB.open(self.db_path, readonly=True) as db:
             resolved = [self._resolve(db, r.user, r.history) for r in requests]
             priors = [self._prior_for(r.prior, r.prior_weight) for r in requests]
-            rankings: list[Ranking] = []
+            keys = [self._cache_key(resolved[i], priors[i], k, r.first_step) for i, r in enumerate(requests)]
+            rankings: list[Ranking | None] = [None] * len(requests)
+            cached = [False] * len(requests)
             with self.lock:
-                for first in range(0, len(requests), self.batch):
-                    group = range(first, min(len(requests), first + self.batch))
-                    rankings += self._rank_group(
+                for i, key in enumerate(keys):
+                    if key is not None and key in self._cache:
+                        self._cache.move_to_end(key)
+                        rankings[i], cached[i] = self._cache[key], True
+                todo = [i for i in range(len(requests)) if rankings[i] is None]
+                for first in range(0, len(todo), self.batch):
+                    group = todo[first : first + self.batch]
+                    found = self._rank_group(
                         [(resolved[i][0], resolved[i][1], resolved[i][2], priors[i]) for i in group], k, self.beam,
                         first_step=[requests[i].first_step for i in group],
                     )
-            for ranking in rankings:
+                    for i, ranking in zip(group, found, strict=True):
+                        rankings[i] = ranking
+                        self._remember(keys[i], ranking)
+            for ranking, hit in zip(rankings, cached, strict=True):
                 found = list(zip(ranking.titles, ranking.scores, ranking.lm_scores, strict=True))
-                out.append(Recommendations(tuple(self._describe(db, found)), ranking.timings, ranking.prior,
-                                           ranking.prior_weight, ranking.stats, ranking.first_step))
+                timings = ranking.timings if not hit else Timings(0.0, 0.0, 0.0, ranking.timings.prompt_tokens, 0, 0)
+                out.append(Recommendations(tuple(self._describe(db, found)), timings, ranking.prior,
+                                           ranking.prior_weight, None if hit else ranking.stats, ranking.first_step,
+                                           cached=hit))
         total = (time.perf_counter() - started) * 1000
         return [_replace_total(r, total) for r in out]  # a batch's requests share its wall time
 
@@ -493,6 +520,25 @@ class Recommender:
         return self.trie.unseen_counts([self.title_index[t] for t in seen_titles if t in self.title_index])
 
     # ------------------------------------------------------------------ internals
+    def _cache_key(self, resolved, prior: CFPrior | None, k: int, first_step: bool) -> tuple | None:
+        """Everything a search's result depends on besides the model and catalog (fixed at open), or None
+        when nothing is cached. A prior is named by its kind and λ: ``self.priors`` holds one per kind."""
+        if not self.cache_size:
+            return None
+        titles, seen_titles, items = resolved
+        return (tuple(titles), frozenset(seen_titles), tuple(items), prior.kind if prior else "none",
+                float(prior.weight) if prior else 0.0, k, self.beam, first_step)
+
+    def _remember(self, key: tuple | None, ranking: Ranking) -> None:
+        if key is None:
+            return
+        import dataclasses
+
+        self._cache[key] = dataclasses.replace(ranking, stats=None)  # a group's stats are shared: not kept
+        self._cache.move_to_end(key)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
     def _prior_for(self, choice: str | None, weight: float | None) -> CFPrior | None:
         """The prior a request asked for (None: the default), with its weight; None for no prior."""
         kind = self.default_prior if choice is None else choice

@@ -331,6 +331,8 @@ class Recommendations(BaseModel):
     prior: str = Field(description="The collaborative prior used: none, pop or sasrec.")
     prior_weight: float = Field(description="Its λ (0 for none).")
     timings: dict[str, int | float] = Field(description="Milliseconds (*_ms) and token counts.")
+    cached: bool = Field(False, description="Answered from the server's result cache (serve --cache): the same "
+                         "history, prior and k as an earlier request, so the same items; no search ran.")
 
     @classmethod
     def of(cls, recs: Any) -> Recommendations:
@@ -911,6 +913,7 @@ def make_server(
     beam: int | None = None,
     batch: int = 1,
     workers: int = 0,
+    cache: int = 0,
     recommender: Any = None,
     allow_remote: bool = False,
     token: str | None = None,
@@ -923,8 +926,8 @@ def make_server(
     """A bound, not yet serving, server (``port=0`` picks a free port: see ``server.url``).
 
     Opens the database once to fail fast on a bad file, then ``Recommender.open(model, db)`` (``workers``
-    ≥ 1: a :class:`~genrec_edge.pool.RecommenderPool` of that many processes) unless a ``recommender`` is
-    given (the server then does not close it). Call ``serve_forever()`` and, when
+    ≥ 1: a :class:`~genrec_edge.pool.RecommenderPool` of that many processes; ``cache``: searches kept for
+    repeated requests, per search process) unless a ``recommender`` is given (the server then does not close it). Call ``serve_forever()`` and, when
     done, ``shutdown()`` + ``server_close()``.
     """
     from .history import HistoryDB, _is_read_only_file
@@ -945,7 +948,7 @@ def make_server(
             from .pool import RecommenderPool
             from .recommend import Recommender
 
-            options = {"threads": threads, "beam": beam, "batch": batch}
+            options = {"threads": threads, "beam": beam, "batch": batch, "cache": cache}
             recommender = (RecommenderPool.open(model, db, workers=workers, **options) if workers >= 1
                            else Recommender.open(model, db, **options))
             owns = True
@@ -968,6 +971,7 @@ def serve(
     beam: int | None = None,
     batch: int = 1,
     workers: int = 0,
+    cache: int = 0,
     allow_remote: bool = False,
     token: str | None = None,
     log: Callable[[str], None] | None = None,
@@ -980,7 +984,7 @@ def serve(
     Must run in the main thread (it installs the signal handlers, restoring the previous ones on return).
     """
     server = make_server(db, model, host=host, port=port, threads=threads, beam=beam, batch=batch,
-                         workers=workers, allow_remote=allow_remote, token=token, log=log)
+                         workers=workers, cache=cache, allow_remote=allow_remote, token=token, log=log)
 
     def _stop(signum: int, frame: Any) -> None:
         server.shutdown(wait=False)  # a second signal changes nothing: in-flight requests still finish

@@ -3,6 +3,7 @@ tiny random GGUF over the tiny SQLite database."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -155,8 +156,11 @@ def test_cli_serve_workers_starts_answers_and_stops_clean(tiny_db, tiny_model): 
         port = int(line.split("http://127.0.0.1:", 1)[1].split(" ", 1)[0])
         children = _children(proc.pid)
         assert len(children) >= 2, children  # the workers (and multiprocessing's resource tracker)
-        status, body, _ = http(f"http://127.0.0.1:{port}/recommend", "POST", {"user": 1, "k": 3})
-        assert status == 200 and len(body["items"]) == 3
+        answers = [http(f"http://127.0.0.1:{port}/recommend", "POST", {"user": 1, "k": 3}) for _ in range(3)]
+        assert all(status == 200 and len(body["items"]) == 3 for status, body, _ in answers)
+        assert len({json.dumps(body["items"]) for _, body, _ in answers}) == 1
+        # The CLI's default --cache: each worker keeps its searches, so 3 asks of 2 workers hit at least once
+        assert not answers[0][1]["cached"] and any(body["cached"] for _, body, _ in answers[1:])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         err = proc.stderr.read()

@@ -98,6 +98,56 @@ def test_bad_requests(rec, tiny_db):
         rec.recommend(history=list(DEFAULT_TITLES))
 
 
+def _answer(result):
+    return [(r.title, r.item_ids, r.score, r.lm_score) for r in result.items], result.prior, result.prior_weight
+
+
+def test_the_result_cache_answers_a_repeated_request_as_its_search_does(tiny_model, tiny_db, cache_home):
+    with (Recommender.open(tiny_model, tiny_db, threads=2, cache=2, warn=lambda m: None) as rec,
+          Recommender.open(tiny_model, tiny_db, threads=2, warn=lambda m: None) as fresh):
+        first, again = rec.recommend(user=1, k=5), rec.recommend(user=1, k=5)
+        assert (first.cached, again.cached) == (False, True)
+        assert _answer(again) == _answer(first) == _answer(fresh.recommend(user=1, k=5))
+        t = again.timings
+        assert (t.prefill_ms, t.search_ms, t.decode_steps, t.decoded_tokens) == (0, 0, 0, 0) and t.total_ms > 0
+        assert t.prompt_tokens == first.timings.prompt_tokens and again.stats is None
+        assert again.to_dict()["cached"] is True and "cached" not in first.to_dict()
+        # Another k, prior or λ is another search
+        assert not rec.recommend(user=1, k=4).cached
+        assert not rec.recommend(user=1, k=5, prior="pop", prior_weight=0.5).cached
+        assert rec.recommend(user=1, k=5, prior="pop", prior_weight=0.5).cached
+        assert not rec.recommend(user=1, k=5, prior="pop", prior_weight=0.25).cached
+
+        # A new interaction changes the user's search inputs: searched again, the answer of a fresh recommender
+        with HistoryDB.open(tiny_db) as db:
+            db.add_interaction(2, first.items[0].item_ids[0], timestamp=2_000_000_000)
+        before = rec.recommend(user=2, k=5)
+        assert not before.cached and first.items[0].title not in {r.title for r in before.items}
+        assert _answer(before) == _answer(fresh.recommend(user=2, k=5))
+        with HistoryDB.open(tiny_db) as db:
+            db.add_interaction(2, before.items[0].item_ids[0], timestamp=2_000_000_001)
+        after = rec.recommend(user=2, k=5)
+        assert not after.cached and _answer(after) == _answer(fresh.recommend(user=2, k=5)) != _answer(before)
+
+        # Least recently used out first (2 kept): user 2 was just used, so user 3 pushes out the older search
+        rec.recommend(user=3, k=5)
+        assert rec.recommend(user=2, k=5).cached and rec.recommend(user=3, k=5).cached
+        assert not rec.recommend(user=1, k=5, prior="pop", prior_weight=0.25).cached
+
+        # A batch mixes hits and searches; each answer is still the one a search gives
+        many = rec.recommend_many([3, 4, [TINY_TITLES[10]]], k=5)
+        assert [r.cached for r in many] == [True, False, False]
+        assert [_answer(r) for r in many] == [_answer(r) for r in fresh.recommend_many([3, 4, [TINY_TITLES[10]]], k=5)]
+        assert len(rec._cache) == 2
+    assert not fresh._cache  # cache=0 (the default) keeps nothing
+
+
+@pytest.mark.parametrize("cache", [-1, True, 1.5])
+def test_a_bad_cache_size_is_refused(tiny_model, tiny_db, cache_home, cache):
+    with pytest.raises(UsageError, match="result cache"):
+        Recommender.open(tiny_model, tiny_db, cache=cache, warn=lambda m: None)
+
+
 def test_user_who_has_seen_everything(tiny_model, tiny_db, cache_home):
     with HistoryDB.open(tiny_db) as db:
         for n, item_id in enumerate(TINY_TITLES):

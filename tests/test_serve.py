@@ -318,6 +318,19 @@ def test_recommend_for_user_and_for_history(model_server):
     assert not {r["title"] for r in body["items"]} & set(history)
 
 
+def test_a_repeated_request_is_answered_from_the_cache_until_the_history_changes(tiny_db, tiny_model):
+    with running(make_server(tiny_db, tiny_model, port=0, threads=1, cache=4, log=lambda line: None)) as server:
+        url = server.url + "/recommend"
+        answers = [http(url, "POST", {"user": 3, "k": 5})[1] for _ in range(2)]
+        assert [a["cached"] for a in answers] == [False, True]
+        assert answers[0]["items"] == answers[1]["items"] and answers[1]["timings"]["decoded_tokens"] == 0
+        status, _, _ = http(server.url + "/history", "POST", {"user": 3, "item_id": answers[0]["items"][0]["item_ids"][0]})
+        assert status == 201
+        status, body, _ = http(url, "POST", {"user": 3, "k": 5})
+        assert status == 200 and body["cached"] is False
+        assert answers[0]["items"][0]["title"] not in {r["title"] for r in body["items"]}  # now seen
+
+
 def test_recommend_errors_with_model(model_server):
     status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 999, "k": 3})
     assert status == 404 and "999" in body["error"]

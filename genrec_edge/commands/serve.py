@@ -28,6 +28,10 @@ def register(app: typer.Typer) -> None:
             "/recommend requests are answered up to this many at a time; a crashed one is replaced. 0: search in "
             "the HTTP process itself (least memory). Concurrent clients: one per core (bench/results/serve-workers-2026-12-02.md).",
         ),
+        cache: int = typer.Option(
+            256, "--cache", min=0, help="Searches each search process keeps for repeated requests (the same user "
+            "with an unchanged history, prior and k gets the same answer without a search); 0: none.",
+        ),
         allow_remote: bool = typer.Option(
             False, "--allow-remote", help="Allow a non-loopback --host (no TLS: anyone who can reach it can use it)."
         ),
@@ -70,7 +74,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"serving on {url} ({shown}model {model}, db {db}); Ctrl-C to stop", err=True)
 
         run_server(
-            db, model, host=host, port=port, threads=threads, beam=beam, batch=batch, workers=workers,
+            db, model, host=host, port=port, threads=threads, beam=beam, batch=batch, workers=workers, cache=cache,
             allow_remote=allow_remote, token=token, log=None if quiet else log, ready=ready,
         )
         typer.echo("stopped", err=True)
