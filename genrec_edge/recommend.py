@@ -220,7 +220,7 @@ class Recommender:
         self.model_dir = model_dir
         self.jump_forward = True
         self.cache_size = cache
-        self._cache: OrderedDict[tuple, Ranking] = OrderedDict()  # search inputs -> result, least recent first
+        self._cache: OrderedDict[bytes, Ranking] = OrderedDict()  # search inputs' digest -> result, oldest first
         self._grammar: str | None = None  # the catalog GBNF, built on the first --sample request
         self._prefill_prefix()
 
@@ -520,16 +520,21 @@ class Recommender:
         return self.trie.unseen_counts([self.title_index[t] for t in seen_titles if t in self.title_index])
 
     # ------------------------------------------------------------------ internals
-    def _cache_key(self, resolved, prior: CFPrior | None, k: int, first_step: bool) -> tuple | None:
-        """Everything a search's result depends on besides the model and catalog (fixed at open), or None
-        when nothing is cached. A prior is named by its kind and λ: ``self.priors`` holds one per kind."""
+    def _cache_key(self, resolved, prior: CFPrior | None, k: int, first_step: bool) -> bytes | None:
+        """A digest of everything a search's result depends on besides the model and catalog (fixed at open),
+        or None when nothing is cached. A prior is named by its kind and λ: ``self.priors`` holds one per
+        kind. A digest, not the inputs: a long history's seen titles would make each key tens of kB."""
         if not self.cache_size:
             return None
-        titles, seen_titles, items = resolved
-        return (tuple(titles), frozenset(seen_titles), tuple(items), prior.kind if prior else "none",
-                float(prior.weight) if prior else 0.0, k, self.beam, first_step)
+        import hashlib
+        import json
 
-    def _remember(self, key: tuple | None, ranking: Ranking) -> None:
+        titles, seen_titles, items = resolved
+        inputs = [list(titles), sorted(seen_titles), [int(i) for i in items], prior.kind if prior else "none",
+                  float(prior.weight) if prior else 0.0, k, self.beam, bool(first_step)]
+        return hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode()).digest()
+
+    def _remember(self, key: bytes | None, ranking: Ranking) -> None:
         if key is None:
             return
         import dataclasses
