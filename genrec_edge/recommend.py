@@ -268,6 +268,7 @@ class Recommender:
         beam - equal a kept one's gets its result back without a search (``Recommendations.cached``); a
         user's new interaction changes those inputs, so the answer is never stale. For a server asked the
         same users again (``serve --cache``); the items' descriptions are read from the database each time.
+        ``first_step`` requests are never kept (their arrays are the caller's).
 
         Raises NotFoundError / CorruptModelError for a missing or bad model, DatabaseError for a bad
         database, CatalogMismatchError if the model (or the prior) was made for another catalog.
@@ -524,14 +525,14 @@ class Recommender:
         """A digest of everything a search's result depends on besides the model and catalog (fixed at open),
         or None when nothing is cached. A prior is named by its kind and λ: ``self.priors`` holds one per
         kind. A digest, not the inputs: a long history's seen titles would make each key tens of kB."""
-        if not self.cache_size:
+        if not self.cache_size or first_step:  # a FirstStep's arrays are the caller's to change: not shared
             return None
         import hashlib
         import json
 
         titles, seen_titles, items = resolved
         inputs = [list(titles), sorted(seen_titles), [int(i) for i in items], prior.kind if prior else "none",
-                  float(prior.weight) if prior else 0.0, k, self.beam, bool(first_step)]
+                  float(prior.weight) if prior else 0.0, k, self.beam]
         return hashlib.sha256(json.dumps(inputs, ensure_ascii=False).encode()).digest()
 
     def _remember(self, key: bytes | None, ranking: Ranking) -> None:

@@ -117,6 +117,7 @@ def test_the_result_cache_answers_a_repeated_request_as_its_search_does(tiny_mod
         assert not rec.recommend(user=1, k=5, prior="pop", prior_weight=0.5).cached
         assert rec.recommend(user=1, k=5, prior="pop", prior_weight=0.5).cached
         assert not rec.recommend(user=1, k=5, prior="pop", prior_weight=0.25).cached
+        assert not any(rec.recommend(user=1, k=5, first_step=True).cached for _ in range(2))  # never kept
 
         # A new interaction changes the user's search inputs: searched again, the answer of a fresh recommender
         with HistoryDB.open(tiny_db) as db:
