@@ -352,6 +352,7 @@ class Health(BaseModel):
     model: str | None
     recommend: bool = Field(description="Whether a model is loaded (POST /recommend answers).")
     workers: int = Field(description="Search processes (serve --workers); 0: searches run in the server process.")
+    cache: int = Field(0, description="Searches each search process keeps for repeated requests (serve --cache).")
     db: DatabaseInfo
 
 
@@ -387,7 +388,7 @@ class Service:
                                 items=db.count_items())
         return Health(version=__version__, model=str(self.model) if self.model else None,
                       recommend=self.recommender is not None, workers=getattr(self.recommender, "workers", 0),
-                      db=info)
+                      cache=getattr(self.recommender, "cache_size", 0), db=info)
 
     def user_history(self, user: int, limit: int | None) -> History:
         with self._open_db(readonly=True) as db:

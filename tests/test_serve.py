@@ -84,7 +84,7 @@ def test_health(db_server):
     assert status == 200
     assert headers["Content-Type"].startswith("application/json")
     assert body["status"] == "ok"
-    assert body["recommend"] is False and body["workers"] == 0
+    assert body["recommend"] is False and body["workers"] == 0 and body["cache"] == 0
     assert body["db"]["users"] == len(TINY_HISTORIES) + 1
     assert body["db"]["items"] == len(TINY_TITLES)
 
@@ -320,6 +320,7 @@ def test_recommend_for_user_and_for_history(model_server):
 
 def test_a_repeated_request_is_answered_from_the_cache_until_the_history_changes(tiny_db, tiny_model):
     with running(make_server(tiny_db, tiny_model, port=0, threads=1, cache=4, log=lambda line: None)) as server:
+        assert http(server.url + "/health")[1]["cache"] == 4
         url = server.url + "/recommend"
         answers = [http(url, "POST", {"user": 3, "k": 5})[1] for _ in range(2)]
         assert [a["cached"] for a in answers] == [False, True]
