@@ -16,29 +16,12 @@ Absolute times on a shared CPU are noisy; the ratio is of one run.
 from __future__ import annotations
 
 import argparse
-import http.client
-import json
 import platform
 import statistics
 import time
 
 from bench.saved_run import add_run_arguments, render_saved, save_figure, save_run
-from bench.serve_workers import K, start_server, stop_server
-
-
-def ask(port: int, user: int) -> tuple[float, dict]:
-    """One POST /recommend on a new connection: (seconds, the whole answer)."""
-    began = time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    try:
-        conn.request("POST", "/recommend", json.dumps({"user": user, "k": K}), {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        payload = json.loads(response.read())
-    finally:
-        conn.close()
-    if response.status != 200:
-        raise RuntimeError(f"user {user}: HTTP {response.status}: {payload.get('error')}")
-    return time.perf_counter() - began, payload
+from bench.serve_workers import K, post_recommend, start_server, stop_server
 
 
 def summarize(asks: dict) -> dict:
@@ -120,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         asks = {}
         for user in users:
-            answers = [ask(port, user) for _ in range(1 + args.repeats)]
+            answers = [post_recommend(port, user) for _ in range(1 + args.repeats)]
             asks[str(user)] = [{"s": s, "cached": a.get("cached", False), "items": a["items"]} for s, a in answers]
     finally:
         stop_server(proc)

@@ -87,8 +87,8 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def ask(port: int, user: int) -> tuple[float, dict]:
-    """One POST /recommend on a new connection: (seconds, answer)."""
+def post_recommend(port: int, user: int) -> tuple[float, dict]:
+    """One POST /recommend on a new connection: (seconds, the whole JSON answer)."""
     body = json.dumps({"user": user, "k": K})
     began = time.perf_counter()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
@@ -100,8 +100,13 @@ def ask(port: int, user: int) -> tuple[float, dict]:
         conn.close()
     if response.status != 200:
         raise RuntimeError(f"user {user}: HTTP {response.status}: {payload.get('error')}")
-    return time.perf_counter() - began, {"titles": [r["title"] for r in payload["items"]],
-                                         "scores": [r["score"] for r in payload["items"]]}
+    return time.perf_counter() - began, payload
+
+
+def ask(port: int, user: int) -> tuple[float, dict]:
+    """One POST /recommend: (seconds, its top-k titles and scores)."""
+    seconds, payload = post_recommend(port, user)
+    return seconds, {"titles": [r["title"] for r in payload["items"]], "scores": [r["score"] for r in payload["items"]]}
 
 
 def concurrent(port: int, users: list[int], clients: int, progress=None) -> dict:
