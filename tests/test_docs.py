@@ -40,6 +40,14 @@ def test_every_command_and_subcommand_has_help_with_an_example(capsys):
         assert all(name in out for name in group.list_commands(None)), path  # the group lists its commands
 
 
+def test_version_alone_and_before_a_command(capsys):
+    from genrec_edge import __version__
+
+    for argv in (["--version"], ["--version", "recommend", "--user", "1"]):  # the command never runs
+        assert main(argv) == 0, argv
+        assert capsys.readouterr().out.strip() == __version__
+
+
 def _readme_exit_codes() -> dict[int, str]:
     text = " ".join(README.read_text(encoding="utf-8").split())
     listed = re.search(r"non-zero exit code \(([^()]*(?:\([^()]*\)[^()]*)*)\)", text)  # one level of (...) inside
