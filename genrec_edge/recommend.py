@@ -835,5 +835,10 @@ def check_default_model_catalog(db_path: Path) -> None:
 
 def _unknown_title_message(title: str, titles: Sequence[str]) -> str:
     close = difflib.get_close_matches(title, titles, n=3, cutoff=0.6)
+    if not close and title.strip():  # a few words of a title ("heat"): titles starting with, then containing them
+        text = title.strip().casefold()
+        starts = sorted((t for t in titles if t.casefold().startswith(text)), key=len)
+        inside = sorted((t for t in titles if text in t.casefold() and t not in starts), key=len)
+        close = (starts + inside)[:3]
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return f"unknown title {title!r} (titles must match the catalog exactly){hint}"

@@ -90,6 +90,10 @@ def test_bad_requests(rec, tiny_db):
         rec.recommend(history=[])
     with pytest.raises(NotFoundError, match="did you mean 'Heat \\(1995\\)'"):
         rec.recommend(history=["Heat 1995"])
+    with pytest.raises(NotFoundError, match="unknown title 'heat' .*did you mean 'Heat \\(1995\\)'"):
+        rec.recommend(history=["heat"])  # too short for a close match: the titles it starts
+    with pytest.raises(NotFoundError, match=r"unknown title 'zzqx' \(titles must match the catalog exactly\)$"):
+        rec.recommend(history=["zzqx"])
     with pytest.raises(UsageError):
         rec.recommend(user=1, history=["Heat (1995)"])
     with pytest.raises(UsageError):
