@@ -77,14 +77,23 @@ def _local_run_dir(adapter: Path, workdir: Path) -> Path:
     return run_dir
 
 
+def level_path(level: str = DEFAULT_LEVEL, adapter: Path | None = None) -> Path:
+    """Where :func:`build_level` keeps the default model at ``level`` (whether or not it is built yet)."""
+    from .quantize import output_path
+
+    adapter = adapter or shipped_adapter()
+    key = adapter_digest(adapter)[:16] if adapter else "base"
+    f16 = paths.models_dir() / f"default-{key}" / "model-F16.gguf"
+    return f16 if level.upper() == "F16" else output_path(f16, level)
+
+
 def build_f16(adapter: Path | None = None, progress: bool = True) -> Path:
     """The merged default model as F16 GGUF (built once, then cached); the base model if no adapter."""
     from .convert import convert
 
     adapter = adapter or shipped_adapter()
-    key = adapter_digest(adapter)[:16] if adapter else "base"
-    target_dir = paths.models_dir() / f"default-{key}"
-    target = target_dir / "model-F16.gguf"
+    target = level_path("F16", adapter)
+    target_dir = target.parent
     if target.is_file():
         return target
     with _build_lock(target_dir):

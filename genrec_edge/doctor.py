@@ -216,9 +216,10 @@ def check_threads(adapt: bool, spin: int | None, wait_policy: str | None, thread
     return Check("threads", OK, f"{how}; llama.cpp's threads {waiting}")
 
 
-def run_checks(db: str | Path | None, model: str | Path | None, runtime: bool = False) -> list[Check]:
-    """Every check for the given database and/or model (None skips that side); ``runtime`` adds
-    :func:`check_runtime` first (the CLI always does)."""
+def run_checks(db: str | Path | None, model: str | Path | None, runtime: bool = False,
+               no_model: str = "skipped (no --model)") -> list[Check]:
+    """Every check for the given database and/or model (None skips that side, saying ``no_model`` for the
+    model); ``runtime`` adds :func:`check_runtime` first (the CLI always does)."""
     checks: list[Check] = check_runtime() if runtime else []
     catalog_sha = None
     if db is not None:
@@ -229,7 +230,7 @@ def run_checks(db: str | Path | None, model: str | Path | None, runtime: bool = 
     if model is not None:
         checks.extend(check_model(model, catalog_sha if db is not None else None))
     else:
-        checks.append(Check("model", WARN, "skipped (no --model)"))
+        checks.append(Check("model", WARN, no_model))
     return checks
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .models_hf import BASE_GGUF_NAME, BASE_PACKAGE, INSTALL_HINT, base_gguf_path
 
-__all__ = ["BASE_GGUF_NAME", "BASE_PACKAGE", "INSTALL_HINT", "base_gguf_path", "default_model_path"]
+__all__ = ["BASE_GGUF_NAME", "BASE_PACKAGE", "INSTALL_HINT", "base_gguf_path", "built_default_model",
+           "default_model_path"]
 
 
 def default_model_path(progress: bool = True) -> Path:
@@ -25,3 +26,18 @@ def default_model_path(progress: bool = True) -> Path:
     if default_model.shipped_adapter() is not None:
         return default_model.build_level(default_model.DEFAULT_LEVEL, progress=progress)
     return base_gguf_path()
+
+
+def built_default_model() -> Path | None:
+    """The GGUF :func:`default_model_path` serves if it is already there, without building anything; None
+    when it would be built first (or the base package is missing)."""
+    from . import default_model
+    from .errors import NotFoundError
+
+    if default_model.shipped_adapter() is None:
+        try:
+            return base_gguf_path()
+        except NotFoundError:
+            return None
+    path = default_model.level_path(default_model.DEFAULT_LEVEL)
+    return path if path.is_file() else None

@@ -18,6 +18,12 @@ from genrec_edge.doctor import FAIL, OK, WARN, run_checks
 from genrec_edge.history import HistoryDB
 
 
+@pytest.fixture(autouse=True)
+def _own_home(tmp_path, monkeypatch):
+    """Without --model, doctor checks the default model if it is built: not this machine's, here."""
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+
+
 def catalog_hash(db_path: Path) -> str:
     with HistoryDB.open(db_path, readonly=True) as db:
         return db.catalog().sha256
@@ -165,6 +171,21 @@ def test_non_wal_database_is_a_warning(tiny_db, capsys):
     assert statuses(checks)["model"] == WARN  # skipped
     rc, out, _ = run_cli(capsys, "--db", str(tiny_db))
     assert rc == 0 and "journal_mode=delete" in out
+
+
+def test_without_a_model_doctor_checks_the_default_model_once_it_is_built(tiny_db, tmp_path, capsys):
+    from genrec_edge import default_model
+
+    rc, out, _ = run_cli(capsys, "--db", str(tiny_db))
+    assert rc == 0 and "warn model: skipped (no --model, and the default model is not built yet" in out
+    built = default_model.level_path()  # where `recommend` would build it under this GENREC_EDGE_HOME
+    assert str(tmp_path / "home") in str(built) and built.name.endswith("-Q8_0.gguf")
+    built.parent.mkdir(parents=True)
+    write_gguf(built, catalog_sha256="f" * 64)  # built for another catalog
+    rc, out, err = run_cli(capsys, "--db", str(tiny_db))
+    assert f"ok   model: {built} (GGUF v3" in out
+    assert rc == 8 and "error: catalog match: model was trained for catalog" in err
+    assert {p.name for p in built.parent.iterdir()} == {built.name}  # nothing built or converted
 
 
 def test_doctor_never_writes(tiny_db, tmp_path):
