@@ -34,7 +34,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
-from bench.saved_run import add_run_arguments, render_saved, save_figure, save_run  # noqa: E402
+from bench.saved_run import add_run_arguments, render_saved, rep_axes, save_figure, save_run  # noqa: E402
 
 K, BEAM = 10, 20
 READY_TIMEOUT_S = 900.0  # a worker that has not loaded its model by then is a failure, not a wait
@@ -227,13 +227,10 @@ def render(data: dict, stem: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     reps = list(range(1, len(data["orders"]) + 1))
     for lay, marker in zip(layouts, "osd^v", strict=False):
-        ax.plot(reps, summ["layouts"][lay]["users_per_s"], marker + "-", label=lay if lay == "before" else f"{lay} (processes x threads)")
-    ax.set_xlabel("rep")
-    ax.set_xticks(reps)
+        ax.plot(reps, summ["layouts"][lay]["users_per_s"], marker + "-",
+                label=lay if lay == "before" else f"{lay} (processes x threads)")
     ax.set_ylabel("users per second")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    rep_axes(ax, reps)
     ax.set_title(f"batch throughput by layout: {meta['cpus']} CPUs, {meta['date']}", fontsize=10)
     save_figure(fig, stem)
 

@@ -21,6 +21,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render", type=Path, help="redraw the table and plot of a saved run (its .json)")
 
 
+def rep_axes(ax, reps: list[int]) -> None:
+    """An axis of one value per rep, as the benches that alternate their order rep by rep draw it."""
+    ax.set_xlabel("rep")
+    ax.set_xticks(reps)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def save_figure(fig, stem: Path) -> None:
     """``stem``.png, as every bench draws it, and the figure closed."""
     import matplotlib.pyplot as plt

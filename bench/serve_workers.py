@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.saved_run import add_run_arguments, render_saved, save_figure, save_run
+from bench.saved_run import add_run_arguments, render_saved, rep_axes, save_figure, save_run
 
 K, BEAM = 10, 20
 START_TIMEOUT_S = 300.0
@@ -242,11 +242,7 @@ def render(data: dict, stem: Path) -> None:
     left.set_title(f"busy: users/s ({meta['clients']} clients)", fontsize=10)
     right.set_title("lone request: p50 seconds", fontsize=10)
     for ax in (left, right):
-        ax.set_xlabel("rep")
-        ax.set_xticks(reps)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        rep_axes(ax, reps)
     fig.suptitle(f"serve --workers: {meta['cpus']} CPUs, {meta['date']}", fontsize=10)
     save_figure(fig, stem)
 
