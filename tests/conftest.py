@@ -120,6 +120,17 @@ def assert_rerender_reproduces(main, render, saved: Path, tmp_path: Path) -> Non
     assert (tmp_path / "again.md").read_text() == text
 
 
+def usage_errors(main, argvs, capsys) -> str:
+    """Each ``argv`` makes a bench's ``main`` exit with argparse's usage error (2); their stderr, together."""
+    import pytest
+
+    for argv in argvs:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2, argv
+    return capsys.readouterr().err
+
+
 def dump(path) -> list[str]:
     """The SQL text of a whole database (sqlite3's iterdump), to compare two databases or a before/after."""
     conn = sqlite3.connect(path)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_rerender_reproduces
+from conftest import assert_rerender_reproduces, usage_errors
 
 from bench.process_split import main, parse_layouts, render, summarize
 
@@ -66,11 +66,8 @@ def test_a_worker_that_cannot_start_is_one_error_line(tiny_db, tmp_path):
 
 
 def test_bad_arguments_are_one_usage_line(tmp_path, capsys):
-    for argv in (["--render", str(tmp_path / "missing.json")], ["--layouts", "1x2"], ["--users", "0"]):
-        with pytest.raises(SystemExit) as exc:
-            main(argv)
-        assert exc.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_errors(main, (["--render", str(tmp_path / "missing.json")], ["--layouts", "1x2"], ["--users", "0"]),
+                       capsys)
     assert "no such saved run" in err and "--layouts: give at least two" in err
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import assert_rerender_reproduces
+from conftest import assert_rerender_reproduces, usage_errors
 
 from bench.serve_cache import main, render, summarize
 
@@ -30,8 +30,5 @@ def test_runs_end_to_end_on_the_tiny_model(tiny_model, tiny_db, tmp_path):
 
 
 def test_bad_arguments_are_one_usage_line(tmp_path, capsys):
-    for argv in (["--render", str(tmp_path / "missing.json")], ["--cache", "0"], ["--repeats", "0"]):
-        with pytest.raises(SystemExit) as exc:
-            main(argv)
-        assert exc.value.code == 2
-    assert "no such saved run" in capsys.readouterr().err
+    argvs = (["--render", str(tmp_path / "missing.json")], ["--cache", "0"], ["--repeats", "0"])
+    assert "no such saved run" in usage_errors(main, argvs, capsys)

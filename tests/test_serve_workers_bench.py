@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import assert_rerender_reproduces
+from conftest import assert_rerender_reproduces, usage_errors
 
 from bench.serve_workers import main, parse_workers, render, summarize
 
@@ -67,9 +67,6 @@ def test_a_server_that_cannot_start_is_one_error_line(tiny_db, tmp_path):
 
 
 def test_bad_arguments_are_one_usage_line(tmp_path, capsys):
-    for argv in (["--render", str(tmp_path / "missing.json")], ["--workers", "2"], ["--clients", "0"]):
-        with pytest.raises(SystemExit) as exc:
-            main(argv)
-        assert exc.value.code == 2
-    err = capsys.readouterr().err
+    err = usage_errors(main, (["--render", str(tmp_path / "missing.json")], ["--workers", "2"], ["--clients", "0"]),
+                       capsys)
     assert "no such saved run" in err and "--workers: give at least two" in err and "at least 1" in err
