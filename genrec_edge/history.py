@@ -90,6 +90,7 @@ def _applied_migrations(conn: sqlite3.Connection) -> list[str]:
     rows = conn.execute(f"SELECT name FROM [{MIGRATIONS_TABLE}] WHERE migration_set = ? ORDER BY rowid", (MIGRATION_SET,))
     return [name for (name,) in rows]
 
+
 # HistoryDB.rating_range's scans, by resolved file: (the datasets rows' ingest stamps, the range).
 _RATING_RANGES: dict[str, tuple[tuple, tuple[float, float] | None]] = {}
 
