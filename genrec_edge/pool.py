@@ -95,7 +95,7 @@ class RecommenderPool:
     def __init__(self, kwargs: dict[str, Any], workers: int, warn=None):
         self.workers = workers
         self.batch = kwargs["batch"]
-        self.cache_size = kwargs.get("cache", 0)  # each worker's (Recommender.cache_size)
+        self.cache_size = kwargs["cache"]  # each worker's (Recommender.cache_size)
         self.model_path = Path(kwargs["model"])
         self._kwargs = kwargs
         self._lock = threading.Lock()
