@@ -52,9 +52,13 @@ if TYPE_CHECKING:
     from .search import SearchStats
 
 DEFAULT_K = 10
+# The most titles the CLI and the HTTP API return per request. Past the beam's capacity the search runs
+# again without the titles found (~k/13 s here); the Python API takes any k (rank_titles ranks a catalog).
+MAX_K = 100
 DEFAULT_BEAM_CAPACITY = 40
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 DEFAULT_SAMPLE_TEMPERATURE = 1.0
+SAMPLE_TRIES_PER_TITLE = 20  # sample=True draws at most this many samples per title asked for, by default
 
 
 def default_beam(k: int) -> int:
@@ -395,19 +399,24 @@ class Recommender:
         ``prior`` / ``prior_weight``: this request's choice (see :meth:`open`; None = the default).
         ``first_step``: also return the first constrained step's log-probabilities (``FirstStep``).
         ``sample=True`` draws titles with llama.cpp's grammar sampler instead (temperature, seed) until
-        ``k`` distinct unseen titles or ``max_tries`` samples (default 20 k); no prior applies.
+        ``k`` distinct unseen titles or ``max_tries`` samples (default ``SAMPLE_TRIES_PER_TITLE * k``); no prior.
         """
         request = Request.one_of(user, history, prior, prior_weight, first_step)
         if not sample:
             return self.recommend_many([request], k=k)[0]
         started = time.perf_counter()
         _check_k(k)
+        if prior is not None or prior_weight is not None:
+            raise UsageError("sampling fuses no prior: drop prior / prior_weight, or search instead (sample=False)")
+        if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+            raise UsageError(f"the sampling temperature must be a finite number > 0 (got {temperature!r}); "
+                             "for the most likely titles, search instead (sample=False)")
         from .history import HistoryDB
 
         with HistoryDB.open(self.db_path, readonly=True) as db:
             titles, seen_titles, _ = self._resolve(db, user, history)
             with self.lock:
-                found, timings = self._sample(titles, seen_titles, k, seed, temperature, max_tries or 20 * k)
+                found, timings = self._sample(titles, seen_titles, k, seed, temperature, max_tries or SAMPLE_TRIES_PER_TITLE * k)
             items = self._describe(db, [(t, s, s) for t, s in found])
         total = (time.perf_counter() - started) * 1000
         return Recommendations(tuple(items), _with_total(timings, total))
@@ -553,6 +562,8 @@ class Recommender:
         if weight is not None and not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
             raise UsageError(f"the prior weight must be a finite number >= 0 (got {weight!r})")
         if kind == "none":
+            if weight:
+                raise UsageError(_WEIGHT_WITHOUT_PRIOR)
             return None
         prior = self.priors.get(kind)
         if prior is None and kind == "pop":
@@ -737,6 +748,9 @@ def _check_k(k: int) -> None:
         raise UsageError(f"k must be >= 1 (got {k})")
 
 
+_WEIGHT_WITHOUT_PRIOR = "a prior weight needs a prior to weigh: choose pop or sasrec, or drop the weight"
+
+
 def load_prior(prior, weight, model_dir: Path, catalog, db_path: Path):
     """Resolve :meth:`Recommender.open`'s ``prior`` argument to a loaded prior (or None): what a model in
     ``model_dir`` serving ``db_path`` fuses (a driver resolves it once for its workers, cluster.py)."""
@@ -745,12 +759,16 @@ def load_prior(prior, weight, model_dir: Path, catalog, db_path: Path):
     if isinstance(prior, CFPrior):
         loaded = prior
     elif prior == "none":
+        if weight:
+            raise UsageError(_WEIGHT_WITHOUT_PRIOR)
         return None
     elif prior == "pop" and not (has_sidecar(model_dir) and _sidecar_kind(model_dir) == "pop"):
         return _popularity_from_db(db_path, catalog, weight)
     elif prior is None or prior in PRIOR_CHOICES:
         if not has_sidecar(model_dir):
             if prior is None:
+                if weight:
+                    raise UsageError(_WEIGHT_WITHOUT_PRIOR + " (this model has none of its own)")
                 return None
             raise NotFoundError(f"no {prior} prior next to the model ({model_dir / 'cf-prior.json'} is missing)")
         loaded = CFPrior.load(model_dir, catalog)

@@ -79,12 +79,11 @@ from .errors import (
     UsageError,
     WorkerLostError,
 )
+from .recommend import DEFAULT_K, MAX_K
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 MAX_BODY = 64 * 1024
-MAX_K = 100
-DEFAULT_K = 10
 MAX_HISTORY_TITLES = 1000
 MAX_TITLE_CHARS = 2000
 MAX_LIMIT = 1_000_000

@@ -242,6 +242,35 @@ def test_recommend_user_who_has_seen_everything(tiny_db, tiny_model, capsys):  #
     assert_error(rc, err, 2, "every catalog title is already in this history")
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--sample", "--prior", "none"), "--prior does not apply to --sample"),
+        (("--sample", "--beam", "3"), "--beam does not apply to --sample"),
+        (("--sample", "--temperature", "0"), "--temperature must be a finite number > 0"),
+        (("--sample", "--temperature", "inf"), "--temperature must be a finite number > 0"),
+        (("--seed", "3"), "--seed applies to --sample only"),
+        (("--temperature", "2"), "--temperature applies to --sample only"),
+        (("--prior", "none", "--prior-weight", "2"), "a prior weight needs a prior"),
+        (("--prior-weight", "2"), "a prior weight needs a prior"),  # the tiny model has no prior of its own
+    ],
+)
+def test_recommend_options_that_would_be_ignored(tiny_db, tiny_model, capsys, extra, message):  # noqa: F811
+    rc, _, err = recommend(capsys, tiny_model, tiny_db, "--user", "1", *extra)
+    assert_error(rc, err, 2, message)
+
+
+def test_out_of_range_counts_are_usage_errors(tiny_db, tiny_model, capsys):  # noqa: F811
+    # Past MAX_K the CLI would run search after search (minutes on a real catalog); --limit 0 shows nothing.
+    for argv in (("recommend", "--model", str(tiny_model), "--user", "1", "--k", "101"),
+                 ("evaluate", "--pop", "--k", "101"), ("history", "show", "--user", "1", "--limit", "0")):
+        rc, _, err = run(capsys, *argv, "--db", str(tiny_db))
+        assert rc == 2 and ("less than or equal to 100" in err or "greater than or equal to 1" in err), err
+    rc, out, _ = recommend(capsys, tiny_model, tiny_db, "--user", "1", "--prior", "none", "--prior-weight", "0",
+                           "--k", "2", "--json")
+    assert rc == 0 and len(json.loads(out)["items"]) == 2
+
+
 def _corrupt(kind: str, good: Path, out: Path) -> Path:
     data = bytearray(good.read_bytes())
     if kind == "truncated":

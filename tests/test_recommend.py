@@ -240,6 +240,19 @@ def test_sampling_returns_distinct_unseen_catalog_titles(rec):
     assert [r.title for r in again.items] == titles  # seeded
 
 
+def test_options_that_would_be_ignored_are_refused(rec):
+    # Sampling fuses no prior and needs a temperature it can divide by; a weight needs a prior to weigh.
+    for kwargs in ({"prior": "none"}, {"prior_weight": 1.0}, {"temperature": 0.0}, {"temperature": float("nan")},
+                   {"temperature": float("inf")}, {"temperature": -1.0}):
+        with pytest.raises(UsageError):
+            rec.recommend(user=1, k=2, sample=True, max_tries=4, **kwargs)
+    with pytest.raises(UsageError, match="a prior weight needs a prior"):
+        rec.recommend(user=1, k=2, prior="none", prior_weight=0.5)
+    with pytest.raises(UsageError, match="a prior weight needs a prior"):  # the tiny model has no prior of its own
+        rec.recommend(user=1, k=2, prior_weight=0.5)
+    assert rec.recommend(user=1, k=2, prior="none", prior_weight=0.0).prior == "none"
+
+
 def test_trie_is_cached_on_disk(tiny_model, tiny_db, cache_home):
     with Recommender.open(tiny_model, tiny_db, warn=lambda m: None):
         pass

@@ -387,9 +387,12 @@ def test_recommend_prior_field(model_server):
     assert status == 200 and body["prior"] == "none" and all(r["score"] == r["lm_score"] for r in body["items"])
     status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "prior": "sasrec"})
     assert status == 404 and "no sasrec prior" in body["error"]
-    for bad in ({"user": 1, "prior": "knn"}, {"user": 1, "prior_weight": -1}, {"user": 1, "prior_weight": "1"}):
+    for bad in ({"user": 1, "prior": "knn"}, {"user": 1, "prior_weight": -1}, {"user": 1, "prior_weight": "1"},
+                {"user": 1, "prior": "none", "prior_weight": 2}):
         status, body, _ = http(model_server.url + "/recommend", "POST", bad)
         assert status == 400 and "prior" in body["error"], (bad, body)
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "prior": "none", "prior_weight": 0})
+    assert status == 200 and body["prior"] == "none", body
 
 
 def _start_cli_server(tiny_db: Path, model: Path) -> tuple[subprocess.Popen, int]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from ..recommend import DEFAULT_K, MAX_K
 from . import DB_HELP, parse_users
 
 SLICE_METRICS = ("HR@10", "NDCG@10")
@@ -118,7 +119,7 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="test (each user's last item) or valid (second-to-last)."),
         users: str = typer.Option("all", "--users", help="How many users: N (a seeded sample) or all."),
         seed: int = typer.Option(0, "--seed", help="Seed of the user sample and of the bootstrap."),
-        k: int = typer.Option(10, "--k", min=1, help="Titles the LLM returns per user (its MRR becomes MRR@k)."),
+        k: int = typer.Option(DEFAULT_K, "--k", min=1, max=MAX_K, help="Titles the LLM returns per user (its MRR becomes MRR@k)."),
         by: list[str] = typer.Option(
             None, "--by", help="Also slice by: popularity (of the target), history (length); repeatable."
         ),

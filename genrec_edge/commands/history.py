@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
     def show(
         user: int = typer.Option(..., "--user", help="User id."),
         db: Path = typer.Option(None, "--db", help=DB_HELP),
-        limit: int = typer.Option(None, "--limit", min=0, help="Show only the last N interactions."),
+        limit: int = typer.Option(None, "--limit", min=1, help="Show only the last N interactions."),
         json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         busy_timeout: float = typer.Option(5.0, "--busy-timeout", help="Seconds to wait for a locked database."),
     ) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import typer
 
+from ..recommend import DEFAULT_K, DEFAULT_SAMPLE_TEMPERATURE, MAX_K, SAMPLE_TRIES_PER_TITLE
 from . import DB_HELP
 
 MODEL_HELP = "GGUF model (default: the shipped fine-tuned default, built on first use)."
@@ -75,15 +77,16 @@ def register(app: typer.Typer) -> None:
             None, "--history", help="Recommend for these exact catalog titles instead of a user (oldest first)."
         ),
         more_titles: list[str] = typer.Argument(None, help="More --history titles.", show_default=False),
-        k: int = typer.Option(10, "--k", min=1, help="How many items."),
+        k: int = typer.Option(DEFAULT_K, "--k", min=1, max=MAX_K, help="How many items."),
         model: Path = typer.Option(None, "--model", help=MODEL_HELP),
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
         threads: int = typer.Option(None, "--threads", min=1, help="Most CPU threads for llama.cpp (default: all cores; fewer while other programs keep cores busy)."),
         beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: max(10, 2k))."),
         sample: bool = typer.Option(False, "--sample", help="Sample titles with the catalog grammar instead of beam search."),
-        seed: int = typer.Option(0, "--seed", help="Random seed for --sample."),
-        temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="Temperature for --sample."),
+        seed: int = typer.Option(None, "--seed", help="Random seed for --sample [default: 0]."),
+        temperature: float = typer.Option(None, "--temperature", help="Temperature for --sample, > 0 "
+                                          f"[default: {DEFAULT_SAMPLE_TEMPERATURE:g}]."),
         prior: str = typer.Option(None, "--prior", help=PRIOR_HELP),
         prior_weight: float = typer.Option(None, "--prior-weight", min=0.0, help=PRIOR_WEIGHT_HELP),
         all_users: bool = typer.Option(False, "--all-users", help="Batch: every user with a history (needs --out)."),
@@ -126,6 +129,18 @@ def register(app: typer.Typer) -> None:
                             ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None)):
             if value is not None:
                 raise UsageError(f"{name} applies to batch runs: add --all-users or --users-file FILE")
+        if sample:
+            for name, value in (("--beam", beam), ("--prior", prior), ("--prior-weight", prior_weight)):
+                if value is not None:
+                    raise UsageError(f"{name} does not apply to --sample (it draws titles one at a time, "
+                                     "with no beam and no prior)")
+            if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+                raise UsageError(f"--temperature must be a finite number > 0 with --sample (got {temperature:g}); "
+                                 "for the most likely titles, drop --sample")
+        else:
+            for name, value in (("--seed", seed), ("--temperature", temperature)):
+                if value is not None:
+                    raise UsageError(f"{name} applies to --sample only")
         from ..recommend import Recommender
 
         titles = list(history or [])
@@ -139,7 +154,8 @@ def register(app: typer.Typer) -> None:
             _check_user(db, user)  # before loading (or, the first time, building) a model
         with Recommender.open(model, db, threads=threads, beam=beam, prior=prior, prior_weight=prior_weight) as rec:
             result = rec.recommend(
-                user=user, history=titles or None, k=k, sample=sample, seed=seed, temperature=temperature
+                user=user, history=titles or None, k=k, sample=sample, seed=seed or 0,
+                temperature=DEFAULT_SAMPLE_TEMPERATURE if temperature is None else temperature,
             )
             model_name = rec.engine.path.name
         if json_output:
@@ -169,7 +185,10 @@ def register(app: typer.Typer) -> None:
             f"({t.decode_steps} steps, {t.decoded_tokens} tokens) · total {t.total_ms:.0f} ms",
             highlight=False,
         )
-        if len(result.items) < k:
+        if len(result.items) < k and sample:
+            console.print(f"sampling drew only {len(result.items)} distinct unseen titles in {SAMPLE_TRIES_PER_TITLE * k} tries "
+                          "(a higher --temperature varies more)", highlight=False)
+        elif len(result.items) < k:
             console.print(f"only {len(result.items)} unseen catalog titles could be recommended", highlight=False)
 
     grammar_app = typer.Typer(help="The catalog as a GBNF grammar.", no_args_is_help=True)
