@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import sqlite_utils
 
 DEFAULT_BUSY_TIMEOUT = 5.0
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # SQLite INTEGER: every id and timestamp the file holds
 MIGRATION_SET = "genrec_edge"
 MIGRATIONS_TABLE = "_sqlite_migrations"  # sqlite_utils.Migrations.migrations_table
 
@@ -135,6 +136,16 @@ def _item_from_row(row: tuple) -> Item:
 def _interaction_from_row(row: tuple) -> Interaction:
     item_id, title, year, genres, timestamp, rating = row
     return Interaction(item_id, title, year, split_genres(genres), timestamp, rating)
+
+
+def _is_int64(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
+
+
+def _check_int64(value, what: str) -> None:
+    """A value to store must fit SQLite's INTEGER (else sqlite3 raises OverflowError mid-transaction)."""
+    if not _is_int64(value):
+        raise UsageError(f"{what} {value!r} is out of range (SQLite integers are 64-bit)")
 
 
 def _translate(exc: sqlite3.Error, path: Path, busy_timeout: float) -> DatabaseError:
@@ -320,6 +331,8 @@ class HistoryDB:
             yield current_user, items
 
     def _require_user(self, user_id: int) -> None:
+        if not _is_int64(user_id):  # no such user can be stored; SQLite would raise OverflowError
+            raise NotFoundError(f"unknown user {user_id}")
         row = self.conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"unknown user {user_id}")
@@ -328,6 +341,7 @@ class HistoryDB:
         """The user's interactions oldest first; ``limit`` keeps the last N. Unknown user: NotFoundError."""
         if limit is not None and limit < 0:
             raise ValueError("limit must be >= 0")
+        limit = None if limit is None else min(limit, INT64_MAX)
         with self._errors():
             self._require_user(user_id)
             columns = "i.item_id, it.title, it.year, it.genres, i.timestamp, i.rating"
@@ -376,6 +390,8 @@ class HistoryDB:
             return {r[0] for r in self.conn.execute("SELECT item_id FROM interactions WHERE user_id = ?", (user_id,))}
 
     def item(self, item_id: int) -> Item:
+        if not _is_int64(item_id):
+            raise NotFoundError(f"unknown item {item_id}")
         with self._errors():
             row = self.conn.execute(
                 "SELECT id, title, year, genres FROM items WHERE id = ?", (item_id,)
@@ -400,13 +416,14 @@ class HistoryDB:
                 "SELECT id, title, year, genres FROM items WHERE title LIKE ? ESCAPE '\\' "
                 "ORDER BY (lower(title) = lower(?)) DESC, (lower(title) LIKE lower(?) || '%' ESCAPE '\\') DESC, id "
                 "LIMIT ?",
-                (pattern, text, pattern[1:-1], limit),
+                (pattern, text, pattern[1:-1], min(limit, INT64_MAX)),
             ).fetchall()
         return [_item_from_row(r) for r in rows]
 
     # ---------------------------------------------------------------- writes
     def add_user(self, user_id: int) -> None:
         """Create a user (no-op if it exists)."""
+        _check_int64(user_id, "user id")
         with self._errors(), self.conn:
             self.conn.execute("INSERT OR IGNORE INTO users(id) VALUES (?)", (user_id,))
 
@@ -418,11 +435,13 @@ class HistoryDB:
         Recording the same (user, timestamp, item) twice keeps the first rating. A rating must lie in
         :meth:`rating_range` (UsageError otherwise).
         """
+        _check_int64(user_id, "user id")
         item = self.item(item_id)
         if rating is not None:
             self._check_rating(rating)
         if timestamp is None:
             timestamp = int(time.time())
+        _check_int64(timestamp, "timestamp")
         with self._errors(), self.conn:
             self.conn.execute("INSERT OR IGNORE INTO users(id) VALUES (?)", (user_id,))
             self.conn.execute(

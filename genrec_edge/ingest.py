@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IngestError, UsageError
-from .history import DEFAULT_BUSY_TIMEOUT, HistoryDB
+from .history import DEFAULT_BUSY_TIMEOUT, INT64_MAX, INT64_MIN, HistoryDB
 
 FORMATS = ("movielens-csv", "movielens-dat", "movielens-100k", "csv")
 CHUNK_ROWS = 50_000
@@ -162,7 +162,6 @@ def _split_rows(source: LineSource, separator: str) -> Iterator[tuple[int, list[
         yield source.line_no, text.split(separator)
 
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _in_int64(number: int, what: str, value: str) -> int:

@@ -61,6 +61,33 @@ def test_unknown_item_in_history_add(tiny_db, capsys):
     assert snapshot(tiny_db) == before
 
 
+def test_numbers_past_sqlite_int64(tiny_db, capsys):
+    # sqlite3 raises OverflowError for these; each is one line, and nothing is written.
+    big = str(2**63)
+    before = snapshot(tiny_db)
+    for argv, code, message in (
+        (("history", "show", "--user", big), 4, f"unknown user {big}"),
+        (("history", "add", "--user", "1", "--item", big), 4, f"unknown item {big}"),
+        (("history", "add", "--user", big, "--item", "10"), 2, f"user id {big} is out of range"),
+        (("history", "add", "--user", "1", "--item", "10", "--timestamp", big), 2, f"timestamp {big} is out of range"),
+    ):
+        rc, _, err = run(capsys, *argv, "--db", str(tiny_db))
+        assert_error(rc, err, code, message)
+    assert snapshot(tiny_db) == before
+    rc, out, _ = run(capsys, "history", "show", "--user", "1", "--limit", big, "--json", "--db", str(tiny_db))
+    assert rc == 0 and len(json.loads(out)) == len(TINY_HISTORIES[1])
+
+
+def test_timestamps_that_are_not_dates_are_shown_as_numbers(tiny_db, capsys):
+    # Any int64 is a valid order key (ingest takes sequence numbers or milliseconds); a date covers years 1-9999.
+    for stamp in ("99999999999999", str(-(2**63))):
+        rc, out, _ = run(capsys, "history", "add", "--user", "1", "--item", "10", "--timestamp", stamp,
+                         "--db", str(tiny_db))
+        assert rc == 0 and f"at {stamp} (not a date)" in out, out
+    rc, out, _ = run(capsys, "history", "show", "--user", "1", "--db", str(tiny_db))
+    assert rc == 0 and "99999999999999 (not a date)" in out.replace("\n", " ")
+
+
 def test_not_a_sqlite_file(tmp_path, capsys):
     path = tmp_path / "notes.db"
     path.write_text("these are my notes, not a database\n" * 100)

@@ -33,10 +33,15 @@ def open_db_for_writing(db: Path | None, busy_timeout: float = 5.0):
     return HistoryDB.open(Path(db) if db is not None else default_db(), busy_timeout=busy_timeout)
 
 
-def _format_time(timestamp: int) -> str:
+def _format_time(timestamp: int, zone: str = "") -> str:
+    """A UTC date, or the raw number where it is none: timestamps are any int64 (ingest and the HTTP API take
+    sequence numbers or milliseconds as the order key), and a date only covers years 1 to 9999."""
     import datetime
 
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S") + zone
+    except (ValueError, OverflowError, OSError):
+        return f"{timestamp} (not a date)"
 
 
 def register(app: typer.Typer) -> None:
@@ -112,4 +117,4 @@ def register(app: typer.Typer) -> None:
                     raise UsageError(f"title {title!r} matches {len(matches)} items (ids {ids}): use --item ID")
                 item = matches[0].id
             added = database.add_interaction(user, item, timestamp=timestamp, rating=rating)
-        typer.echo(f"user {user}: added item {added.item_id} {added.title!r} at {_format_time(added.timestamp)} UTC")
+        typer.echo(f"user {user}: added item {added.item_id} {added.title!r} at {_format_time(added.timestamp, ' UTC')}")
