@@ -228,6 +228,8 @@ def validate_gguf_header(path: str | Path) -> GGUFHeaderInfo:
     """
     path = Path(path)
     label = str(path)
+    if path.is_dir():
+        raise NotFoundError(f"{label} is a directory, not a GGUF model file")
     if not path.is_file():
         raise NotFoundError(f"{label}: no such model file")
     size = path.stat().st_size

@@ -297,7 +297,7 @@ def recommend_users(
     from . import paths
     from .catalog import check_model_catalog
     from .history import HistoryDB
-    from .models import default_model_path
+    from .models import default_model_path, require_model_file
     from .recommend import (
         MAX_SEQUENCES,
         check_default_model_catalog,
@@ -340,8 +340,7 @@ def recommend_users(
         if model is None:
             check_default_model_catalog(db_path)  # before building the default model
         model_path = Path(model) if model is not None else default_model_path()
-        if not model_path.is_file():
-            raise NotFoundError(f"model file not found: {model_path}")
+        require_model_file(model_path)
         # Recommender.open's checks, before the output file is touched: a corrupt or foreign GGUF, a model
         # trained for another catalog. It warns about a model without a catalog hash itself; Ray's do not.
         trained_for = model_provenance(model_path).get("catalog_sha256")

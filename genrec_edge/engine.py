@@ -71,7 +71,8 @@ OPENMP_SPIN: int | None = SPIN_COUNT if _spin_added else (
     int(os.environ["GOMP_SPINCOUNT"]) if os.environ.get("GOMP_SPINCOUNT", "").isdigit() else None)
 
 from .cpu_share import CoreShare, ThreadGovernor  # noqa: E402
-from .errors import CorruptModelError, EngineError, GrammarError, NotFoundError  # noqa: E402
+from .errors import CorruptModelError, EngineError, GrammarError  # noqa: E402
+from .models import require_model_file  # noqa: E402
 
 EXACT_BATCH = 63  # tokens per llama_decode: below the tiled attention kernel's 64 rows (module docstring)
 
@@ -127,9 +128,7 @@ class Engine:
     @classmethod
     def load_model(cls, path: Path, vocab_only: bool = False):
         """Load a GGUF (mmap) and return the raw model pointer; CorruptModelError if llama.cpp refuses."""
-        path = Path(path)
-        if not path.is_file():
-            raise NotFoundError(f"model file not found: {path}")
+        path = require_model_file(path)
         with open(path, "rb") as fh:
             magic = fh.read(4)
         if magic != b"GGUF":

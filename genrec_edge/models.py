@@ -12,7 +12,19 @@ from pathlib import Path
 from .models_hf import BASE_GGUF_NAME, BASE_PACKAGE, INSTALL_HINT, base_gguf_path
 
 __all__ = ["BASE_GGUF_NAME", "BASE_PACKAGE", "INSTALL_HINT", "base_gguf_path", "built_default_model",
-           "default_model_path"]
+           "default_model_path", "require_model_file"]
+
+
+def require_model_file(path: Path) -> Path:
+    """``path`` if it is a file; NotFoundError naming what is there instead (nothing, or a directory)."""
+    from .errors import NotFoundError
+
+    path = Path(path)
+    if path.is_dir():
+        raise NotFoundError(f"{path} is a directory, not a GGUF model file")
+    if not path.is_file():
+        raise NotFoundError(f"model file not found: {path}")
+    return path
 
 
 def default_model_path(progress: bool = True) -> Path:

@@ -280,7 +280,7 @@ class Recommender:
         from . import paths
         from .engine import Engine, default_threads
         from .history import HistoryDB
-        from .models import default_model_path
+        from .models import default_model_path, require_model_file
         from .trie import load_or_build
 
         warn = warn or stderr_warning
@@ -300,8 +300,7 @@ class Recommender:
         if model is None:
             check_default_model_catalog(db_path)  # before building it (the first time, ~40 s)
         model_path = Path(model) if model is not None else default_model_path()
-        if not model_path.is_file():
-            raise NotFoundError(f"model file not found: {model_path}")
+        require_model_file(model_path)
         provenance = model_provenance(model_path)
 
         with HistoryDB.open(db_path, readonly=True) as history:

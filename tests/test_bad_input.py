@@ -345,6 +345,18 @@ def test_missing_model_file(tiny_db, tmp_path, capsys):
     assert_error(rc, err, 4, "nope.gguf")
 
 
+def test_a_directory_given_as_the_model(tiny_db, tmp_path, capsys):
+    # Every command that takes --model GGUF says what it found instead of a file.
+    users = tmp_path / "users.txt"
+    users.write_text("1\n")
+    for argv in (("recommend", "--user", "1"), ("recommend", "--users-file", str(users), "--out", str(tmp_path / "o")),
+                 ("prior", "show"), ("doctor",)):
+        db = () if argv[0] == "prior" else ("--db", str(tiny_db))
+        rc, _, err = run(capsys, *argv, "--model", str(tmp_path), *db)
+        assert rc == 4, err  # NotFoundError's code, doctor's too (its first failure's)
+        assert f"{tmp_path} is a directory, not a GGUF model file" in err, err
+
+
 def test_recommend_on_a_non_sqlite_database(tiny_model, tmp_path, capsys):  # noqa: F811
     path = tmp_path / "x.db"
     path.write_bytes(b"\x00" * 4096)

@@ -150,8 +150,10 @@ def register(app: typer.Typer) -> None:
         from ..cf import SIDECAR_JSON
         from ..errors import CorruptModelError, NotFoundError
         from ..jsonlog import read_json_object
-        from ..models import default_model_path
+        from ..models import default_model_path, require_model_file
 
+        if prior_dir is None and model is not None:
+            require_model_file(model)  # its sidecar sits next to it; a directory goes in --prior-dir
         directory = prior_dir if prior_dir is not None else (model if model is not None else default_model_path()).parent
         path = directory / SIDECAR_JSON
         if not path.is_file():
