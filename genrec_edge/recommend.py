@@ -165,20 +165,28 @@ class Request:
         """The request for exactly one of a ``user`` or a ``history`` (UsageError for both or neither)."""
         if (user is None) == (history is None):
             raise UsageError("give exactly one of a user or a history")
-        return cls(user=user, history=None if history is None else tuple(history), prior=prior,
+        return cls(user=user, history=None if history is None else _titles(history), prior=prior,
                    prior_weight=prior_weight, first_step=first_step)
 
     @classmethod
     def of(cls, value) -> Request:
         if isinstance(value, Request):
             return value
-        if isinstance(value, bool):
+        if value is None or isinstance(value, bool):
             raise UsageError(f"not a user id or a history: {value!r}")
         if isinstance(value, int):
             return cls(user=value)
-        if isinstance(value, str):
-            raise UsageError("a history is a list of titles, not one string")
-        return cls(history=tuple(value))
+        return cls(history=_titles(value))
+
+
+def _titles(history) -> tuple[str, ...]:
+    """A history as a tuple of titles; one string (whose characters would each be a 'title') is refused."""
+    if isinstance(history, str | bytes):
+        raise UsageError("a history is a list of titles, not one string: wrap it in a list")
+    try:
+        return tuple(history)
+    except TypeError:
+        raise UsageError(f"a history is a list of titles, not {type(history).__name__}") from None
 
 
 def stderr_warning(message: str) -> None:

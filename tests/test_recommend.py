@@ -253,6 +253,17 @@ def test_options_that_would_be_ignored_are_refused(rec):
     assert rec.recommend(user=1, k=2, prior="none", prior_weight=0.0).prior == "none"
 
 
+def test_requests_that_are_not_a_user_or_a_list_of_titles(rec):
+    title = TINY_TITLES[TINY_HISTORIES[1][0]]
+    for call in (lambda: rec.recommend(history=title), lambda: rec.recommend_many([title]),
+                 lambda: rec.recommend(history=5), lambda: rec.recommend_many([1, None]),
+                 lambda: rec.recommend_many([True])):
+        with pytest.raises(UsageError, match="history|user id"):
+            call()
+    assert [r.title for r in rec.recommend(history=[title], k=2).items] == \
+        [r.title for r in rec.recommend_many([[title]], k=2)[0].items]
+
+
 def test_trie_is_cached_on_disk(tiny_model, tiny_db, cache_home):
     with Recommender.open(tiny_model, tiny_db, warn=lambda m: None):
         pass
