@@ -40,6 +40,7 @@ from pathlib import Path  # noqa: E402
 
 from genrec_edge.errors import BenchError, GenrecError, NotFoundError, UsageError  # noqa: E402
 from genrec_edge.quantize import LEVELS  # noqa: E402
+from genrec_edge.stats import SMALL_SAMPLE, SMALL_SAMPLE_NOTE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT_DIR = REPO / "bench" / "results"
@@ -764,7 +765,10 @@ def render_markdown(report: dict) -> str:
         "## Quantization levels",
         "",
         f"Quality cells: the mean over the {sample['users']} users and its 95% bootstrap interval over users "
-        "(genrec_edge.stats).",
+        "(genrec_edge.stats)."
+        + (" **Noise at this size**: " + SMALL_SAMPLE_NOTE.format(users=sample["users"])
+           + " (`--users 610`): these columns show the pipeline works, not which level ranks better."
+           if sample["users"] < SMALL_SAMPLE else ""),
         "",
         markdown_table(rows, cols),
         "",

@@ -32,6 +32,12 @@ import numpy as np
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000
 BCA_MAX_USERS = 5000
+# Below this many users a hit rate of a few percent has an interval about as wide as itself (HR@10 ~0.08 on 60
+# users: ±0.07): quality columns on such samples are noise, and every report of them says so.
+SMALL_SAMPLE = 200
+SMALL_SAMPLE_NOTE = ("{users} users is a small sample: each mean is known only to within its interval, as wide as "
+                     "the differences worth finding; compare by the paired differences, on " + str(SMALL_SAMPLE)
+                     + " users or more")
 # Bound the resampled arrays scipy holds at once: batch * users values per metric.
 _VALUES_PER_BATCH = 1_000_000
 

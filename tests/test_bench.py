@@ -117,6 +117,8 @@ def test_bench_end_to_end(tiny_f16, tiny_db, tmp_path, home, capsys):
     assert text in capsys.readouterr().out
     assert "| F16 |" in text and "| Q8_0 |" in text and "pp32 t/s" in text and "zero-shot base" in text
     assert "## Quality vs F16, paired on the same users" in text and "ΔHR@10 vs F16" in text
+    users = report["meta"]["sample"]["users"]
+    assert users < 200 and f"**Noise at this size**: {users} users is a small sample" in text
     assert f"{f16['HR@10']:.3f} [{f16['HR@10_lo']:.3f}, {f16['HR@10_hi']:.3f}]" in text
     with open(files["csv"], encoding="utf-8") as fh:
         table = list(csv.DictReader(fh))

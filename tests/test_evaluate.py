@@ -194,6 +194,17 @@ def test_users_sample_split_and_default_log(db, tmp_path, home, capsys):
     rc = main(["evaluate", "--db", str(db), "--pop", "--users", "3"])  # the table
     out = capsys.readouterr().out
     assert rc == 0 and "popularity" in out and "HR@10" in out and "[" in out
+    assert "note: 3 users is a small sample" in " ".join(out.split())  # quality on a few users is noise: said
+
+
+def test_small_sample_note_only_below_its_threshold(db, capsys, monkeypatch):
+    from genrec_edge import stats
+
+    monkeypatch.setattr(stats, "SMALL_SAMPLE", 3)
+    assert main(["evaluate", "--db", str(db), "--pop", "--users", "3"]) == 0
+    assert "small sample" not in capsys.readouterr().out
+    assert main(["evaluate", "--db", str(db), "--pop", "--users", "2"]) == 0
+    assert "note: 2 users is a small sample" in " ".join(capsys.readouterr().out.split())
 
 
 def test_each_prior_is_a_run_of_its_own(db, tiny_model, capsys):

@@ -36,7 +36,7 @@ def _render(evaluation) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from ..stats import format_estimate
+    from ..stats import SMALL_SAMPLE, SMALL_SAMPLE_NOTE, format_estimate
 
     summary, names = evaluation.summary, list(evaluation.runs)
     console = Console()
@@ -48,6 +48,9 @@ def _render(evaluation) -> None:
     for metric in evaluation.metrics:
         table.add_row(metric, *(format_estimate(summary["recommenders"][n][metric]) for n in names))
     console.print(table)
+    if len(evaluation.users) < SMALL_SAMPLE:
+        console.print("note: " + SMALL_SAMPLE_NOTE.format(users=len(evaluation.users)) + " (--users all).",
+                      highlight=False)
 
     if summary["differences"]:
         diff = Table(box=box.SIMPLE_HEAD, title="paired differences on the same users (* : the interval excludes 0)")
