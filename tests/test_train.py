@@ -285,6 +285,13 @@ def test_run_dir_is_a_peft_adapter_with_provenance(memorised_run, tiny_base):
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [row["step"] for row in run["history"]]
     assert {"step", "loss", "hr@10", "ndcg@10"} <= set(log[0])
+    # The model card is ours, from genrec_run.json, not peft's template of blanks.
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "More Information Needed" not in card and card.startswith(f"# genrec-edge run `{out.name}`")
+    assert f"status: **done**, {run['steps']} of {run['total_steps']} optimizer steps" in card
+    assert f"HR@10 {run['best']['hr@10']:.4f}, NDCG@10 {run['best']['ndcg@10']:.4f}" in card
+    assert f"step {run['best']['step']}," in card and run["prompt_template"]["instruction"] in card
+    assert f"genrec-edge merge {out} --out {out}-merged" in card and run["command_line"] in card
 
 
 def _resume_config(base):
@@ -343,13 +350,25 @@ def test_cli_train_on_the_tiny_db(tiny_db, tmp_path, capsys):
 
     base = make_tiny_llama(tmp_path / "base")  # the conftest catalog's titles
     out = tmp_path / "run"
+    books = "Here are the books a reader read, in order. Recommend the next book."
     args = ["train", "--db", str(tiny_db), "--out", str(out), "--base", str(base), "--max-steps", "2",
             "--history-len", "4", "--batch-size", "4", "--lora-r", "2", "--target-modules", "q_proj,v_proj",
-            "--valid-users", "0"]  # fmt: skip
+            "--valid-users", "0", "--instruction", books]  # fmt: skip
     assert main(args) == 0
     assert "2 steps" in capsys.readouterr().out
     run = json.loads((out / "genrec_run.json").read_text())
     assert run["trainable_params"] == expected_lora_params(2, ["q_proj", "v_proj"])
+    assert run["prompt_template"]["instruction"] == books and run["config"]["instruction"] == books
+    # ... and it is what the served model is prompted with: merge -> convert -> the GGUF's genrec.prompt_template.
+    from genrec_edge.convert import convert
+    from genrec_edge.merge import merge
+    from genrec_edge.prompts import prefix_ids
+    from genrec_edge.recommend import Recommender
+
+    gguf = convert(merge(out, tmp_path / "merged"), tmp_path / "model-F32.gguf", outtype="f32")
+    with Recommender.open(gguf, tiny_db, threads=1, warn=lambda m: None) as rec:
+        assert rec.template.instruction == books and rec.template.history_len == 4
+        assert rec.prefix == prefix_ids(rec.engine.tokenize, rec.template) == rec.engine.tokenize(books + "\n", True)
     from conftest import TINY_HISTORIES
 
     assert run["dataset"] and run["valid_users"] == sum(len(items) >= 3 for items in TINY_HISTORIES.values())

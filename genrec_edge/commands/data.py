@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
         genres_col: str = typer.Option("genres", "--genres-col", help="csv: '|'-joined genres (used if present)."),
         delimiter: str = typer.Option(",", "--delimiter", help="csv: field separator."),
         encoding: str = typer.Option("auto", "--encoding", help="auto, utf-8 or latin-1."),
-        dataset_name: str = typer.Option(None, "--dataset-name", help="Name in the datasets table (default: folder)."),
+        dataset_name: str = typer.Option(None, "--dataset-name", help="Name in the datasets table (default: the folder; csv without one: the interactions file's name)."),
         skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count malformed rows instead of stopping."),
         busy_timeout: float = typer.Option(5.0, "--busy-timeout", help="Seconds to wait for a locked database."),
     ) -> None:

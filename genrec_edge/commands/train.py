@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from ..errors import UsageError
+from ..prompts import DEFAULT_INSTRUCTION
 from . import DB_HELP
 
 
@@ -35,6 +36,11 @@ def train(
         None, "--base", help="smollm2-135m (default), a HF LLaMA directory or a .gguf file."
     ),
     history_len: int | None = typer.Option(None, "--history-len", help="Titles of history per prompt [20]."),
+    instruction: str | None = typer.Option(
+        None, "--instruction",
+        help=f"The prompt's first line: say what your items are [{DEFAULT_INSTRUCTION}]; it goes into the model, "
+        "so serving uses it too.",
+    ),
     epochs: int | None = typer.Option(None, "--epochs", help="Passes over the training windows [1]."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate [5e-4]."),
     batch_size: int | None = typer.Option(
@@ -109,6 +115,7 @@ def train(
         command_line=shlex.join(sys.argv),
         base=base,
         history_len=history_len,
+        instruction=instruction,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,

@@ -156,6 +156,7 @@ def write_run_json(run: Run, state: LoopState, status: str, **extra) -> None:
         last_loss=state.last_loss,
     )
     runs.write_run_config(run.out, data)
+    runs.write_model_card(run.out, data)
 
 
 def _validate(run: Run, state: LoopState, losses: list[float]) -> None:
@@ -177,6 +178,7 @@ def _validate(run: Run, state: LoopState, losses: list[float]) -> None:
         ):
             state.best = row
             save_model(run.unwrapped, run.out, run.config.full, run.tokenizer)
+            write_run_json(run, state, "running")  # the best so far, and our model card over peft's blank one
         loss = "None" if row["loss"] is None else round(row["loss"], 4)
         run.console.print(
             f"step {row['step']}: loss {loss}, valid HR@10 {row['hr@10']:.4f}, "

@@ -53,7 +53,7 @@ def _set_up(
     tokenize = models_hf.hf_tokenize(tokenizer)
     eos_id = tokenizer.eos_token_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    template = PromptTemplate(history_len=config.history_len)
+    template = PromptTemplate(instruction=config.instruction, history_len=config.history_len)
 
     train_titles, valid_examples = split_for_training(sequences, catalog)
     users = sample_users(train_titles, config.max_train_users, config.seed)
