@@ -151,6 +151,12 @@ def test_cli_prompts_export(tiny_db, tmp_path, capsys):
     assert 6 not in by_user  # one item: nothing to predict it from
     assert main(["prompts", "export", "--db", str(tiny_db), "--out", str(out)]) == UsageError.exit_code
     assert "refusing to overwrite" in capsys.readouterr().err
+    assert by_user[7]["prompt"].splitlines()[0] == PromptTemplate().instruction
+    books = "Here are the books a reader read. Recommend the next book."
+    assert main(["prompts", "export", "--db", str(tiny_db), "--out", str(out), "--force", "--instruction", books]) == 0
+    again = [json.loads(line) for line in (out / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["prompt"].splitlines() for r in again] == [[books, *r["prompt"].splitlines()[1:]] for r in again]
+    assert {r["user"]: r["prompt"].splitlines()[0] for r in again}[7] == books
 
 
 def test_leave_one_out_can_skip_or_bound_train_histories():

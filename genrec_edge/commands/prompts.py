@@ -22,6 +22,8 @@ def register(app: typer.Typer) -> None:
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         history_len: int = typer.Option(None, "--history-len", min=0, help="Titles of history per prompt "
                                         "(default: the prompt template's)."),
+        instruction: str = typer.Option(None, "--instruction", help="The prompt's first line (default: the "
+                                        "prompt template's, about movies); as `train --instruction`."),
         min_history: int = typer.Option(1, "--min-history", min=1, help="Fewest history items an example needs."),
         force: bool = typer.Option(False, "--force", help="Overwrite existing JSONL files."),
     ) -> None:  # fmt: skip
@@ -36,7 +38,10 @@ def register(app: typer.Typer) -> None:
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing and not force:
             raise UsageError(f"refusing to overwrite {', '.join(existing)} (use --force)")
-        template = PromptTemplate() if history_len is None else PromptTemplate(history_len=history_len)
+        if instruction is not None and not instruction.strip():
+            raise UsageError("--instruction must be non-empty text (the prompt's first line)")
+        given = {"history_len": history_len, "instruction": instruction}
+        template = PromptTemplate(**{k: v for k, v in given.items() if v is not None})
         with open_db_for_reading(db) as database:
             catalog = database.catalog()
             split = leave_one_out(database.sequences(), min_history=min_history, train_history=template.history_len)
