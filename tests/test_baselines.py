@@ -201,6 +201,8 @@ def test_cli_pop_json_on_the_tiny_database(tiny_db, capsys):
     assert intervals["HR@10"]["low"] <= data["hr"]["10"] <= intervals["HR@10"]["high"]
     assert intervals["MRR"]["low"] <= data["mrr"] <= intervals["MRR"]["high"]
     assert data["interval"]["confidence"] == 0.95
+    assert main(["baseline", "pop", "--db", str(tiny_db)]) == 0  # the table says 7 users are a small sample
+    assert "note: 7 users is a small sample" in " ".join(capsys.readouterr().out.split())
 
 
 def test_cli_sasrec_trains_scores_and_saves(tiny_db, tmp_path, capsys):

@@ -21,7 +21,7 @@ def _passive_openmp() -> None:
 
 
 def _report(name: str, split: str, result, as_json: bool, extra: dict | None = None) -> None:
-    from ..stats import CONFIDENCE, choose_method, mean_intervals
+    from ..stats import CONFIDENCE, SMALL_SAMPLE, SMALL_SAMPLE_NOTE, choose_method, mean_intervals
 
     intervals = mean_intervals(result.per_user(list(result.summary())))
     if as_json:
@@ -43,7 +43,10 @@ def _report(name: str, split: str, result, as_json: bool, extra: dict | None = N
         table.add_row(metric, f"{value:.4f}", f"[{low:.4f}, {high:.4f}]" if low == low else "—")
     for key, value in (extra or {}).items():
         table.add_row(key, str(value))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    if result.n_users < SMALL_SAMPLE:
+        console.print("note: " + SMALL_SAMPLE_NOTE.format(users=result.n_users) + ".", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
