@@ -72,6 +72,7 @@ def test_prior_build_tune_show_cli(model_dir, tiny_db, cache_home, capsys):  # n
                "--weights", "0,0.5,2"])
     out = capsys.readouterr().out
     assert rc == 0 and "validation users" in out
+    assert "is a small sample" in out and "close to a guess" in " ".join(out.split())
     saved = json.loads((model_dir / cf.SIDECAR_JSON).read_text())
     assert saved["weight"] in (0.0, 0.5, 2.0) and saved["tuned"]["split"] == "valid"
     assert [row["weight"] for row in saved["tuned"]["table"]] == [0.0, 0.5, 2.0]

@@ -126,6 +126,11 @@ def register(app: typer.Typer) -> None:
             table.add_row(f"{row['weight']:g}{mark}", f"{row['HR@10']:.4f}", f"{row['NDCG@10']:.4f}",
                           f"{row['rerank HR@10']:.4f}", f"{row['rerank NDCG@10']:.4f}")
         Console(stderr=False).print(table)
+        from ..stats import SMALL_SAMPLE, SMALL_SAMPLE_NOTE
+
+        if result.n_users < SMALL_SAMPLE:
+            typer.echo("note: " + SMALL_SAMPLE_NOTE.format(users=result.n_users) + "; a λ chosen on them is close to "
+                       "a guess.")
         if dry_run:
             return
         metric = f"NDCG@10 of the prior's top {n_cf} re-ranked" if variant == "rerank" else \
