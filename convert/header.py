@@ -40,6 +40,7 @@ MAX_DIMS = 4
 MAX_KEY_BYTES = 65_535
 # Arrays longer than this (the vocabulary, merges, scores) are skipped: only their length is recorded.
 MAX_KEPT_ARRAY = 64
+_U64 = struct.Struct("<Q")
 GENREC_PREFIX = "genrec."
 
 _SCALAR_FORMATS = {
@@ -153,12 +154,20 @@ class _Cursor:
         except UnicodeDecodeError:
             raise self.fail(f"{what} at byte {start} is not valid UTF-8") from None
 
-    def skip_string(self, what: str) -> None:
-        start = self.pos
-        length = self.u64()
-        if length > self.size - self.pos:
-            raise self.fail(f"{what} at byte {start} declares {length} bytes, past the end of the file")
-        self.pos += length
+    def skip_strings(self, count: int, key: str) -> None:
+        """Skip ``count`` strings of array ``key`` with the checks of :meth:`string` (not their UTF-8). A
+        tokenizer's vocabulary and merges are ~100k strings: one tight loop, messages built only on failure."""
+        buf, size, pos = self.buf, self.size, self.pos
+        unpack = _U64.unpack_from
+        for i in range(count):
+            if pos + 8 > size:
+                self.pos = pos
+                self.need(8)
+            (length,) = unpack(buf, pos)
+            if length > size - pos - 8:
+                raise self.fail(f"element {i} of {key!r} at byte {pos} declares {length} bytes, past the end of the file")
+            pos += 8 + length
+        self.pos = pos
 
     def value_type(self, what: str) -> GGUFValueType:
         start = self.pos
@@ -189,13 +198,10 @@ def _read_value(cur: _Cursor, vtype: GGUFValueType, key: str, array_lengths: dic
     array_lengths[key] = count
     keep = count <= MAX_KEPT_ARRAY
     if elem_type == GGUFValueType.STRING:
-        values = []
-        for i in range(count):
-            if keep:
-                values.append(cur.string(f"element {i} of {key!r}"))
-            else:
-                cur.skip_string(f"element {i} of {key!r}")
-        return values if keep else None
+        if not keep:
+            cur.skip_strings(count, key)
+            return None
+        return [cur.string(f"element {i} of {key!r}") for i in range(count)]
     n_bytes = count * min_elem
     cur.need(n_bytes)
     if keep:

@@ -80,6 +80,11 @@ def test_huge_array_declared_in_49_bytes_is_refused_fast(tmp_path):
         (_header(0, 2**40), "declares 1099511627776 metadata entries"),
         (_header(2**40, 0), "declares 1099511627776 tensors"),
         (_header(0, 1) + _string(b"k") + struct.pack("<IQ", 8, 2**62) + b"abc", "past the end of the file"),
+        # A string array past MAX_KEPT_ARRAY is skipped (a vocabulary), with the same checks on every element:
+        (_header(0, 1) + _string(b"k") + struct.pack("<IIQ", 9, 8, 100) + _string(b"ab") * 70
+         + struct.pack("<Q", 2**40) + bytes(800), "element 70 of 'k' at byte 749 declares 1099511627776 bytes"),
+        (_header(0, 1) + _string(b"k") + struct.pack("<IIQ", 9, 8, 100) + _string(b"ab") * 99 + bytes(4),
+         "truncated at byte 1043 (needed 8 more bytes at offset 1039)"),
         (_header(0, 1) + _string(b"key") + struct.pack("<I", 13) + bytes(8), "unknown value type 13"),
         (_header(0, 1) + _string(b"key") + struct.pack("<I", 8) + _string(b"\xff\xfe"), "not valid UTF-8"),
         (_header(0, 1) + _string(b"key") + struct.pack("<IIQ", 9, 9, 1) + bytes(16), "nested array"),
