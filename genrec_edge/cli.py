@@ -13,7 +13,7 @@ import sys
 
 import typer
 
-from .errors import GenrecError
+from .errors import FileAccessError, GenrecError
 
 COMMAND_MODULES = (
     "data",
@@ -73,6 +73,15 @@ def error_line(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
 
 
+def file_access_message(exc: OSError) -> str:
+    """``cannot use PATH: No such file or directory``, from the OSError a file operation raised."""
+    names = " -> ".join(str(n) for n in (exc.filename, exc.filename2) if n is not None)
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, FileExistsError) and exc.filename is not None and os.path.isfile(exc.filename):
+        reason = "a file is there, where a folder is needed"  # mkdir(parents=True) met a file on the way
+    return f"cannot use {names}: {reason}" if names else f"file access failed: {reason}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning our errors into one line and an exit code."""
     try:
@@ -83,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         error_line("interrupted")
         return 130
+    except OSError as exc:  # a path the command cannot use: one line naming it, not an internal error
+        error_line(file_access_message(exc))
+        return FileAccessError.exit_code
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:  # a bug: still one line unless debugging

@@ -89,6 +89,13 @@ class UnsupportedCPUError(GenrecError):
     exit_code = 13  # 12 is BenchError
 
 
+class FileAccessError(GenrecError):
+    """A file or folder the command cannot read or write: a directory where a file belongs (or the reverse),
+    a missing parent folder, no permission, a full disk. ``cli.main`` turns any ``OSError`` into one."""
+
+    exit_code = 14
+
+
 class BenchError(GenrecError):
     """A ``python -m bench.run`` measurement child failed; the message carries its last error line.
 

@@ -197,6 +197,9 @@ class HistoryDB:
         newer than this version knows.
         """
         path = Path(path)
+        if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float) or \
+                not (math.isfinite(busy_timeout) and busy_timeout >= 0):
+            raise UsageError(f"the busy timeout is a number of seconds >= 0 (got {busy_timeout!r})")
         if path.is_dir():
             raise DatabaseError(f"not a SQLite database (a directory): {path}")
         if not path.exists():

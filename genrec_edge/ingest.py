@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import math
 import os
 import re
 import time
@@ -112,9 +113,10 @@ class LineSource:
                     text = raw.decode(self.encoding)
                 except UnicodeDecodeError as exc:
                     bad = raw[exc.start : exc.start + 1].hex()
+                    hint = ": --encoding latin-1 reads the file as Latin-1" if self.encoding == "utf-8" else ""
                     self.decode_error = (
                         self.line_no,
-                        f"not valid {self.encoding.upper()} (byte 0x{bad} at column {exc.start + 1})",
+                        f"not valid {self.encoding.upper()} (byte 0x{bad} at column {exc.start + 1}){hint}",
                     )
                     text = "\n"
                 if self.line_no == 1 and text.startswith("\ufeff"):
@@ -193,9 +195,12 @@ def _rating(value: str) -> float | None:
     if value == "":
         return None
     try:
-        return float(value)
+        rating = float(value)
     except ValueError:
         raise ValueError(f"rating {value!r} is not a number") from None
+    if not math.isfinite(rating):
+        raise ValueError(f"rating {value!r} is not a finite number (leave the field empty for no rating)")
+    return rating
 
 
 def _timestamp(value: str) -> int:
@@ -253,7 +258,7 @@ def _csv_with_header(path: Path, open_lines: Opener, delimiter: str = ",") -> tu
     rows = _csv_rows(open_lines(path, "utf-8"), delimiter)
     first = next(rows, None)
     if first is None:
-        return None, iter(())
+        raise IngestError(f"{path}: empty file (a CSV needs at least its header line)")
     if isinstance(first[1], BadRow):
         raise IngestError(str(first[1]))
     return first[1], rows
@@ -360,7 +365,9 @@ def _generic_columns(path: Path, header: list[str], wanted: dict[str, tuple[str 
         if column and column in header:
             found[key] = header.index(column)
         elif required:
-            raise IngestError(f"{path}:1: no column {column!r} (columns: {', '.join(header)})")
+            others = [d for d in (",", ";", "\t", "|") if len(header) == 1 and d in header[0]]
+            hint = f"; the header holds {others[0]!r}: another --delimiter?" if others else ""
+            raise IngestError(f"{path}:1: no column {column!r} (columns: {', '.join(header)}){hint}")
     return found
 
 
@@ -441,7 +448,9 @@ def _resolve_files(fmt: str, path: Path | None, interactions: Path | None, items
     if fmt == "csv":
         if interactions is None or items is None:
             raise UsageError("format csv needs --interactions FILE and --items FILE")
-        base = path if path is not None and path.is_dir() else Path(".")
+        if path is not None and not path.is_dir():
+            raise IngestError(f"{path}: no such folder (csv reads --interactions and --items relative to it)")
+        base = path if path is not None else Path(".")
         files = (base / items, base / interactions)
     else:
         if path is None:
@@ -487,6 +496,17 @@ def ingest(
     fmt = resolve_format(fmt, path)
     if encoding not in ("auto", "utf-8", "latin-1"):
         raise UsageError(f"unknown encoding {encoding!r} (auto, utf-8 or latin-1)")
+    delimiter = _delimiter(delimiter)
+    if fmt != "csv":
+        given = {"--interactions": interactions, "--items": items, "--user-col": user_col != "user_id",
+                 "--item-col": item_col != "item_id", "--time-col": time_col != "timestamp",
+                 "--rating-col": rating_col != "rating", "--title-col": title_col != "title",
+                 "--item-id-col": item_id_col != "item_id", "--genres-col": genres_col != "genres",
+                 "--delimiter": delimiter != ","}
+        named = [name for name, value in given.items() if value]
+        if named:
+            raise UsageError(f"{', '.join(named)} appl{'ies' if len(named) == 1 else 'y'} to format csv, not {fmt} "
+                             "(whose files and columns are fixed)")
     items_file, interactions_file = _resolve_files(
         fmt, path, Path(interactions) if interactions else None, Path(items) if items else None
     )
@@ -517,13 +537,31 @@ def ingest(
 
     started = time.perf_counter()
     total_bytes = items_file.stat().st_size + interactions_file.stat().st_size
-    with HistoryDB.open(db_path, create=True, busy_timeout=busy_timeout) as db, _progress_bar(progress, total_bytes) as advance:
-        opener: Opener = lambda p, enc: LineSource(p, enc, advance)  # noqa: E731
-        with db._errors():
-            counts = _ingest_in_one_transaction(
-                db, name, source, item_rows(opener), interaction_rows(opener), interactions_file, skip_bad
-            )
+    new_file = not Path(db_path).exists()
+    try:
+        with HistoryDB.open(db_path, create=True, busy_timeout=busy_timeout) as db, \
+                _progress_bar(progress, total_bytes) as advance:
+            opener: Opener = lambda p, enc: LineSource(p, enc, advance)  # noqa: E731
+            with db._errors():
+                counts = _ingest_in_one_transaction(
+                    db, name, source, item_rows(opener), interaction_rows(opener), interactions_file, skip_bad
+                )
+    except BaseException:
+        if new_file:  # all or nothing: a failed first ingest leaves no empty database behind
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+        raise
     return IngestReport(name, *counts, seconds=time.perf_counter() - started)
+
+
+def _delimiter(value: str) -> str:
+    """The one-character field separator; ``\\t`` (as typed in a shell) and ``tab`` mean a tab."""
+    if value in ("\\t", "tab"):
+        return "\t"
+    if len(value) != 1 or value in ('"', "\n", "\r"):
+        raise UsageError(f"--delimiter is one character other than a quote or a line break (got {value!r}); "
+                         "\\t or tab for a tab")
+    return value
 
 
 def _ingest_in_one_transaction(

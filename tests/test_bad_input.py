@@ -88,6 +88,21 @@ def test_timestamps_that_are_not_dates_are_shown_as_numbers(tiny_db, capsys):
     assert rc == 0 and "99999999999999 (not a date)" in out.replace("\n", " ")
 
 
+def test_paths_that_cannot_be_written_are_one_line(tiny_db, tmp_path, capsys):
+    # An OSError from any command is exit 14 with the path and the reason, not an internal error (70).
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for argv, path, reason in (
+        (("evaluate", "--pop", "--users", "2", "--out", str(a_file / "log.jsonl")), a_file,
+         "a file is there, where a folder is needed"),
+        (("prompts", "export", "--out", str(a_file / "p")), a_file / "p", "Not a directory"),
+        (("grammar", "export", "--out", str(tmp_path), "--force"), tmp_path, "Is a directory"),
+    ):
+        rc, _, err = run(capsys, *argv, "--db", str(tiny_db))
+        assert_error(rc, err, 14, f"cannot use {path}")
+        assert reason in err
+
+
 def test_not_a_sqlite_file(tmp_path, capsys):
     path = tmp_path / "notes.db"
     path.write_text("these are my notes, not a database\n" * 100)

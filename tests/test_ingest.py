@@ -207,12 +207,50 @@ def test_generic_csv_missing_column(tmp_path):
         ingest(tmp_path / "g.db", "csv", tmp_path, progress=False)
 
 
+def test_generic_csv_options_and_files_are_checked_before_anything_is_written(tmp_path):
+    items = tmp_path / "t.csv"
+    items.write_text("item_id,title\n5,X (1999)\n6,Y (2000)\n")
+    tabbed = tmp_path / "i.tsv"
+    tabbed.write_text("user_id\titem_id\ttimestamp\trating\n1\t5\t10\t4\n1\t6\t20\t\n")
+    db = tmp_path / "g.db"
+
+    def run(interactions, **options):
+        return ingest(db, "csv", interactions=interactions, items=items, progress=False, **options)
+
+    for bad in (";;", "", '"'):
+        with pytest.raises(UsageError, match="--delimiter is one character"):
+            run(tabbed, delimiter=bad)
+    # The items file is comma-separated: one --delimiter for both files names the column it cannot find.
+    with pytest.raises(IngestError, match=r"no column 'user_id' .*the header holds '\\t': another --delimiter\?"):
+        run(tabbed)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(IngestError, match="empty file"):
+        run(tmp_path / "empty.csv")
+    nan = tmp_path / "nan.csv"
+    nan.write_text("user_id,item_id,timestamp,rating\n1,5,10,nan\n")
+    with pytest.raises(IngestError, match=r"nan\.csv:2: rating 'nan' is not a finite number"):
+        run(nan)
+    with pytest.raises(IngestError, match="no such folder"):
+        ingest(db, "csv", tmp_path / "nodir", interactions=tabbed, items=items, progress=False)
+    assert not db.exists() and not list(tmp_path.glob("g.db*"))  # each failure left no (empty) database behind
+    with pytest.raises(UsageError, match="--user-col, --delimiter apply to format csv, not movielens-csv"):
+        ingest(db, "movielens-csv", tmp_path, delimiter=";", user_col="u", progress=False)
+
+    tsv_items = tmp_path / "t.tsv"
+    tsv_items.write_text("item_id\ttitle\n5\tX (1999)\n6\tY (2000)\n")
+    report = ingest(db, "csv", interactions=tabbed, items=tsv_items, delimiter="\\t", progress=False)  # as typed
+    assert (report.items, report.interactions) == (2, 2)
+    with HistoryDB.open(db) as opened:
+        assert [(h.item_id, h.rating) for h in opened.history(1)] == [(5, 4.0), (6, None)]
+
+
 # ----------------------------------------------------------------------------- malformed input
 BAD_MOVIES = {
     "wrong column count": ('25,"Extra (1999)",Drama,oops\n', "expected 3 fields, got 4"),
     "bad quoting": ('25,"Bad "quote" (1999)",Drama\n', "bad CSV quoting (',' expected after '\"')"),
     "non-numeric id": ("x25,Words (1999),Drama\n", "movie id 'x25' is not an integer"),
-    "non-UTF-8": (b"25,Caf\xe9 (1999),Drama\n", "not valid UTF-8 (byte 0xe9 at column 7)"),
+    "non-UTF-8": (b"25,Caf\xe9 (1999),Drama\n",
+                  "not valid UTF-8 (byte 0xe9 at column 7): --encoding latin-1 reads the file as Latin-1"),
 }
 
 
@@ -266,8 +304,7 @@ def test_unknown_item_and_wrong_header(tmp_path):
         fh.write("1,99999,4.0,5\n")
     with pytest.raises(IngestError, match=rf"^{ratings}:{n_lines + 1}: unknown item 99999 \(not in the items file\)$"):
         ingest(tmp_path / "x.db", "movielens-csv", folder, progress=False)
-    with HistoryDB.open(tmp_path / "x.db") as db:  # the failed first ingest left an empty, valid database
-        assert db.count_interactions() == 0 and db.count_items() == 0 and db.dataset() is None
+    assert not list(tmp_path.glob("x.db*"))  # all or nothing: the failed first ingest left no empty database
     (folder / "movies.csv").write_text("id,name\n1,A\n")
     with pytest.raises(IngestError, match=r"movies\.csv:1: expected header movieId,title,genres, got id,name$"):
         ingest(tmp_path / "x.db", "movielens-csv", folder, progress=False)

@@ -328,6 +328,12 @@ def test_cli_grammar_export(tiny_db, tmp_path, capsys):
     assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
     assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(out), "--force"]) == 0
+    # --force never writes a grammar over a database (here: the very one it reads); a folder is one line, exit 14.
+    before = tiny_db.read_bytes()
+    assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(tiny_db), "--force"]) == 2
+    assert "is a SQLite database" in capsys.readouterr().err and tiny_db.read_bytes() == before
+    assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(tmp_path), "--force"]) == 14
+    assert capsys.readouterr().err.strip() == f"error: cannot use {tmp_path}: Is a directory"
 
 
 # ------------------------------------------------------------------------------------------ real model

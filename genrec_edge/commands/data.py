@@ -56,11 +56,11 @@ def register(app: typer.Typer) -> None:
         title_col: str = typer.Option("title", "--title-col", help="csv: title column of the items."),
         item_id_col: str = typer.Option("item_id", "--item-id-col", help="csv: item id column of the items."),
         genres_col: str = typer.Option("genres", "--genres-col", help="csv: '|'-joined genres (used if present)."),
-        delimiter: str = typer.Option(",", "--delimiter", help="csv: field separator."),
+        delimiter: str = typer.Option(",", "--delimiter", help="csv: field separator, one character (\\t or tab: a tab)."),
         encoding: str = typer.Option("auto", "--encoding", help="auto, utf-8 or latin-1."),
         dataset_name: str = typer.Option(None, "--dataset-name", help="Name in the datasets table (default: the folder; csv without one: the interactions file's name)."),
         skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip and count malformed rows instead of stopping."),
-        busy_timeout: float = typer.Option(5.0, "--busy-timeout", help="Seconds to wait for a locked database."),
+        busy_timeout: float = typer.Option(5.0, "--busy-timeout", min=0.0, help="Seconds to wait for a locked database."),
     ) -> None:
         """Ingest a dataset into the history database, in one transaction (all or nothing).
 

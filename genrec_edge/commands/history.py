@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         limit: int = typer.Option(None, "--limit", min=1, help="Show only the last N interactions."),
         json_output: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-        busy_timeout: float = typer.Option(5.0, "--busy-timeout", help="Seconds to wait for a locked database."),
+        busy_timeout: float = typer.Option(5.0, "--busy-timeout", min=0.0, help="Seconds to wait for a locked database."),
     ) -> None:
         """Show a user's history, oldest first: time, item id, title, rating.
 
@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
         rating: float = typer.Option(None, "--rating", help="Rating, e.g. 4.5."),
         timestamp: int = typer.Option(None, "--timestamp", help="Unix seconds (default: now)."),
         db: Path = typer.Option(None, "--db", help=DB_HELP),
-        busy_timeout: float = typer.Option(5.0, "--busy-timeout", help="Seconds to wait for a locked database."),
+        busy_timeout: float = typer.Option(5.0, "--busy-timeout", min=0.0, help="Seconds to wait for a locked database."),
     ) -> None:
         """Record that a user interacted with an item (by id, or by its exact title).
 

@@ -69,6 +69,11 @@ def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior
                + (f"; {report.parquet}" if report.parquet else ""))
 
 
+def _is_sqlite(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(16) == b"SQLite format 3\x00"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("recommend")
     def recommend(
@@ -211,6 +216,8 @@ def register(app: typer.Typer) -> None:
 
         if out.exists() and not force:
             raise UsageError(f"{out} exists (use --force to overwrite)")
+        if out.is_file() and _is_sqlite(out):
+            raise UsageError(f"{out} is a SQLite database: not overwriting it with a grammar, even with --force")
         with HistoryDB.open(Path(db) if db is not None else default_db(), readonly=True) as database:
             catalog = database.catalog()
         titles = catalog.unique_titles
