@@ -197,6 +197,17 @@ def test_users_sample_split_and_default_log(db, tmp_path, home, capsys):
     assert "note: 3 users is a small sample" in " ".join(out.split())  # quality on a few users is noise: said
 
 
+def test_llm_options_need_a_model_and_k_covers_hr_at_10(db, capsys):
+    # Without --model they would be ignored; with k < 10 the table's HR@10 would be HR@k under another name.
+    for extra, message in ((["--k", "20"], "--k applies to --model"),
+                           (["--beam", "3", "--batch", "2", "--workers", "2"], "--beam, --batch, --workers apply"),
+                           (["--ray", "local"], "--ray applies to --model")):
+        assert main(["evaluate", "--db", str(db), "--pop", "--users", "2", *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["evaluate", "--db", str(db), "--model", "default", "--k", "5"]) == 2
+    assert "greater than or equal to 10" in capsys.readouterr().err
+
+
 def test_small_sample_note_only_below_its_threshold(db, capsys, monkeypatch):
     from genrec_edge import stats
 

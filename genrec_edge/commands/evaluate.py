@@ -12,6 +12,8 @@ from ..recommend import DEFAULT_K, MAX_K
 from . import DB_HELP, parse_users
 
 SLICE_METRICS = ("HR@10", "NDCG@10")
+DEFAULT_BATCH = 4
+MIN_EVAL_K = 10  # the table reports HR@10 and NDCG@10: a shorter list would report HR@1 under their names
 
 
 def _specs(models: list[Path], priors: list[str], sasrec: list[Path], pop: bool, prior_weight: float | None = None):
@@ -102,17 +104,19 @@ def register(app: typer.Typer) -> None:
         prior_weight: float | None = typer.Option(
             None, "--prior-weight", min=0.0, help="λ of the prior (default: the one tuned for the model)."
         ),
-        batch: int = typer.Option(
-            4, "--batch", min=1, help="LLM requests searched together (same results, fewer llama_decode calls)."
+        batch: int | None = typer.Option(
+            None, "--batch", min=1, help="LLM requests searched together (same results, fewer llama_decode calls) "
+            f"[default: {DEFAULT_BATCH}]."
         ),
         ray: str | None = typer.Option(
             None, "--ray",
             help="Run the LLM's searches on a Ray cluster: its address (auto, ray://host:10001) or local "
             "(needs the [cluster] extra; docs/CLUSTER.md).",
         ),
-        workers: int = typer.Option(
-            1, "--workers", min=1, help="Processes running the LLM's searches here, each with its own model "
-            "(~180 MB at Q8_0); the same results and log. 2 on 2 cores: 1.06-1.30x faster here (docs/CLUSTER.md).",
+        workers: int | None = typer.Option(
+            None, "--workers", min=1, help="Processes running the LLM's searches here, each with its own model "
+            "(~180 MB at Q8_0); the same results and log. 2 on 2 cores: 1.06-1.30x faster here (docs/CLUSTER.md) "
+            "[default: 1].",
         ),
         sasrec: list[Path] = typer.Option(
             None, "--sasrec", help="A SASRec directory saved by `baseline sasrec --save`; repeatable."
@@ -122,7 +126,8 @@ def register(app: typer.Typer) -> None:
         split: str = typer.Option("test", "--split", help="test (each user's last item) or valid (second-to-last)."),
         users: str = typer.Option("all", "--users", help="How many users: N (a seeded sample) or all."),
         seed: int = typer.Option(0, "--seed", help="Seed of the user sample and of the bootstrap."),
-        k: int = typer.Option(DEFAULT_K, "--k", min=1, max=MAX_K, help="Titles the LLM returns per user (its MRR becomes MRR@k)."),
+        k: int | None = typer.Option(None, "--k", min=MIN_EVAL_K, max=MAX_K, help="Titles the LLM returns per user, "
+                                     f"{MIN_EVAL_K} or more for HR@10 (its MRR becomes MRR@k) [default: {DEFAULT_K}]."),
         by: list[str] = typer.Option(
             None, "--by", help="Also slice by: popularity (of the target), history (length); repeatable."
         ),
@@ -148,12 +153,20 @@ def register(app: typer.Typer) -> None:
         from .. import paths
         from ..evalruns import evaluate_recommenders
 
+        if not model:
+            named = [name for name, value in (("--k", k), ("--beam", beam), ("--batch", batch),
+                                              ("--workers", workers), ("--ray", ray)) if value is not None]
+            if named:
+                from ..errors import UsageError
+
+                raise UsageError(f"{', '.join(named)} appl{'ies' if len(named) == 1 else 'y'} to --model (the LLM); "
+                                 "give a --model")
         specs = _specs(list(model or []), list(prior or []), list(sasrec or []), pop, prior_weight)
         slicings = [part.strip() for item in (by or []) for part in item.split(",") if part.strip()]
         log_path = out if out is not None else paths.cache_dir() / "evaluate" / "results.jsonl"
         evaluation = evaluate_recommenders(
-            specs, db=db, split=split, users=parse_users(users), seed=seed, k=k, out=log_path, by=slicings,
-            threads=threads, beam=beam, batch=batch, ray=ray, workers=workers,
+            specs, db=db, split=split, users=parse_users(users), seed=seed, k=k or DEFAULT_K, out=log_path,
+            by=slicings, threads=threads, beam=beam, batch=batch or DEFAULT_BATCH, ray=ray, workers=workers or 1,
         )
         resumed = {n: r["resumed"] for n, r in evaluation.runs.items() if r["resumed"]}
         note = f" (reused: {', '.join(f'{n} {c}' for n, c in resumed.items())})" if resumed else ""
