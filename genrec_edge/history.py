@@ -138,6 +138,10 @@ def _interaction_from_row(row: tuple) -> Interaction:
     return Interaction(item_id, title, year, split_genres(genres), timestamp, rating)
 
 
+def _casefold(value: str | None) -> str | None:
+    return None if value is None else value.casefold()
+
+
 def _is_int64(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
 
@@ -412,14 +416,17 @@ class HistoryDB:
         return [_item_from_row(r) for r in rows]
 
     def find_items(self, text: str, limit: int = 20) -> list[Item]:
-        """Items whose title contains ``text`` (case-insensitive for ASCII): exact, then prefix, then by id."""
-        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        """Items whose title contains ``text``, ignoring case in every script ("AMÉLIE" finds "Amélie"; SQLite's
+        own LIKE folds ASCII only): exact, then prefix, then by id."""
+        folded = text.casefold()
+        pattern = "%" + folded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        self.conn.create_function("casefold", 1, _casefold, deterministic=True)
         with self._errors():
             rows = self.conn.execute(
-                "SELECT id, title, year, genres FROM items WHERE title LIKE ? ESCAPE '\\' "
-                "ORDER BY (lower(title) = lower(?)) DESC, (lower(title) LIKE lower(?) || '%' ESCAPE '\\') DESC, id "
-                "LIMIT ?",
-                (pattern, text, pattern[1:-1], min(limit, INT64_MAX)),
+                "SELECT id, title, year, genres FROM (SELECT *, casefold(title) AS folded FROM items) "
+                "WHERE folded LIKE ? ESCAPE '\\' "
+                "ORDER BY (folded = ?) DESC, (folded LIKE ? || '%' ESCAPE '\\') DESC, id LIMIT ?",
+                (pattern, folded, pattern[1:-1], min(limit, INT64_MAX)),
             ).fetchall()
         return [_item_from_row(r) for r in rows]
 

@@ -142,6 +142,9 @@ def test_items_lookup_search_and_year(tiny_db):
         assert [i.id for i in db.find_items("(1995)", limit=3)] == [10, 20, 30]
         assert db.find_items("100%") == [] and db.find_items("_") == []
         assert [i.id for i in db.find_items("\\")] == [120]
+        # Case is ignored in every script, not only ASCII (SQLite's LIKE): "AMÉLIE" finds "Amélie".
+        assert [i.id for i in db.find_items("AMÉLIE")] == [i.id for i in db.find_items("amélie")] == [130]
+        assert [i.id for i in db.find_items("ALIEN")] == [170, 180]
 
 
 def test_unknown_user_and_item(tiny_db):
