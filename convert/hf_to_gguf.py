@@ -165,11 +165,13 @@ def convert(
     if outtype not in OUTTYPES:
         raise UsageError(f"outtype must be one of {', '.join(OUTTYPES)}, not {outtype!r}")
     if not hf_dir.is_dir():
-        raise NotFoundError(f"{hf_dir}: no such directory")
+        what = "a file, not" if hf_dir.exists() else "no such directory, expected"
+        raise NotFoundError(f"{hf_dir}: {what} a Hugging Face model directory (`genrec-edge merge` writes one)")
     if out.exists() and not force:
         raise UsageError(f"{out} already exists (use --force to overwrite)")
     if not out.parent.is_dir():
-        raise NotFoundError(f"{out.parent}: output directory does not exist")
+        what = "is a file, not a directory" if out.parent.exists() else "output directory does not exist"
+        raise NotFoundError(f"{out.parent}: {what}")
 
     config = _load_config(hf_dir)
     theta = _rope_theta(config, hf_dir)

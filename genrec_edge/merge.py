@@ -62,12 +62,26 @@ def load_run_model(run_dir: str | Path):
         raise NotFoundError(f"{run_dir} has no adapter yet (the run has not validated once)")
     from peft import PeftModel
 
-    spec = models_hf.BaseSpec.from_dict(run["base_model"])
-    if not spec.directory.exists():
-        raise NotFoundError(f"the run's base model is gone: {spec.directory}")
+    spec = run_base(run)
     model = models_hf.load_model(spec)
     _untie(model)
     return PeftModel.from_pretrained(model, run_dir), run
+
+
+def run_base(run: dict):
+    """The run's base model on this machine: where training found it, or, for a run made elsewhere (the
+    shipped adapter records no directory), the named base installed here. ``merge`` then checks its sha256
+    against the run's, so a different file is refused either way."""
+    from . import models_hf
+
+    recorded = run["base_model"]
+    spec = models_hf.BaseSpec.from_dict(recorded)
+    if recorded.get("directory") and spec.directory.exists():
+        return spec
+    if recorded.get("name") == models_hf.DEFAULT_BASE:
+        return models_hf.resolve_base(models_hf.DEFAULT_BASE)
+    raise NotFoundError(f"the run's base model is gone: {recorded.get('directory') or '(no directory recorded)'} "
+                        f"({recorded.get('name')})")
 
 
 def merge(run_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
@@ -82,7 +96,7 @@ def merge(run_dir: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty: refusing to overwrite")
     model, run = load_run_model(run_dir)
-    spec = models_hf.BaseSpec.from_dict(run["base_model"])
+    spec = run_base(run)
     recorded = run.get("base_model_sha256")
     if recorded and spec.directory.exists() and models_hf.base_sha256(spec) != recorded:
         raise CorruptModelError(f"the base model at {spec.directory} changed since training (sha256 differs)")

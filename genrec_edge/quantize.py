@@ -165,9 +165,12 @@ def quantize(
             f"{src} is already quantized ({', '.join(src_info.tensor_type_counts())}); quantize an F16/F32 "
             "model, or pass --allow-requantize (quality suffers)"
         )
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"--threads must be >= 1 (got {threads!r})")
     out_dir = Path(out_dir) if out_dir is not None else None
     if out_dir is not None and not out_dir.is_dir():
-        raise UsageError(f"{out_dir}: output directory does not exist")
+        what = "is a file, not a directory" if out_dir.exists() else "output directory does not exist"
+        raise UsageError(f"{out_dir}: {what}")
     src_is_f16 = src_info.metadata.get("general.file_type") == ftypes["F16"]
 
     plan = []
@@ -189,7 +192,7 @@ def quantize(
             continue
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = ftypes[level]
-        params.nthread = threads if threads and threads > 0 else (os.cpu_count() or 1)
+        params.nthread = threads or os.cpu_count() or 1
         params.allow_requantize = allow_requantize
         tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}")
         start = time.perf_counter()

@@ -228,6 +228,14 @@ def test_cli_convert_refuses_overwrite_and_non_llama(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a LLaMA model" in err
     assert not (tmp_path / "f.gguf").exists()
+    # A file where the model directory or the output's folder belongs is named as a file.
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for argv, message in (([str(a_file), "--out", str(tmp_path / "g.gguf")], "a-file: a file, not a Hugging Face"),
+                          ([str(tmp_path / "nope"), "--out", str(tmp_path / "g.gguf")], "nope: no such directory"),
+                          ([str(hf_dir), "--out", str(a_file / "g.gguf")], "a-file: is a file, not a directory")):
+        assert main(["convert", *argv]) == 4
+        assert message in capsys.readouterr().err
 
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -145,3 +145,29 @@ def test_default_gguf_base_trains_and_merges(tmp_path):
     prompt = [[1, 504, 3275, 28, 2]]
     got, expected = _logits(merged, prompt), _logits(adapter_model.eval(), prompt)
     assert (got[0] - expected[0]).abs().max().item() < 1e-3
+
+
+def test_a_run_made_elsewhere_finds_the_named_base_here(tmp_path):
+    """The shipped adapter records no base directory (it was trained on a GPU machine): `merge` of it used
+    Path("") = the current folder and failed with a Hugging Face message; the named base installed here is
+    used instead (merge still checks its sha256), and a run whose base is really gone says so."""
+    from genrec_edge import models_hf, paths
+    from genrec_edge.errors import NotFoundError
+    from genrec_edge.merge import run_base
+    from genrec_edge.runs import read_run_config
+
+    shipped = read_run_config(paths.DEFAULT_ADAPTER)
+    assert shipped["base_model"]["directory"] == ""
+    assert run_base(shipped) == models_hf.resolve_base(models_hf.DEFAULT_BASE)
+    gone = {"base_model": {"name": str(tmp_path / "my-base"), "directory": str(tmp_path / "my-base")}}
+    with pytest.raises(NotFoundError, match="the run's base model is gone"):
+        run_base(gone)
+
+
+@pytest.mark.slow
+def test_cli_merges_the_shipped_adapter(tmp_path, capsys):
+    from genrec_edge import paths
+    from genrec_edge.cli import main
+
+    assert main(["merge", str(paths.DEFAULT_ADAPTER), "--out", str(tmp_path / "m")]) == 0, capsys.readouterr().err
+    assert (tmp_path / "m" / "config.json").is_file() and (tmp_path / "m" / PROVENANCE_FILE).is_file()

@@ -96,6 +96,15 @@ def test_refusals(quantized, tmp_path):
         quantize(q8, "Q4_0", out_dir=tmp_path, progress=False)
     (requant,) = quantize(q8, "Q4_0", out_dir=tmp_path, allow_requantize=True, progress=False)
     assert requant.path == tmp_path / "model-Q8_0-Q4_0.gguf" and requant.tensor_types.get("Q4_0")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(UsageError, match="a-file: is a file, not a directory"):
+        quantize(src, "Q4_0", out_dir=a_file, progress=False)
+    with pytest.raises(UsageError, match="nowhere: output directory does not exist"):
+        quantize(src, "Q4_0", out_dir=tmp_path / "nowhere", progress=False)
+    for threads in (0, -3):  # was silently "all cores"
+        with pytest.raises(UsageError, match="--threads must be >= 1"):
+            quantize(src, "Q4_0", out_dir=tmp_path, threads=threads, progress=False)
     with pytest.raises(UsageError, match="unknown quantization level"):
         parse_levels("Q8_0,Q9_9")
     assert parse_levels(" q8_0, Q4_K_M ,q8_0") == ["Q8_0", "Q4_K_M"]

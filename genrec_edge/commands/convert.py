@@ -38,7 +38,7 @@ def quantize(
     src: Path = typer.Argument(..., help="An F16 or F32 GGUF, e.g. model-F16.gguf."),
     levels: str = typer.Option(",".join(DEFAULT_LEVELS), "--levels", help="Comma-separated llama.cpp levels."),
     out_dir: Path = typer.Option(None, "--out-dir", help="Where to write model-<LEVEL>.gguf (default: next to SRC)."),
-    threads: int = typer.Option(None, "--threads", help="Quantizer threads (default: all cores)."),
+    threads: int = typer.Option(None, "--threads", min=1, help="Quantizer threads (default: all cores)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing outputs."),
     allow_requantize: bool = typer.Option(
         False, "--allow-requantize", help="Accept an already-quantized source (loses quality)."

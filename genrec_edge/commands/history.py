@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         user: int = typer.Option(..., "--user", help="User id (created if new)."),
         item: int = typer.Option(None, "--item", help="Item id."),
         title: str = typer.Option(None, "--title", help="Exact catalog title (instead of --item)."),
-        rating: float = typer.Option(None, "--rating", help="Rating, e.g. 4.5."),
+        rating: float = typer.Option(None, "--rating", help="Rating, e.g. 4.5: within the lowest and highest the database already holds (0.5 to 5 for ml-latest-small)."),
         timestamp: int = typer.Option(None, "--timestamp", help="Unix seconds (default: now)."),
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         busy_timeout: float = typer.Option(5.0, "--busy-timeout", min=0.0, help="Seconds to wait for a locked database."),

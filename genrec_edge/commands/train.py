@@ -153,7 +153,7 @@ def train(
 def merge(
     run_dir: Path = typer.Argument(..., help="A `genrec-edge train` run directory."),
     out: Path = typer.Option(
-        ..., "--out", help="Directory to write the merged HF model into (must not exist)."
+        ..., "--out", help="Directory to write the merged HF model into (new, or an empty folder)."
     ),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
 ) -> None:
