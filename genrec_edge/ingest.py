@@ -55,6 +55,15 @@ class IngestReport:
     interactions: int
     skipped: int
     seconds: float
+    # Good rows read: read - new were already in the database (same key) and were kept as they were.
+    items_read: int = 0
+    interactions_read: int = 0
+
+    def kept(self) -> str:
+        """``" (3 items, 12 interactions already there, kept as they were)"``, or ``""``."""
+        parts = [f"{n} {what}" for n, what in ((self.items_read - self.items, "items"),
+                                                (self.interactions_read - self.interactions, "interactions")) if n]
+        return f" ({', '.join(parts)} already there, kept as they were)" if parts else ""
 
 
 @dataclass(frozen=True)
@@ -551,7 +560,9 @@ def ingest(
             for suffix in ("", "-wal", "-shm", "-journal"):
                 Path(f"{db_path}{suffix}").unlink(missing_ok=True)
         raise
-    return IngestReport(name, *counts, seconds=time.perf_counter() - started)
+    new_items, new_users, new_interactions, skipped, items_read, interactions_read = counts
+    return IngestReport(name, new_items, new_users, new_interactions, skipped, time.perf_counter() - started,
+                        items_read, interactions_read)
 
 
 def _delimiter(value: str) -> str:
@@ -586,7 +597,9 @@ def _ingest_in_one_transaction(
         before = conn.total_changes
         item_ids = {r[0] for r in conn.execute("SELECT id FROM items")}
         batch: list[tuple] = []
+        items_read = interactions_read = 0
         for item in good(item_rows):
+            items_read += 1
             item_ids.add(item.id)
             batch.append((item.id, item.title, item.year, item.genres, item.extra))
             if len(batch) >= CHUNK_ROWS:
@@ -622,6 +635,7 @@ def _ingest_in_one_transaction(
                     yield row
 
         for row in good(checked(interaction_rows)):
+            interactions_read += 1
             users_batch.add(row.user_id)
             batch.append((row.user_id, row.item_id, row.timestamp, row.rating))
             if len(batch) >= CHUNK_ROWS:
@@ -637,7 +651,7 @@ def _ingest_in_one_transaction(
     except BaseException:
         conn.rollback()
         raise
-    return new_items, new_users, new_interactions, skipped
+    return new_items, new_users, new_interactions, skipped, items_read, interactions_read
 
 
 class _ProgressAdvance:

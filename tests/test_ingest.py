@@ -40,6 +40,9 @@ def test_movielens_csv_counts_and_repeat_is_a_no_op(tiny_movielens_dir, tmp_path
     before = dump(db_path)
     again = ingest(db_path, "movielens-csv", tiny_movielens_dir, progress=False)
     assert (again.items, again.users, again.interactions, again.skipped) == (0, 0, 0, 0)
+    assert (again.items_read, again.interactions_read) == (report.items_read, report.interactions_read)
+    assert (report.items_read, report.interactions_read) == (20, N_INTERACTIONS) and report.kept() == ""
+    assert again.kept() == f" (20 items, {N_INTERACTIONS} interactions already there, kept as they were)"
     assert dump(db_path) == before
 
 
@@ -49,6 +52,9 @@ def test_cli_ingest_reports_counts(tiny_movielens_dir, tmp_path, capsys):
     assert f"tiny-ml: 20 new items, 8 new users, {N_INTERACTIONS} new interactions, 0 bad rows skipped" in (
         capsys.readouterr().out
     )
+    assert main(["data", "ingest", "movielens-csv", str(tiny_movielens_dir), "--db", str(db_path)]) == 0
+    assert (f"tiny-ml: 0 new items, 0 new users, 0 new interactions (20 items, {N_INTERACTIONS} interactions "
+            "already there, kept as they were), 0 bad rows skipped") in capsys.readouterr().out
 
 
 def _write_dat(folder, encoding):

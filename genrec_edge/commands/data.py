@@ -80,7 +80,8 @@ def register(app: typer.Typer) -> None:
         )  # fmt: skip
         typer.echo(
             f"{report.dataset}: {report.items} new items, {report.users} new users, "
-            f"{report.interactions} new interactions, {report.skipped} bad rows skipped ({report.seconds:.1f} s)"
+            f"{report.interactions} new interactions{report.kept()}, {report.skipped} bad rows skipped "
+            f"({report.seconds:.1f} s)"
         )
 
     @data_app.command("download")
