@@ -34,6 +34,7 @@ import numpy as np
 from .catalog import Catalog
 from .errors import CatalogMismatchError, CorruptModelError, NotFoundError, UsageError
 from .jsonlog import read_json_object
+from .recommend import check_prior_weight
 
 PRIOR_FORMAT = "genrec-prior-v1"
 SIDECAR_JSON = "cf-prior.json"
@@ -76,8 +77,7 @@ class PriorConfig:
             raise UsageError(f"unknown prior kind {self.kind!r}; use one of {', '.join(KINDS)}")
         if self.variant not in VARIANTS:
             raise UsageError(f"unknown prior variant {self.variant!r}; use one of {', '.join(VARIANTS)}")
-        if not (isinstance(self.weight, int | float) and math.isfinite(self.weight) and self.weight >= 0):
-            raise UsageError(f"the prior weight must be a finite number >= 0 (got {self.weight!r})")
+        check_prior_weight(self.weight)
         if not (isinstance(self.candidates, int) and not isinstance(self.candidates, bool) and self.candidates >= 1):
             raise UsageError(f"the prior's candidates must be a whole number >= 1 (got {self.candidates!r})")
 

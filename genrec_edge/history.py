@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import math
+import operator
 import os
 import sqlite3
 import stat
@@ -142,14 +143,23 @@ def _casefold(value: str | None) -> str | None:
     return None if value is None else value.casefold()
 
 
-def _is_int64(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
+def _as_int64(value) -> int | None:
+    """``value`` as a Python int if it is a whole number (numpy integers too, which sqlite3 cannot bind) that
+    fits SQLite's INTEGER; None for anything else (a bool, a float, a string, a number out of range)."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        return None
+    number = operator.index(value)
+    return number if INT64_MIN <= number <= INT64_MAX else None
 
 
-def _check_int64(value, what: str) -> None:
-    """A value to store must fit SQLite's INTEGER (else sqlite3 raises OverflowError mid-transaction)."""
-    if not _is_int64(value):
-        raise UsageError(f"{what} {value!r} is out of range (SQLite integers are 64-bit)")
+def _check_int64(value, what: str) -> int:
+    """A value to store: a whole number that fits SQLite's INTEGER (else sqlite3 raises mid-transaction)."""
+    number = _as_int64(value)
+    if number is None:
+        kind = "out of range (SQLite integers are 64-bit)" if hasattr(value, "__index__") and not isinstance(
+            value, bool) else "not a whole number"
+        raise UsageError(f"{what} {value!r} is {kind}")
+    return number
 
 
 def _translate(exc: sqlite3.Error, path: Path, busy_timeout: float) -> DatabaseError:
@@ -337,20 +347,22 @@ class HistoryDB:
         if current_user is not None:
             yield current_user, items
 
-    def _require_user(self, user_id: int) -> None:
-        if not _is_int64(user_id):  # no such user can be stored; SQLite would raise OverflowError
+    def _require_user(self, user_id: int) -> int:
+        """The id as an int, if that user exists; NotFoundError otherwise (also for what no id can be)."""
+        number = _as_int64(user_id)
+        if number is None or self.conn.execute("SELECT 1 FROM users WHERE id = ?", (number,)).fetchone() is None:
             raise NotFoundError(f"unknown user {user_id}")
-        row = self.conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone()
-        if row is None:
-            raise NotFoundError(f"unknown user {user_id}")
+        return number
 
     def history(self, user_id: int, limit: int | None = None) -> list[Interaction]:
         """The user's interactions oldest first; ``limit`` keeps the last N. Unknown user: NotFoundError."""
-        if limit is not None and limit < 0:
-            raise ValueError("limit must be >= 0")
-        limit = None if limit is None else min(limit, INT64_MAX)
+        if limit is not None:
+            number = operator.index(limit) if hasattr(limit, "__index__") and not isinstance(limit, bool) else None
+            if number is None or number < 0:
+                raise UsageError(f"limit must be a whole number >= 0 (got {limit!r})")
+            limit = min(number, INT64_MAX)
         with self._errors():
-            self._require_user(user_id)
+            user_id = self._require_user(user_id)
             columns = "i.item_id, it.title, it.year, it.genres, i.timestamp, i.rating"
             join = "FROM interactions i JOIN items it ON it.id = i.item_id WHERE i.user_id = ?"
             if limit is None:
@@ -393,15 +405,16 @@ class HistoryDB:
 
     def seen_items(self, user_id: int) -> set[int]:
         with self._errors():
-            self._require_user(user_id)
+            user_id = self._require_user(user_id)
             return {r[0] for r in self.conn.execute("SELECT item_id FROM interactions WHERE user_id = ?", (user_id,))}
 
     def item(self, item_id: int) -> Item:
-        if not _is_int64(item_id):
+        number = _as_int64(item_id)
+        if number is None:
             raise NotFoundError(f"unknown item {item_id}")
         with self._errors():
             row = self.conn.execute(
-                "SELECT id, title, year, genres FROM items WHERE id = ?", (item_id,)
+                "SELECT id, title, year, genres FROM items WHERE id = ?", (number,)
             ).fetchone()
         if row is None:
             raise NotFoundError(f"unknown item {item_id}")
@@ -418,6 +431,8 @@ class HistoryDB:
     def find_items(self, text: str, limit: int = 20) -> list[Item]:
         """Items whose title contains ``text``, ignoring case in every script ("AMÉLIE" finds "Amélie"; SQLite's
         own LIKE folds ASCII only): exact, then prefix, then by id."""
+        if not isinstance(text, str):
+            raise UsageError(f"the text to search for is a string, not {text!r}")
         folded = text.casefold()
         pattern = "%" + folded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         self.conn.create_function("casefold", 1, _casefold, deterministic=True)
@@ -433,7 +448,7 @@ class HistoryDB:
     # ---------------------------------------------------------------- writes
     def add_user(self, user_id: int) -> None:
         """Create a user (no-op if it exists)."""
-        _check_int64(user_id, "user id")
+        user_id = _check_int64(user_id, "user id")
         with self._errors(), self.conn:
             self.conn.execute("INSERT OR IGNORE INTO users(id) VALUES (?)", (user_id,))
 
@@ -445,13 +460,12 @@ class HistoryDB:
         Recording the same (user, timestamp, item) twice keeps the first rating. A rating must lie in
         :meth:`rating_range` (UsageError otherwise).
         """
-        _check_int64(user_id, "user id")
+        user_id = _check_int64(user_id, "user id")
         item = self.item(item_id)
+        item_id = item.id
         if rating is not None:
             self._check_rating(rating)
-        if timestamp is None:
-            timestamp = int(time.time())
-        _check_int64(timestamp, "timestamp")
+        timestamp = _check_int64(int(time.time()) if timestamp is None else timestamp, "timestamp")
         with self._errors(), self.conn:
             self.conn.execute("INSERT OR IGNORE INTO users(id) VALUES (?)", (user_id,))
             self.conn.execute(

@@ -24,8 +24,10 @@ its trie are read once at open.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
+import operator
 import sys
 import threading
 import time
@@ -59,6 +61,17 @@ DEFAULT_BEAM_CAPACITY = 40
 MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 DEFAULT_SAMPLE_TEMPERATURE = 1.0
 SAMPLE_TRIES_PER_TITLE = 20  # sample=True draws at most this many samples per title asked for, by default
+
+# λ beyond this makes log P_LM vanish below the rounding of λ·log P_CF (a λ of 1e20 gave lm_score 0.0): the
+# ranking is the prior's alone, which --prior-weight cannot be meant to ask. Tuned values here are 1 to 5.
+MAX_PRIOR_WEIGHT = 1000.0
+
+
+def check_prior_weight(weight) -> None:
+    """UsageError unless ``weight`` is a number (not a bool) in [0, MAX_PRIOR_WEIGHT]."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) \
+            or not 0 <= weight <= MAX_PRIOR_WEIGHT:
+        raise UsageError(f"the prior weight must be a number from 0 to {MAX_PRIOR_WEIGHT:g} (got {weight!r})")
 
 
 def default_beam(k: int) -> int:
@@ -165,8 +178,8 @@ class Request:
         """The request for exactly one of a ``user`` or a ``history`` (UsageError for both or neither)."""
         if (user is None) == (history is None):
             raise UsageError("give exactly one of a user or a history")
-        return cls(user=user, history=None if history is None else _titles(history), prior=prior,
-                   prior_weight=prior_weight, first_step=first_step)
+        return cls(user=None if user is None else _user_id(user), history=None if history is None else _titles(history),
+                   prior=prior, prior_weight=prior_weight, first_step=first_step)
 
     @classmethod
     def of(cls, value) -> Request:
@@ -174,8 +187,8 @@ class Request:
             return value
         if value is None or isinstance(value, bool):
             raise UsageError(f"not a user id or a history: {value!r}")
-        if isinstance(value, int):
-            return cls(user=value)
+        if hasattr(value, "__index__"):  # an int, or a numpy integer
+            return cls(user=_user_id(value))
         return cls(history=_titles(value))
 
 
@@ -184,9 +197,20 @@ def _titles(history) -> tuple[str, ...]:
     if isinstance(history, str | bytes):
         raise UsageError("a history is a list of titles, not one string: wrap it in a list")
     try:
-        return tuple(history)
+        titles = tuple(history)
     except TypeError:
         raise UsageError(f"a history is a list of titles, not {type(history).__name__}") from None
+    for title in titles:
+        if not isinstance(title, str):
+            raise UsageError(f"a history holds titles (strings), not {title!r}")
+    return titles
+
+
+def _user_id(value) -> int:
+    """A user id as an int (numpy integers too); a bool, a float or a string is refused, as over HTTP."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise UsageError(f"a user id is a whole number, not {value!r}")
+    return operator.index(value)
 
 
 def stderr_warning(message: str) -> None:
@@ -218,6 +242,7 @@ class Recommender:
         self.beam = beam
         self.batch = batch
         self.lock = threading.RLock()
+        self._closed = False
         self.title_index = {t: i for i, t in enumerate(trie.titles)}
         self.titles_by_id = dict(zip(catalog.item_ids, catalog.titles, strict=True))
         self.first_item = {t: ids[0] for t, ids in catalog.title_to_items.items()}
@@ -293,18 +318,15 @@ class Recommender:
 
         warn = warn or stderr_warning
         db_path = Path(db) if db is not None else paths.default_db()
-        if beam is not None and beam < 1:
-            raise UsageError(f"--beam must be >= 1 (got {beam})")
-        if threads is not None and threads < 1:
-            raise UsageError(f"--threads must be >= 1 (got {threads})")
-        if batch < 1:
-            raise UsageError(f"batch must be >= 1 (got {batch})")
+        beam = None if beam is None else _whole(beam, "--beam", 1)
+        threads = None if threads is None else _whole(threads, "--threads", 1)
+        batch = _whole(batch, "batch", 1)
         if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
             raise UsageError(f"the result cache holds 0 or more searches (got {cache!r})")
         if isinstance(prior, str) and prior not in PRIOR_CHOICES and not Path(prior).is_dir():
             raise UsageError(f"unknown prior {prior!r}; use one of {', '.join(PRIOR_CHOICES)} or a directory")
-        if prior_weight is not None and not (math.isfinite(prior_weight) and prior_weight >= 0):
-            raise UsageError(f"the prior weight must be a finite number >= 0 (got {prior_weight})")
+        if prior_weight is not None:
+            check_prior_weight(prior_weight)
         if model is None:
             check_default_model_catalog(db_path)  # before building it (the first time, ~40 s)
         model_path = Path(model) if model is not None else default_model_path()
@@ -374,7 +396,17 @@ class Recommender:
 
     def close(self) -> None:
         with self.lock:
+            self._closed = True
             self.engine.close()
+
+    @contextlib.contextmanager
+    def _engine(self):
+        """The lock that serialises requests; UsageError once closed (the model's memory is freed: a call
+        into it would crash the process)."""
+        with self.lock:
+            if self._closed:
+                raise UsageError("this Recommender is closed: open another with Recommender.open")
+            yield
 
     def __enter__(self) -> Recommender:
         return self
@@ -412,17 +444,20 @@ class Recommender:
         if not sample:
             return self.recommend_many([request], k=k)[0]
         started = time.perf_counter()
-        _check_k(k)
+        k = _check_k(k)
+        user, history = request.user, request.history  # a generator given as the history is read once, there
         if prior is not None or prior_weight is not None:
             raise UsageError("sampling fuses no prior: drop prior / prior_weight, or search instead (sample=False)")
-        if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature > 0):
+        max_tries = None if max_tries is None else _whole(max_tries, "max_tries", 1)
+        if isinstance(temperature, bool) or not (isinstance(temperature, int | float) and math.isfinite(temperature)
+                                                  and temperature > 0):
             raise UsageError(f"the sampling temperature must be a finite number > 0 (got {temperature!r}); "
                              "for the most likely titles, search instead (sample=False)")
         from .history import HistoryDB
 
         with HistoryDB.open(self.db_path, readonly=True) as db:
             titles, seen_titles, _ = self._resolve(db, user, history)
-            with self.lock:
+            with self._engine():
                 found, timings = self._sample(titles, seen_titles, k, seed, temperature, max_tries or SAMPLE_TRIES_PER_TITLE * k)
             items = self._describe(db, [(t, s, s) for t, s in found])
         total = (time.perf_counter() - started) * 1000
@@ -436,7 +471,9 @@ class Recommender:
         A bad request (unknown user, empty history, unknown title) raises before any search runs.
         """
         started = time.perf_counter()
-        _check_k(k)
+        k = _check_k(k)
+        if isinstance(requests, str | bytes) or not hasattr(requests, "__iter__"):
+            raise UsageError(f"recommend_many takes a list of requests (user ids, title lists), not {requests!r}")
         requests = [Request.of(r) for r in requests]
         from .history import HistoryDB
 
@@ -447,7 +484,7 @@ class Recommender:
             keys = [self._cache_key(resolved[i], priors[i], k, r.first_step) for i, r in enumerate(requests)]
             rankings: list[Ranking | None] = [None] * len(requests)
             cached = [False] * len(requests)
-            with self.lock:
+            with self._engine():
                 for i, key in enumerate(keys):
                     if key is not None and key in self._cache:
                         self._cache.move_to_end(key)
@@ -501,7 +538,7 @@ class Recommender:
             titles = list(history_titles)[-self.template.history_len:] if self.template.history_len > 0 else []
             group.append((titles, set(seen_titles), items, chosen))
         out: list[Ranking] = []
-        with self.lock:
+        with self._engine():
             for first in range(0, len(group), self.batch):
                 out += self._rank_group(group[first : first + self.batch], k, beam if beam is not None else self.beam)
         return out
@@ -520,7 +557,7 @@ class Recommender:
         wanted = list(dict.fromkeys(titles))
         prompt = list(history_titles)[-self.template.history_len:] if self.template.history_len > 0 else []
         out: dict[str, float] = {}
-        with self.lock:
+        with self._engine():
             for first in range(0, len(wanted), self.capacity):
                 chunk = set(wanted[first : first + self.capacity])
                 others = [t for t in self.trie.titles if t not in chunk]
@@ -530,7 +567,8 @@ class Recommender:
 
     def prompt_ids(self, history_titles: Sequence[str]) -> list[int]:
         """The token ids a request with this history is answered from (prefix + last titles + EOS each)."""
-        return build_prompt_ids(self.engine.tokenize, self.engine.eos_id, list(history_titles), self.template)
+        with self._engine():
+            return build_prompt_ids(self.engine.tokenize, self.engine.eos_id, list(history_titles), self.template)
 
     def unseen_counts(self, seen_titles) -> np.ndarray:
         """Per trie node, how many titles outside ``seen_titles`` lie below it (what the search expands)."""
@@ -566,15 +604,15 @@ class Recommender:
         kind = self.default_prior if choice is None else choice
         if kind not in PRIOR_CHOICES:
             raise UsageError(f"unknown prior {kind!r}; use one of {', '.join(PRIOR_CHOICES)}")
-        if weight is not None and not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
-            raise UsageError(f"the prior weight must be a finite number >= 0 (got {weight!r})")
+        if weight is not None:
+                check_prior_weight(weight)
         if kind == "none":
             if weight:
                 raise UsageError(_WEIGHT_WITHOUT_PRIOR)
             return None
         prior = self.priors.get(kind)
-        if prior is None and kind == "pop":
-            prior = self.priors["pop"] = _popularity_from_db(self.db_path, self.catalog, weight)
+        if prior is None and kind == "pop":  # counted once, at λ = 1; this request's λ is applied below
+            prior = self.priors["pop"] = _popularity_from_db(self.db_path, self.catalog, None)
         if prior is None:
             raise NotFoundError(
                 f"this model has no {kind} prior (no {kind} cf-prior.json next to it): "
@@ -750,9 +788,22 @@ class Recommender:
         return out
 
 
-def _check_k(k: int) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise UsageError(f"k must be >= 1 (got {k})")
+def _whole(value, name: str, low: int) -> int:
+    """``value`` as an int >= ``low`` (numpy integers too); UsageError for anything else (a bool, a float, a
+    string): the HTTP API refuses those, and the library should not quietly coerce them."""
+    if isinstance(value, bool):
+        raise UsageError(f"{name} must be a whole number >= {low} (got {value!r})")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise UsageError(f"{name} must be a whole number >= {low} (got {value!r})") from None
+    if number < low:
+        raise UsageError(f"{name} must be >= {low} (got {number})")
+    return number
+
+
+def _check_k(k: int) -> int:
+    return _whole(k, "k", 1)
 
 
 _WEIGHT_WITHOUT_PRIOR = "a prior weight needs a prior to weigh: choose pop or sasrec, or drop the weight"

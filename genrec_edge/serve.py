@@ -79,7 +79,7 @@ from .errors import (
     UsageError,
     WorkerLostError,
 )
-from .recommend import DEFAULT_K, MAX_K
+from .recommend import DEFAULT_K, MAX_K, MAX_PRIOR_WEIGHT
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
@@ -140,12 +140,15 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except ValueError as exc:
         raise HTTPError(400, f"request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise HTTPError(400, f"request body must be a JSON object, not {type(data).__name__}")
+        kinds = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+                 list: "an array"}
+        raise HTTPError(400, f"request body must be a JSON object, not {kinds.get(type(data), type(data).__name__)}")
     return data
 
 
 def _shown(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, default=str)[:40]
+    # A lone surrogate ("\\ud800" in the JSON) has no UTF-8 form: pydantic-core could not carry it in a message.
+    return json.dumps(value, ensure_ascii=False, default=str)[:40].encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _bounded_int(low: int, high: int, *, message: str | None = None, from_text: bool = False) -> Any:
@@ -223,7 +226,7 @@ class RecommendRequest(_Request):
     prior: Literal["none", "pop", "sasrec"] | None = Field(
         None, description="Collaborative prior fused into the search (default: the model's own; none: the LLM alone)."
     )
-    prior_weight: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+    prior_weight: Annotated[float, Field(ge=0, le=MAX_PRIOR_WEIGHT, allow_inf_nan=False)] | None = Field(
         None, description="λ in log P_LM + λ·log P_CF (default: the weight tuned for the model's prior)."
     )
 
@@ -268,6 +271,9 @@ _WORDING = {
     "too_long": "has more than {max_length} entries",
     "float_type": "must be a number or null, not {value}",
     "finite_number": "must be a finite number",
+    "literal_error": "must be one of {expected}, not {value}",
+    "greater_than_equal": "must be >= {ge}, not {value}",
+    "less_than_equal": "must be <= {le}, not {value}",
 }
 
 
@@ -520,6 +526,8 @@ class _Pending:
 
 # ------------------------------------------------------------------------------------------ the app
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    # A message may quote the request: a lone surrogate ("\\ud800" in its JSON) cannot be encoded as UTF-8.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return JSONResponse({"error": message}, status, headers)
 
 
@@ -676,7 +684,7 @@ class _Guard:
                  log: Callable[[str], None] | None):
         self.app = app
         self.allow_remote = allow_remote
-        self.expected = f"Bearer {token}".encode() if token is not None else None
+        self.token = token.encode("utf-8") if token is not None else None
         self.max_body = max_body
         self.max_inflight = max_inflight
         self.inflight = 0  # only touched on the event loop: no lock
@@ -686,11 +694,12 @@ class _Guard:
         headers = Headers(scope=scope)
         if not self.allow_remote and not _host_header_ok(headers.get("host")):
             return _error(403, "Host header must name a loopback address (127.0.0.1, localhost, [::1])")
-        if self.expected is not None and scope["path"] != "/health":
-            given = headers.get("authorization", "").encode("utf-8", "replace")
-            if not hmac.compare_digest(given, self.expected):
+        if self.token is not None and scope["path"] != "/health":
+            scheme, _, given = headers.get("authorization", "").strip().partition(" ")  # the scheme's case is free
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                                      self.token):
                 return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
-        if scope["method"] in ("POST", "PUT", "PATCH"):
+        if scope["method"] == "POST":  # the only method with a body here; PUT/PATCH get the router's 405
             if "chunked" in headers.get("transfer-encoding", "").lower():
                 return _error(411, "chunked bodies are not supported: send a Content-Length")
             raw_length = headers.get("content-length")
@@ -779,10 +788,16 @@ def _host_header_ok(header: str | None) -> bool:
     if not header:
         return False
     host = header.strip()
-    if host.startswith("["):
-        host = host[1 : host.find("]")] if "]" in host else host
+    if host.startswith("["):  # [v6] or [v6]:port, and nothing else after the bracket ("[::1]evil.com" is not)
+        end = host.find("]")
+        rest = host[end + 1 :] if end >= 0 else "x"
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return False
+        host = host[1:end]
     elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
+        host, port = host.split(":", 1)
+        if not port.isdigit():
+            return False
     return is_loopback(host.lower())
 
 
@@ -882,6 +897,10 @@ class GenrecHTTPServer:
 
 def check_host(host: str, allow_remote: bool) -> None:
     """Refuse a non-loopback bind address unless ``allow_remote``."""
+    if not host.strip():
+        raise UsageError("--host is empty: give an address to listen on (default 127.0.0.1)")
+    if host.count(":") == 1 or (host.startswith("[") and "]:" in host):
+        raise UsageError(f"--host is an address without a port (got {host!r}): the port goes in --port")
     if not is_loopback(host) and not allow_remote:
         raise UsageError(
             f"refusing to listen on {host}: the API has no TLS and trusts every client; "
@@ -933,6 +952,9 @@ def make_server(
     from .history import HistoryDB, _is_read_only_file
 
     check_host(host, allow_remote)
+    if token is not None and (not token.strip() or token != token.strip()):
+        raise UsageError("the bearer token must be non-empty text without surrounding spaces (no client could "
+                         "send an empty one)")
     if workers < 0:
         raise UsageError(f"workers must be 0 (search in this process) or more, not {workers}")
     db = Path(db)

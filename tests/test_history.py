@@ -330,3 +330,24 @@ def test_cli_read_only_file_reads_but_refuses_writes(tiny_db, capsys):
         assert (rc, err) == (3, f"error: database is read-only: {tiny_db} (fix its permissions or open it read-only)")
     finally:
         os.chmod(tiny_db, stat.S_IRUSR | stat.S_IWUSR)
+
+
+def test_numpy_ids_and_bad_limits(tiny_db):
+    import numpy as np
+
+    from genrec_edge.errors import NotFoundError, UsageError
+
+    with HistoryDB.open(tiny_db) as db:
+        assert [h.item_id for h in db.history(np.int64(1))] == TINY_HISTORIES[1]
+        assert db.item(np.int64(10)).id == 10
+        assert db.add_interaction(np.int64(1), np.int32(10), timestamp=np.int64(7)).timestamp == 7
+        assert [h.item_id for h in db.history(1, limit=np.int64(1))] == [db.history(1)[-1].item_id]
+        for limit in (-1, "3", 2.5, True):
+            with pytest.raises(UsageError, match="limit must be a whole number"):
+                db.history(1, limit=limit)
+        with pytest.raises(UsageError, match="not a whole number"):
+            db.add_interaction("1", 10)
+        with pytest.raises(NotFoundError, match="unknown user abc"):
+            db.history("abc")
+        with pytest.raises(UsageError, match="is a string"):
+            db.find_items(None)

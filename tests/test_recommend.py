@@ -264,6 +264,56 @@ def test_requests_that_are_not_a_user_or_a_list_of_titles(rec):
         [r.title for r in rec.recommend_many([[title]], k=2)[0].items]
 
 
+def test_the_pop_prior_weight_of_one_request_is_not_the_next_ones_default(tiny_model, tiny_db, cache_home):
+    # The first "pop" request's λ was stored as the pop prior's own: every later "pop" request got it.
+    with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as first:
+        assert first.recommend(user=1, k=3, prior="pop", prior_weight=0.25).prior_weight == 0.25
+        after = first.recommend(user=1, k=3, prior="pop")
+    with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as fresh:
+        alone = fresh.recommend(user=1, k=3, prior="pop")
+    assert after.prior_weight == alone.prior_weight == 1.0
+    assert [(r.title, r.score) for r in after.items] == [(r.title, r.score) for r in alone.items]
+
+
+def test_a_closed_recommender_refuses_instead_of_crashing(tiny_model, tiny_db, cache_home):
+    rec = Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None)
+    rec.close()
+    rec.close()  # twice is fine
+    for call in (lambda: rec.recommend(user=1, k=2), lambda: rec.recommend_many([1], k=2),
+                 lambda: rec.recommend(user=1, k=2, sample=True), lambda: rec.prompt_ids(["x"]),
+                 lambda: rec.rank_titles([TINY_TITLES[10]], set(), k=2)):
+        with pytest.raises(UsageError, match="closed"):  # it was a segmentation fault: freed llama.cpp memory
+            call()
+
+
+def test_python_arguments_are_checked_like_http_ones(rec):
+    import numpy as np
+
+    title = TINY_TITLES[TINY_HISTORIES[1][0]]
+    for kwargs in ({"user": "1"}, {"user": 1.0}, {"user": True}, {"history": [1]}, {"history": [None]},
+                   {"history": [title.encode()]}, {"user": 1, "k": "3"}, {"user": 1, "k": 2.0},
+                   {"user": 1, "prior_weight": True}, {"user": 1, "prior_weight": 1e20},
+                   {"user": 1, "sample": True, "max_tries": 0}, {"user": 1, "sample": True, "temperature": True}):
+        with pytest.raises(UsageError):
+            rec.recommend(**{"k": 2, **kwargs})
+    with pytest.raises(UsageError, match="list of requests"):
+        rec.recommend_many(1)
+    # numpy integers are whole numbers: the same answer as Python ints.
+    expected = [r.title for r in rec.recommend(user=1, k=2).items]
+    assert [r.title for r in rec.recommend(user=np.int64(1), k=np.int64(2)).items] == expected
+    assert [r.title for r in rec.recommend_many([np.int32(1)], k=2)[0].items] == expected
+    # A generator history is read once (it was used up before sampling read it: "the history is empty").
+    sampled = rec.recommend(history=(t for t in [title]), k=1, sample=True, seed=3, max_tries=8)
+    assert [r.title for r in sampled.items] == [r.title for r in rec.recommend(history=[title], k=1, sample=True,
+                                                                                seed=3, max_tries=8).items]
+
+
+def test_open_arguments_are_checked(tiny_model, tiny_db, cache_home):
+    for kwargs in ({"batch": "2"}, {"threads": "2"}, {"beam": 3.5}, {"prior_weight": "1"}, {"cache": 1.5}):
+        with pytest.raises(UsageError):
+            Recommender.open(tiny_model, tiny_db, warn=lambda m: None, **kwargs)
+
+
 def test_trie_is_cached_on_disk(tiny_model, tiny_db, cache_home):
     with Recommender.open(tiny_model, tiny_db, warn=lambda m: None):
         pass

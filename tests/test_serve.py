@@ -192,6 +192,10 @@ def test_dns_rebinding_host_header_is_refused(db_server):
     assert status == 403 and "loopback" in body["error"]
     status, _, _ = http(db_server.url + "/health", headers={"Host": "localhost:8765"})
     assert status == 200
+    for host in ("[::1]evil.example", "[::1]:80evil", "localhost:evil", "127.0.0.1:"):  # loopback-looking prefixes
+        status, body, _ = http(db_server.url + "/health", headers={"Host": host})
+        assert status == 403, host
+    assert http(db_server.url + "/health", headers={"Host": "[::1]:8765"})[0] == 200
 
 
 def test_cors_preflight_is_not_granted(db_server):
@@ -207,6 +211,25 @@ def test_bearer_token(tiny_db):
         assert status == 401 and headers["WWW-Authenticate"] == "Bearer"
         assert http(server.url + "/users/1/history", headers={"Authorization": "Bearer wrong"})[0] == 401
         assert http(server.url + "/users/1/history", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert http(server.url + "/users/1/history", headers={"Authorization": "bearer s3cret"})[0] == 200  # RFC 7235
+        assert http(server.url + "/users/1/history", headers={"Authorization": "Basic s3cret"})[0] == 401
+    for token in ("", "  ", " s3cret"):  # no client could send it: refused at start, not a locked-out server
+        with pytest.raises(UsageError, match="bearer token"):
+            make_server(tiny_db, port=0, token=token)
+    for host, message in (("", "--host is empty"), ("127.0.0.1:80", "without a port")):
+        with pytest.raises(UsageError, match=message):
+            make_server(tiny_db, host=host, port=0)
+
+
+def test_messages_name_json_kinds_and_survive_lone_surrogates(db_server):
+    # A lone surrogate quoted back in an error was a 500 (UnicodeEncodeError); it is escaped instead.
+    for body in (b'{"user": "\\ud800"}', b'{"history": ["Heat (1995)"], "k": "\\udfff"}'):
+        status, answer, _ = http(db_server.url + "/recommend", "POST", body)
+        assert status == 400 and "\\ud" in answer["error"], answer
+    status, answer, _ = http(db_server.url + "/history", "POST", b"null")
+    assert status == 400 and answer["error"] == "request body must be a JSON object, not null"
+    status, answer, _ = http(db_server.url + "/recommend", "PUT", {"user": 1})
+    assert status == 405, answer  # the method, not the body's framing
 
 
 def test_locked_database_is_503(tiny_db, db_server):
@@ -388,9 +411,11 @@ def test_recommend_prior_field(model_server):
     status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "prior": "sasrec"})
     assert status == 404 and "no sasrec prior" in body["error"]
     for bad in ({"user": 1, "prior": "knn"}, {"user": 1, "prior_weight": -1}, {"user": 1, "prior_weight": "1"},
-                {"user": 1, "prior": "none", "prior_weight": 2}):
+                {"user": 1, "prior": "none", "prior_weight": 2}, {"user": 1, "prior_weight": 1e20}):
         status, body, _ = http(model_server.url + "/recommend", "POST", bad)
         assert status == 400 and "prior" in body["error"], (bad, body)
+    status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "prior": "knn"})
+    assert body["error"] == "prior must be one of 'none', 'pop' or 'sasrec', not \"knn\"", body
     status, body, _ = http(model_server.url + "/recommend", "POST", {"user": 1, "prior": "none", "prior_weight": 0})
     assert status == 200 and body["prior"] == "none", body
 

@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
             "each --model is evaluated with each.",
         ),
         prior_weight: float | None = typer.Option(
-            None, "--prior-weight", min=0.0, help="λ of the prior (default: the one tuned for the model)."
+            None, "--prior-weight", min=0.0, max=1000.0, help="λ of the prior (default: the one tuned for the model)."
         ),
         batch: int | None = typer.Option(
             None, "--batch", min=1, help="LLM requests searched together (same results, fewer llama_decode calls) "
