@@ -87,3 +87,16 @@ def test_architecture_names_every_module():
         missing = modules - _documented_modules(folder)
         assert not missing, f"docs/ARCHITECTURE.md: add a line for {sorted(missing)} under {folder}/"
     assert "scripts/llama_wheel.py" in ARCHITECTURE.read_text(encoding="utf-8")
+
+
+def test_square_brackets_in_help_are_shown(capsys):
+    # typer's rich help reads "[plain]" or "[cluster]" as markup and dropped it: defaults and the extra's name.
+    from genrec_edge.cli import main
+
+    for argv, shown in ((["train", "--help"], ("[plain]", "[q,k,v,o,gate,up,down _proj]")),
+                        (["recommend", "--help"], ("'genrec-edge[cluster]'", "[default: 0]")),
+                        (["evaluate", "--help"], ("[cluster] extra", "[default: 4]"))):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        for text in shown:
+            assert text in out, (argv, text)

@@ -106,17 +106,17 @@ def register(app: typer.Typer) -> None:
         ),
         batch: int | None = typer.Option(
             None, "--batch", min=1, help="LLM requests searched together (same results, fewer llama_decode calls) "
-            f"[default: {DEFAULT_BATCH}]."
+            f"\\[default: {DEFAULT_BATCH}]."
         ),
         ray: str | None = typer.Option(
             None, "--ray",
             help="Run the LLM's searches on a Ray cluster: its address (auto, ray://host:10001) or local "
-            "(needs the [cluster] extra; docs/CLUSTER.md).",
+            "(needs the \\[cluster] extra; docs/CLUSTER.md).",
         ),
         workers: int | None = typer.Option(
             None, "--workers", min=1, help="Processes running the LLM's searches here, each with its own model "
             "(~180 MB at Q8_0); the same results and log. 2 on 2 cores: 1.06-1.30x faster here (docs/CLUSTER.md) "
-            "[default: 1].",
+            "\\[default: 1].",
         ),
         sasrec: list[Path] = typer.Option(
             None, "--sasrec", help="A SASRec directory saved by `baseline sasrec --save`; repeatable."
@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         users: str = typer.Option("all", "--users", help="How many users: N (a seeded sample) or all."),
         seed: int = typer.Option(0, "--seed", help="Seed of the user sample and of the bootstrap."),
         k: int | None = typer.Option(None, "--k", min=MIN_EVAL_K, max=MAX_K, help="Titles the LLM returns per user, "
-                                     f"{MIN_EVAL_K} or more for HR@10 (its MRR becomes MRR@k) [default: {DEFAULT_K}]."),
+                                     f"{MIN_EVAL_K} or more for HR@10 (its MRR becomes MRR@k) \\[default: {DEFAULT_K}]."),
         by: list[str] = typer.Option(
             None, "--by", help="Also slice by: popularity (of the target), history (length); repeatable."
         ),

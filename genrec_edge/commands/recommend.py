@@ -35,7 +35,7 @@ OUT_HELP = (
     "with the same model, database and settings."
 )
 RAY_HELP = (
-    "Batch on a Ray cluster (pip install 'genrec-edge[cluster]'): ADDRESS is local (connect to the cluster "
+    "Batch on a Ray cluster (pip install 'genrec-edge\\[cluster]'): ADDRESS is local (connect to the cluster "
     "RAY_ADDRESS or `ray start` names, else start one here), auto (a running cluster) or ray://HEAD:10001. "
     "--threads is then per actor (default 1)."
 )
@@ -89,9 +89,9 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(None, "--threads", min=1, help="Most CPU threads for llama.cpp (default: all cores; fewer while other programs keep cores busy)."),
         beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: max(10, 2k))."),
         sample: bool = typer.Option(False, "--sample", help="Sample titles with the catalog grammar instead of beam search."),
-        seed: int = typer.Option(None, "--seed", help="Random seed for --sample [default: 0]."),
+        seed: int = typer.Option(None, "--seed", help="Random seed for --sample \\[default: 0]."),
         temperature: float = typer.Option(None, "--temperature", help="Temperature for --sample, > 0 "
-                                          f"[default: {DEFAULT_SAMPLE_TEMPERATURE:g}]."),
+                                          f"\\[default: {DEFAULT_SAMPLE_TEMPERATURE:g}]."),
         prior: str = typer.Option(None, "--prior", help=PRIOR_HELP),
         prior_weight: float = typer.Option(None, "--prior-weight", min=0.0, max=1000.0, help=PRIOR_WEIGHT_HELP),
         all_users: bool = typer.Option(False, "--all-users", help="Batch: every user with a history (needs --out)."),

@@ -38,7 +38,7 @@ def train(
     history_len: int | None = typer.Option(None, "--history-len", help="Titles of history per prompt [20]."),
     instruction: str | None = typer.Option(
         None, "--instruction",
-        help=f"The prompt's first line: say what your items are [{DEFAULT_INSTRUCTION}]; it goes into the model, "
+        help=f"The prompt's first line: say what your items are \\[{DEFAULT_INSTRUCTION}]; it goes into the model, "
         "so serving uses it too.",
     ),
     epochs: int | None = typer.Option(None, "--epochs", help="Passes over the training windows [1]."),
@@ -62,13 +62,13 @@ def train(
     loss: str | None = typer.Option(
         None,
         "--loss",
-        help="plain (softmax over the whole vocabulary) or trie (over the tokens the catalog trie allows) [plain].",
+        help="plain (softmax over the whole vocabulary) or trie (over the tokens the catalog trie allows) \\[plain].",
     ),
     lora_r: int | None = typer.Option(None, "--lora-r", help="LoRA rank [16]."),
     lora_alpha: int | None = typer.Option(None, "--lora-alpha", help="LoRA alpha [32]."),
     lora_dropout: float | None = typer.Option(None, "--lora-dropout", help="LoRA dropout [0.05]."),
     target_modules: str | None = typer.Option(
-        None, "--target-modules", help="Comma-separated linear layers to adapt [q,k,v,o,gate,up,down _proj]."
+        None, "--target-modules", help="Comma-separated linear layers to adapt \\[q,k,v,o,gate,up,down _proj]."
     ),
     full: bool | None = typer.Option(None, "--full/--lora", help="Full fine-tuning instead of LoRA."),
     valid_every: int | None = typer.Option(
