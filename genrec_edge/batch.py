@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EmptyHistoryError, IngestError, NotFoundError, UsageError
+from .errors import EmptyHistoryError, FileAccessError, IngestError, NotFoundError, UsageError
 from .jsonlog import json_line, lock_exclusive
 
 OUT_FORMAT = "genrec-edge-recommendations"
@@ -55,9 +55,10 @@ def read_users_file(path: str | Path) -> list[int]:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise UsageError(f"cannot read the users file {path}: {reason}") from None
+    except OSError as exc:
+        raise FileAccessError(f"cannot read the users file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read the users file {path}: {exc}") from None
     users: dict[int, None] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         value = line.split("#", 1)[0].strip()
@@ -138,12 +139,12 @@ class OutFile:
 
     def __enter__(self) -> OutFile:
         if self.path.exists() and not self.path.is_file():
-            raise UsageError(f"--out {self.path} is not a file")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+            raise FileAccessError(f"--out {self.path} is not a file")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.fh = open(self.path, "a+b")  # noqa: SIM115 - closed in __exit__
         except OSError as exc:
-            raise UsageError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            raise FileAccessError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         try:
             lock_exclusive(self.fh, self.path)
             self.fh.seek(0)
@@ -182,6 +183,8 @@ class OutFile:
         if not isinstance(data, dict) or data.get("format") != OUT_FORMAT:
             raise UsageError(foreign)
         if data.get("version") != OUT_VERSION or data.get("config") != self.config:
+            if not self.fh.read(1):  # a header and no user (a run that failed before its first): start over
+                return 0
             old = data.get("config") if isinstance(data.get("config"), dict) else {}
             differ = sorted(key for key in set(old) | set(self.config) if old.get(key) != self.config.get(key))
             raise UsageError(

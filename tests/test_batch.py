@@ -151,13 +151,26 @@ def test_cli_users_file(tiny_model, tiny_db, tmp_path, capsys):
     fails(args, 4, f"unknown user 999 (in {users})")
     users.write_text("4\nfour\n", encoding="utf-8")
     fails(args, 6, f"{users}:2: not a user id: 'four'")
-    fails([*args[:2], str(tmp_path / "missing.txt"), *args[3:]], 2, "cannot read the users file")
+    fails([*args[:2], str(tmp_path / "missing.txt"), *args[3:]], 14, "cannot read the users file")
+    fails([*args[:2], str(tmp_path), *args[3:]], 14, "cannot read the users file")  # a folder
+    users.write_text("4\n", encoding="utf-8")
+    fails([*args[:-6], "--out", str(tmp_path), *args[-4:]], 14, "is not a file")
+    fails([*args, "--seed", "3"], 2, "do not combine")  # --sample's options, ignored before
+    fails([*args, "--parquet", "--out", str(tmp_path / "r.parquet")], 2, "would be overwritten")
+    fails(["recommend", "--user", "1", "--batch", "4", "--model", str(tiny_model), "--db", str(tiny_db)], 2,
+          "--batch applies to batch runs")
     fails(["recommend", "--all-users", "--model", str(tiny_model), "--db", str(tiny_db)], 2, "needs --out")
     fails(["recommend", "--user", "1", "--out", str(out)], 2, "--out applies to batch runs")
     fails(["recommend", "--all-users", "--user", "1", "--out", str(out)], 2, "do not combine")
     users.write_text("4\n", encoding="utf-8")
     fails([*args[:-6], "--k", "5", *args[-4:]], 2, "(k differ)")
     assert list(read_records(out)) == [4, 2]
+    # A file holding a header and no user (a run that failed before its first, e.g. no Ray cluster) is a
+    # fresh start for other settings, not "written with other settings".
+    lone = tmp_path / "lone.jsonl"
+    lone.write_text(out.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    assert main([*args[:-6], "--k", "5", "--out", str(lone), *args[-4:]]) == 0, capsys.readouterr().err
+    assert list(read_records(lone)) == [4] and '"k": 5' in lone.read_text(encoding="utf-8").splitlines()[0]
 
 
 def test_rank_many_ranks_like_rank_titles_without_a_database(tiny_model, tiny_db):

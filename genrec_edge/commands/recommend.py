@@ -125,13 +125,18 @@ def register(app: typer.Typer) -> None:
         from ..errors import UsageError
 
         if all_users or users_file is not None:
-            if user is not None or history or more_titles or sample:
-                raise UsageError("--all-users / --users-file do not combine with --user, --history or --sample")
+            if user is not None or history or more_titles or sample or seed is not None or temperature is not None:
+                raise UsageError("--all-users / --users-file do not combine with --user, --history or --sample "
+                                 "(nor its --seed and --temperature)")
+            if parquet and out is not None and out.suffix.lower() == ".parquet":
+                raise UsageError(f"--out {out} would be overwritten by the .parquet copy: name --out FILE.jsonl "
+                                 "(the copy goes next to it)")
             _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet,
                    ray, actors, ship_model, workers, json_output)
             return
         for name, value in (("--out", out), ("--ray", ray), ("--actors", actors), ("--parquet", parquet or None),
-                            ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None)):
+                            ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None),
+                            ("--batch", batch if batch != 1 else None)):
             if value is not None:
                 raise UsageError(f"{name} applies to batch runs: add --all-users or --users-file FILE")
         if sample:
