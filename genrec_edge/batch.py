@@ -30,7 +30,7 @@ from .errors import EmptyHistoryError, FileAccessError, IngestError, NotFoundErr
 from .jsonlog import json_line, lock_exclusive
 
 OUT_FORMAT = "genrec-edge-recommendations"
-OUT_VERSION = 1
+OUT_VERSION = 2  # 2: the prior as resolved (kind, λ, content hash), not as named
 # Requests searched together (same results at any batch). 1: on 2 CPU cores sharing decodes gains nothing
 # (bench/results/scale-*: 4.0 s a user at batch 4, 3.8 s alone); more cores or a GPU may.
 DEFAULT_BATCH = 1
@@ -252,16 +252,37 @@ def write_parquet(jsonl: Path, dest: Path, chunk: int = 50_000) -> Path:
 
 # ------------------------------------------------------------------------------------------------ the job
 def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior: str | None,
-                 prior_weight: float | None) -> dict:
-    """What a file's results depend on; a resumed file must have been written with the same."""
-    from .cf import SIDECAR_JSON, SIDECAR_WEIGHTS
-    from .hashing import sha256_file
+                 prior_weight: float | None, db_path: Path) -> dict:
+    """What a file's results depend on; a resumed file must have been written with the same.
 
-    sidecar = {name: sha256_file(model_path.parent / name) for name in (SIDECAR_JSON, SIDECAR_WEIGHTS)
-               if (model_path.parent / name).is_file()}
-    return {"model": model_path.name, "model_sha256": sha256_file(model_path), "prior_sidecar": sidecar,
-            "prior": prior, "prior_weight": prior_weight, "k": k, "beam": beam,
-            "catalog_sha256": catalog.sha256, "data": data_checksum(db)}
+    The prior is recorded as what it resolves to (kind, λ, and a hash of its settings and weights), not
+    as the words that named it: restating the default (``--prior sasrec``, its tuned λ) resumes, and a
+    ``--prior DIR`` whose files changed in between does not.
+    """
+    from .hashing import sha256_file
+    from .recommend import load_prior
+
+    loaded = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+    return {"model": model_path.name, "model_sha256": sha256_file(model_path), "prior": prior_fingerprint(loaded),
+            "k": k, "beam": beam, "catalog_sha256": catalog.sha256, "data": data_checksum(db)}
+
+
+def prior_fingerprint(prior) -> dict:
+    """``{"kind", "weight", "sha256"}`` of a loaded prior (its whole config, λ included, and its arrays)."""
+    import hashlib
+    from dataclasses import asdict
+
+    import numpy as np
+
+    if prior is None:
+        return {"kind": "none"}
+    digest = hashlib.sha256(json.dumps(asdict(prior.config), sort_keys=True, default=str).encode("utf-8"))
+    arrays = dict(prior.weights or {})
+    if prior.title_log_counts is not None:
+        arrays["title_log_counts"] = prior.title_log_counts
+    for name in sorted(arrays):
+        digest.update(name.encode("utf-8") + b"\0" + np.ascontiguousarray(arrays[name]).tobytes())
+    return {"kind": prior.kind, "weight": prior.weight, "sha256": digest.hexdigest()}
 
 
 def recommend_users(
@@ -351,7 +372,7 @@ def recommend_users(
         if not checked and ray not in (None, False):
             (warn or stderr_warning)(f"{model_path.name} has no genrec.catalog_sha256 (a zero-shot base model?): "
                                       "serving it for this catalog without a training check")
-        config = batch_config(model_path, history, catalog, k, width, prior, prior_weight)
+        config = batch_config(model_path, history, catalog, k, width, prior, prior_weight, db_path)
 
     with OutFile(out, config) as sink:
         groups = plan_groups(wanted, sink.done, batch)

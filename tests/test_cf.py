@@ -161,6 +161,33 @@ def test_prior_choices_through_the_cli(model_with_prior, tiny_db, cache_home, ca
     assert "unknown prior" in capsys.readouterr().err
 
 
+def test_a_resumed_batch_compares_the_prior_it_resolves_to(
+        model_with_prior, tiny_db, tmp_path, cache_home, capsys):  # noqa: F811
+    users = tmp_path / "users.txt"
+    users.write_text("4\n", encoding="utf-8")
+    out = tmp_path / "recs.jsonl"
+    base = ["recommend", "--users-file", str(users), "--out", str(out), "--k", "3", "--db", str(tiny_db),
+            "--model", str(model_with_prior)]
+    assert main(base) == 0
+    # Restating the default (the model's sasrec prior at its λ = 2) is the same run: it resumes.
+    users.write_text("4\n2\n", encoding="utf-8")
+    assert main(base + ["--prior", "sasrec", "--prior-weight", "2"]) == 0
+    assert "1 already there" in capsys.readouterr().out
+    # A prior directory whose files change between two runs is another prior: no mixing in one file.
+    pop_dir = tmp_path / "pop"
+    pop_dir.mkdir()
+    assert main(["prior", "build", "--kind", "pop", "--db", str(tiny_db), "--out", str(pop_dir)]) == 0
+    other = tmp_path / "pop.jsonl"
+    users.write_text("4\n", encoding="utf-8")
+    assert main([*base, "--out", str(other), "--prior", str(pop_dir)]) == 0
+    assert main(["prior", "build", "--kind", "pop", "--db", str(tiny_db), "--out", str(pop_dir), "--force",
+                 "--weight", "5"]) == 0
+    users.write_text("4\n2\n", encoding="utf-8")
+    capsys.readouterr()
+    assert main([*base, "--out", str(other), "--prior", str(pop_dir)]) == 2
+    assert "(prior differ)" in capsys.readouterr().err
+
+
 def test_asking_for_a_prior_the_model_does_not_have(tiny_model, tiny_db, cache_home, capsys):  # noqa: F811
     rc = main(["recommend", "--user", "4", "--db", str(tiny_db), "--model", str(tiny_model), "--prior", "sasrec"])
     err = capsys.readouterr().err
