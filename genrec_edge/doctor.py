@@ -151,6 +151,25 @@ def check_model(model_path: str | Path, catalog_sha256: str | None) -> list[Chec
     return checks
 
 
+def check_prior(model_path: str | Path, db: str | Path) -> list[Check]:
+    """The collaborative prior next to the model, loaded as `recommend` and `serve` load it (they refuse to
+    start on one that is unreadable or made for another catalog)."""
+    from .cf import has_sidecar
+    from .history import HistoryDB
+    from .recommend import load_prior
+
+    model_dir = Path(model_path).parent
+    if not has_sidecar(model_dir):
+        return [Check("prior", OK, "none next to the model: the LLM alone")]
+    try:
+        with HistoryDB.open(db, readonly=True) as history:
+            catalog = history.catalog()
+        loaded = load_prior(None, None, model_dir, catalog, Path(db))
+    except GenrecError as exc:
+        return [_fail("prior", str(exc), exc)]
+    return [Check("prior", OK, f"{loaded.kind}, λ={loaded.weight:g}, variant {loaded.config.variant}")]
+
+
 def check_runtime(result=None) -> list[Check]:
     """The llama.cpp build against this machine; ``result`` is a ``llama_probe.ProbeResult`` (default: run it)."""
     from . import llama_probe
@@ -229,6 +248,8 @@ def run_checks(db: str | Path | None, model: str | Path | None, runtime: bool = 
         checks.append(Check("database", WARN, "skipped (no --db)"))
     if model is not None:
         checks.extend(check_model(model, catalog_sha if db is not None else None))
+        if catalog_sha is not None and Path(model).is_file():
+            checks.extend(check_prior(model, db))
     else:
         checks.append(Check("model", WARN, no_model))
     return checks

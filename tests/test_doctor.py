@@ -63,13 +63,14 @@ def test_healthy_database_and_model(tiny_db, tmp_path, capsys):
     checks = run_checks(tiny_db, model)
     assert statuses(checks) == {
         "database": OK, "integrity": OK, "schema": OK, "journal": OK, "catalog": OK,
-        "model": OK, "architecture": OK, "tokenizer": OK, "catalog match": OK,
+        "model": OK, "architecture": OK, "tokenizer": OK, "catalog match": OK, "prior": OK,
     }
     rc, out, err = run_cli(capsys, "--db", str(tiny_db), "--model", str(model))
     assert rc == 0, out + err
     lines = out.strip().splitlines()
-    # 4 runtime checks (llama.cpp build, cpu features, batched decode, threads) + the 9 above, all ok
-    assert len(lines) == 13 and all(line.startswith("ok ") for line in lines)
+    # 4 runtime checks (llama.cpp build, cpu features, batched decode, threads) + the 10 above, all ok
+    assert len(lines) == 14 and all(line.startswith("ok ") for line in lines)
+    assert "ok   prior: none next to the model" in out
     assert [line.split(":")[0].split(maxsplit=1)[1] for line in lines[:4]] == [
         "llama.cpp", "cpu features", "batched decode", "threads"]
     assert "20 items, 9 users" in out
@@ -316,3 +317,19 @@ def test_doctor_fails_on_an_instruction_set_this_cpu_lacks():
     checks = check_runtime(fake)
     cpu = next(c for c in checks if c.name == "cpu features")
     assert cpu.status == FAIL and "rebuild" in cpu.detail and cpu.exit_code == 13
+
+
+def test_the_prior_next_to_the_model_is_checked_as_serve_loads_it(tiny_db, tmp_path, capsys):
+    # doctor said "ok" for a model whose prior serve and recommend then refused (unreadable, other catalog).
+    model = write_gguf(tmp_path / "m.gguf", catalog_sha256=catalog_hash(tiny_db))
+    assert main(["prior", "build", "--kind", "pop", "--db", str(tiny_db), "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert statuses(run_checks(tiny_db, model))["prior"] == OK
+    sidecar = tmp_path / "cf-prior.json"
+    data = json.loads(sidecar.read_text(encoding="utf-8"))
+    sidecar.write_text(json.dumps({**data, "catalog_sha256": "0" * 64}), encoding="utf-8")
+    rc, out, _ = run_cli(capsys, "--db", str(tiny_db), "--model", str(model))
+    assert rc == 8 and "FAIL prior: " in out
+    sidecar.write_text("{not json", encoding="utf-8")
+    rc, out, _ = run_cli(capsys, "--db", str(tiny_db), "--model", str(model))
+    assert rc == 7 and "FAIL prior: " in out
