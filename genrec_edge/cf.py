@@ -168,7 +168,8 @@ class CFPrior:
         directory = Path(directory)
         path = directory / SIDECAR_JSON
         if not path.is_file():
-            raise NotFoundError(f"no collaborative prior next to the model ({path} is missing)")
+            raise NotFoundError(f"no collaborative prior in {directory} ({SIDECAR_JSON} is missing there; "
+                                "`genrec-edge prior build --out DIR` makes one)")
         data = read_json_object(path, CorruptModelError, "collaborative prior")
         counts = (data.get("trained_on") or {}).get("title_counts")
         config = PriorConfig.from_dict(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -88,6 +89,17 @@ def test_prior_build_tune_show_cli(model_dir, tiny_db, cache_home, capsys):  # n
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--variant", "best"]) == 2
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--weights", "a,b"]) == 2
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--users", "-3"]) == 2
+    capsys.readouterr()
+    for grid, message in (("nan", "nan is not a λ"), ("1,inf", "inf is not a λ"), ("-1,1", "-1 is not a λ")):
+        started = time.perf_counter()
+        assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--weights", grid]) == 2
+        assert message in capsys.readouterr().err and time.perf_counter() - started < 5  # before the tuning
+    # Options that would be ignored: SASRec's training options for a counted prior; two places for one prior.
+    assert main(["prior", "build", "--kind", "pop", "--db", str(tiny_db), "--out", str(model_dir), "--force",
+                 "--epochs", "0", "--seed", "9"]) == 2
+    assert "--epochs, --seed apply to --kind sasrec" in capsys.readouterr().err
+    assert main(["prior", "show", "--model", str(model), "--prior-dir", str(model_dir)]) == 2
+    assert "not both" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("users", ["abc", "0", "-3", "1.5"])

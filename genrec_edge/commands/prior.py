@@ -37,10 +37,13 @@ def register(app: typer.Typer) -> None:
             "sum", "--variant", help="sum or max (inside the search: prior mass below a trie node; max: D3) or rerank."
         ),
         max_seconds: float = typer.Option(None, "--max-seconds", help="SASRec: stop after the first validation past this."),
-        epochs: int = typer.Option(200, "--epochs", help="SASRec: most epochs (early stopping usually ends sooner)."),
-        eval_every: int = typer.Option(2, "--eval-every", help="SASRec: validate every this many epochs."),
-        patience: int = typer.Option(4, "--patience", help="SASRec: validations without improvement before stopping."),
-        seed: int = typer.Option(0, "--seed", help="SASRec: random seed."),
+        epochs: int = typer.Option(None, "--epochs", help="SASRec: most epochs (early stopping usually ends sooner) "
+                                   "\\[default: 200]."),
+        eval_every: int = typer.Option(None, "--eval-every", help="SASRec: validate every this many epochs "
+                                       "\\[default: 2]."),
+        patience: int = typer.Option(None, "--patience", help="SASRec: validations without improvement before "
+                                     "stopping \\[default: 4]."),
+        seed: int = typer.Option(None, "--seed", help="SASRec: random seed \\[default: 0]."),
         force: bool = typer.Option(False, "--force", help="Replace an existing prior in --out."),
     ) -> None:
         """Build a prior on the database's training part (each user's items but the last two) and save it
@@ -55,8 +58,15 @@ def register(app: typer.Typer) -> None:
         if (out / SIDECAR_JSON).exists() and not force:
             raise UsageError(f"{out / SIDECAR_JSON} exists (use --force to replace it)")
         sequences, catalog = read_sequences(db)
-        options = {"max_seconds": max_seconds, "epochs": epochs, "eval_every": eval_every, "patience": patience,
-                   "seed": seed} if kind == "sasrec" else {}
+        given = {"max_seconds": max_seconds, "epochs": epochs, "eval_every": eval_every, "patience": patience,
+                 "seed": seed}
+        given = {name: value for name, value in given.items() if value is not None}
+        if kind != "sasrec" and given:
+            names = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UsageError(f"{names} appl{'ies' if len(given) == 1 else 'y'} to --kind sasrec (a {kind} prior "
+                             "is counted, not trained)")
+        options = {"max_seconds": None, "epochs": 200, "eval_every": 2, "patience": 4, "seed": 0, **given} \
+            if kind == "sasrec" else {}
         prior = build_prior(kind, sequences, catalog, weight=weight, variant=variant, **options)
         path = prior.save(out)
         typer.echo(f"wrote {path} ({prior.kind}, λ={prior.weight:g}, variant {prior.config.variant})")
@@ -94,15 +104,20 @@ def register(app: typer.Typer) -> None:
         from ..errors import UsageError
         from ..models import default_model_path
         from ..paths import default_db
-        from ..recommend import Recommender
+        from ..recommend import Recommender, check_prior_weight
         from ..tune import tune_weight
 
         try:
             grid = [float(w) for w in weights.split(",") if w.strip()]
         except ValueError:
             raise UsageError(f"--weights must be comma-separated numbers (got {weights!r})") from None
-        if not grid or any(w < 0 for w in grid):
-            raise UsageError("--weights needs at least one number >= 0")
+        if not grid:
+            raise UsageError("--weights needs at least one number")
+        for w in grid:  # before the costly part, not after it
+            try:
+                check_prior_weight(w)
+            except UsageError:
+                raise UsageError(f"--weights: {w:g} is not a λ (a number from 0 to 1000)") from None
         n_users = parse_users(users)
         db_path = db if db is not None else default_db()
         examples, catalog = _sampled_valid(db_path, n_users, seed)
@@ -157,7 +172,11 @@ def register(app: typer.Typer) -> None:
         from ..jsonlog import read_json_object
         from ..models import default_model_path, require_model_file
 
-        if prior_dir is None and model is not None:
+        if prior_dir is not None and model is not None:
+            from ..errors import UsageError
+
+            raise UsageError("give --model (its prior sits next to it) or --prior-dir, not both")
+        if model is not None:
             require_model_file(model)  # its sidecar sits next to it; a directory goes in --prior-dir
         directory = prior_dir if prior_dir is not None else (model if model is not None else default_model_path()).parent
         path = directory / SIDECAR_JSON

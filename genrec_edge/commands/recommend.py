@@ -14,7 +14,8 @@ from . import DB_HELP
 MODEL_HELP = "GGUF model (default: the shipped fine-tuned default, built on first use)."
 PRIOR_HELP = (
     "Collaborative prior fused into the search: none (the language model alone), pop (popularity counted "
-    "from the database) or sasrec (the model's cf-prior sidecar). Default: the model's sidecar if it has one."
+    "from the database), sasrec (the model's cf-prior sidecar) or a directory holding a prior (`prior build "
+    "--out DIR`). Default: the model's sidecar if it has one."
 )
 PRIOR_WEIGHT_HELP = "λ in log P_LM + λ·log P_CF (default: the weight tuned for the model's prior)."
 
