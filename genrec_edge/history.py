@@ -29,6 +29,7 @@ import os
 import sqlite3
 import stat
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,11 +422,15 @@ class HistoryDB:
         return _item_from_row(row)
 
     def item_by_title(self, title: str) -> list[Item]:
-        """Items whose title is exactly ``title`` (MovieLens has a few duplicate titles)."""
+        """Items whose title is exactly ``title``, or its NFC form (decomposed Unicode, as pasted from macOS);
+        MovieLens has a few duplicate titles."""
         with self._errors():
-            rows = self.conn.execute(
-                "SELECT id, title, year, genres FROM items WHERE title = ? ORDER BY id", (title,)
-            ).fetchall()
+            for spelling in dict.fromkeys((title, unicodedata.normalize("NFC", title))):
+                rows = self.conn.execute(
+                    "SELECT id, title, year, genres FROM items WHERE title = ? ORDER BY id", (spelling,)
+                ).fetchall()
+                if rows:
+                    break
         return [_item_from_row(r) for r in rows]
 
     def find_items(self, text: str, limit: int = 20) -> list[Item]:

@@ -31,6 +31,7 @@ import operator
 import sys
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -620,13 +621,22 @@ class Recommender:
             )
         return prior if weight is None or weight == prior.weight else prior.with_weight(weight)
 
+    def _catalog_title(self, title: str) -> str | None:
+        """The catalog's spelling of ``title``: itself, or its NFC form (a title pasted from macOS comes in
+        decomposed Unicode: 'Jûsan' as u + combining circumflex); None if neither is a catalog title."""
+        if title in self.title_index:
+            return title
+        composed = unicodedata.normalize("NFC", title)
+        return composed if composed in self.title_index else None
+
     def _resolve(self, db, user, history) -> tuple[list[str], set[str], list[int]]:
         """(prompt titles, seen titles, item history for the prior) of one request."""
         if history is not None:
-            history = list(history)
-            if not history:
+            given = list(history)
+            if not given:
                 raise EmptyHistoryError("the history is empty: give at least one title")
-            unknown = [t for t in history if t not in self.title_index]
+            history = [self._catalog_title(t) for t in given]
+            unknown = [t for t, found in zip(given, history, strict=True) if found is None]
             if unknown:
                 raise NotFoundError(_unknown_title_message(unknown[0], self.trie.titles))
             titles = history[-self.template.history_len:] if self.template.history_len > 0 else []
@@ -917,4 +927,6 @@ def _unknown_title_message(title: str, titles: Sequence[str]) -> str:
         inside = sorted((t for t in titles if text in t.casefold() and t not in starts), key=len)
         close = (starts + inside)[:3]
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    if title.startswith("--"):  # `--history --k 3`: the option was taken as the title
+        hint = f"; {title!r} looks like an option: give the titles right after --history"
     return f"unknown title {title!r} (titles must match the catalog exactly){hint}"

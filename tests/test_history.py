@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import stat
+import unicodedata
 
 import pytest
 from conftest import EMPTY_USER, TINY_HISTORIES, TINY_ITEM_IDS, TINY_TITLES, dump, tiny_rating, tiny_timestamp
@@ -134,6 +135,7 @@ def test_items_lookup_search_and_year(tiny_db):
         assert db.item(10).genres == ("Adventure", "Animation", "Children", "Comedy", "Fantasy")
         assert db.item(40).genres == ()  # "(no genres listed)"
         assert [i.id for i in db.item_by_title("Heat (1995)")] == [30]
+        assert [i.id for i in db.item_by_title(unicodedata.normalize("NFD", amelie.title))] == [130]
         assert db.item_by_title("Heat") == []
         # Exact title first, then prefix matches, then the rest by id; case-insensitive.
         assert [i.id for i in db.find_items("matrix")] == [150, 160]

@@ -308,6 +308,18 @@ def test_python_arguments_are_checked_like_http_ones(rec):
                                                                                 seed=3, max_tries=8).items]
 
 
+def test_a_title_in_decomposed_unicode_is_the_catalog_title(rec, capsys):
+    import unicodedata
+
+    amelie = TINY_TITLES[130]
+    decomposed = unicodedata.normalize("NFD", amelie)
+    assert decomposed != amelie  # the é as e + a combining accent, as macOS pastes it
+    assert [r.title for r in rec.recommend(history=[decomposed], k=3).items] == \
+        [r.title for r in rec.recommend(history=[amelie], k=3).items]
+    with pytest.raises(NotFoundError, match="looks like an option"):
+        rec.recommend(history=["--k"], k=3)
+
+
 def test_open_arguments_are_checked(tiny_model, tiny_db, cache_home):
     for kwargs in ({"batch": "2"}, {"threads": "2"}, {"beam": 3.5}, {"prior_weight": "1"}, {"cache": 1.5}):
         with pytest.raises(UsageError):
