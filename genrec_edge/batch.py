@@ -432,6 +432,7 @@ def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, 
 
     options = {"threads": threads, "beam": beam, "warn": warn, "prior": prior, "prior_weight": prior_weight,
                "batch": batch}
+    workers = min(workers, len(groups))  # a process per group at most: each loads its own model
     opened = (RecommenderPool.open(model_path, db_path, workers=workers, **options) if workers > 1
               else Recommender.open(model_path, db_path, **options))
     with opened as rec:

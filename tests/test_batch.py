@@ -267,6 +267,19 @@ def test_workers_write_the_bytes_one_process_writes(tiny_model, tiny_db, tmp_pat
     assert not (tmp_path / "x.jsonl").exists()
 
 
+def test_no_more_worker_processes_than_groups(tiny_model, tiny_db, tmp_path, monkeypatch):
+    # --workers 8 for one group started 8 processes, each loading the model, for one search.
+    from genrec_edge import pool
+
+    started = []
+    real_open = pool.RecommenderPool.open
+    monkeypatch.setattr(pool.RecommenderPool, "open",
+                        classmethod(lambda cls, *a, **kw: started.append(kw["workers"]) or real_open(*a, **kw)))
+    run(tiny_model, tiny_db, tmp_path / "one.jsonl", users=[1, 2], batch=2, workers=8)  # one group
+    run(tiny_model, tiny_db, tmp_path / "three.jsonl", users=[1, 2, 3], batch=1, workers=8)  # three groups
+    assert started == [3]
+
+
 def test_cli_workers_is_for_batch_runs(tiny_model, tiny_db, capsys):
     assert main(["recommend", "--user", "1", "--workers", "2", "--model", str(tiny_model), "--db", str(tiny_db)]) == 2
     assert "--workers applies to batch runs" in capsys.readouterr().err
