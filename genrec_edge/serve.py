@@ -127,6 +127,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        repeated = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"the key {_shown(repeated)} appears twice (which one would count?)")
+    return dict(pairs)
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     """Parse a request body that must be one JSON object (strict JSON: no NaN, no Infinity)."""
     try:
@@ -134,7 +142,7 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise HTTPError(400, "request body is not UTF-8") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        data = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise HTTPError(400, "request body is nested too deeply") from None
     except ValueError as exc:

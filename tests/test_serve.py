@@ -226,6 +226,8 @@ def test_messages_name_json_kinds_and_survive_lone_surrogates(db_server):
     for body in (b'{"user": "\\ud800"}', b'{"history": ["Heat (1995)"], "k": "\\udfff"}'):
         status, answer, _ = http(db_server.url + "/recommend", "POST", body)
         assert status == 400 and "\\ud" in answer["error"], answer
+    status, answer, _ = http(db_server.url + "/history", "POST", b'{"user": 1, "item_id": 10, "item_id": 20}')
+    assert status == 400 and 'the key "item_id" appears twice' in answer["error"], answer  # last-wins before
     status, answer, _ = http(db_server.url + "/history", "POST", b"null")
     assert status == 400 and answer["error"] == "request body must be a JSON object, not null"
     status, answer, _ = http(db_server.url + "/recommend", "PUT", {"user": 1})
