@@ -463,8 +463,14 @@ class HistoryDB:
         """Record that ``user_id`` interacted with ``item_id`` (now, unless ``timestamp``); creates the user.
 
         Recording the same (user, timestamp, item) twice keeps the first rating. A rating must lie in
-        :meth:`rating_range` (UsageError otherwise).
+        :meth:`rating_range` (UsageError otherwise). Returns the stored interaction.
         """
+        return self.record_interaction(user_id, item_id, timestamp, rating)[0]
+
+    def record_interaction(
+        self, user_id: int, item_id: int, timestamp: int | None = None, rating: float | None = None
+    ) -> tuple[Interaction, bool]:
+        """:meth:`add_interaction`, and whether it stored a new row (False: that key was there; kept as it was)."""
         user_id = _check_int64(user_id, "user id")
         item = self.item(item_id)
         item_id = item.id
@@ -473,15 +479,15 @@ class HistoryDB:
         timestamp = _check_int64(int(time.time()) if timestamp is None else timestamp, "timestamp")
         with self._errors(), self.conn:
             self.conn.execute("INSERT OR IGNORE INTO users(id) VALUES (?)", (user_id,))
-            self.conn.execute(
+            created = self.conn.execute(
                 "INSERT OR IGNORE INTO interactions(user_id, item_id, timestamp, rating) VALUES (?, ?, ?, ?)",
                 (user_id, item_id, int(timestamp), rating),
-            )
+            ).rowcount == 1
             stored = self.conn.execute(
                 "SELECT rating FROM interactions WHERE user_id = ? AND timestamp = ? AND item_id = ?",
                 (user_id, int(timestamp), item_id),
             ).fetchone()
-        return Interaction(item.id, item.title, item.year, item.genres, int(timestamp), stored[0])
+        return Interaction(item.id, item.title, item.year, item.genres, int(timestamp), stored[0]), created
 
     def record_dataset(self, name: str, source: str) -> None:
         """Upsert a ``datasets`` row and refresh every row's catalog hash (the caller owns the transaction)."""

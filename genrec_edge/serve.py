@@ -420,7 +420,8 @@ class Service:
         )
         return Recommendations.of(recs)
 
-    def add_history(self, request: HistoryAdd) -> StoredInteraction:
+    def add_history(self, request: HistoryAdd) -> tuple[StoredInteraction, bool]:
+        """The stored interaction, and whether it is new (False: that user, item and timestamp were there)."""
         with self._open_db(readonly=False) as db:
             item_id = request.item_id
             if item_id is None:
@@ -431,8 +432,9 @@ class Service:
                     ids = [m.id for m in matches]
                     raise HTTPError(409, f'title {request.title!r} matches items {ids}: give "item_id" instead')
                 item_id = matches[0].id
-            row = db.add_interaction(request.user, item_id, timestamp=request.timestamp, rating=request.rating)
-        return StoredInteraction(user=request.user, **Interaction.of(row).model_dump())
+            row, created = db.record_interaction(request.user, item_id, timestamp=request.timestamp,
+                                                 rating=request.rating)
+        return StoredInteraction(user=request.user, **Interaction.of(row).model_dump()), created
 
 
 class RequestBatcher:
@@ -631,11 +633,16 @@ def create_app(
 
     @app.post("/history", status_code=201, operation_id="addHistory", response_description="The stored interaction.",
               summary="Record that a user interacted with an item (by id or exact title).",
-              responses={**BAD, 404: {"model": Error, "description": "Unknown item or title."},
+              responses={200: {"model": StoredInteraction, "description": "Already stored (the same user, item "
+                               "and timestamp): kept as it was, first rating included."},
+                         **BAD, 404: {"model": Error, "description": "Unknown item or title."},
                          409: {"model": Error, "description": "The title matches several items: give item_id."},
                          **BODY, **BUSY, **ERRORS})
-    def add_history(body: HistoryAdd) -> StoredInteraction:
-        return service.add_history(body)
+    def add_history(body: HistoryAdd, response: Response) -> StoredInteraction:
+        stored, created = service.add_history(body)
+        if not created:  # nothing was created: the same user, item and timestamp are stored (the first rating)
+            response.status_code = 200
+        return stored
 
     @app.exception_handler(GenrecError)
     async def genrec_error(request: Request, exc: GenrecError) -> JSONResponse:

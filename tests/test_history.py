@@ -353,3 +353,14 @@ def test_numpy_ids_and_bad_limits(tiny_db):
             db.history("abc")
         with pytest.raises(UsageError, match="is a string"):
             db.find_items(None)
+
+
+def test_cli_history_add_says_when_the_interaction_was_already_there(tiny_db, capsys):
+    args = ["history", "add", "--user", "1", "--item", "10", "--timestamp", "77", "--db", str(tiny_db)]
+    assert main([*args, "--rating", "4"]) == 0
+    assert "added item 10" in capsys.readouterr().out
+    assert main([*args, "--rating", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "was already recorded, rating 4; kept as it was" in " ".join(out.split())
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        assert [(h.item_id, h.rating) for h in db.history(1) if h.timestamp == 77] == [(10, 4.0)]

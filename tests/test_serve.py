@@ -110,6 +110,10 @@ def test_add_history_by_item_and_by_adversarial_title(db_server, tiny_db):
     assert body["title"] == quoted and body["rating"] == 4.5
     status, body, _ = http(db_server.url + "/history", "POST", {"user": 42, "title": backslash, "timestamp": 3_000_000_000})
     assert status == 201, body
+    # The same user, item and timestamp again: nothing is created (200, not 201) and the first record stays.
+    again = {"user": 42, "title": backslash, "timestamp": 3_000_000_000, "rating": 5}
+    status, body, _ = http(db_server.url + "/history", "POST", again)
+    assert status == 200 and body["rating"] is None, body
     status, body, _ = http(db_server.url + "/users/42/history")
     assert [row["title"] for row in body["history"]] == [quoted, backslash]
     with HistoryDB.open(tiny_db, readonly=True) as db:

@@ -116,5 +116,11 @@ def register(app: typer.Typer) -> None:
                     ids = ", ".join(str(i.id) for i in matches)
                     raise UsageError(f"title {title!r} matches {len(matches)} items (ids {ids}): use --item ID")
                 item = matches[0].id
-            added = database.add_interaction(user, item, timestamp=timestamp, rating=rating)
-        typer.echo(f"user {user}: added item {added.item_id} {added.title!r} at {_format_time(added.timestamp, ' UTC')}")
+            added, created = database.record_interaction(user, item, timestamp=timestamp, rating=rating)
+        when = _format_time(added.timestamp, " UTC")
+        if created:
+            typer.echo(f"user {user}: added item {added.item_id} {added.title!r} at {when}")
+        else:  # the same user, item and timestamp: the first record stays, its rating included
+            kept = "" if added.rating is None else f", rating {added.rating:g}"
+            typer.echo(f"user {user}: item {added.item_id} {added.title!r} at {when} was already recorded{kept}; "
+                       "kept as it was")
