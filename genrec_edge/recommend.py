@@ -33,7 +33,7 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -433,6 +433,7 @@ class Recommender:
         prior: str | None = None,
         prior_weight: float | None = None,
         first_step: bool = False,
+        progress: Callable[[int, int], None] | None = None,
     ) -> Recommendations:
         """Top-``k`` unseen catalog items for a database ``user`` or an ad-hoc ``history`` of exact titles.
 
@@ -440,6 +441,8 @@ class Recommender:
         ``first_step``: also return the first constrained step's log-probabilities (``FirstStep``).
         ``sample=True`` draws titles with llama.cpp's grammar sampler instead (temperature, seed) until
         ``k`` distinct unseen titles or ``max_tries`` samples (default ``SAMPLE_TRIES_PER_TITLE * k``); no prior.
+        ``progress(samples drawn, distinct titles found)`` is called after each sample (a low temperature draws
+        the same titles again and again: long runs).
         """
         request = Request.one_of(user, history, prior, prior_weight, first_step)
         if not sample:
@@ -459,7 +462,8 @@ class Recommender:
         with HistoryDB.open(self.db_path, readonly=True) as db:
             titles, seen_titles, _ = self._resolve(db, user, history)
             with self._engine():
-                found, timings = self._sample(titles, seen_titles, k, seed, temperature, max_tries or SAMPLE_TRIES_PER_TITLE * k)
+                found, timings = self._sample(titles, seen_titles, k, seed, temperature,
+                                              max_tries or SAMPLE_TRIES_PER_TITLE * k, progress)
             items = self._describe(db, [(t, s, s) for t, s in found])
         total = (time.perf_counter() - started) * 1000
         return Recommendations(tuple(items), _with_total(timings, total))
@@ -754,7 +758,7 @@ class Recommender:
             ))
         return out
 
-    def _sample(self, titles, seen_titles, k, seed, temperature, max_tries):
+    def _sample(self, titles, seen_titles, k, seed, temperature, max_tries, progress=None):
         from .engine import GrammarSampler
         from .grammar import grammar_for_titles
 
@@ -770,19 +774,20 @@ class Recommender:
         max_tokens = min(4 * self.trie.max_depth + 8, self.capacity * self.trie.max_depth)
         scratch = self._slot_seqs(0)[1][0]
         try:
-            for _ in range(max_tries):
+            for tries in range(1, max_tries + 1):
                 if len(found) >= k:
                     break
                 out = sampler.sample_title(self.prompt_seq, prompt, scratch, max_tokens)
-                if out is None:
-                    continue
-                steps += len(out) + 1
-                tokens += len(out) + 1
-                title = self.engine.detokenize(out)
-                # Titles outside the catalog cannot happen (the grammar's language is the catalog); the
-                # check keeps that a guarantee rather than an assumption.
-                if title in self.title_index and title not in seen_titles and title not in found:
-                    found[title] = float("nan")
+                if out is not None:
+                    steps += len(out) + 1
+                    tokens += len(out) + 1
+                    title = self.engine.detokenize(out)
+                    # Titles outside the catalog cannot happen (the grammar's language is the catalog); the
+                    # check keeps that a guarantee rather than an assumption.
+                    if title in self.title_index and title not in seen_titles and title not in found:
+                        found[title] = float("nan")
+                if progress is not None:
+                    progress(tries, len(found))
         finally:
             sampler.close()
         search_ms = (time.perf_counter() - t0) * 1000

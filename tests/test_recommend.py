@@ -238,6 +238,11 @@ def test_sampling_returns_distinct_unseen_catalog_titles(rec):
     assert result.timings.decode_steps >= len(titles)
     again = rec.recommend(user=1, k=2, sample=True, seed=7, max_tries=12)
     assert [r.title for r in again.items] == titles  # seeded
+    calls = []
+    watched = rec.recommend(user=1, k=2, sample=True, seed=7, max_tries=12, progress=lambda *a: calls.append(a))
+    assert [r.title for r in watched.items] == titles  # watching changes nothing
+    assert [n for n, _ in calls] == list(range(1, len(calls) + 1)) and 1 <= len(calls) <= 12
+    assert calls[-1][1] == len(titles) and all(a[1] <= b[1] for a, b in zip(calls, calls[1:], strict=False))
 
 
 def test_options_that_would_be_ignored_are_refused(rec):
@@ -352,6 +357,11 @@ def test_cli_recommend_json_and_table(tiny_model, tiny_db, cache_home, capsys):
     out = capsys.readouterr()
     assert rc == 0, out.err
     assert "rank" in out.out and "prefill" in out.out and "total" in out.out
+    rc = main(["recommend", "--user", "1", "--k", "2", "--sample", "--seed", "7", "--temperature", "0.5",
+               "--db", str(tiny_db), "--model", str(tiny_model), "--json"])  # with its progress bar on stderr
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert 1 <= len(json.loads(out.out)["items"]) <= 2
 
 
 @pytest.mark.parametrize(

@@ -70,6 +70,24 @@ def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior
                + (f"; {report.parquet}" if report.parquet else ""))
 
 
+class _SamplingBar:
+    """A progress bar on stderr for --sample (tries drawn, distinct titles found, an ETA): at a low temperature
+    it draws the same titles again and again, up to its tries."""
+
+    def __init__(self, tries: int, k: int):
+        from tqdm import tqdm
+
+        self.k = k
+        self.bar = tqdm(total=tries, desc="sample", unit="try", leave=False, dynamic_ncols=True)
+
+    def progress(self, tries: int, found: int) -> None:
+        self.bar.set_postfix_str(f"{found}/{self.k} titles", refresh=False)
+        self.bar.update(tries - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _is_sqlite(path: Path) -> bool:
     with open(path, "rb") as fh:
         return fh.read(16) == b"SQLite format 3\x00"
@@ -163,11 +181,17 @@ def register(app: typer.Typer) -> None:
             raise UsageError("give either --user or --history (one of them)")
         if user is not None:
             _check_user(db, user)  # before loading (or, the first time, building) a model
+        bar = _SamplingBar(SAMPLE_TRIES_PER_TITLE * k, k) if sample else None
         with Recommender.open(model, db, threads=threads, beam=beam, prior=prior, prior_weight=prior_weight) as rec:
-            result = rec.recommend(
-                user=user, history=titles or None, k=k, sample=sample, seed=seed or 0,
-                temperature=DEFAULT_SAMPLE_TEMPERATURE if temperature is None else temperature,
-            )
+            try:
+                result = rec.recommend(
+                    user=user, history=titles or None, k=k, sample=sample, seed=seed or 0,
+                    temperature=DEFAULT_SAMPLE_TEMPERATURE if temperature is None else temperature,
+                    progress=bar.progress if bar else None,
+                )
+            finally:
+                if bar:
+                    bar.close()
             model_name = rec.engine.path.name
         if json_output:
             payload = {"user": user, "history": titles or None, "model": model_name, **result.to_dict()}
