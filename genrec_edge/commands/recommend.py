@@ -75,7 +75,7 @@ class _SamplingBar:
     it draws the same titles again and again, up to its tries."""
 
     def __init__(self, tries: int, k: int):
-        from tqdm import tqdm
+        from tqdm.auto import tqdm
 
         self.k = k
         self.bar = tqdm(total=tries, desc="sample", unit="try", leave=False, dynamic_ncols=True)
