@@ -103,3 +103,10 @@ class BenchError(GenrecError):
     """
 
     exit_code = 12
+
+
+def refuse_options(names, where: str) -> None:
+    """UsageError "--a, --b apply to WHERE" when options were given where they would be ignored (none: fine)."""
+    names = list(names)
+    if names:
+        raise UsageError(f"{', '.join(names)} appl{'ies' if len(names) == 1 else 'y'} to {where}")

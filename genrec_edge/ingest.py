@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import IngestError, UsageError
+from .errors import IngestError, UsageError, refuse_options
 from .history import DEFAULT_BUSY_TIMEOUT, INT64_MAX, INT64_MIN, HistoryDB
 
 FORMATS = ("movielens-csv", "movielens-dat", "movielens-100k", "csv")
@@ -171,8 +171,6 @@ def _split_rows(source: LineSource, separator: str) -> Iterator[tuple[int, list[
         if not text.strip():
             continue
         yield source.line_no, text.split(separator)
-
-
 
 
 def _in_int64(number: int, what: str, value: str) -> int:
@@ -512,10 +510,8 @@ def ingest(
                  "--rating-col": rating_col != "rating", "--title-col": title_col != "title",
                  "--item-id-col": item_id_col != "item_id", "--genres-col": genres_col != "genres",
                  "--delimiter": delimiter != ","}
-        named = [name for name, value in given.items() if value]
-        if named:
-            raise UsageError(f"{', '.join(named)} appl{'ies' if len(named) == 1 else 'y'} to format csv, not {fmt} "
-                             "(whose files and columns are fixed)")
+        refuse_options((name for name, value in given.items() if value),
+                       f"format csv, not {fmt} (whose files and columns are fixed)")
     items_file, interactions_file = _resolve_files(
         fmt, path, Path(interactions) if interactions else None, Path(items) if items else None
     )

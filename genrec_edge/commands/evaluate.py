@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ..recommend import DEFAULT_K, MAX_K
+from ..recommend import DEFAULT_K, MAX_K, MAX_PRIOR_WEIGHT
 from . import DB_HELP, parse_users
 
 SLICE_METRICS = ("HR@10", "NDCG@10")
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
             "each --model is evaluated with each.",
         ),
         prior_weight: float | None = typer.Option(
-            None, "--prior-weight", min=0.0, max=1000.0, help="λ of the prior (default: the one tuned for the model)."
+            None, "--prior-weight", min=0.0, max=MAX_PRIOR_WEIGHT, help="λ of the prior (default: the one tuned for the model)."
         ),
         batch: int | None = typer.Option(
             None, "--batch", min=1, help="LLM requests searched together (same results, fewer llama_decode calls) "
@@ -154,13 +154,11 @@ def register(app: typer.Typer) -> None:
         from ..evalruns import evaluate_recommenders
 
         if not model:
-            named = [name for name, value in (("--k", k), ("--beam", beam), ("--batch", batch),
-                                              ("--workers", workers), ("--ray", ray)) if value is not None]
-            if named:
-                from ..errors import UsageError
+            from ..errors import refuse_options
 
-                raise UsageError(f"{', '.join(named)} appl{'ies' if len(named) == 1 else 'y'} to --model (the LLM); "
-                                 "give a --model")
+            refuse_options((name for name, value in (("--k", k), ("--beam", beam), ("--batch", batch),
+                                                      ("--workers", workers), ("--ray", ray)) if value is not None),
+                           "--model (the LLM); give a --model")
         specs = _specs(list(model or []), list(prior or []), list(sasrec or []), pop, prior_weight)
         slicings = [part.strip() for item in (by or []) for part in item.split(",") if part.strip()]
         log_path = out if out is not None else paths.cache_dir() / "evaluate" / "results.jsonl"

@@ -11,6 +11,9 @@ import typer
 from . import DB_HELP, parse_users
 from .history import read_sequences
 
+# How `prior build --kind sasrec` trains the prior (its recipe, not SASRecConfig's own defaults).
+SASREC_PRIOR = {"max_seconds": None, "epochs": 200, "eval_every": 2, "patience": 4, "seed": 0}
+
 
 def _sampled_valid(db: Path | None, n: int | None, seed: int):
     from ..baselines import split_examples
@@ -38,12 +41,12 @@ def register(app: typer.Typer) -> None:
         ),
         max_seconds: float = typer.Option(None, "--max-seconds", help="SASRec: stop after the first validation past this."),
         epochs: int = typer.Option(None, "--epochs", help="SASRec: most epochs (early stopping usually ends sooner) "
-                                   "\\[default: 200]."),
+                                   f"\\[default: {SASREC_PRIOR['epochs']}]."),
         eval_every: int = typer.Option(None, "--eval-every", help="SASRec: validate every this many epochs "
-                                       "\\[default: 2]."),
+                                       f"\\[default: {SASREC_PRIOR['eval_every']}]."),
         patience: int = typer.Option(None, "--patience", help="SASRec: validations without improvement before "
-                                     "stopping \\[default: 4]."),
-        seed: int = typer.Option(None, "--seed", help="SASRec: random seed \\[default: 0]."),
+                                     f"stopping \\[default: {SASREC_PRIOR['patience']}]."),
+        seed: int = typer.Option(None, "--seed", help=f"SASRec: random seed \\[default: {SASREC_PRIOR['seed']}]."),
         force: bool = typer.Option(False, "--force", help="Replace an existing prior in --out."),
     ) -> None:
         """Build a prior on the database's training part (each user's items but the last two) and save it
@@ -53,20 +56,18 @@ def register(app: typer.Typer) -> None:
         """
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
         from ..cf import SIDECAR_JSON, build_prior
-        from ..errors import UsageError
+        from ..errors import UsageError, refuse_options
 
         if (out / SIDECAR_JSON).exists() and not force:
             raise UsageError(f"{out / SIDECAR_JSON} exists (use --force to replace it)")
-        sequences, catalog = read_sequences(db)
         given = {"max_seconds": max_seconds, "epochs": epochs, "eval_every": eval_every, "patience": patience,
                  "seed": seed}
         given = {name: value for name, value in given.items() if value is not None}
-        if kind != "sasrec" and given:
-            names = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise UsageError(f"{names} appl{'ies' if len(given) == 1 else 'y'} to --kind sasrec (a {kind} prior "
-                             "is counted, not trained)")
-        options = {"max_seconds": None, "epochs": 200, "eval_every": 2, "patience": 4, "seed": 0, **given} \
-            if kind == "sasrec" else {}
+        if kind != "sasrec":
+            refuse_options(("--" + name.replace("_", "-") for name in given),
+                           f"--kind sasrec (a {kind} prior is counted, not trained)")
+        options = {**SASREC_PRIOR, **given} if kind == "sasrec" else {}
+        sequences, catalog = read_sequences(db)
         prior = build_prior(kind, sequences, catalog, weight=weight, variant=variant, **options)
         path = prior.save(out)
         typer.echo(f"wrote {path} ({prior.kind}, λ={prior.weight:g}, variant {prior.config.variant})")
@@ -104,7 +105,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import UsageError
         from ..models import default_model_path
         from ..paths import default_db
-        from ..recommend import Recommender, check_prior_weight
+        from ..recommend import MAX_PRIOR_WEIGHT, Recommender, check_prior_weight
         from ..tune import tune_weight
 
         try:
@@ -117,7 +118,7 @@ def register(app: typer.Typer) -> None:
             try:
                 check_prior_weight(w)
             except UsageError:
-                raise UsageError(f"--weights: {w:g} is not a λ (a number from 0 to 1000)") from None
+                raise UsageError(f"--weights: {w:g} is not a λ (a number from 0 to {MAX_PRIOR_WEIGHT:g})") from None
         n_users = parse_users(users)
         db_path = db if db is not None else default_db()
         examples, catalog = _sampled_valid(db_path, n_users, seed)

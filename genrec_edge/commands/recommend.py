@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from ..recommend import DEFAULT_K, DEFAULT_SAMPLE_TEMPERATURE, MAX_K, SAMPLE_TRIES_PER_TITLE
+from ..recommend import DEFAULT_K, DEFAULT_SAMPLE_TEMPERATURE, MAX_K, MAX_PRIOR_WEIGHT, SAMPLE_TRIES_PER_TITLE
 from . import DB_HELP
 
 MODEL_HELP = "GGUF model (default: the shipped fine-tuned default, built on first use)."
@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
         temperature: float = typer.Option(None, "--temperature", help="Temperature for --sample, > 0 "
                                           f"\\[default: {DEFAULT_SAMPLE_TEMPERATURE:g}]."),
         prior: str = typer.Option(None, "--prior", help=PRIOR_HELP),
-        prior_weight: float = typer.Option(None, "--prior-weight", min=0.0, max=1000.0, help=PRIOR_WEIGHT_HELP),
+        prior_weight: float = typer.Option(None, "--prior-weight", min=0.0, max=MAX_PRIOR_WEIGHT, help=PRIOR_WEIGHT_HELP),
         all_users: bool = typer.Option(False, "--all-users", help="Batch: every user with a history (needs --out)."),
         users_file: Path = typer.Option(None, "--users-file", help="Batch: the user ids in FILE, one per line."),
         out: Path = typer.Option(None, "--out", help=OUT_HELP),
