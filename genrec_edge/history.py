@@ -144,21 +144,23 @@ def _casefold(value: str | None) -> str | None:
     return None if value is None else value.casefold()
 
 
+def _whole_number(value) -> int | None:
+    """``value`` as a Python int if it is a whole number (numpy integers too, which sqlite3 cannot bind); None
+    for a bool, a float, a string."""
+    return None if isinstance(value, bool) or not hasattr(value, "__index__") else operator.index(value)
+
+
 def _as_int64(value) -> int | None:
-    """``value`` as a Python int if it is a whole number (numpy integers too, which sqlite3 cannot bind) that
-    fits SQLite's INTEGER; None for anything else (a bool, a float, a string, a number out of range)."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        return None
-    number = operator.index(value)
-    return number if INT64_MIN <= number <= INT64_MAX else None
+    """:func:`_whole_number`, if it fits SQLite's INTEGER; None otherwise."""
+    number = _whole_number(value)
+    return number if number is not None and INT64_MIN <= number <= INT64_MAX else None
 
 
 def _check_int64(value, what: str) -> int:
     """A value to store: a whole number that fits SQLite's INTEGER (else sqlite3 raises mid-transaction)."""
     number = _as_int64(value)
     if number is None:
-        kind = "out of range (SQLite integers are 64-bit)" if hasattr(value, "__index__") and not isinstance(
-            value, bool) else "not a whole number"
+        kind = "not a whole number" if _whole_number(value) is None else "out of range (SQLite integers are 64-bit)"
         raise UsageError(f"{what} {value!r} is {kind}")
     return number
 
@@ -194,6 +196,7 @@ class HistoryDB:
         self.conn = conn
         self.readonly = readonly
         self.busy_timeout = busy_timeout
+        conn.create_function("casefold", 1, _casefold, deterministic=True)  # find_items: case in every script
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -358,7 +361,7 @@ class HistoryDB:
     def history(self, user_id: int, limit: int | None = None) -> list[Interaction]:
         """The user's interactions oldest first; ``limit`` keeps the last N. Unknown user: NotFoundError."""
         if limit is not None:
-            number = operator.index(limit) if hasattr(limit, "__index__") and not isinstance(limit, bool) else None
+            number = _whole_number(limit)
             if number is None or number < 0:
                 raise UsageError(f"limit must be a whole number >= 0 (got {limit!r})")
             limit = min(number, INT64_MAX)
@@ -440,7 +443,6 @@ class HistoryDB:
             raise UsageError(f"the text to search for is a string, not {text!r}")
         folded = text.casefold()
         pattern = "%" + folded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        self.conn.create_function("casefold", 1, _casefold, deterministic=True)
         with self._errors():
             rows = self.conn.execute(
                 "SELECT id, title, year, genres FROM (SELECT *, casefold(title) AS folded FROM items) "
@@ -481,13 +483,13 @@ class HistoryDB:
             self.conn.execute("INSERT OR IGNORE INTO users(id) VALUES (?)", (user_id,))
             created = self.conn.execute(
                 "INSERT OR IGNORE INTO interactions(user_id, item_id, timestamp, rating) VALUES (?, ?, ?, ?)",
-                (user_id, item_id, int(timestamp), rating),
+                (user_id, item_id, timestamp, rating),
             ).rowcount == 1
             stored = self.conn.execute(
                 "SELECT rating FROM interactions WHERE user_id = ? AND timestamp = ? AND item_id = ?",
-                (user_id, int(timestamp), item_id),
+                (user_id, timestamp, item_id),
             ).fetchone()
-        return Interaction(item.id, item.title, item.year, item.genres, int(timestamp), stored[0]), created
+        return Interaction(item.id, item.title, item.year, item.genres, timestamp, stored[0]), created
 
     def record_dataset(self, name: str, source: str) -> None:
         """Upsert a ``datasets`` row and refresh every row's catalog hash (the caller owns the transaction)."""

@@ -209,9 +209,7 @@ def _titles(history) -> tuple[str, ...]:
 
 def _user_id(value) -> int:
     """A user id as an int (numpy integers too); a bool, a float or a string is refused, as over HTTP."""
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise UsageError(f"a user id is a whole number, not {value!r}")
-    return operator.index(value)
+    return _whole(value, "a user id")
 
 
 def stderr_warning(message: str) -> None:
@@ -322,8 +320,7 @@ class Recommender:
         beam = None if beam is None else _whole(beam, "--beam", 1)
         threads = None if threads is None else _whole(threads, "--threads", 1)
         batch = _whole(batch, "batch", 1)
-        if not isinstance(cache, int) or isinstance(cache, bool) or cache < 0:
-            raise UsageError(f"the result cache holds 0 or more searches (got {cache!r})")
+        cache = _whole(cache, "the result cache (searches kept)", 0)
         if isinstance(prior, str) and prior not in PRIOR_CHOICES and not Path(prior).is_dir():
             raise UsageError(f"unknown prior {prior!r}; use one of {', '.join(PRIOR_CHOICES)} or a directory")
         if prior_weight is not None:
@@ -610,7 +607,7 @@ class Recommender:
         if kind not in PRIOR_CHOICES:
             raise UsageError(f"unknown prior {kind!r}; use one of {', '.join(PRIOR_CHOICES)}")
         if weight is not None:
-                check_prior_weight(weight)
+            check_prior_weight(weight)
         if kind == "none":
             if weight:
                 raise UsageError(_WEIGHT_WITHOUT_PRIOR)
@@ -803,16 +800,14 @@ class Recommender:
         return out
 
 
-def _whole(value, name: str, low: int) -> int:
-    """``value`` as an int >= ``low`` (numpy integers too); UsageError for anything else (a bool, a float, a
-    string): the HTTP API refuses those, and the library should not quietly coerce them."""
-    if isinstance(value, bool):
-        raise UsageError(f"{name} must be a whole number >= {low} (got {value!r})")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise UsageError(f"{name} must be a whole number >= {low} (got {value!r})") from None
-    if number < low:
+def _whole(value, name: str, low: int | None = None) -> int:
+    """``value`` as an int (numpy integers too), >= ``low`` if given; UsageError for anything else (a bool, a
+    float, a string): the HTTP API refuses those, and the library should not quietly coerce them."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        bound = "" if low is None else f" >= {low}"
+        raise UsageError(f"{name} must be a whole number{bound} (got {value!r})")
+    number = operator.index(value)
+    if low is not None and number < low:
         raise UsageError(f"{name} must be >= {low} (got {number})")
     return number
 
