@@ -40,9 +40,13 @@ def read_run_config(run_dir: str | Path) -> dict:
 
 def write_run_config(run_dir: str | Path, run: dict) -> Path:
     """Write ``genrec_run.json`` atomically (temp file + rename): a reader never sees half a file."""
-    path = Path(run_dir) / RUN_CONFIG
-    tmp = path.with_name(RUN_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(run, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return _write_atomically(Path(run_dir) / RUN_CONFIG, json.dumps(run, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> Path:
+    """Write a temporary file, then rename it over ``path``: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
     return path
 
@@ -111,11 +115,7 @@ def model_card(run: dict, run_dir: Path) -> str:
 
 
 def write_model_card(run_dir: str | Path, run: dict) -> Path:
-    path = Path(run_dir) / MODEL_CARD
-    tmp = path.with_name(MODEL_CARD + ".tmp")
-    tmp.write_text(model_card(run, Path(run_dir)), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return _write_atomically(Path(run_dir) / MODEL_CARD, model_card(run, Path(run_dir)))
 
 
 def gguf_provenance(run: dict, adapter_config_sha256: str | None) -> dict:
