@@ -154,9 +154,14 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     return data
 
 
+def _utf8_safe(text: str) -> str:
+    """``text`` with any lone surrogate (``"\\ud800"`` in a request's JSON) escaped: it has no UTF-8 form, so
+    neither pydantic-core nor a JSON response could carry it."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _shown(value: Any) -> str:
-    # A lone surrogate ("\\ud800" in the JSON) has no UTF-8 form: pydantic-core could not carry it in a message.
-    return json.dumps(value, ensure_ascii=False, default=str)[:40].encode("utf-8", "backslashreplace").decode("utf-8")
+    return _utf8_safe(json.dumps(value, ensure_ascii=False, default=str)[:40])
 
 
 def _bounded_int(low: int, high: int, *, message: str | None = None, from_text: bool = False) -> Any:
@@ -536,9 +541,7 @@ class _Pending:
 
 # ------------------------------------------------------------------------------------------ the app
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    # A message may quote the request: a lone surrogate ("\\ud800" in its JSON) cannot be encoded as UTF-8.
-    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-    return JSONResponse({"error": message}, status, headers)
+    return JSONResponse({"error": _utf8_safe(message)}, status, headers)  # a message may quote the request
 
 
 class _StrictJSONRequest(Request):
