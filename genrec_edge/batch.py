@@ -251,19 +251,17 @@ def write_parquet(jsonl: Path, dest: Path, chunk: int = 50_000) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior: str | None,
-                 prior_weight: float | None, db_path: Path) -> dict:
+def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior) -> dict:
     """What a file's results depend on; a resumed file must have been written with the same.
 
-    The prior is recorded as what it resolves to (kind, λ, and a hash of its settings and weights), not
-    as the words that named it: restating the default (``--prior sasrec``, its tuned λ) resumes, and a
-    ``--prior DIR`` whose files changed in between does not.
+    ``prior`` is the loaded prior (``recommend.load_prior``; None: none), recorded as what it resolves to
+    (kind, λ, and a hash of its settings and weights), not as the words that named it: restating the
+    default (``--prior sasrec``, its tuned λ) resumes, and a ``--prior DIR`` whose files changed in between
+    does not.
     """
     from .hashing import sha256_file
-    from .recommend import load_prior
 
-    loaded = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
-    return {"model": model_path.name, "model_sha256": sha256_file(model_path), "prior": prior_fingerprint(loaded),
+    return {"model": model_path.name, "model_sha256": sha256_file(model_path), "prior": prior_fingerprint(prior),
             "k": k, "beam": beam, "catalog_sha256": catalog.sha256, "data": data_checksum(db)}
 
 
@@ -326,6 +324,7 @@ def recommend_users(
         MAX_SEQUENCES,
         check_default_model_catalog,
         default_beam,
+        load_prior,
         model_provenance,
         stderr_warning,
     )
@@ -372,7 +371,11 @@ def recommend_users(
         if not checked and ray not in (None, False):
             (warn or stderr_warning)(f"{model_path.name} has no genrec.catalog_sha256 (a zero-shot base model?): "
                                       "serving it for this catalog without a training check")
-        config = batch_config(model_path, history, catalog, k, width, prior, prior_weight, db_path)
+        # The prior, resolved once: the header records it, and the searches use it (a popularity prior is
+        # counted from the whole database: not again in Recommender.open or in each worker).
+        loaded = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+        config = batch_config(model_path, history, catalog, k, width, loaded)
+        prior, prior_weight = (loaded if loaded is not None else "none"), None
 
     with OutFile(out, config) as sink:
         groups = plan_groups(wanted, sink.done, batch)
