@@ -141,7 +141,7 @@ def register(app: typer.Typer) -> None:
         Example: genrec-edge recommend --history "Toy Story (1995)" "Heat (1995)" --json
         Example: genrec-edge recommend --all-users --out recs.jsonl
         """
-        from ..errors import UsageError
+        from ..errors import UsageError, refuse_options
 
         if all_users or users_file is not None:
             if user is not None or history or more_titles or sample or seed is not None or temperature is not None:
@@ -153,11 +153,11 @@ def register(app: typer.Typer) -> None:
             _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet,
                    ray, actors, ship_model, workers, json_output)
             return
-        for name, value in (("--out", out), ("--ray", ray), ("--actors", actors), ("--parquet", parquet or None),
-                            ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None),
-                            ("--batch", batch if batch != 1 else None)):
-            if value is not None:
-                raise UsageError(f"{name} applies to batch runs: add --all-users or --users-file FILE")
+        batch_only = (("--out", out), ("--ray", ray), ("--actors", actors), ("--parquet", parquet or None),
+                      ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None),
+                      ("--batch", batch if batch != 1 else None))
+        refuse_options((name for name, value in batch_only if value is not None),
+                       "batch runs: add --all-users or --users-file FILE")
         if sample:
             for name, value in (("--beam", beam), ("--prior", prior), ("--prior-weight", prior_weight)):
                 if value is not None:
@@ -167,9 +167,8 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(f"--temperature must be a finite number > 0 with --sample (got {temperature:g}); "
                                  "for the most likely titles, drop --sample")
         else:
-            for name, value in (("--seed", seed), ("--temperature", temperature)):
-                if value is not None:
-                    raise UsageError(f"{name} applies to --sample only")
+            refuse_options((name for name, value in (("--seed", seed), ("--temperature", temperature))
+                            if value is not None), "--sample only")
         from ..recommend import Recommender
 
         titles = list(history or [])
