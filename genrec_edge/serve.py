@@ -41,6 +41,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import signal
 import socket
 import sys
@@ -89,7 +90,7 @@ MAX_TITLE_CHARS = 2000
 MAX_LIMIT = 1_000_000
 MAX_INFLIGHT = 16
 BATCH_WAIT_MS = 10.0  # how long a /recommend request waits for others to share its search
-MAX_ID = 2**63 - 1
+MIN_ID, MAX_ID = -(2**63), 2**63 - 1  # SQLite INTEGER, as the history database stores ids and times
 REQUEST_TIMEOUT = 30.0  # seconds a client may take to send its request, and then its body
 
 
@@ -164,12 +165,15 @@ def _shown(value: Any) -> str:
     return _utf8_safe(json.dumps(value, ensure_ascii=False, default=str)[:40])
 
 
+_DECIMAL = re.compile(r"-?[0-9]+")  # a whole number as a path or query string gives it (ASCII digits only)
+
+
 def _bounded_int(low: int, high: int, *, message: str | None = None, from_text: bool = False) -> Any:
     """An int in ``[low, high]`` (never a bool, float or numeric string unless ``from_text``, for query
     strings), failing with our wording; the bounds also go into the schema."""
 
     def check(value: Any) -> int:  # the message is ours; pydantic's bound check after it never fails
-        if from_text and isinstance(value, str) and value.isascii() and value.isdigit():
+        if from_text and isinstance(value, str) and _DECIMAL.fullmatch(value):
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise PydanticCustomError("int_type", message or "must be an integer, not {value}", {"value": _shown(value)})
@@ -182,15 +186,16 @@ def _bounded_int(low: int, high: int, *, message: str | None = None, from_text: 
 
     # The schema names the bounds; int64's own limits as "format" (FastAPI writes bounds as floats).
     schema: dict[str, Any] = {"format": "int64"} if high == MAX_ID else {}
-    bounds = {"ge": low} if low > -MAX_ID else {}
+    bounds = {"ge": low} if low > MIN_ID else {}
     if high < MAX_ID:
         bounds["le"] = high
     return Annotated[int, Field(json_schema_extra=schema or None, **bounds), BeforeValidator(check)]
 
 
-Id = _bounded_int(0, MAX_ID)
+Id = _bounded_int(MIN_ID, MAX_ID)  # any id the database can hold, as the CLI and ingest take them
+PathId = _bounded_int(MIN_ID, MAX_ID, from_text=True)
 K = _bounded_int(1, MAX_K, message=f"must be an integer between 1 and {MAX_K}, not {{value}}")
-Timestamp = _bounded_int(-MAX_ID, MAX_ID)
+Timestamp = _bounded_int(MIN_ID, MAX_ID)
 Limit = _bounded_int(0, MAX_LIMIT, message=f"must be an integer between 0 and {MAX_LIMIT}, not {{value}}", from_text=True)
 Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE_CHARS)]
 
@@ -619,10 +624,10 @@ def create_app(
     def openapi() -> JSONResponse:
         return JSONResponse(_document(app))
 
-    @app.get("/users/{user:int}/history", summary="A user's interactions, oldest first.", operation_id="userHistory",
+    @app.get("/users/{user}/history", summary="A user's interactions, oldest first.", operation_id="userHistory",
              response_description="The history.",
              responses={**BAD, 404: {"model": Error, "description": "Unknown user."}, **BUSY, **ERRORS})
-    def user_history(user: Annotated[Id, PathParam()], query: Annotated[HistoryQuery, Query()]) -> History:
+    def user_history(user: Annotated[PathId, PathParam()], query: Annotated[HistoryQuery, Query()]) -> History:
         return service.user_history(user, query.limit)
 
     @app.post("/recommend", summary="Top-k catalog items for a user id or for a list of titles.",

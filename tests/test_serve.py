@@ -120,6 +120,17 @@ def test_add_history_by_item_and_by_adversarial_title(db_server, tiny_db):
         assert [r.item_id for r in db.history(1)][-1] == 200
 
 
+def test_negative_and_int64_user_ids_reach_the_same_rows_as_the_cli(db_server, tiny_db):
+    # The database, `data ingest` and `history add` take any SQLite INTEGER as an id; so does the service.
+    for user in (-5, -(2**63), 2**63 - 1):
+        status, body, _ = http(db_server.url + "/history", "POST", {"user": user, "item_id": 200, "timestamp": 7})
+        assert status == 201 and body["user"] == user, body
+        status, body, _ = http(db_server.url + f"/users/{user}/history")
+        assert status == 200 and [row["item_id"] for row in body["history"]] == [200], body
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        assert [r.item_id for r in db.history(-5)] == [200]
+
+
 BAD_REQUESTS = [
     # (method, path, body bytes, content type, status, expected substring)
     ("POST", "/history", b"{not json", "application/json", 400, "not valid JSON"),
@@ -133,8 +144,8 @@ BAD_REQUESTS = [
     ("POST", "/history", b'{"user": 1, "item_id": 10, "title": "x"}', "application/json", 400, 'exactly one of "item_id" or "title"'),
     ("POST", "/history", b'{"user": "1", "item_id": 10}', "application/json", 400, "user must be an integer"),
     ("POST", "/history", b'{"user": true, "item_id": 10}', "application/json", 400, "user must be an integer"),
-    ("POST", "/history", b'{"user": -1, "item_id": 10}', "application/json", 400, "user must be between 0"),
-    ("POST", "/history", b'{"user": 99999999999999999999, "item_id": 10}', "application/json", 400, "user must be between 0"),
+    ("POST", "/history", b'{"user": 9223372036854775808, "item_id": 10}', "application/json", 400, "user must be between -9223372036854775808 and 9223372036854775807"),
+    ("POST", "/history", b'{"user": -9223372036854775809, "item_id": 10}', "application/json", 400, "user must be between -9223372036854775808"),
     ("POST", "/history", b'{"user": 1, "item_id": 10, "rating": "5"}', "application/json", 400, "rating must be a number"),
     ("POST", "/history", b'{"user": 1, "title": ""}', "application/json", 400, "title must not be empty"),
     ("POST", "/history", b'{"user": 1, "item_id": 11}', "application/json", 404, "unknown item 11"),
@@ -148,7 +159,10 @@ BAD_REQUESTS = [
     ("GET", "/users/999/history", None, None, 404, "unknown user 999"),
     ("GET", "/users/1/history?limit=-1", None, None, 400, "limit must be an integer"),
     ("GET", "/users/1/history?color=red", None, None, 400, "unknown query parameter"),
-    ("GET", "/users/abc/history", None, None, 404, "no route /users/abc/history"),
+    ("GET", "/users/abc/history", None, None, 400, 'user must be an integer, not "abc"'),
+    ("GET", "/users/1.5/history", None, None, 400, 'user must be an integer, not "1.5"'),
+    ("GET", "/users/%EF%BC%91/history", None, None, 400, "user must be an integer"),  # a full-width digit one
+    ("GET", "/users/9223372036854775808/history", None, None, 400, "user must be between"),
     ("GET", "/nope", None, None, 404, "no route /nope"),
     ("DELETE", "/history", None, None, 405, "DELETE is not allowed on /history"),
     ("GET", "/recommend", None, None, 405, "GET is not allowed on /recommend"),
