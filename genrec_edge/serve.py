@@ -50,6 +50,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
+from urllib.parse import parse_qsl
 
 import anyio
 import h11
@@ -722,6 +723,10 @@ class _Guard:
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
                                                                       self.token):
                 return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        names = [name for name, _ in parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:  # the router would keep the last one silently
+            return _error(400, f"query parameter(s) given more than once: {', '.join(repr(name[:40]) for name in repeated)}")
         if scope["method"] == "POST":  # the only method with a body here; PUT/PATCH get the router's 405
             if "chunked" in headers.get("transfer-encoding", "").lower():
                 return _error(411, "chunked bodies are not supported: send a Content-Length")

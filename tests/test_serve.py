@@ -159,6 +159,7 @@ BAD_REQUESTS = [
     ("GET", "/users/999/history", None, None, 404, "unknown user 999"),
     ("GET", "/users/1/history?limit=-1", None, None, 400, "limit must be an integer"),
     ("GET", "/users/1/history?color=red", None, None, 400, "unknown query parameter"),
+    ("GET", "/users/1/history?limit=1&limit=2", None, None, 400, "query parameter(s) given more than once: 'limit'"),
     ("GET", "/users/abc/history", None, None, 400, 'user must be an integer, not "abc"'),
     ("GET", "/users/1.5/history", None, None, 400, 'user must be an integer, not "1.5"'),
     ("GET", "/users/%EF%BC%91/history", None, None, 400, "user must be an integer"),  # a full-width digit one
