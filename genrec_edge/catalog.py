@@ -9,9 +9,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+import unicodedata
 from dataclasses import dataclass, field
 
 from .errors import CatalogMismatchError
+
+# What str.splitlines() breaks a line at; with the spaces around them.
+_LINE_BREAKS = re.compile(r"\s*[\n\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]+\s*")
+
+
+def one_line(title: str) -> str:
+    """``title`` with each run of line breaks (and the spaces around it) as one space. A prompt lists one title
+    per line, so a title that spans two (a quoted CSV field with a newline) would read as two items."""
+    return _LINE_BREAKS.sub(" ", title)
+
+
+def title_spellings(title: str) -> tuple[str, ...]:
+    """The spellings of ``title`` to look up, in order: itself; its NFC form (decomposed Unicode, as pasted
+    from macOS: 'Jûsan' as u + combining circumflex); that on one line (as ingest stores titles)."""
+    composed = unicodedata.normalize("NFC", title)
+    return tuple(dict.fromkeys((title, composed, one_line(composed))))
 
 
 def catalog_sha256(items: list[tuple[int, str]]) -> str:

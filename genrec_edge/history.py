@@ -29,13 +29,12 @@ import os
 import sqlite3
 import stat
 import time
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .catalog import Catalog, catalog_sha256
+from .catalog import Catalog, catalog_sha256, title_spellings
 from .errors import DatabaseError, DatabaseUnavailableError, NotFoundError, UsageError
 
 if TYPE_CHECKING:
@@ -425,10 +424,10 @@ class HistoryDB:
         return _item_from_row(row)
 
     def item_by_title(self, title: str) -> list[Item]:
-        """Items whose title is exactly ``title``, or its NFC form (decomposed Unicode, as pasted from macOS);
-        MovieLens has a few duplicate titles."""
+        """Items whose title is exactly ``title``, or another of its spellings (:func:`~.catalog.title_spellings`:
+        NFC, on one line); MovieLens has a few duplicate titles."""
         with self._errors():
-            for spelling in dict.fromkeys((title, unicodedata.normalize("NFC", title))):
+            for spelling in title_spellings(title):
                 rows = self.conn.execute(
                     "SELECT id, title, year, genres FROM items WHERE title = ? ORDER BY id", (spelling,)
                 ).fetchall()

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .catalog import one_line
 from .errors import IngestError, UsageError, refuse_options
 from .history import DEFAULT_BUSY_TIMEOUT, INT64_MAX, INT64_MIN, HistoryDB
 
@@ -188,8 +189,9 @@ def _int(value: str, what: str) -> int:
 
 
 def _title(value: str) -> str:
-    """A stripped, non-empty title without NUL bytes (C strings, GBNF and terminals would truncate it)."""
-    title = value.strip()
+    """A stripped, non-empty title on one line (a prompt lists one title per line) without NUL bytes (C
+    strings, GBNF and terminals would truncate it)."""
+    title = one_line(value.strip())
     if not title:
         raise ValueError("empty title")
     if "\x00" in title:

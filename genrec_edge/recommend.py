@@ -31,14 +31,13 @@ import operator
 import sys
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .catalog import check_model_catalog
+from .catalog import check_model_catalog, title_spellings
 from .errors import (
     CatalogMismatchError,
     CorruptModelError,
@@ -623,12 +622,9 @@ class Recommender:
         return prior if weight is None or weight == prior.weight else prior.with_weight(weight)
 
     def _catalog_title(self, title: str) -> str | None:
-        """The catalog's spelling of ``title``: itself, or its NFC form (a title pasted from macOS comes in
-        decomposed Unicode: 'Jûsan' as u + combining circumflex); None if neither is a catalog title."""
-        if title in self.title_index:
-            return title
-        composed = unicodedata.normalize("NFC", title)
-        return composed if composed in self.title_index else None
+        """The catalog's spelling of ``title`` (:func:`~.catalog.title_spellings`: itself, NFC, on one line);
+        None if none is a catalog title."""
+        return next((spelling for spelling in title_spellings(title) if spelling in self.title_index), None)
 
     def _resolve(self, db, user, history) -> tuple[list[str], set[str], list[int]]:
         """(prompt titles, seen titles, item history for the prior) of one request."""

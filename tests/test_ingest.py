@@ -14,6 +14,7 @@ from genrec_edge.cli import main
 from genrec_edge.errors import IngestError, UsageError
 from genrec_edge.history import HistoryDB
 from genrec_edge.ingest import detect_format, ingest, parse_year
+from genrec_edge.prompts import PromptTemplate, render_prompt_text
 
 N_INTERACTIONS = sum(map(len, TINY_HISTORIES.values()))
 
@@ -202,6 +203,21 @@ def test_generic_csv_with_iso_dates_and_custom_columns(tmp_path, capsys):
             (5, 1577923200, 4.0),
         ]
         assert db.dataset().name == "mine"
+
+
+def test_a_title_over_several_lines_is_stored_on_one_and_found_by_either_spelling(tmp_path):
+    # A quoted CSV field may hold line breaks; a prompt lists one title per line, so it would read as two items.
+    (tmp_path / "items.csv").write_text('item_id,title\n1,"Heat\r\n  (1995)"\n2,"A\u2028B (2001)"\n3,Se7en (1995)\n')
+    (tmp_path / "inter.csv").write_text("user_id,item_id,timestamp\n1,1,10\n1,2,11\n1,3,12\n")
+    db_path = tmp_path / "g.db"
+    ingest(db_path, "csv", tmp_path, interactions="inter.csv", items="items.csv", progress=False)
+    with HistoryDB.open(db_path) as db:
+        assert [db.item(i).title for i in (1, 2, 3)] == ["Heat (1995)", "A B (2001)", "Se7en (1995)"]
+        assert [i.id for i in db.item_by_title("Heat\r\n  (1995)")] == [1]  # as the source file spells it
+        assert [i.id for i in db.item_by_title("Heat (1995)")] == [1]
+        titles = [h.title for h in db.history(1)]
+    prompt = render_prompt_text(titles, PromptTemplate())
+    assert prompt.splitlines()[1:] == titles  # one line per item
 
 
 def test_generic_csv_missing_column(tmp_path):

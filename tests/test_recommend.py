@@ -321,6 +321,9 @@ def test_a_title_in_decomposed_unicode_is_the_catalog_title(rec, capsys):
     assert decomposed != amelie  # the é as e + a combining accent, as macOS pastes it
     assert [r.title for r in rec.recommend(history=[decomposed], k=3).items] == \
         [r.title for r in rec.recommend(history=[amelie], k=3).items]
+    assert TINY_TITLES[30] == "Heat (1995)"  # a title copied over a line break is the one-line catalog title
+    assert [r.title for r in rec.recommend(history=["Heat\n(1995)"], k=3).items] == \
+        [r.title for r in rec.recommend(history=["Heat (1995)"], k=3).items]
     with pytest.raises(NotFoundError, match="looks like an option"):
         rec.recommend(history=["--k"], k=3)
 
