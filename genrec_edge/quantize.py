@@ -96,8 +96,7 @@ class _LlamaLogCapture:
         if match and self.bar is not None:
             done, total = int(match.group(1)), int(match.group(2))
             self.bar.total = total
-            self.bar.n = done
-            self.bar.refresh()
+            self.bar.update(done - self.bar.n)  # drawn at most every mininterval (a pipe got one line a tensor)
         self.lines.append(text.decode("utf-8", "replace"))
 
     def __enter__(self):

@@ -129,3 +129,14 @@ def test_cli_quantize_prints_the_table(quantized, tmp_path, capsys):
     assert (tmp_path / "model-Q8_0.gguf").is_file() and (tmp_path / "model-Q4_K_M.gguf").is_file()
     assert main(["quantize", str(local), "--levels", "Q8_0"]) == UsageError.exit_code
     assert "already exists" in capsys.readouterr().err
+
+
+def test_progress_bar_reaches_every_tensor_without_a_line_per_tensor(tmp_path, capsys):
+    src = tiny_gguf(tmp_path, outtype="f16")
+    tensors = len(validate_gguf_header(src).tensors)
+    (tmp_path / "q").mkdir()
+    quantize(src, "Q8_0", out_dir=tmp_path / "q", threads=2, progress=True)
+    err = capsys.readouterr().err
+    assert f"{tensors}/{tensors}" in err, err
+    # tqdm redraws at most every 0.1 s: a log read through a pipe must not get one line per tensor.
+    assert err.count("\r") < tensors, err
