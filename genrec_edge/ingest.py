@@ -180,12 +180,17 @@ def _in_int64(number: int, what: str, value: str) -> int:
     return number
 
 
+# Numbers as data files write them: ASCII digits only. Python's int()/float() also take "1_000" and other
+# scripts' digits ("٢"), which no export writes and which would land as other ids, times or ratings.
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _int(value: str, what: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ValueError(f"{what} {value!r} is not an integer") from None
-    return _in_int64(number, what, value)
+    text = value.strip()
+    if not _INTEGER.fullmatch(text):
+        raise ValueError(f"{what} {value!r} is not an integer")
+    return _in_int64(int(text), what, value)
 
 
 def _title(value: str) -> str:
@@ -203,11 +208,12 @@ def _rating(value: str) -> float | None:
     value = value.strip()
     if value == "":
         return None
-    try:
-        rating = float(value)
-    except ValueError:
-        raise ValueError(f"rating {value!r} is not a number") from None
-    if not math.isfinite(rating):
+    if value.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        raise ValueError(f"rating {value!r} is not a finite number (leave the field empty for no rating)")
+    if not _DECIMAL.fullmatch(value):
+        raise ValueError(f"rating {value!r} is not a number")
+    rating = float(value)
+    if not math.isfinite(rating):  # 1e999
         raise ValueError(f"rating {value!r} is not a finite number (leave the field empty for no rating)")
     return rating
 
@@ -215,18 +221,15 @@ def _rating(value: str) -> float | None:
 def _timestamp(value: str) -> int:
     """Unix seconds, or an ISO-8601 date / date-time (naive means UTC)."""
     value = value.strip()
-    try:
+    if _INTEGER.fullmatch(value):
         return _in_int64(int(value), "timestamp", value)
-    except ValueError as exc:
-        if "out of range" in str(exc):
-            raise
-    try:
-        return _in_int64(int(float(value)), "timestamp", value)
-    except OverflowError:  # inf, nan
-        raise ValueError(f"timestamp {value!r} is not a finite number") from None
-    except ValueError as exc:
-        if "out of range" in str(exc):
-            raise
+    if value.lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        raise ValueError(f"timestamp {value!r} is not a finite number")
+    if _DECIMAL.fullmatch(value):
+        number = float(value)
+        if not math.isfinite(number):  # 1e999
+            raise ValueError(f"timestamp {value!r} is not a finite number")
+        return _in_int64(int(number), "timestamp", value)
     try:
         parsed = datetime.datetime.fromisoformat(value)
     except ValueError:
@@ -551,7 +554,8 @@ def ingest(
             opener: Opener = lambda p, enc: LineSource(p, enc, advance)  # noqa: E731
             with db._errors():
                 counts = _ingest_in_one_transaction(
-                    db, name, source, item_rows(opener), interaction_rows(opener), interactions_file, skip_bad
+                    db, name, source, item_rows(opener), interaction_rows(opener), items_file, interactions_file,
+                    skip_bad,
                 )
     except BaseException:
         if new_file:  # all or nothing: a failed first ingest leaves no empty database behind
@@ -574,7 +578,8 @@ def _delimiter(value: str) -> str:
 
 
 def _ingest_in_one_transaction(
-    db: HistoryDB, name: str, source: str, item_rows, interaction_rows, interactions_file: Path, skip_bad: bool
+    db: HistoryDB, name: str, source: str, item_rows, interaction_rows, items_file: Path, interactions_file: Path,
+    skip_bad: bool,
 ):
     conn = db.conn
     conn.execute("PRAGMA cache_size = -65536")  # 64 MiB: the PK b-tree of a big ingest stays in memory
@@ -593,12 +598,32 @@ def _ingest_in_one_transaction(
                 yield row[1]
 
         before = conn.total_changes
-        item_ids = {r[0] for r in conn.execute("SELECT id FROM items")}
+        item_ids: dict[int, str] = dict(conn.execute("SELECT id, title FROM items"))  # id -> title
+        in_database = set(item_ids)
+
+        def same_catalog(rows):
+            """Stop at an item id that already has another title: it is another catalog's (ml-100k numbers
+            its films unlike the other releases), and its interactions would land on the wrong titles."""
+            for row in rows:
+                if not isinstance(row, BadRow):
+                    line, item = row
+                    known = item_ids.setdefault(item.id, item.title)
+                    if known != item.title and one_line(known) != item.title:
+                        if item.id in in_database:
+                            names = ", ".join(r[0] for r in conn.execute("SELECT name FROM datasets ORDER BY name"))
+                            raise IngestError(
+                                f"{items_file}:{line}: item {item.id} is {item.title!r} here but {known!r} in the "
+                                f"database, which holds another catalog ({names or 'no dataset name'}): ingest "
+                                "into another --db"
+                            )
+                        raise IngestError(f"{items_file}:{line}: item {item.id} is {item.title!r} here but "
+                                          f"{known!r} on an earlier line")
+                yield row
+
         batch: list[tuple] = []
         items_read = interactions_read = 0
-        for item in good(item_rows):
+        for item in good(same_catalog(item_rows)):
             items_read += 1
-            item_ids.add(item.id)
             batch.append((item.id, item.title, item.year, item.genres, item.extra))
             if len(batch) >= CHUNK_ROWS:
                 conn.executemany("INSERT OR IGNORE INTO items(id, title, year, genres, extra) VALUES (?,?,?,?,?)", batch)

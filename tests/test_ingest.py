@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sqlite3
 
@@ -373,3 +374,41 @@ def test_copy_of_fixture_folder_is_independent(tiny_movielens_dir, tmp_path):
     # The fixture folder is session-scoped: prove nothing above wrote into it.
     copy = shutil.copytree(tiny_movielens_dir, tmp_path / "copy")
     assert (copy / "ratings.csv").read_text().count("\n") == N_INTERACTIONS + 1
+
+
+def test_another_catalog_with_the_same_item_ids_is_refused_and_changes_nothing(tiny_movielens_dir, tmp_path):
+    # ml-100k numbers its films unlike ml-latest-small: item 2 is Jumanji in one and "Misérables, Les" here.
+    db_path = tmp_path / "mixed.db"
+    ingest(db_path, "movielens-csv", tiny_movielens_dir, progress=False)
+    before = _contents(db_path)
+
+    folder = _write_100k(tmp_path / "ml-100k")
+    (folder / "u.item").write_bytes(f"20|{TINY_TITLES[20]}||||{'|'.join(['0'] * 19)}\n"
+                                    f"10|Not {TINY_TITLES[10]}||||{'|'.join(['0'] * 19)}\n".encode("latin-1"))
+    (folder / "u.data").write_text("196\t10\t3\t881250949\n")
+    with pytest.raises(IngestError, match=rf"u.item:2: item 10 is 'Not {re.escape(TINY_TITLES[10])}' here but "
+                                          rf"'{re.escape(TINY_TITLES[10])}' in the database, which holds another "
+                                          r"catalog \(tiny-ml\): ingest into another --db"):
+        ingest(db_path, "movielens-100k", folder, progress=False)
+    assert _contents(db_path) == before
+    # Within one file too: the second title of an id would be dropped silently.
+    (folder / "u.item").write_bytes(f"5|A (2001)||||{'|'.join(['0'] * 19)}\n5|B (2002)||||{'|'.join(['0'] * 19)}\n"
+                                    .encode("latin-1"))
+    with pytest.raises(IngestError, match=r"u.item:2: item 5 is 'B \(2002\)' here but 'A \(2001\)' on an earlier line"):
+        ingest(tmp_path / "fresh.db", "movielens-100k", folder, progress=False)
+    assert not (tmp_path / "fresh.db").exists()
+
+
+@pytest.mark.parametrize("bad", ["1_0", "\u0662", "1.5", "0x10"])
+def test_ids_are_ascii_decimal_integers(tmp_path, bad):
+    # Python's int() takes "1_0" and Arabic-Indic digits; no export writes them, and they would land as other ids.
+    (tmp_path / "items.csv").write_text("item_id,title\n10,Heat (1995)\n")
+    (tmp_path / "inter.csv").write_text(f"user_id,item_id,timestamp,rating\n{bad},10,5,4\n", encoding="utf-8")
+    with pytest.raises(IngestError, match=rf"inter.csv:2: user id '{bad}' is not an integer"):
+        ingest(tmp_path / "n.db", "csv", tmp_path, interactions="inter.csv", items="items.csv", progress=False)
+    (tmp_path / "inter.csv").write_text(f"user_id,item_id,timestamp,rating\n1,10,5,{bad}\n", encoding="utf-8")
+    if bad == "1.5":
+        ingest(tmp_path / "n.db", "csv", tmp_path, interactions="inter.csv", items="items.csv", progress=False)
+    else:
+        with pytest.raises(IngestError, match=rf"inter.csv:2: rating '{bad}' is not a number"):
+            ingest(tmp_path / "n.db", "csv", tmp_path, interactions="inter.csv", items="items.csv", progress=False)
