@@ -17,6 +17,7 @@ from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES
 from test_doctor import write_gguf
 from test_serve import model_root, tiny_model, tiny_model_for  # noqa: F401 (fixtures)
 
+from genrec_edge.catalog import one_line
 from genrec_edge.cli import main
 from genrec_edge.history import HistoryDB
 
@@ -216,6 +217,7 @@ ADVERSARIAL = [
     "Comma, \"quote\", and 'apostrophe' (2009)",
     "Ünïcödé Ñame (2010)",
 ]
+STORED = [one_line(title) for title in ADVERSARIAL]  # a prompt lists one title per line: "Line one Line two"
 
 
 @pytest.fixture(scope="module")
@@ -243,14 +245,15 @@ def adversarial_db(tmp_path_factory) -> Path:
 
 def test_adversarial_titles_round_trip_through_history(adversarial_db, capsys):
     with HistoryDB.open(adversarial_db, readonly=True) as db:
-        assert list(db.catalog().titles) == ADVERSARIAL  # stored exactly, not escaped or normalised
+        assert list(db.catalog().titles) == STORED  # stored exactly, not escaped or normalised, but on one line
+    assert STORED[2] == "Line one Line two (2003)" and STORED[:2] + STORED[3:] == ADVERSARIAL[:2] + ADVERSARIAL[3:]
     for n, title in enumerate(ADVERSARIAL):
         rc, out, err = run(capsys, "history", "add", "--user", "2", "--title", title, "--timestamp", str(5000 + n),
                            "--db", str(adversarial_db))
         assert rc == 0, err
     rc, out, _ = run(capsys, "history", "show", "--user", "2", "--json", "--db", str(adversarial_db))
     assert rc == 0
-    assert [r["title"] for r in json.loads(out)] == ADVERSARIAL
+    assert [r["title"] for r in json.loads(out)] == STORED  # found by the spelling of the source file too
 
 
 # ------------------------------------------------------------------------------------------ recommend & models
@@ -259,7 +262,7 @@ def recommend(capsys, model: Path, db: Path, *extra: str) -> tuple[int, str, str
 
 
 def test_adversarial_titles_come_back_exactly_from_recommend(adversarial_db, model_root, capsys):  # noqa: F811
-    model = tiny_model_for(adversarial_db, model_root, tuple(ADVERSARIAL))
+    model = tiny_model_for(adversarial_db, model_root, tuple(STORED))
     rc, out, err = recommend(capsys, model, adversarial_db, "--user", "1", "--k", str(len(ADVERSARIAL) - 3), "--json")
     assert rc == 0, err
     got = [r["title"] for r in json.loads(out)["items"]]
@@ -350,7 +353,7 @@ def test_bad_model_files(tiny_db, tiny_model, tmp_path, capsys, kind, message): 
 
 
 def test_model_for_another_catalog(tiny_db, adversarial_db, model_root, capsys):  # noqa: F811
-    other = tiny_model_for(adversarial_db, model_root, tuple(ADVERSARIAL))
+    other = tiny_model_for(adversarial_db, model_root, tuple(STORED))
     rc, _, err = recommend(capsys, other, tiny_db, "--user", "1")
     assert_error(rc, err, 8, "was trained for catalog")
 
