@@ -19,11 +19,13 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .errors import DownloadError, UsageError
 from .hashing import sha256_file
+from .progress import byte_bar
 
 ENV_BASE_URL = "GENREC_EDGE_MOVIELENS_URL"
 DEFAULT_BASE_URL = "https://files.grouplens.org/datasets/movielens"
@@ -36,6 +38,11 @@ class Release:
     format: str  # the `genrec-edge data ingest` format
     sha256: str | None
     size: int | None
+    folder: str = ""  # the one top folder of its zip, when it is not the name
+
+    @property
+    def top(self) -> str:
+        return self.folder or self.name
 
 
 RELEASES = {
@@ -48,13 +55,17 @@ RELEASES = {
                 "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229", 4_924_029),
         Release("ml-1m", "movielens-dat",
                 "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20", 5_917_549),
-        Release("ml-10m", "movielens-dat", None, None),
+        Release("ml-10m", "movielens-dat", None, None, folder="ml-10M100K"),
         Release("ml-20m", "movielens-csv",
                 "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3", 198_702_078),
         Release("ml-25m", "movielens-csv",
                 "8b21cfb7eb1706b4ec0aac894368d90acf26ebdfb6aced3ebd4ad5bd1eb9c6aa", 261_978_986),
     ]
 }  # fmt: skip
+
+
+class CorruptZipError(DownloadError):
+    """The zip cannot be read: no use keeping it."""
 
 
 @dataclass(frozen=True)
@@ -73,10 +84,10 @@ class DownloadResult:
 def _fetch(url: str, part: Path, timeout: float, progress: bool) -> tuple[int, int]:
     """Fetch ``url`` into ``part``, resuming from its current size. Returns (resumed_from, bytes fetched)."""
     offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"User-Agent": "genrec-edge"})
-    if offset:
-        request.add_header("Range", f"bytes={offset}-")
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": "genrec-edge"})
+        if offset:
+            request.add_header("Range", f"bytes={offset}-")
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:
@@ -85,13 +96,24 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> tuple[int, i
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DownloadError(f"cannot download {url}: {reason}") from None
+    except ValueError as exc:  # "unknown url type": a base URL without a scheme
+        raise DownloadError(f"cannot download {url}: {exc} (the base URL must start with https:// or http://)") from None
     with response:
         if offset and response.status != 206:
             offset = 0  # the server ignored the Range header: start over
+        elif offset:
+            answered = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+            if answered is None or int(answered.group(1)) != offset:
+                part.unlink()
+                raise DownloadError(
+                    f"{url}: asked for the bytes from {offset}, the server sent "
+                    f"{response.headers.get('Content-Range', 'no Content-Range')!r}; deleted the partial download: "
+                    "run again to start over"
+                )
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
         fetched = 0
-        with open(part, "ab" if offset else "wb") as out, _bar(progress, total, offset, part.name) as advance:
+        with open(part, "ab" if offset else "wb") as out, byte_bar(part.name, total, done=offset, enabled=progress, speed=True) as advance:
             try:
                 while block := response.read(CHUNK_BYTES):
                     out.write(block)
@@ -108,47 +130,37 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> tuple[int, i
     return offset, fetched
 
 
-class _bar:
-    def __init__(self, enabled: bool, total: int | None, done: int, label: str):
-        self.enabled, self.total, self.done, self.label = enabled, total, done, label
-        self.progress = None
+def safe_extract(zip_path: Path, dest: Path, top: str, required: tuple[str, ...] = ()) -> Path:
+    """Extract ``zip_path``, whose members must all lie in the folder ``top``, into ``dest/top``; returns it.
 
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-
-        self.progress = Progress(
-            TextColumn(self.label), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            console=Console(stderr=True), transient=True,
-        )  # fmt: skip
-        self.progress.start()
-        task = self.progress.add_task(self.label, total=self.total, completed=self.done)
-        return lambda n: self.progress.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def safe_extract(zip_path: Path, dest: Path) -> Path:
-    """Extract ``zip_path`` under ``dest``; refuses absolute paths, ``..``, and symlinks. Returns the top folder."""
+    Refuses absolute paths, ``..``, symbolic links, members outside ``top`` and a zip without the
+    ``required`` files, before writing anything. Files the zip holds replace those of an earlier extraction;
+    anything else in ``dest/top`` (a database, notes) is left as it is. A corrupt zip raises
+    :class:`DownloadError`.
+    """
     dest = dest.resolve()
     try:
         archive = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile as exc:
-        raise DownloadError(f"{zip_path}: not a valid zip file ({exc})") from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CorruptZipError(f"{zip_path}: not a valid zip file ({exc})") from None
     with archive:
         members = archive.infolist()
-        tops = set()
+        outside = set()
         for member in members:
             name = PurePosixPath(member.filename.replace("\\", "/"))
             if name.is_absolute() or ".." in name.parts or re.match(r"^[A-Za-z]:", member.filename):
                 raise DownloadError(f"{zip_path}: refusing unsafe member path {member.filename!r}")
             if stat.S_ISLNK(member.external_attr >> 16):
                 raise DownloadError(f"{zip_path}: refusing symbolic link member {member.filename!r}")
-            tops.add(name.parts[0])
+            if name.parts[0] != top:
+                outside.add(name.parts[0])
+        if outside:
+            raise DownloadError(f"{zip_path}: a release zip holds one folder, {top}/; this one also holds "
+                                f"{', '.join(sorted(outside)[:3])}: refusing to extract it")
+        names = {PurePosixPath(m.filename.replace("\\", "/")).as_posix() for m in members if not m.is_dir()}
+        missing = [f for f in required if f"{top}/{f}" not in names]
+        if missing:
+            raise DownloadError(f"{zip_path}: no {', '.join(missing)} in {top}/: not this release's zip")
         staging = dest / f".{zip_path.stem}.extracting"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -157,18 +169,20 @@ def safe_extract(zip_path: Path, dest: Path) -> Path:
                 target = (staging / member.filename).resolve()
                 if not target.is_relative_to(staging.resolve()):
                     raise DownloadError(f"{zip_path}: refusing unsafe member path {member.filename!r}")
-                archive.extract(member, staging)
-            # A release zip holds one folder (ml-10m's is "ml-10M100K"); anything else goes in <name>/.
-            if len(tops) == 1 and (staging / next(iter(tops))).is_dir():
-                top_name = next(iter(tops))
-                source = staging / top_name
-            else:
-                top_name = zip_path.stem
-                source = staging
-            final = dest / top_name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(source, final)
+                try:
+                    archive.extract(member, staging)
+                except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                    raise CorruptZipError(f"{zip_path}: corrupt zip ({exc})") from None
+            final = dest / top
+            for source in sorted((staging / top).rglob("*")):
+                target = final / source.relative_to(staging / top)
+                if source.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                elif target.is_dir():
+                    raise DownloadError(f"{target} is a folder; the zip holds a file there")
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(source, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return final
@@ -194,6 +208,8 @@ def download(
     release = RELEASES.get(name)
     if release is None:
         raise UsageError(f"unknown MovieLens release {name!r} (choose from {', '.join(RELEASES)})")
+    if sha256 is not None and no_verify:
+        raise UsageError("--sha256 and --no-verify contradict each other: give one")
     expected = None
     if sha256 is not None:
         expected = sha256.strip().lower()
@@ -223,13 +239,21 @@ def download(
     actual = sha256_file(source)
     if expected is not None and actual != expected:
         source.unlink()
+        earlier = dest / release.top
         raise DownloadError(
             f"checksum mismatch for {url}: expected sha256 {expected}, got {actual}; "
             "deleted the download and extracted nothing"
+            + (f" ({earlier} is from an earlier download, left as it was)" if earlier.exists() else "")
         )
     if source == part:
         os.replace(part, zip_path)
-    folder = safe_extract(zip_path, dest)
+    from .ingest import MOVIELENS_FILES
+
+    try:
+        folder = safe_extract(zip_path, dest, release.top, MOVIELENS_FILES[release.format])
+    except CorruptZipError as exc:  # useless: fetch it anew next time
+        zip_path.unlink(missing_ok=True)
+        raise DownloadError(f"{exc}; deleted it: run again to download it anew") from None
     return DownloadResult(
         name, release.format, zip_path, folder, actual, expected is not None, resumed_from, fetched,
         time.perf_counter() - started,

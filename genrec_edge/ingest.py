@@ -35,6 +35,7 @@ from pathlib import Path
 from .catalog import one_line
 from .errors import IngestError, UsageError, refuse_options
 from .history import DEFAULT_BUSY_TIMEOUT, INT64_MAX, INT64_MIN, HistoryDB
+from .progress import byte_bar
 
 FORMATS = ("movielens-csv", "movielens-dat", "movielens-100k", "csv")
 CHUNK_ROWS = 50_000
@@ -550,7 +551,7 @@ def ingest(
     new_file = not Path(db_path).exists()
     try:
         with HistoryDB.open(db_path, create=True, busy_timeout=busy_timeout) as db, \
-                _progress_bar(progress, total_bytes) as advance:
+                byte_bar("ingest", total_bytes, enabled=progress) as advance:
             opener: Opener = lambda p, enc: LineSource(p, enc, advance)  # noqa: E731
             with db._errors():
                 counts = _ingest_in_one_transaction(
@@ -675,41 +676,6 @@ def _ingest_in_one_transaction(
         conn.rollback()
         raise
     return new_items, new_users, new_interactions, skipped, items_read, interactions_read
-
-
-class _ProgressAdvance:
-    def __init__(self, bar, task):
-        self.bar, self.task = bar, task
-
-    def __call__(self, n: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, n)
-
-
-class _progress_bar:
-    """A byte-based rich progress bar on stderr (nothing when ``enabled`` is false)."""
-
-    def __init__(self, enabled: bool, total: int):
-        self.enabled, self.total = enabled, total
-        self.bar = None
-
-    def __enter__(self) -> Callable[[int], None]:
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(
-            TextColumn("ingest"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-            console=Console(stderr=True), transient=True,
-        )  # fmt: skip
-        self.bar.start()
-        task = self.bar.add_task("ingest", total=self.total)
-        return _ProgressAdvance(self.bar, task)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def build_default_db(db_path: str | Path, *, force: bool = False, progress: bool = True) -> IngestReport | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import shlex
 import threading
 import zipfile
 
@@ -23,6 +24,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
     files: dict[str, bytes] = {}
     log: list[tuple[str, str | None]] = []
     cut_after: int | None = None
+    wrong_range = False  # answer a Range request with 206 and the bytes from 0
 
     def do_GET(self):  # noqa: N802
         name = self.path.rsplit("/", 1)[-1]
@@ -34,7 +36,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
             return
         start = 0
         if range_header:
-            start = int(range_header.removeprefix("bytes=").split("-")[0])
+            start = 0 if type(self).wrong_range else int(range_header.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
                 self.send_response(416)
                 self.send_header("Content-Range", f"bytes */{len(body)}")
@@ -58,7 +60,7 @@ class RangeHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    RangeHandler.files, RangeHandler.log, RangeHandler.cut_after = {}, [], None
+    RangeHandler.files, RangeHandler.log, RangeHandler.cut_after, RangeHandler.wrong_range = {}, [], None, False
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -67,12 +69,21 @@ def server():
     httpd.server_close()
 
 
-def release_zip(tmp_path, top="ml-latest-small") -> bytes:
-    folder = write_tiny_movielens(tmp_path / "src" / top)
+def release_zip(tmp_path, top="ml-latest-small", release=None) -> bytes:
+    """A tiny zip shaped like the release ``release`` (default: the one named ``top``): its files in ``top/``."""
+    fmt = RELEASES[release or top].format
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # stored: the bytes are big enough to cut
-        for name in ("movies.csv", "ratings.csv"):
-            archive.write(folder / name, f"{top}/{name}")
+        if fmt == "movielens-csv":
+            folder = write_tiny_movielens(tmp_path / "src" / top)
+            for name in ("movies.csv", "ratings.csv"):
+                archive.write(folder / name, f"{top}/{name}")
+        elif fmt == "movielens-dat":
+            archive.writestr(f"{top}/movies.dat", "1::Toy Story (1995)::Comedy\n2::Heat (1995)::Crime\n" * 50)
+            archive.writestr(f"{top}/ratings.dat", "1::1::5::978300760\n1::2::3::978300761\n" * 50)
+        else:
+            archive.writestr(f"{top}/u.item", "1|Toy Story (1995)|||||" + "|".join("0" * 19) + "\n")
+            archive.writestr(f"{top}/u.data", "1\t1\t5\t881250949\n")
     return buffer.getvalue()
 
 
@@ -119,8 +130,10 @@ def test_the_printed_ingest_command_ingests_the_download(server, tmp_path, capsy
     hint = capsys.readouterr().out.strip().splitlines()[-1]
     prefix = "extracted to "
     assert hint.startswith(prefix) and "; ingest with: genrec-edge data ingest ml-latest-small " in hint
-    folder = hint.rsplit(" ", 1)[-1]
-    assert main(["data", "ingest", "ml-latest-small", folder, "--db", str(tmp_path / "d.db")]) == 0
+    command = shlex.split(hint.split("; ingest with: ", 1)[1])
+    assert command[:4] == ["genrec-edge", "data", "ingest", "ml-latest-small"]
+    assert command[5:] == ["--db", str((tmp_path / "dl" / "ml-latest-small.db").resolve())]  # its own database
+    assert main(command[1:]) == 0
     assert "20 new items, 8 new users" in capsys.readouterr().out
 
 
@@ -158,13 +171,13 @@ def test_unpinned_release_needs_sha256_or_no_verify(server, tmp_path, capsys):
     with pytest.raises(UsageError, match=r"^no pinned sha256 for ml-10m: pass --sha256 HEX, or --no-verify"):
         download("ml-10m", tmp_path, base_url=server, progress=False)
     assert RangeHandler.log == []  # refused before any request
-    body = release_zip(tmp_path, top="ml-10M100K")  # ml-10m's zip holds "ml-10M100K/"
+    body = release_zip(tmp_path, top="ml-10M100K", release="ml-10m")  # ml-10m's zip holds "ml-10M100K/"
     RangeHandler.files["ml-10m.zip"] = body
     rc = main(["data", "download", "ml-10m", "--dest", str(tmp_path / "dl"), "--no-verify", "--base-url", server])
     assert rc == 0
     out = capsys.readouterr().out
     assert f"sha256 {hashlib.sha256(body).hexdigest()} (NOT verified)" in out
-    assert (tmp_path / "dl" / "ml-10M100K" / "ratings.csv").exists()
+    assert (tmp_path / "dl" / "ml-10M100K" / "ratings.dat").exists()
     with pytest.raises(UsageError, match="unknown MovieLens release 'ml-5m'"):
         download("ml-5m", tmp_path, progress=False)
     with pytest.raises(UsageError, match="--sha256 must be 64 hex digits"):
@@ -202,3 +215,70 @@ def test_symlink_member_is_refused(server, tmp_path):
     RangeHandler.files["ml-1m.zip"] = buffer.getvalue()
     with pytest.raises(DownloadError, match="refusing symbolic link member 'ml-1m/link'"):
         download("ml-1m", tmp_path / "dl", no_verify=True, base_url=server, progress=False)
+
+
+def test_downloading_again_keeps_what_the_user_put_in_the_release_folder(server, tmp_path):
+    body = release_zip(tmp_path)
+    RangeHandler.files["ml-latest-small.zip"] = body
+    dest = tmp_path / "dl"
+    first = download("ml-latest-small", dest, sha256=hashlib.sha256(body).hexdigest(), base_url=server, progress=False)
+    (first.folder / "my.db").write_bytes(b"precious")
+    (first.folder / "movies.csv").write_text("edited")
+    again = download("ml-latest-small", dest, sha256=hashlib.sha256(body).hexdigest(), base_url=server, progress=False)
+    assert again.folder == first.folder
+    assert (again.folder / "my.db").read_bytes() == b"precious"  # it used to delete the whole folder
+    assert (again.folder / "movies.csv").read_text(encoding="utf-8").startswith("movieId,title")  # the zip's file
+
+
+def test_a_zip_with_another_folder_or_without_the_release_files_is_refused(server, tmp_path):
+    dest = tmp_path / "dl"
+    (dest / "foo").mkdir(parents=True)
+    (dest / "foo" / "precious.txt").write_text("keep")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("foo/movies.csv", "movieId,title,genres\n")
+        archive.writestr("foo/ratings.csv", "userId,movieId,rating,timestamp\n")
+    RangeHandler.files["ml-latest-small.zip"] = buffer.getvalue()
+    with pytest.raises(DownloadError, match=r"holds one folder, ml-latest-small/; this one also holds foo"):
+        download("ml-latest-small", dest, no_verify=True, base_url=server, progress=False)
+    assert (dest / "foo" / "precious.txt").read_text() == "keep"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("ml-1m/movies.dat", "1::A (1999)::Drama\n")
+    RangeHandler.files["ml-1m.zip"] = buffer.getvalue()
+    with pytest.raises(DownloadError, match=r"ml-1m.zip: no ratings.dat in ml-1m/: not this release's zip"):
+        download("ml-1m", dest, no_verify=True, base_url=server, progress=False)
+    assert not (dest / "ml-1m").exists()
+
+
+def test_a_corrupt_or_non_zip_download_is_deleted_so_the_next_run_fetches_it_again(server, tmp_path, capsys):
+    body = release_zip(tmp_path)
+    at = body.index(b"movieId,title")
+    corrupt = body[:at] + b"X" + body[at + 1:]  # the same length: only the CRC can tell
+    dest = tmp_path / "dl"
+    for bad in (corrupt, b"<html>Not Found</html>"):
+        RangeHandler.files["ml-latest-small.zip"] = bad
+        rc = main(["data", "download", "ml-latest-small", "--dest", str(dest), "--no-verify", "--base-url", server])
+        err = capsys.readouterr().err
+        assert rc == DownloadError.exit_code and "Traceback" not in err and err.count("\n") == 1, err
+        assert "deleted it: run again to download it anew" in err
+        assert not (dest / "ml-latest-small.zip").exists() and not (dest / "ml-latest-small").exists()
+    RangeHandler.files["ml-latest-small.zip"] = body
+    assert download("ml-latest-small", dest, no_verify=True, base_url=server, progress=False).folder.is_dir()
+
+
+def test_a_wrong_content_range_or_base_url_is_one_line(server, tmp_path):
+    body = release_zip(tmp_path)
+    RangeHandler.files["ml-latest-small.zip"] = body
+    RangeHandler.wrong_range = True
+    dest = tmp_path / "dl"
+    dest.mkdir()
+    (dest / "ml-latest-small.zip.part").write_bytes(body[:100])
+    with pytest.raises(DownloadError, match=r"asked for the bytes from 100, the server sent 'bytes 0-.*deleted the "
+                                            r"partial download: run again to start over"):
+        download("ml-latest-small", dest, no_verify=True, base_url=server, progress=False)
+    assert not (dest / "ml-latest-small.zip.part").exists()
+    with pytest.raises(DownloadError, match=r"cannot download not-a-url/ml-1m.zip: unknown url type"):
+        download("ml-1m", dest, no_verify=True, base_url="not-a-url", progress=False)
+    with pytest.raises(UsageError, match="--sha256 and --no-verify contradict each other"):
+        download("ml-1m", dest, sha256="0" * 64, no_verify=True, base_url=server, progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import typer
@@ -103,7 +104,9 @@ def register(app: typer.Typer) -> None:
         result = download(name, dest, sha256=sha256, no_verify=no_verify, base_url=base_url)
         verified = "verified" if result.verified else "NOT verified"
         typer.echo(f"{result.zip_path}: sha256 {result.sha256} ({verified})")
-        typer.echo(f"extracted to {result.folder}; ingest with: genrec-edge data ingest {result.name} {result.folder}")
+        database = result.folder.parent / f"{result.name}.db"  # its own: releases number their items differently
+        typer.echo(f"extracted to {result.folder}; ingest with: genrec-edge data ingest {result.name} "
+                   f"{shlex.quote(str(result.folder))} --db {shlex.quote(str(database))}")
 
     @items_app.command("search")
     def search(
