@@ -7,9 +7,12 @@ Every :class:`~genrec_edge.errors.GenrecError` becomes one line on stderr and it
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -82,16 +85,53 @@ def file_access_message(exc: OSError) -> str:
     return f"cannot use {names}: {reason}" if names else f"file access failed: {reason}"
 
 
+class Stopped(BaseException):
+    """Ctrl-C or SIGTERM, raised in place of KeyboardInterrupt (which click and typer swallow with a blank
+    line) and of the default SIGTERM death (which skips every cleanup: a first ingest left an empty
+    database). A BaseException, so ``except Exception`` does not stop it and ``finally`` blocks run."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """Ctrl-C and SIGTERM raise :class:`Stopped` while a command runs, where the process handles them as
+    Python does by default (a job started with them ignored, `cmd &`, keeps ignoring them); then the
+    handlers before are back. Only the main thread can set them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {sig: signal.getsignal(sig) for sig in defaults}
+    for sig, default in defaults.items():
+        if previous[sig] is default:
+            signal.signal(sig, _raise_stopped)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning our errors into one line and an exit code."""
     try:
-        app(args=argv, prog_name="genrec-edge", standalone_mode=True)
+        with _stop_signals():
+            app(args=argv, prog_name="genrec-edge", standalone_mode=True)
     except GenrecError as exc:
         error_line(str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
-        error_line("interrupted")
-        return 130
+    except (KeyboardInterrupt, Stopped) as exc:
+        terminated = isinstance(exc, Stopped) and exc.signum == signal.SIGTERM
+        error_line("terminated" if terminated else "interrupted")
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except OSError as exc:  # a path the command cannot use: one line naming it, not an internal error
         error_line(file_access_message(exc))
         return FileAccessError.exit_code

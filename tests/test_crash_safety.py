@@ -109,11 +109,15 @@ def test_kill_9_mid_ingest_leaves_the_database_unchanged(tiny_db, tmp_path, caps
     assert rc == 0 and "ok   integrity: PRAGMA quick_check: ok" in out, out + err
 
 
+@pytest.mark.parametrize("new_db", [False, True], ids=["existing-db", "first-ingest"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_interrupted_ingest_rolls_back_and_says_so(tiny_db, tmp_path, sig):
-    """A polite stop (Ctrl-C, SIGTERM) rolls back too, and is one line, not a traceback."""
+def test_interrupted_ingest_rolls_back_and_says_so(tiny_db, tmp_path, sig, new_db):
+    """A polite stop (Ctrl-C, SIGTERM) rolls back too, and is one line, not a traceback. A first ingest
+    leaves no database behind (SIGTERM used to kill it before that cleanup: an empty schema-only file)."""
     items, inter = write_big_csv(tmp_path)
-    before_rows = snapshot(tiny_db)
+    if new_db:
+        tiny_db = tmp_path / "first.db"
+    before_rows = None if new_db else snapshot(tiny_db)
     env = dict(os.environ, FORCE_COLOR="1", COLUMNS="100", OMP_WAIT_POLICY="passive")  # rich draws progress
     # As a shell starts a foreground job: SIGINT handled and unblocked. pytest started in the background
     # (`cmd &`, nohup) has SIGINT ignored and its children inherit that: the ingest then ran to the end, exit 0.
@@ -135,10 +139,13 @@ def test_interrupted_ingest_rolls_back_and_says_so(tiny_db, tmp_path, sig):
             proc.wait()
     assert proc.returncode != 0, err[-800:]
     assert b"Traceback" not in err, err[-500:]
-    if sig == signal.SIGINT:
-        # typer handles KeyboardInterrupt itself (exit 130, no message): cli.main's "error: interrupted"
-        # line is not reached. The exit code is what scripts rely on.
-        assert proc.returncode == 130, (proc.returncode, err[-300:])
+    # One line, and the shell's exit code for the signal (128 + its number).
+    assert proc.returncode == 128 + sig, (proc.returncode, err[-300:])
+    said = "terminated" if sig == signal.SIGTERM else "interrupted"
+    assert err.decode().splitlines()[-1].endswith(f"error: {said}"), err[-300:]
+    if new_db:
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("first.db")) == []
+        return
     assert snapshot(tiny_db) == before_rows
     with HistoryDB.open(tiny_db, readonly=True) as db:
         assert db.quick_check() == "ok"

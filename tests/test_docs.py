@@ -61,7 +61,7 @@ def test_readme_lists_every_exit_code():
         for _, cls in inspect.getmembers(errors, inspect.isclass)
         if issubclass(cls, errors.GenrecError) and cls is not errors.GenrecError
     }
-    codes |= {1, 70, 130}  # GenrecError itself; cli.main: an internal error, an interrupt
+    codes |= {1, 70, 130, 143}  # GenrecError itself; cli.main: an internal error, Ctrl-C, SIGTERM
     assert {11, 12} <= codes  # EngineError and UnsupportedCPUError are in errors.py
     assert set(_readme_exit_codes()) == codes
 
