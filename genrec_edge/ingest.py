@@ -420,6 +420,9 @@ def generic_interactions(
 
 
 # ----------------------------------------------------------------------------- the ingest
+# The csv format's columns and delimiter when not given (the order of ingest()'s parameters).
+CSV_DEFAULTS = {"user_col": "user_id", "item_col": "item_id", "time_col": "timestamp", "rating_col": "rating",
+                "title_col": "title", "item_id_col": "item_id", "genres_col": "genres", "delimiter": ","}
 MOVIELENS_FILES = {  # format -> (items file, interactions file) in the release folder
     "movielens-csv": ("movies.csv", "ratings.csv"),
     "movielens-dat": ("movies.dat", "ratings.dat"),
@@ -485,14 +488,14 @@ def ingest(
     *,
     interactions: str | Path | None = None,
     items: str | Path | None = None,
-    user_col: str = "user_id",
-    item_col: str = "item_id",
-    time_col: str = "timestamp",
-    rating_col: str | None = "rating",
-    title_col: str = "title",
-    item_id_col: str = "item_id",
-    genres_col: str | None = "genres",
-    delimiter: str = ",",
+    user_col: str | None = None,
+    item_col: str | None = None,
+    time_col: str | None = None,
+    rating_col: str | None = None,
+    title_col: str | None = None,
+    item_id_col: str | None = None,
+    genres_col: str | None = None,
+    delimiter: str | None = None,
     encoding: str = "auto",
     dataset_name: str | None = None,
     skip_bad: bool = False,
@@ -503,21 +506,23 @@ def ingest(
 
     Example: ``ingest("my.db", "movielens-csv", "ml-latest-small")``. ``fmt`` may also be a MovieLens
     release name or ``auto`` (:func:`resolve_format`). The interactions' items must be in the items file
-    or already in the database. Returns the counts of new rows.
+    or already in the database. Returns the counts of new rows. The csv format's files, columns and
+    delimiter (None: :data:`CSV_DEFAULTS`) are refused for the other formats, whose layout is fixed.
     """
     path = Path(path) if path is not None else None
     fmt = resolve_format(fmt, path)
     if encoding not in ("auto", "utf-8", "latin-1"):
         raise UsageError(f"unknown encoding {encoding!r} (auto, utf-8 or latin-1)")
-    delimiter = _delimiter(delimiter)
+    given = {"interactions": interactions, "items": items, "user_col": user_col, "item_col": item_col,
+             "time_col": time_col, "rating_col": rating_col, "title_col": title_col, "item_id_col": item_id_col,
+             "genres_col": genres_col, "delimiter": delimiter}
     if fmt != "csv":
-        given = {"--interactions": interactions, "--items": items, "--user-col": user_col != "user_id",
-                 "--item-col": item_col != "item_id", "--time-col": time_col != "timestamp",
-                 "--rating-col": rating_col != "rating", "--title-col": title_col != "title",
-                 "--item-id-col": item_id_col != "item_id", "--genres-col": genres_col != "genres",
-                 "--delimiter": delimiter != ","}
-        refuse_options((name for name, value in given.items() if value),
+        refuse_options((f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None),
                        f"format csv, not {fmt} (whose files and columns are fixed)")
+    user_col, item_col, time_col, rating_col, title_col, item_id_col, genres_col, delimiter = (
+        CSV_DEFAULTS[name] if given[name] is None else given[name] for name in CSV_DEFAULTS
+    )
+    delimiter = _delimiter(delimiter)
     items_file, interactions_file = _resolve_files(
         fmt, path, Path(interactions) if interactions else None, Path(items) if items else None
     )

@@ -258,6 +258,9 @@ def test_generic_csv_options_and_files_are_checked_before_anything_is_written(tm
     assert not db.exists() and not list(tmp_path.glob("g.db*"))  # each failure left no (empty) database behind
     with pytest.raises(UsageError, match="--user-col, --delimiter apply to format csv, not movielens-csv"):
         ingest(db, "movielens-csv", tmp_path, delimiter=";", user_col="u", progress=False)
+    # Given is given, even at the csv default's value (it was taken as not given, and ignored).
+    with pytest.raises(UsageError, match="--rating-col, --delimiter apply to format csv, not movielens-dat"):
+        ingest(db, "movielens-dat", tmp_path, delimiter=",", rating_col="rating", progress=False)
 
     tsv_items = tmp_path / "t.tsv"
     tsv_items.write_text("item_id\ttitle\n5\tX (1999)\n6\tY (2000)\n")
@@ -412,3 +415,15 @@ def test_ids_are_ascii_decimal_integers(tmp_path, bad):
     else:
         with pytest.raises(IngestError, match=rf"inter.csv:2: rating '{bad}' is not a number"):
             ingest(tmp_path / "n.db", "csv", tmp_path, interactions="inter.csv", items="items.csv", progress=False)
+
+
+def test_the_cli_shows_the_csv_defaults_ingest_applies():
+    import typer
+
+    from genrec_edge.cli import app
+    from genrec_edge.ingest import CSV_DEFAULTS
+
+    command = typer.main.get_command(app).commands["data"].commands["ingest"]
+    shown = {p.name: p.show_default for p in command.params if p.name in CSV_DEFAULTS}
+    assert shown == CSV_DEFAULTS
+    assert all(p.default is None for p in command.params if p.name in CSV_DEFAULTS)  # None: not given
