@@ -21,6 +21,7 @@ so ingesting the same data twice adds nothing the second time.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime
 import json
@@ -120,6 +121,8 @@ class LineSource:
             for raw in fh:
                 self.line_no += 1
                 self.on_bytes(len(raw))
+                if self.line_no == 1 and raw.startswith(codecs.BOM_UTF8):  # whatever the encoding read as
+                    raw = raw[len(codecs.BOM_UTF8):]
                 try:
                     text = raw.decode(self.encoding)
                 except UnicodeDecodeError as exc:
@@ -130,8 +133,6 @@ class LineSource:
                         f"not valid {self.encoding.upper()} (byte 0x{bad} at column {exc.start + 1}){hint}",
                     )
                     text = "\n"
-                if self.line_no == 1 and text.startswith("\ufeff"):
-                    text = text[1:]
                 yield text
 
     def take_decode_error(self, line_no: int) -> None:
@@ -439,7 +440,14 @@ def detect_format(path: Path | None) -> str:
     found = [fmt for fmt, names in MOVIELENS_FILES.items() if all((path / name).is_file() for name in names)]
     if len(found) != 1:
         expected = "; ".join(" and ".join(names) for names in MOVIELENS_FILES.values())
-        held = f"files of several formats ({', '.join(found)})" if found else "none of the MovieLens files"
+        partly = [(name, names) for names in MOVIELENS_FILES.values() for name in names if (path / name).is_file()]
+        if found:
+            held = f"files of several formats ({', '.join(found)})"
+        elif partly:
+            name, names = partly[0]
+            held = f"{name} but not {' or '.join(n for n in names if n != name)}"
+        else:
+            held = "none of the MovieLens files"
         raise UsageError(f"{path}: cannot detect the format, it holds {held} ({expected}): name the format")
     return found[0]
 

@@ -167,6 +167,10 @@ def test_detect_format(tiny_movielens_dir, tmp_path):
         detect_format(both)
     with pytest.raises(IngestError, match=r"nowhere: not a folder"):
         detect_format(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "movies.csv").write_text("movieId,title,genres\n")
+    with pytest.raises(UsageError, match=r"half: cannot detect the format, it holds movies.csv but not ratings.csv"):
+        detect_format(tmp_path / "half")
     with pytest.raises(UsageError, match=r"format auto needs the PATH"):
         detect_format(None)
 
@@ -427,3 +431,18 @@ def test_the_cli_shows_the_csv_defaults_ingest_applies():
     shown = {p.name: p.show_default for p in command.params if p.name in CSV_DEFAULTS}
     assert shown == CSV_DEFAULTS
     assert all(p.default is None for p in command.params if p.name in CSV_DEFAULTS)  # None: not given
+
+
+def test_a_utf8_bom_is_dropped_whatever_encoding_reads_the_file(tmp_path):
+    # Excel writes one; read as Latin-1 (u.item, or --encoding latin-1) it used to become "ï»¿" in the first field.
+    folder = _write_100k(tmp_path / "ml-100k")
+    (folder / "u.item").write_bytes(b"\xef\xbb\xbf" + (folder / "u.item").read_bytes())
+    ingest(tmp_path / "a.db", "movielens-100k", folder, progress=False)
+    with HistoryDB.open(tmp_path / "a.db") as db:
+        assert db.item(1).title == "Toy Story (1995)"
+    (tmp_path / "items.csv").write_bytes(b"\xef\xbb\xbfitem_id,title\n10,Heat (1995)\n")
+    (tmp_path / "inter.csv").write_text("user_id,item_id,timestamp\n1,10,5\n")
+    ingest(tmp_path / "b.db", "csv", tmp_path, interactions="inter.csv", items="items.csv", encoding="latin-1",
+           progress=False)
+    with HistoryDB.open(tmp_path / "b.db") as db:
+        assert db.item(10).title == "Heat (1995)"
