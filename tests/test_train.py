@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from tinymodel import make_tiny_llama
 
 from genrec_edge.catalog import Catalog
 from genrec_edge.errors import UsageError
+from genrec_edge.history import HistoryDB
 from genrec_edge.prompts import Example, PromptTemplate, build_prompt_ids, leave_one_out
 from genrec_edge.train import (
     BucketBatchSampler,
@@ -332,6 +334,31 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_base, tmp_path):
     ]
 
 
+def test_resume_refuses_other_options_base_catalog_or_histories(tiny_base, tmp_path):
+    import dataclasses
+
+    config = _resume_config(tiny_base)
+    run = tmp_path / "run"
+    train_on_sequences(SEQUENCES, CATALOG, run, config, stop_after=1, quiet=True)
+    before = (run / "genrec_run.json").read_text()
+    with pytest.raises(UsageError, match=r"--resume continues a run as it began: --lora-r 8 \(it began with 4\)"):
+        train_on_sequences(SEQUENCES, CATALOG, run, dataclasses.replace(config, lora_r=8), resume=True, quiet=True)
+    other_base = tmp_path / "other-base"
+    shutil.copytree(tiny_base, other_base)
+    (other_base / "config.json").write_text((other_base / "config.json").read_text().replace("{", '{"x": 1, ', 1))
+    with pytest.raises(UsageError, match="is not the model this run began with"):
+        train_on_sequences(SEQUENCES, CATALOG, run, dataclasses.replace(config, base=str(other_base)), resume=True,
+                           quiet=True)
+    other_catalog = Catalog.from_pairs([(i, f"{t} II") for i, t in zip(CATALOG.item_ids, CATALOG.titles, strict=True)])
+    with pytest.raises(UsageError, match="catalog .* is not the one this run began with"):
+        train_on_sequences(SEQUENCES, other_catalog, run, config, resume=True, quiet=True)
+    fewer = list(SEQUENCES)[:-1]
+    with pytest.raises(UsageError, match="histories changed since this run began"):
+        train_on_sequences(fewer, CATALOG, run, config, resume=True, quiet=True)
+    assert (run / "genrec_run.json").read_text() == before  # each refusal came before anything was written
+    assert train_on_sequences(SEQUENCES, CATALOG, run, config, resume=True, quiet=True).steps == 6
+
+
 def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tiny_base, tmp_path):
     from genrec_edge.errors import NotFoundError
 
@@ -380,6 +407,29 @@ def test_cli_train_on_the_tiny_db(tiny_db, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert err.startswith("error: no base model") and len(err.strip().splitlines()) == 1
+
+
+def test_cli_resume_uses_the_runs_database_and_refuses_another(tiny_db, tmp_path, capsys, monkeypatch):
+    from genrec_edge.cli import main
+
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))  # no default database there
+    base = make_tiny_llama(tmp_path / "base")
+    out = tmp_path / "run"
+    assert main(["train", "--db", str(tiny_db), "--out", str(out), "--base", str(base), "--max-steps", "2",
+                 "--stop-after", "1", "--history-len", "4", "--batch-size", "4", "--lora-r", "2",
+                 "--valid-users", "0"]) == 0
+    assert json.loads((out / "genrec_run.json").read_text())["db"] == str(tiny_db.resolve())
+    other = tmp_path / "other.db"
+    shutil.copy(tiny_db, other)
+    with HistoryDB.open(other) as db:
+        db.add_interaction(1, 10, timestamp=9_999_999_999)
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--db", str(other)]) == 2
+    assert "histories changed since this run began" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume", "--config", str(out / "genrec_run.json")]) == 2
+    assert "--config does not apply to --resume" in capsys.readouterr().err
+    assert main(["train", "--out", str(out), "--resume"]) == 0, capsys.readouterr().err  # no --db: the run's own
+    assert json.loads((out / "genrec_run.json").read_text())["steps"] == 2
 
 
 def test_accelerate_launch_with_two_cpu_processes(tiny_db, tmp_path):

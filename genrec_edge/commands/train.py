@@ -22,12 +22,13 @@ def train(
     out: Path = typer.Option(
         ..., "--out", help="Run directory to create (a peft adapter dir + genrec_run.json)."
     ),
-    db: Path | None = typer.Option(None, "--db", help=DB_HELP),
+    db: Path | None = typer.Option(None, "--db", help=DB_HELP.removesuffix(".") + "; with --resume, the run's own."),
     config_file: Path | None = typer.Option(
         None, "--config", help="JSON file of options; flags override it."
     ),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue the run in --out from its last checkpoint."
+        False, "--resume", help="Continue the run in --out from its last checkpoint, as it began: its options, base, "
+        "database and histories (any other is refused)."
     ),
     stop_after: int = typer.Option(
         0, "--stop-after", help="Stop after N optimizer steps (checkpointed; --resume continues)."
@@ -101,13 +102,12 @@ def train(
 
     Example: genrec-edge train --out runs/ml-small --epochs 2 --valid-users 200 --loss trie
     """
-    from .. import paths
     from ..train import train as run_training
 
     if stop_after < 0:
         raise UsageError("--stop-after must be >= 0")
     result = run_training(
-        db or paths.default_db(),
+        db,  # None: the default database, or on --resume the run's own
         out,
         config_file=config_file,
         resume=resume,

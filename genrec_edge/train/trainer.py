@@ -8,6 +8,8 @@ config and provenance), ``train_log.jsonl`` (one row per validation) and ``check
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import time
@@ -27,7 +29,7 @@ from .trie_view import TrieTensors, build_catalog_trie
 
 
 def _set_up(
-    sequences, catalog: Catalog, out: Path, config: TrainConfig, dataset, command_line, console
+    sequences, catalog: Catalog, out: Path, config: TrainConfig, dataset, command_line, console, extra_provenance
 ) -> Run:
     """Accelerator, tokenizer, data, model (+ LoRA), optimizer, schedule, validator and provenance."""
     import torch
@@ -127,6 +129,7 @@ def _set_up(
         "base_model": spec.to_dict(),
         "base_model_sha256": models_hf.base_sha256(spec) if main else None,
         "catalog_sha256": catalog.sha256,
+        **extra_provenance,  # the training data's sha256, the database it came from
         "dataset": dataset,
         "prompt_template": template.to_dict(),
         "history_len": template.history_len,
@@ -175,6 +178,7 @@ def train_on_sequences(
     valid_seconds_hint: float = 0.0,
     command_line: str | None = None,
     quiet: bool = False,
+    db_path: str | Path | None = None,
 ) -> TrainResult:
     """Train on ``(user, item ids oldest first)`` sequences; write the run directory ``out``.
 
@@ -184,6 +188,7 @@ def train_on_sequences(
     within that many seconds of the call: once the first steps are timed, the schedule is shortened if
     the remaining steps and validations (``valid_seconds_hint`` each until one is measured) would not
     fit, so the cosine decay still completes; a run that runs out of time anyway stops, validated.
+    A resumed run must have the options, base weights, catalog and sequences it began with.
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -194,13 +199,19 @@ def train_on_sequences(
     out = Path(out)
     console = Console(stderr=True, quiet=quiet)
     checkpoint = out / runs.CHECKPOINT_DIR
+    sequences = [(user, list(items)) for user, items in sequences]
+    data_sha256 = hashlib.sha256(json.dumps(sequences, separators=(",", ":")).encode()).hexdigest()
     if resume:
         if not (checkpoint / "state.pt").is_file():
             raise NotFoundError(f"nothing to resume in {out} (no {runs.CHECKPOINT_DIR}/state.pt)")
+        _check_resume(runs.read_run_config(out), config, catalog, data_sha256)
     elif (out / runs.RUN_CONFIG).exists() or checkpoint.exists():
         raise UsageError(f"{out} already holds a run: choose another --out, or pass --resume to continue it")
 
-    run = _set_up(sequences, catalog, out, config, dataset, command_line, console)
+    extra = {"train_data_sha256": data_sha256}
+    if db_path is not None:
+        extra["db"] = str(Path(db_path).resolve())
+    run = _set_up(sequences, catalog, out, config, dataset, command_line, console, extra)
     if time_limit_s:
         if run.accelerator.num_processes > 1:
             raise UsageError(
@@ -273,8 +284,33 @@ def train_on_sequences(
     )
 
 
+def _check_resume(saved: dict, config: TrainConfig, catalog: Catalog, data_sha256: str) -> None:
+    """``--resume`` continues a run exactly as it began: refuse other options, base weights, catalog or
+    histories (the run would be half one model, half another, and its record would say only the second)."""
+    from .. import models_hf
+
+    before = saved.get("config", {})
+    now = json.loads(json.dumps(config.to_dict()))
+    changed = [key for key in now if key != "base" and key in before and before[key] != now[key]]
+    if changed:
+        described = ", ".join(f"--{key.replace('_', '-')} {now[key]!r} (it began with {before[key]!r})"
+                              for key in changed)
+        raise UsageError(f"--resume continues a run as it began: {described}; "
+                         "start a new run in another --out to change it")
+    recorded = saved.get("base_model_sha256")
+    if recorded and models_hf.base_sha256(models_hf.resolve_base(config.base)) != recorded:
+        raise UsageError(f"the base {config.base} is not the model this run began with (sha256 {recorded[:12]}…): "
+                         "give the run's --base")
+    if saved.get("catalog_sha256") != catalog.sha256:
+        raise UsageError(f"the database's catalog ({catalog.sha256[:12]}…) is not the one this run began with "
+                         f"({str(saved.get('catalog_sha256'))[:12]}…): give the run's --db")
+    if saved.get("train_data_sha256", data_sha256) != data_sha256:
+        raise UsageError("the database's histories changed since this run began (interactions added or removed): "
+                         "resume on a copy of the database as it was, or start a new run")
+
+
 def train(
-    db: str | Path,
+    db: str | Path | None,
     out: str | Path,
     *,
     config_file: str | Path | None = None,
@@ -287,15 +323,24 @@ def train(
 ) -> TrainResult:
     """Train on the histories in the database ``db``; ``options`` are :class:`TrainConfig` fields.
 
-    On ``resume`` the run's saved config is the starting point and the given options override it.
+    On ``resume`` the run's saved config applies, and its database when ``db`` is None; an option given
+    must equal the saved one (a run resumes as it began). Otherwise ``db`` None is the default database.
     """
+    from .. import paths
     from ..history import HistoryDB
 
     if resume:
-        saved = runs.read_run_config(out)["config"]
+        if config_file is not None:
+            raise UsageError("--config does not apply to --resume: a run resumes with the options it began with")
+        saved_run = runs.read_run_config(out)
+        saved = saved_run["config"]
         config = resolve_config(None, **{**saved, **{k: v for k, v in options.items() if v is not None}})
+        if db is None:
+            db = saved_run.get("db") or paths.default_db()
     else:
         config = resolve_config(config_file, **options)
+        if db is None:
+            db = paths.default_db()
     with HistoryDB.open(db, readonly=True) as history:
         catalog = history.catalog()
         dataset = history.dataset()
@@ -313,4 +358,5 @@ def train(
         time_limit_s=time_limit_s,
         command_line=command_line,
         quiet=quiet,
+        db_path=db,
     )
