@@ -60,12 +60,19 @@ def load_run_model(run_dir: str | Path):
         return models_hf.load_model(models_hf.BaseSpec(str(run_dir), run_dir)), run
     if not (run_dir / "adapter_config.json").is_file():
         raise NotFoundError(f"{run_dir} has no adapter yet (the run has not validated once)")
+    weights = [run_dir / name for name in ("adapter_model.safetensors", "adapter_model.bin")]
+    if not any(path.is_file() for path in weights):
+        raise NotFoundError(f"{run_dir} has adapter_config.json but no adapter weights ({weights[0].name})")
     from peft import PeftModel
 
     spec = run_base(run)
     model = models_hf.load_model(spec)
     _untie(model)
-    return PeftModel.from_pretrained(model, run_dir), run
+    try:
+        return PeftModel.from_pretrained(model, run_dir), run
+    except Exception as exc:  # safetensors' own error type, torch's, peft's: a file that does not load
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptModelError(f"cannot load the adapter in {run_dir}: {reason}") from None
 
 
 def run_base(run: dict):

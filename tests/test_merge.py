@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,16 @@ def test_merge_refuses_bad_input(runs, tmp_path, capsys):
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert main(["merge", str(runs["tied"]), "--out", str(tmp_path / "ok")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "ok")
+    # A run whose adapter weights are missing or cut short: one line naming it, not an internal error.
+    for case, damage in (("gone", lambda p: p.unlink()), ("cut", lambda p: p.write_bytes(p.read_bytes()[:3000]))):
+        broken = tmp_path / case
+        shutil.copytree(runs["tied"], broken)
+        damage(broken / "adapter_model.safetensors")
+        rc = main(["merge", str(broken), "--out", str(tmp_path / f"out-{case}")])
+        err = capsys.readouterr().err
+        assert rc == (4 if case == "gone" else 7) and err.count("error: ") == 1 and "Traceback" not in err, err
+        assert ("no adapter weights" if case == "gone" else "cannot load the adapter in") in err, err
+        assert not (tmp_path / f"out-{case}").exists()
 
 
 @pytest.mark.slow
