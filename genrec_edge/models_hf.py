@@ -73,9 +73,9 @@ def resolve_base(base: str | Path) -> BaseSpec:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise UsageError(f"--base must be {DEFAULT_BASE!r}, a HF model directory or a .gguf file: {path}")
-        with open(path, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise CorruptModelError(f"not a GGUF file (bad magic): {path}")
+        from .convert import require_llama, validate_gguf_header
+
+        require_llama(validate_gguf_header(path))  # a truncated file failed later, blamed on the tokenizer
         return BaseSpec(text, path.resolve().parent, path.name)
     raise NotFoundError(f"no base model {text!r} (expected {DEFAULT_BASE!r}, a HF directory or a .gguf file)")
 

@@ -532,3 +532,19 @@ def test_a_run_out_of_time_stops_validated(tiny_base, tmp_path):
     assert [row["step"] for row in result.history] == [1] and (
         tmp_path / "late" / "adapter_model.safetensors"
     ).is_file()
+
+
+def test_a_truncated_gguf_base_is_named_as_such(tiny_db, tmp_path, capsys):
+    from tinymodel import tiny_gguf
+
+    from genrec_edge.cli import main
+
+    whole = tiny_gguf(tmp_path / "g")
+    for size in (100, whole.stat().st_size // 2):  # inside the header; inside the tensor data
+        cut = tmp_path / f"cut-{size}.gguf"
+        cut.write_bytes(whole.read_bytes()[:size])
+        rc = main(["train", "--db", str(tiny_db), "--out", str(tmp_path / f"run-{size}"), "--base", str(cut),
+                   "--max-steps", "1"])
+        err = capsys.readouterr().err
+        assert rc == 7 and err.count("error: ") == 1 and "truncated" in err and "tokenizer" not in err, err
+        assert not (tmp_path / f"run-{size}").exists()
