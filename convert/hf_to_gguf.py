@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from genrec_edge.errors import CorruptModelError, NotFoundError, UsageError
+from genrec_edge.paths import check_can_make_folder, make_folder
 
 PROVENANCE_FILE = "genrec_provenance.json"
 PROVENANCE_KEYS = (
@@ -167,11 +168,13 @@ def convert(
     if not hf_dir.is_dir():
         what = "a file, not" if hf_dir.exists() else "no such directory, expected"
         raise NotFoundError(f"{hf_dir}: {what} a Hugging Face model directory (`genrec-edge merge` writes one)")
+    if out.is_dir():
+        raise UsageError(f"{out} is a folder: --out is the GGUF file to write (e.g. {out / 'model-F16.gguf'})")
+    if out.exists() and out.resolve().parent == hf_dir.resolve():
+        raise UsageError(f"{out} is a file of the model being converted: write the GGUF elsewhere")
     if out.exists() and not force:
         raise UsageError(f"{out} already exists (use --force to overwrite)")
-    if not out.parent.is_dir():
-        what = "is a file, not a directory" if out.parent.exists() else "output directory does not exist"
-        raise NotFoundError(f"{out.parent}: {what}")
+    check_can_make_folder(out.parent)  # created, if missing, once the model has been read and checked
 
     config = _load_config(hf_dir)
     theta = _rope_theta(config, hf_dir)
@@ -208,6 +211,7 @@ def convert(
 
     # ---- write to a temporary file next to out, renamed only once complete
     file_type = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "bf16": LlamaFileType.MOSTLY_BF16}
+    make_folder(out.parent)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, MODEL_ARCH_NAMES[MODEL_ARCH.LLAMA])
     try:

@@ -36,3 +36,24 @@ def cache_dir() -> Path:
 
 def downloads_dir() -> Path:
     return home() / "downloads"
+
+
+def check_can_make_folder(folder: str | Path) -> Path:
+    """``folder``, if it is one or could be created (FileAccessError naming a file in the way): checked
+    before a long job, created by :func:`make_folder` when its first file is written."""
+    folder = Path(folder)
+    for ancestor in (folder, *folder.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                from .errors import FileAccessError
+
+                raise FileAccessError(f"cannot use {folder}: {ancestor} is a file, where a folder is needed")
+            break
+    return folder
+
+
+def make_folder(folder: str | Path) -> Path:
+    """Create ``folder`` and its missing parents, as an output's folder (after :func:`check_can_make_folder`)."""
+    folder = check_can_make_folder(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import QuantizeError, UsageError
+from .paths import check_can_make_folder, make_folder
 
 # The levels we ship and compare (make bench, python -m bench.run), best first; F16 is the unquantized reference.
 LEVELS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
@@ -198,10 +199,7 @@ def quantize(
         )
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UsageError(f"--threads must be >= 1 (got {threads!r})")
-    out_dir = Path(out_dir) if out_dir is not None else None
-    if out_dir is not None and not out_dir.is_dir():
-        what = "is a file, not a directory" if out_dir.exists() else "output directory does not exist"
-        raise UsageError(f"{out_dir}: {what}")
+    out_dir = check_can_make_folder(out_dir) if out_dir is not None else None  # made before the first write
     src_is_f16 = src_info.metadata.get("general.file_type") == ftypes["F16"]
 
     plan = []
@@ -216,6 +214,8 @@ def quantize(
             raise UsageError(f"{dst} already exists (use --force to overwrite)")
         plan.append((level, dst))
 
+    if out_dir is not None:
+        make_folder(out_dir)
     results = []
     for level, dst in plan:
         if dst == src:

@@ -231,11 +231,19 @@ def test_cli_convert_refuses_overwrite_and_non_llama(tmp_path, capsys):
     # A file where the model directory or the output's folder belongs is named as a file.
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    for argv, message in (([str(a_file), "--out", str(tmp_path / "g.gguf")], "a-file: a file, not a Hugging Face"),
-                          ([str(tmp_path / "nope"), "--out", str(tmp_path / "g.gguf")], "nope: no such directory"),
-                          ([str(hf_dir), "--out", str(a_file / "g.gguf")], "a-file: is a file, not a directory")):
-        assert main(["convert", *argv]) == 4
+    for argv, message, code in (
+        ([str(a_file), "--out", str(tmp_path / "g.gguf")], "a-file: a file, not a Hugging Face", 4),
+        ([str(tmp_path / "nope"), "--out", str(tmp_path / "g.gguf")], "nope: no such directory", 4),
+        ([str(hf_dir), "--out", str(a_file / "g.gguf")], "a-file is a file, where a folder is needed", 14),
+        ([str(hf_dir), "--out", str(tmp_path)], "is a folder: --out is the GGUF file to write", 2),
+        ([str(hf_dir), "--out", str(hf_dir / "config.json"), "--force"], "is a file of the model being converted", 2),
+    ):
+        assert main(["convert", *argv]) == code
         assert message in capsys.readouterr().err
+    assert (hf_dir / "config.json").read_text().startswith("{")  # --force did not write the GGUF over its input
+    # A missing output folder is made, as merge makes its own (the run README's commands rely on it).
+    made = convert(hf_dir, tmp_path / "new" / "deeper" / "m.gguf", outtype="f32", progress=False)
+    assert made.is_file() and validate_gguf_header(made).architecture == "llama"
 
 
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

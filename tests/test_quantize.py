@@ -11,7 +11,7 @@ from tinymodel import tiny_gguf
 
 from genrec_edge.cli import main
 from genrec_edge.convert import validate_gguf_header
-from genrec_edge.errors import UsageError
+from genrec_edge.errors import FileAccessError, UsageError
 from genrec_edge.quantize import DEFAULT_LEVELS, output_path, parse_levels, quantize
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before llama_cpp is imported (FINDINGS.md)
@@ -98,10 +98,10 @@ def test_refusals(quantized, tmp_path):
     assert requant.path == tmp_path / "model-Q8_0-Q4_0.gguf" and requant.tensor_types.get("Q4_0")
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    with pytest.raises(UsageError, match="a-file: is a file, not a directory"):
-        quantize(src, "Q4_0", out_dir=a_file, progress=False)
-    with pytest.raises(UsageError, match="nowhere: output directory does not exist"):
-        quantize(src, "Q4_0", out_dir=tmp_path / "nowhere", progress=False)
+    with pytest.raises(FileAccessError, match="a-file is a file, where a folder is needed"):
+        quantize(src, "Q4_0", out_dir=a_file / "sub", progress=False)
+    (made,) = quantize(src, "Q4_0", out_dir=tmp_path / "new" / "sub", progress=False)  # made, like merge's --out
+    assert made.path == tmp_path / "new" / "sub" / "model-Q4_0.gguf" and made.path.is_file()
     for threads in (0, -3):  # was silently "all cores"
         with pytest.raises(UsageError, match="--threads must be >= 1"):
             quantize(src, "Q4_0", out_dir=tmp_path, threads=threads, progress=False)
