@@ -17,6 +17,7 @@ This module reads and writes those files without importing the trainer, torch or
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -86,9 +87,14 @@ def model_card(run: dict, run_dir: Path) -> str:
                      f"{best['hr@10']:.4f}, NDCG@10 {best['ndcg@10']:.4f}; this directory holds that step's weights")
         if isinstance(users, int) and users < SMALL_SAMPLE:
             lines.append("- note: " + SMALL_SAMPLE_NOTE.format(users=users))
-    else:
+    elif run.get("status") == "done":
         lines.append("- no validation ran: this directory holds the final weights")
+    else:
+        lines.append(f"- no validation yet: no weights in this directory ({run.get('status')})")
     versions = ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v)
+    q = shlex.quote
+    db = q(run["db"]) if run.get("db") else "DATABASE"
+    merged, gguf = q(f"{run_dir}-merged"), f"{run_dir}-gguf"
     lines += [
         f"- versions: {versions}",
         "",
@@ -102,12 +108,12 @@ def model_card(run: dict, run_dir: Path) -> str:
         f"then `recommend` or `serve` with the database of `{run.get('dataset')}`:",
         "",
         "```bash",
-        f"genrec-edge merge {run_dir} --out {run_dir}-merged",
-        f"genrec-edge convert {run_dir}-merged --out {run_dir}-gguf/model-F16.gguf",
-        f"genrec-edge quantize {run_dir}-gguf/model-F16.gguf --levels Q8_0",
-        f"genrec-edge prior build --kind sasrec --db DATABASE --out {run_dir}-gguf/",
-        f"genrec-edge prior tune --model {run_dir}-gguf/model-Q8_0.gguf --db DATABASE",
-        f"genrec-edge recommend --model {run_dir}-gguf/model-Q8_0.gguf --db DATABASE --user ID",
+        f"genrec-edge merge {q(str(run_dir))} --out {merged}",
+        f"genrec-edge convert {merged} --out {q(gguf + '/model-F16.gguf')}",
+        f"genrec-edge quantize {q(gguf + '/model-F16.gguf')} --levels Q8_0",
+        f"genrec-edge prior build --kind sasrec --db {db} --out {q(gguf + '/')}",
+        f"genrec-edge prior tune --model {q(gguf + '/model-Q8_0.gguf')} --db {db}",
+        f"genrec-edge recommend --model {q(gguf + '/model-Q8_0.gguf')} --db {db} --user ID",
         "```",
         "",
     ]

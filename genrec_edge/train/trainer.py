@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import runs
 from ..catalog import Catalog
-from ..errors import NotFoundError, UsageError
+from ..errors import GenrecError, NotFoundError, UsageError
 from ..prompts import PromptTemplate
 from .checkpoints import load_checkpoint, save_model
 from .config import TrainConfig, check_config, resolve_config
@@ -203,8 +203,13 @@ def train_on_sequences(
     data_sha256 = hashlib.sha256(json.dumps(sequences, separators=(",", ":")).encode()).hexdigest()
     if resume:
         if not (checkpoint / "state.pt").is_file():
-            raise NotFoundError(f"nothing to resume in {out} (no {runs.CHECKPOINT_DIR}/state.pt)")
+            hint = (": it stopped before its first checkpoint; run it again without --resume to start over"
+                    if _stopped_empty(out) else "")
+            raise NotFoundError(f"nothing to resume in {out} (no {runs.CHECKPOINT_DIR}/state.pt){hint}")
         _check_resume(runs.read_run_config(out), config, catalog, data_sha256)
+    elif _stopped_empty(out):  # nothing in it to keep: start over
+        for name in (runs.RUN_CONFIG, runs.MODEL_CARD, runs.TRAIN_LOG):
+            (out / name).unlink(missing_ok=True)
     elif (out / runs.RUN_CONFIG).exists() or checkpoint.exists():
         raise UsageError(f"{out} already holds a run: choose another --out, or pass --resume to continue it")
 
@@ -257,7 +262,12 @@ def train_on_sequences(
             tps = state.tokens / max(state.train_seconds, 1e-9)
             progress.update(task, completed=state.step, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
 
-        stopped_early = train_epochs(run, state, pending_rng, stop_after, on_step)
+        try:
+            stopped_early = train_epochs(run, state, pending_rng, stop_after, on_step)
+        except BaseException as exc:  # the record says so: not "running" forever (a Ctrl-C, a crash)
+            if run.main:
+                write_run_json(run, state, "failed" if isinstance(exc, Exception) else "interrupted")
+            raise
 
     tokens_per_s = state.tokens / max(state.train_seconds, 1e-9)
     if run.main:
@@ -282,6 +292,20 @@ def train_on_sequences(
         stopped_early,
         run.main,
     )
+
+
+def _stopped_empty(out: Path) -> bool:
+    """A run directory that a Ctrl-C or a crash stopped before its first checkpoint: no weights, nothing to
+    resume, nothing to keep."""
+    if (out / runs.CHECKPOINT_DIR).exists() or not (out / runs.RUN_CONFIG).is_file():
+        return False
+    if any(out.glob("*.safetensors")) or any(out.glob("*.bin")):
+        return False
+    try:
+        status = runs.read_run_config(out).get("status")
+    except GenrecError:
+        return False
+    return status in ("interrupted", "failed")
 
 
 def _check_resume(saved: dict, config: TrainConfig, catalog: Catalog, data_sha256: str) -> None:
