@@ -93,14 +93,22 @@ def base_sha256(spec: BaseSpec) -> str:
     return digest.hexdigest()
 
 
+# What a HF directory's tokenizer is read from: the fast tokenizer, SentencePiece's model, or GPT-2's BPE files.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(spec: BaseSpec):
     from transformers import AutoTokenizer
 
     kwargs = {"gguf_file": spec.gguf_file} if spec.is_gguf else {}
+    if not spec.is_gguf and not any((spec.directory / name).is_file() for name in TOKENIZER_FILES):
+        raise NotFoundError(f"{spec.directory} has no tokenizer ({', '.join(TOKENIZER_FILES)}): copy the base "
+                            "model's tokenizer files next to its config.json")
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.directory, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise CorruptModelError(f"cannot load the tokenizer of {spec.name}: {exc}") from None
+    except (OSError, ValueError) as exc:  # transformers' messages run to several lines: the first says it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptModelError(f"cannot load the tokenizer of {spec.name}: {first}") from None
     if tokenizer.eos_token_id is None:
         raise CorruptModelError(f"the tokenizer of {spec.name} has no EOS token (titles are EOS-terminated)")
     return tokenizer

@@ -590,3 +590,17 @@ def test_a_run_stopped_before_its_first_checkpoint_says_so_and_starts_over(tiny_
                  "--lora-r", "2", "--valid-users", "0"]) == 0  # the same --out: started over
     run = json.loads((out / "genrec_run.json").read_text())
     assert run["status"] == "done" and run["steps"] == 1
+
+
+def test_a_base_without_a_tokenizer_or_a_folder_for_config_is_one_clear_line(tiny_db, tmp_path, capsys):
+    from genrec_edge.cli import main
+
+    base = make_tiny_llama(tmp_path / "base")
+    for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json"):
+        (base / name).unlink(missing_ok=True)
+    rc = main(["train", "--db", str(tiny_db), "--out", str(tmp_path / "run"), "--base", str(base), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 4 and err.count("error: ") == 1 and "has no tokenizer (tokenizer.json" in err, err
+    rc = main(["train", "--db", str(tiny_db), "--out", str(tmp_path / "run"), "--config", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "is a folder: give the JSON file of options" in err, err

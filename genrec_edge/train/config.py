@@ -90,6 +90,8 @@ def resolve_config(config_file: str | Path | None = None, **overrides) -> TrainC
 
 
 def _read_config_file(path: Path) -> dict:
+    if path.is_dir():
+        raise UsageError(f"--config {path} is a folder: give the JSON file of options")
     if not path.is_file():
         raise NotFoundError(f"no config file {path}")
     return read_json_object(path, UsageError, "config file")
