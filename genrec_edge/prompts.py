@@ -55,6 +55,17 @@ class PromptTemplate:
         return cls(**data)
 
 
+def check_instruction(text: str) -> str:
+    """``text`` if it can be a prompt's first line: non-empty, one line (the titles follow, one per line), no
+    NUL byte; else UsageError."""
+    from .errors import UsageError
+
+    if not text.strip() or "\x00" in text or len(text.splitlines()) != 1:
+        raise UsageError("--instruction must be one non-empty line of text (the prompt's first line; "
+                         f"the titles follow, one per line), not {text[:60]!r}")
+    return text
+
+
 def prefix_ids(tokenize: Tokenize, template: PromptTemplate) -> list[int]:
     """The instruction part: identical for every user, so its KV cache can be evaluated once."""
     return list(tokenize(template.instruction + "\n", True))

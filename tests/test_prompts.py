@@ -159,6 +159,64 @@ def test_cli_prompts_export(tiny_db, tmp_path, capsys):
     assert {r["user"]: r["prompt"].splitlines()[0] for r in again}[7] == books
 
 
+def test_cli_prompts_export_refusals_write_nothing(tiny_db, tmp_path, capsys):
+    out = tmp_path / "prompts"
+    export = ["prompts", "export", "--db", str(tiny_db), "--out", str(out)]
+    assert main([*export, "--instruction", "Line one\nLine two"]) == UsageError.exit_code
+    assert "--instruction must be one non-empty line" in capsys.readouterr().err
+    assert main([*export, "--min-history", "50"]) == UsageError.exit_code  # nobody has 50 items: no empty files
+    assert "nothing to export" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(export) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "test.jsonl").unlink()
+    (out / "test.jsonl").mkdir()
+    assert main([*export, "--force", "--history-len", "1"]) == UsageError.exit_code
+    assert "a folder where the export writes a file" in capsys.readouterr().err
+    assert (out / "train.jsonl").read_bytes() == before["train.jsonl"]  # not one file of a second export
+
+
+def test_an_interrupted_export_leaves_the_files_it_started_with(tmp_path):
+    """Ctrl-C mid-export used to leave a train.jsonl of whole lines (it looked complete) and no valid/test;
+    with --force, a new train.jsonl beside the old valid/test."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_crash_safety import write_big_csv
+
+    items, inter = write_big_csv(tmp_path)
+    db = tmp_path / "big.db"
+    assert main(["data", "ingest", "csv", "--items", str(items), "--interactions", str(inter), "--db", str(db)]) == 0
+    out = tmp_path / "prompts"
+    assert main(["prompts", "export", "--db", str(db), "--out", str(out), "--history-len", "1"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+                   "sys.argv[0] = 'genrec-edge'; runpy.run_module('genrec_edge', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", interactive, "prompts", "export", "--db", str(db), "--out",
+                             str(out), "--force"], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_WAIT_POLICY="passive"))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            partial = [p for p in out.iterdir() if ".partial-" in p.name]
+            if partial and partial[0].stat().st_size > 1_000_000:  # well into the first file
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the export ended before it could be interrupted"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-300:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export, whole; no partial file
+
+
 def test_leave_one_out_can_skip_or_bound_train_histories():
     sequences = [(1, list(range(10, 110, 10)))]  # 10 items
     full = leave_one_out(sequences)

@@ -31,20 +31,41 @@ def register(app: typer.Typer) -> None:
 
         Example: genrec-edge prompts export --db ml.db --out prompts/ --history-len 20
         """
+        import os
+
         from ..errors import UsageError
-        from ..prompts import PromptTemplate, export_jsonl, leave_one_out
+        from ..paths import check_can_make_folder, make_folder
+        from ..prompts import PromptTemplate, check_instruction, export_jsonl, leave_one_out
 
         targets = {split: out / f"{split}.jsonl" for split in SPLITS}
         existing = [str(p) for p in targets.values() if p.exists()]
         if existing and not force:
             raise UsageError(f"refusing to overwrite {', '.join(existing)} (use --force)")
-        if instruction is not None and not instruction.strip():
-            raise UsageError("--instruction must be non-empty text (the prompt's first line)")
+        folders = [str(p) for p in targets.values() if p.is_dir()]
+        if folders:
+            raise UsageError(f"{', '.join(folders)}: a folder where the export writes a file")
+        if instruction is not None:
+            check_instruction(instruction)
+        check_can_make_folder(out)
         given = {"history_len": history_len, "instruction": instruction}
         template = PromptTemplate(**{k: v for k, v in given.items() if v is not None})
         with open_db_for_reading(db) as database:
             catalog = database.catalog()
             split = leave_one_out(database.sequences(), min_history=min_history, train_history=template.history_len)
-        counts = {name: export_jsonl(getattr(split, name), catalog.title_of, template, targets[name]) for name in SPLITS}
+        if not split.test:
+            raise UsageError(f"no user has {min_history} or more items of history before a held-out item: "
+                             "nothing to export")
+        # All three files or none: each is written aside and renamed once all are complete (Ctrl-C, a full
+        # disk or --force over an older export never leave a half file, or a mix of two exports).
+        partial = {name: out / f".{name}.jsonl.partial-{os.getpid()}" for name in SPLITS}
+        make_folder(out)
+        try:
+            counts = {name: export_jsonl(getattr(split, name), catalog.title_of, template, partial[name])
+                      for name in SPLITS}
+            for name in SPLITS:
+                os.replace(partial[name], targets[name])
+        finally:
+            for path in partial.values():
+                path.unlink(missing_ok=True)
         summary = ", ".join(f"{counts[name]} {name}" for name in SPLITS)
         typer.echo(f"wrote {summary} examples to {out} (history_len {template.history_len})")

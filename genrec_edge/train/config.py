@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import NotFoundError, UsageError
 from ..jsonlog import read_json_object
 from ..models_hf import DEFAULT_BASE
-from ..prompts import DEFAULT_HISTORY_LEN, DEFAULT_INSTRUCTION
+from ..prompts import DEFAULT_HISTORY_LEN, DEFAULT_INSTRUCTION, check_instruction
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LOSSES = ("plain", "trie")
@@ -119,8 +119,7 @@ def check_config(c: TrainConfig) -> None:
         raise UsageError(f"lr must be > 0, got {c.lr}")
     if not 0 <= c.lora_dropout < 1:
         raise UsageError(f"lora_dropout must be in [0, 1), got {c.lora_dropout}")
-    if not c.instruction.strip() or "\x00" in c.instruction:
-        raise UsageError("instruction must be non-empty text (the prompt's first line)")
+    check_instruction(c.instruction)
     if c.loss not in LOSSES:
         raise UsageError(f"loss must be one of {', '.join(LOSSES)}, got {c.loss!r}")
     if not c.full and not c.target_modules:
