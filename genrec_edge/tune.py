@@ -45,6 +45,7 @@ class TuneResult:
     n_lm: int = 20
     n_cf: int = 50
     per_user: list = field(default_factory=list, repr=False)
+    decisive: bool = True  # False: every λ scored the same, so best_weight (the smallest) is no choice at all
 
     def table(self) -> list[dict]:
         return [{"weight": w, "HR@10": self.hr10[w], "NDCG@10": self.ndcg10[w],
@@ -112,6 +113,7 @@ def tune_weight(rec, prior, examples: Sequence[Example], catalog, weights: Seque
     rerank_ndcg = {w: mean(rerank_gains[w]) for w in weights}
     rerank_hr = {w: mean(rerank_hits[w]) for w in weights}
     by_ndcg, by_hr = (rerank_ndcg, rerank_hr) if rerank else (ndcg10, hr10)
-    best = max(weights, key=lambda w: (round(by_ndcg[w], 12), round(by_hr[w], 12), -w))
+    score = {w: (round(by_ndcg[w], 12), round(by_hr[w], 12)) for w in weights}
+    best = max(weights, key=lambda w: (*score[w], -w))
     return TuneResult(weights, len(examples), hr10, ndcg10, rerank_hr, rerank_ndcg, best, mean(in_candidates),
-                      time.perf_counter() - started, n_lm, n_cf, per_user)
+                      time.perf_counter() - started, n_lm, n_cf, per_user, decisive=len(set(score.values())) > 1)

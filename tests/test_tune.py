@@ -80,17 +80,25 @@ def test_prior_build_tune_show_cli(model_dir, tiny_db, cache_home, capsys):  # n
     assert main(["prior", "show", "--model", str(model)]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["kind"] == "pop" and "title_counts" not in shown["trained_on"]
+    # The tiny model's ranking within the prior's top 7 is the same for λ 0.5 and 9: a tie is no choice, and
+    # the smallest λ it used to write could switch the prior off. Nothing is written.
+    before = (model_dir / cf.SIDECAR_JSON).read_bytes()
     rc = main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--users", "all", "--weights", "0.5,9",
+               "--variant", "rerank", "--n-cf", "7"])
+    assert rc == 2 and "every λ scored the same on these 6 users" in capsys.readouterr().err
+    assert (model_dir / cf.SIDECAR_JSON).read_bytes() == before
+    rc = main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--users", "all", "--weights", "0,1000",
                "--variant", "rerank", "--n-cf", "7"])
     assert rc == 0, capsys.readouterr().err
     saved = json.loads((model_dir / cf.SIDECAR_JSON).read_text())
-    assert (saved["variant"], saved["candidates"]) == ("rerank", 7) and saved["weight"] in (0.5, 9.0)
+    assert (saved["variant"], saved["candidates"]) == ("rerank", 7) and saved["weight"] in (0.0, 1000.0)
     assert "re-ranked" in saved["tuned"]["metric"]
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--variant", "best"]) == 2
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--weights", "a,b"]) == 2
     assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--users", "-3"]) == 2
     capsys.readouterr()
-    for grid, message in (("nan", "nan is not a λ"), ("1,inf", "inf is not a λ"), ("-1,1", "-1 is not a λ")):
+    for grid, message in (("nan", "nan is not a λ"), ("1,inf", "inf is not a λ"), ("-1,1", "-1 is not a λ"),
+                          ("2", "two or more different λ"), ("2,2.0", "two or more different λ")):
         started = time.perf_counter()
         assert main(["prior", "tune", "--model", str(model), "--db", str(tiny_db), "--weights", grid]) == 2
         assert message in capsys.readouterr().err and time.perf_counter() - started < 5  # before the tuning

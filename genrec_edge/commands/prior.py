@@ -112,13 +112,14 @@ def register(app: typer.Typer) -> None:
             grid = [float(w) for w in weights.split(",") if w.strip()]
         except ValueError:
             raise UsageError(f"--weights must be comma-separated numbers (got {weights!r})") from None
-        if not grid:
-            raise UsageError("--weights needs at least one number")
         for w in grid:  # before the costly part, not after it
             try:
                 check_prior_weight(w)
             except UsageError:
                 raise UsageError(f"--weights: {w:g} is not a λ (a number from 0 to {MAX_PRIOR_WEIGHT:g})") from None
+        grid = list(dict.fromkeys(grid))
+        if len(grid) < 2:
+            raise UsageError("--weights needs two or more different λ to choose from")
         n_users = parse_users(users)
         db_path = db if db is not None else default_db()
         examples, catalog = _sampled_valid(db_path, n_users, seed)
@@ -149,6 +150,9 @@ def register(app: typer.Typer) -> None:
                        "a guess.")
         if dry_run:
             return
+        if not result.decisive:  # the tie went to the smallest λ: writing it would switch the prior off
+            raise UsageError(f"every λ scored the same on these {result.n_users} users: nothing to choose from, so "
+                             f"nothing written (λ stays {prior.config.weight:g}); tune on more users (--users)")
         metric = f"NDCG@10 of the prior's top {n_cf} re-ranked" if variant == "rerank" else \
             f"NDCG@10 of the LLM's top {n_lm} and the prior's top {n_cf} re-ranked (approximates the search)"
         tuned = {"split": "valid", "users": result.n_users, "seed": seed, "metric": metric, "n_lm": n_lm,
