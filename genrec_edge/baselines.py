@@ -160,6 +160,8 @@ class SASRecConfig:
             "eval_every": self.eval_every >= 1,
             "patience": self.patience >= 1,
             "threads": self.threads >= 1,
+            # NaN compared False everywhere (no limit, and "NaN" in the saved JSON); a limit <= 0 is no training
+            "max_seconds": self.max_seconds is None or (math.isfinite(self.max_seconds) and self.max_seconds > 0),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:

@@ -212,6 +212,8 @@ def popularity_prior(sequences: Sequence[tuple[int, Sequence[int]]], catalog: Ca
         interactions += len(part)
         for item in part:
             counts[item_title[item_index[item]]] += 1
+    if not interactions:
+        raise UsageError("nothing to count: no user has 3 or more items (each user's last two are held out)")
     config = PriorConfig("pop", float(weight), variant, catalog.sha256,
                          trained_on={"part": "all but each user's last two items", "users": users,
                                      "interactions": interactions})

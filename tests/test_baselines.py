@@ -242,3 +242,23 @@ def test_cli_errors_are_one_line(tmp_path, tiny_db, capsys):
     rc = main(["baseline", "pop", "--db", str(tiny_db), "--split", "train"])
     err = capsys.readouterr().err
     assert rc == 2 and "unknown split" in err and len(err.strip().splitlines()) == 1
+
+
+def test_nothing_to_score_or_count_and_a_nonsense_time_limit_are_errors(tmp_path, tiny_db, capsys):
+    # A catalog without interactions: metrics of 0 on 0 users, or a prior counted from nothing, said exit 0.
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "movies.csv").write_text("movieId,title,genres\n1,Toy Story (1995),Comedy\n")
+    (tmp_path / "ml" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
+    empty = tmp_path / "empty.db"
+    assert main(["data", "ingest", "movielens-csv", str(tmp_path / "ml"), "--db", str(empty)]) == 0
+    capsys.readouterr()
+    for argv, message in ((["baseline", "pop", "--db", str(empty), "--json"], "no user has a test example"),
+                          (["prior", "build", "--kind", "pop", "--db", str(empty), "--out", str(tmp_path / "p")],
+                           "nothing to count")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "p").exists()
+    for limit in ("nan", "-5", "0"):  # NaN was no limit at all, and "NaN" in the saved config.json
+        assert main(["baseline", "sasrec", "--db", str(tiny_db), "--max-seconds", limit, "--epochs", "1"]) == 2
+        assert "max_seconds=" in capsys.readouterr().err

@@ -49,6 +49,18 @@ def _report(name: str, split: str, result, as_json: bool, extra: dict | None = N
         console.print("note: " + SMALL_SAMPLE_NOTE.format(users=result.n_users) + ".", highlight=False)
 
 
+def _examples(sequences, split: str, db: Path | None):
+    """The split's examples; none is an error, as in ``evaluate`` (not metrics of 0 on 0 users)."""
+    from ..baselines import split_examples
+    from ..errors import UsageError
+
+    examples = split_examples(sequences, split)
+    if not examples:
+        raise UsageError(f"no user has a {split} example in {db or 'the default database'} "
+                         "(a user needs 3 or more items)")
+    return examples
+
+
 def register(app: typer.Typer) -> None:
     baseline_app = typer.Typer(
         help="Non-LLM baselines (popularity, SASRec) scored like the LLM: leave-one-out, full catalog.",
@@ -68,12 +80,13 @@ def register(app: typer.Typer) -> None:
 
         Example: genrec-edge baseline pop --db movies.db --split test
         """
-        from ..baselines import popularity, split_examples
+        from ..baselines import popularity
         from ..evaluation import evaluate_scores
 
         sequences, catalog = read_sequences(db)
+        examples = _examples(sequences, split, db)
         ranker = popularity(sequences, catalog, split=split)
-        result = evaluate_scores(ranker.scores, split_examples(sequences, split), catalog)
+        result = evaluate_scores(ranker.scores, examples, catalog)
         _report("popularity", split, result, as_json)
 
     @baseline_app.command("sasrec")
@@ -101,14 +114,14 @@ def register(app: typer.Typer) -> None:
         Example: genrec-edge baseline sasrec --db movies.db --epochs 50 --save sasrec-ml
         """
         _passive_openmp()
-        from ..baselines import SASRecModel, split_examples, train_sasrec
+        from ..baselines import SASRecModel, train_sasrec
         from ..errors import UsageError
         from ..evaluation import evaluate_scores
 
         if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
             raise UsageError(f"{save} exists and is not an empty directory; choose another --save path")
         sequences, catalog = read_sequences(db)
-        examples = split_examples(sequences, split)  # validates --split before the long training
+        examples = _examples(sequences, split, db)  # validates --split before the long training
         model: SASRecModel = train_sasrec(
             sequences,
             catalog,
