@@ -63,7 +63,7 @@ def per_user_ranks(log: Path, keys: dict[str, str]) -> dict[str, dict[int, int |
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", type=Path, default=None, help="default: the database `genrec-edge init` builds")
     parser.add_argument("--split", default="test")
     parser.add_argument("--users", default="all", help="N (seeded sample) or all")
@@ -74,6 +74,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=None, help="per-user results log (resumable)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
+    from genrec_edge.errors import GenrecError
+
+    try:
+        return run(args)
+    except GenrecError as exc:  # one line and our exit code, as the CLI and bench.run do
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def run(args: argparse.Namespace) -> int:
+    from genrec_edge.commands import parse_users
+    from genrec_edge.errors import UsageError
+
+    # Every argument is checked before SASRec trains for minutes.
+    if args.split not in ("test", "valid"):
+        raise UsageError(f"--split is test or valid (got {args.split!r})")
+    users = parse_users(args.users)
+    for name in ("batch", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    if args.sasrec is not None and not (args.sasrec / "config.json").is_file():
+        raise UsageError(f"--sasrec {args.sasrec}: not a SASRec saved by `genrec-edge baseline sasrec --save`")
 
     from genrec_edge.baselines import train_sasrec
     from genrec_edge.evalruns import RecommenderSpec, evaluate_recommenders
@@ -90,14 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="genrec-quality-"))
     sasrec_dir = args.sasrec
     train_report = None
-    if sasrec_dir is None:
-        with HistoryDB.open(db_path, readonly=True) as db:
+    with HistoryDB.open(db_path, readonly=True) as db:
+        dataset = db.dataset()
+        dataset_name = dataset.name if dataset else db_path.name
+        if sasrec_dir is None:
             sequences, catalog = list(db.sequences()), db.catalog()
+    if sasrec_dir is None:
         print("training SASRec-CE to early stopping ...", file=sys.stderr, flush=True)
         sasrec = train_sasrec(sequences, catalog, eval_every=2, patience=4, seed=0, threads=args.threads)
         sasrec_dir = sasrec.save(workdir / "sasrec")
         train_report = sasrec.report.__dict__ if sasrec.report else None
-    users = None if args.users == "all" else int(args.users)
     log = args.log or workdir / "results.jsonl"
     specs = [RecommenderSpec("llm", None, None), RecommenderSpec("llm", None, "none"),
              RecommenderSpec("sasrec", sasrec_dir), RecommenderSpec("pop")]
@@ -123,16 +150,17 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - started, 1), "threads": args.threads, "batch": args.batch}
 
     lines = [f"# Quality: fused default vs SASRec-CE vs the LLM alone vs popularity ({evaluation.split} split)", "",
-             f"`python -m bench.quality` — {len(order)} users of ml-latest-small, {meta['date']}, {meta['cpu']}, commit "
+             f"`python -m bench.quality` — {len(order)} users of {dataset_name}, {meta['date']}, {meta['cpu']}, commit "
              f"{meta['commit']}, {meta['seconds'] / 60:.0f} min. Mean [95% bootstrap interval]; "
              "differences are paired (the same users resampled together); * = the interval excludes 0.", "",
              f"- **{fused}**: the default model ({model.name}) with its shipped prior: "
              f"{prior_json['kind']}, λ = {prior_json['weight']:g} (tuned on the validation split), variant "
              f"{prior_json['variant']}.",
              f"- **{plain}**: the same model, no prior.",
-             f"- **{sas}**: SASRec-CE trained in this run to early stopping"
-             + (f" (best epoch {train_report['best_epoch']}, valid HR@10 {train_report['best_valid_hr10']:.4f})"
-                if train_report else "") + ".",
+             (f"- **{sas}**: SASRec-CE trained in this run to early stopping (best epoch "
+              f"{train_report['best_epoch']}, valid HR@10 {train_report['best_valid_hr10']:.4f})."
+              if train_report else f"- **{sas}**: SASRec-CE loaded from `{sasrec_dir}` (`--sasrec`), not trained "
+              "in this run."),
              f"- **{pop}**: popularity on the training part.", "",
              "| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for metric in evaluation.metrics:
@@ -152,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         sign = 1 if diff["a"] == fused else -1
         low, high = sorted((sign * est.low, sign * est.high))
         met = r >= GOAL and low > 0
-        lines.append(f"- {metric}: ratio **{r:.2f}×** [{lo:.2f}, {hi:.2f}], difference {sign * est.mean:+.4f} "
+        shown = f"**{r:.2f}×** [{lo:.2f}, {hi:.2f}]" if np.isfinite(r) else f"undefined ({sas} scored 0)"
+        lines.append(f"- {metric}: ratio {shown}, difference {sign * est.mean:+.4f} "
                      f"[{low:+.4f}, {high:+.4f}]: {'met' if met else 'not met'}.")
     for slicing, groups in summary["slices"].items():
         title = {"popularity": "By the target's popularity in training (head: titles holding the first 50% of "
@@ -164,14 +193,24 @@ def main(argv: list[str] | None = None) -> int:
         for label, group in groups.items():
             cells = [format_estimate(group["recommenders"][n][m], 3) for m in SLICE_METRICS for n in (fused, sas, plain)]
             lines.append(f"| {label} ({group['users']}) | " + " | ".join(cells) + " |")
+    from genrec_edge.stats import SMALL_SAMPLE, SMALL_SAMPLE_NOTE
+
+    if len(order) < SMALL_SAMPLE:
+        lines[2:2] = ["**Note: " + SMALL_SAMPLE_NOTE.format(users=len(order)) + ".**", ""]
     text = "\n".join(lines) + "\n"
     print(text)
 
-    stem = f"{time.strftime('%Y-%m-%d')}-quality-{evaluation.split}"
     args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y-%m-%d')}-quality-{evaluation.split}"
+    for n in range(2, 1000):  # a second run on the same day keeps the first's files
+        if not any((args.out / f"{stem}{suffix}").exists() for suffix in (".md", ".json", ".png")):
+            break
+        stem = f"{time.strftime('%Y-%m-%d')}-quality-{evaluation.split}-{n}"
     (args.out / f"{stem}.md").write_text(text, encoding="utf-8")
+    finite = lambda x: x if np.isfinite(x) else None  # noqa: E731 - JSON has no NaN
     report = {"meta": meta, "evaluation": evaluation.to_dict(),
-              "ratios": {m: {"ratio": r, "low": lo, "high": hi} for m, (r, lo, hi) in ratios.items()},
+              "ratios": {m: {"ratio": finite(r), "low": finite(lo), "high": finite(hi)}
+                         for m, (r, lo, hi) in ratios.items()},
               "per_user_rank": {n: {str(u): ranks[n].get(u) for u in order} for n in names},
               "metrics_reported": list(REPORTED)}
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
