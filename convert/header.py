@@ -33,7 +33,7 @@ from gguf import (
     Keys,
 )
 
-from genrec_edge.errors import CorruptModelError, NotFoundError
+from genrec_edge.errors import CorruptModelError, FileAccessError, NotFoundError
 
 SUPPORTED_VERSIONS = (2, 3)
 MAX_DIMS = 4
@@ -235,7 +235,7 @@ def validate_gguf_header(path: str | Path) -> GGUFHeaderInfo:
     path = Path(path)
     label = str(path)
     if path.is_dir():
-        raise NotFoundError(f"{label} is a directory, not a GGUF model file")
+        raise FileAccessError(f"{label} is a directory, not a GGUF model file")
     if not path.is_file():
         raise NotFoundError(f"{label}: no such model file")
     size = path.stat().st_size

@@ -16,12 +16,12 @@ __all__ = ["BASE_GGUF_NAME", "BASE_PACKAGE", "INSTALL_HINT", "base_gguf_path", "
 
 
 def require_model_file(path: Path) -> Path:
-    """``path`` if it is a file; NotFoundError naming what is there instead (nothing, or a directory)."""
-    from .errors import NotFoundError
+    """``path`` if it is a file; NotFoundError if nothing is there, FileAccessError for a directory."""
+    from .errors import FileAccessError, NotFoundError
 
     path = Path(path)
     if path.is_dir():
-        raise NotFoundError(f"{path} is a directory, not a GGUF model file")
+        raise FileAccessError(f"{path} is a directory, not a GGUF model file")
     if not path.is_file():
         raise NotFoundError(f"model file not found: {path}")
     return path

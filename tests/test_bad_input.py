@@ -371,7 +371,7 @@ def test_a_directory_given_as_the_model(tiny_db, tmp_path, capsys):
                  ("prior", "show"), ("doctor",)):
         db = () if argv[0] == "prior" else ("--db", str(tiny_db))
         rc, _, err = run(capsys, *argv, "--model", str(tmp_path), *db)
-        assert rc == 4, err  # NotFoundError's code, doctor's too (its first failure's)
+        assert rc == 14, err  # FileAccessError's (README: a directory given for a file), doctor's too
         assert f"{tmp_path} is a directory, not a GGUF model file" in err, err
 
 
