@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .catalog import Catalog
-from .errors import IngestError, UsageError
+from .errors import FileAccessError, IngestError, UsageError
 from .evaluation import (
     TitleSpace,
     UserResult,
@@ -402,7 +402,7 @@ class ResultLog:
         if not self.path.exists():
             return {}
         if not self.path.is_file():
-            raise UsageError(f"{self.path} is not a file")
+            raise FileAccessError(f"cannot use {self.path}: it is not a file (a folder is there)")
         return self._parse(self.path.read_bytes())
 
     def run(self, run: Run, examples: Sequence[Example], progress: bool = True) -> tuple[list[UserResult], int]:
@@ -411,7 +411,7 @@ class ResultLog:
         Returns the results in ``examples`` order and how many came from the log.
         """
         if self.path.exists() and not self.path.is_file():
-            raise UsageError(f"{self.path} is not a file")
+            raise FileAccessError(f"cannot use {self.path}: it is not a file (a folder is there)")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a+b") as fh:
             lock_exclusive(fh, self.path, "another evaluation")
