@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Most popular unseen titles, counted on the training part of the split only.
 
-        Prints HR@1/5/10, NDCG@5/10 and MRR with 95% bootstrap intervals over users.
+        Prints HR@1/5/10, NDCG@1/5/10 and MRR with 95% bootstrap intervals over users.
 
         Example: genrec-edge baseline pop --db movies.db --split test
         """
