@@ -178,8 +178,12 @@ def ray_rankings(
         try:
             ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level=logging.ERROR)
         except (ConnectionError, ValueError, RuntimeError) as exc:
+            reason = str(exc).splitlines()[0]
+            if "Could not find any running Ray instance" in reason:  # Ray's own advice names its own flags
+                reason = ("no running Ray instance found: start one (`ray start --head`), set RAY_ADDRESS, give "
+                          "--ray ADDRESS, or --ray local for one on this machine")
             raise UsageError(f"cannot connect to the Ray cluster at {address or 'the default address'}: "
-                             f"{str(exc).splitlines()[0]}") from None
+                             f"{reason}") from None
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its errors become ours, one line
     try:
         context = ray.data.DataContext.get_current()

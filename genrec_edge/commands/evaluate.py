@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
         ),
         workers: int | None = typer.Option(
             None, "--workers", min=1, help="Processes running the LLM's searches here, each with its own model "
-            "(~180 MB at Q8_0); the same results and log. 2 on 2 cores: 1.06-1.30x faster here (docs/CLUSTER.md) "
+            "(~410 MB resident at Q8_0); the same results and log. 2 on 2 cores: 1.06-1.30x faster here (docs/CLUSTER.md) "
             "\\[default: 1].",
         ),
         sasrec: list[Path] = typer.Option(

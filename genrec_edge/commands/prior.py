@@ -37,7 +37,8 @@ def register(app: typer.Typer) -> None:
         db: Path = typer.Option(None, "--db", help=DB_HELP),
         weight: float = typer.Option(1.0, "--weight", min=0.0, help="λ until `prior tune` chooses one."),
         variant: str = typer.Option(
-            "sum", "--variant", help="sum or max (inside the search: prior mass below a trie node; max: D3) or rerank."
+            "max", "--variant", help="max or sum (inside the search: the best title, D3, or the prior mass below a "
+            "trie node) or rerank; max is the default model's (it beat sum on the validation split)."
         ),
         max_seconds: float = typer.Option(None, "--max-seconds", help="SASRec: stop after the first validation past this."),
         epochs: int = typer.Option(None, "--epochs", help="SASRec: most epochs (early stopping usually ends sooner) "

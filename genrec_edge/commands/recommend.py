@@ -120,7 +120,7 @@ def register(app: typer.Typer) -> None:
                                   "(the same results; faster only with cores to spare)."),
         parquet: bool = typer.Option(False, "--parquet", help="Batch: also write OUT as .parquet (needs pyarrow)."),
         workers: int = typer.Option(1, "--workers", min=1, help="Batch: processes ranking users here, each with its "
-                                    "own model (~180 MB at Q8_0); the same lines. 2 on 2 cores: ~1.28x users/s "
+                                    "own model (~410 MB resident at Q8_0); the same lines. 2 on 2 cores: ~1.28x users/s "
                                     "(bench/results/process-split-2026-12-01.md)."),
         ray: str = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
         actors: int = typer.Option(None, "--actors", min=1, help="With --ray: actors, each with --threads CPUs "

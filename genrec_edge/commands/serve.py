@@ -24,7 +24,7 @@ def register(app: typer.Typer) -> None:
             "1: one after another, the lower mean latency on 2 cores (bench/results/runtime.md); more where cores are spare."
         ),
         workers: int = typer.Option(
-            1, "--workers", min=0, help="Processes that search, each with its own model (~180 MB at Q8_0): concurrent "
+            1, "--workers", min=0, help="Processes that search, each with its own model (~410 MB resident at Q8_0): concurrent "
             "/recommend requests are answered up to this many at a time; a crashed one is replaced. 0: search in "
             "the HTTP process itself (least memory). Concurrent clients: one per core (bench/results/serve-workers-2026-12-02.md).",
         ),
