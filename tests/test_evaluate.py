@@ -319,3 +319,16 @@ def test_workers_write_the_log_one_process_writes(db, tiny_model, tmp_path, caps
     assert two_log.read_bytes() == one_log.read_bytes()
     assert main(["evaluate", *args, "--workers", "2", "--ray", "local"]) == 2
     assert "--workers is for runs here" in capsys.readouterr().err
+
+
+def test_tables_piped_to_a_file_keep_every_column(db, sasrec_dir, capsys, monkeypatch):
+    # rich draws 80 columns where stdout is not a terminal: with three recommenders the metric names were
+    # squeezed out and the paired differences cut short ("…") in logs and pipes.
+    monkeypatch.delenv("COLUMNS", raising=False)
+    rc = main(["evaluate", "--db", str(db), "--pop", "--sasrec", str(sasrec_dir), "--sasrec", str(sasrec_dir),
+               "--users", "all", "--by", "history"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for metric in ("HR@1", "HR@5", "NDCG@5", "NDCG@10", "MRR"):
+        assert any(line.strip().startswith(metric) for line in out.splitlines()), out
+    assert "…" not in out, out

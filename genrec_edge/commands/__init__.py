@@ -16,3 +16,16 @@ def parse_users(users: str) -> int | None:
     if count < 1:
         raise UsageError(f"--users must be >= 1 or 'all' (got {count})")
     return count
+
+
+def table_console(**kwargs):
+    """A rich Console for tables on stdout: the terminal's width; where stdout is a file or a pipe (rich's 80
+    columns, unless COLUMNS says otherwise), wide enough that no column is squeezed out or cut short."""
+    import os
+
+    from rich.console import Console
+
+    console = Console(**kwargs)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        console = Console(width=max(console.width, 200), **kwargs)
+    return console

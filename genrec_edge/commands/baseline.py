@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from . import DB_HELP
+from . import DB_HELP, table_console
 from .history import read_sequences
 
 SPLIT_HELP = "Which leave-one-out target to score: test (last item) or valid (second-to-last)."
@@ -31,7 +31,6 @@ def _report(name: str, split: str, result, as_json: bool, extra: dict | None = N
         payload["interval"] = {"confidence": CONFIDENCE, "method": f"bootstrap ({choose_method(result.n_users)})"}
         typer.echo(json.dumps(payload, indent=2))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{name} on the {split} split ({result.n_users} users, full-catalog ranking)")
@@ -43,7 +42,7 @@ def _report(name: str, split: str, result, as_json: bool, extra: dict | None = N
         table.add_row(metric, f"{value:.4f}", f"[{low:.4f}, {high:.4f}]" if low == low else "—")
     for key, value in (extra or {}).items():
         table.add_row(key, str(value))
-    console = Console()
+    console = table_console()
     console.print(table)
     if result.n_users < SMALL_SAMPLE:
         console.print("note: " + SMALL_SAMPLE_NOTE.format(users=result.n_users) + ".", highlight=False)

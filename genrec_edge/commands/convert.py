@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from ..quantize import DEFAULT_LEVELS  # stdlib only at import time: --help stays fast
+from . import table_console
 
 
 def convert(
@@ -51,7 +52,6 @@ def quantize(
 
     Example: genrec-edge quantize models/model-F16.gguf --levels Q8_0,Q4_K_M
     """
-    from rich.console import Console
     from rich.table import Table
 
     from genrec_edge.quantize import format_table
@@ -65,7 +65,7 @@ def quantize(
         table.add_column(column)
     for row in format_table(results):
         table.add_row(*row)
-    Console().print(table)
+    table_console().print(table)
     for r in results:
         typer.echo(f"{r.level}\t{r.path}")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from . import DB_HELP
+from . import DB_HELP, table_console
 from .history import open_db_for_reading
 
 
@@ -135,7 +135,6 @@ def register(app: typer.Typer) -> None:
         if not found:
             typer.echo(f"no item title contains {text!r}")
             return
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"items matching {text!r}")
@@ -144,4 +143,4 @@ def register(app: typer.Typer) -> None:
         table.add_column("genres")
         for item in found:
             table.add_row(str(item.id), item.title, ", ".join(item.genres))
-        Console(soft_wrap=False).print(table)
+        table_console(soft_wrap=False).print(table)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from ..recommend import DEFAULT_K, MAX_K, MAX_PRIOR_WEIGHT
-from . import DB_HELP, parse_users
+from . import DB_HELP, parse_users, table_console
 
 SLICE_METRICS = ("HR@10", "NDCG@10")
 DEFAULT_BATCH = 4
@@ -35,13 +35,12 @@ def _specs(models: list[Path], priors: list[str], sasrec: list[Path], pop: bool,
 
 def _render(evaluation) -> None:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
     from ..stats import SMALL_SAMPLE, SMALL_SAMPLE_NOTE, format_estimate
 
     summary, names = evaluation.summary, list(evaluation.runs)
-    console = Console()
+    console = table_console()
     table = Table(box=box.SIMPLE_HEAD, title=f"{evaluation.split} split, {len(evaluation.users)} users (seed {evaluation.seed}): "
                         "mean [95% bootstrap interval]")
     table.add_column("metric")

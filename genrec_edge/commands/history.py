@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from . import DB_HELP
+from . import DB_HELP, table_console
 
 
 def open_db_for_reading(db: Path | None, busy_timeout: float = 5.0):
@@ -74,7 +74,6 @@ def register(app: typer.Typer) -> None:
         if not history:
             typer.echo(f"user {user} has no interactions yet (add one with `genrec-edge history add`)")
             return
-        from rich.console import Console
         from rich.table import Table
 
         shown = f"the last {len(history)} of {total}" if len(history) < total else f"{total}"
@@ -85,7 +84,7 @@ def register(app: typer.Typer) -> None:
         table.add_column("rating", justify="right")
         for h in history:
             table.add_row(_format_time(h.timestamp), str(h.item_id), h.title, "" if h.rating is None else f"{h.rating:g}")
-        Console(soft_wrap=False).print(table)
+        table_console(soft_wrap=False).print(table)
 
     @history_app.command("add")
     def add(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from . import DB_HELP, parse_users
+from . import DB_HELP, parse_users, table_console
 from .history import read_sequences
 
 # How `prior build --kind sasrec` trains the prior (its recipe, not SASRecConfig's own defaults).
@@ -132,7 +132,6 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--variant is one of {', '.join(VARIANTS)} (got {variant!r})")
         with Recommender.open(model_path, db_path, threads=threads, prior="none", warn=lambda m: None) as rec:
             result = tune_weight(rec, prior, examples, catalog, grid, n_lm=n_lm, n_cf=n_cf, rerank=variant == "rerank")
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=f"λ for the {prior.kind} prior on {result.n_users} validation users "
@@ -143,7 +142,7 @@ def register(app: typer.Typer) -> None:
             mark = " *" if row["weight"] == result.best_weight else ""
             table.add_row(f"{row['weight']:g}{mark}", f"{row['HR@10']:.4f}", f"{row['NDCG@10']:.4f}",
                           f"{row['rerank HR@10']:.4f}", f"{row['rerank NDCG@10']:.4f}")
-        Console(stderr=False).print(table)
+        table_console().print(table)
         from ..stats import SMALL_SAMPLE, SMALL_SAMPLE_NOTE
 
         if result.n_users < SMALL_SAMPLE:

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from ..recommend import DEFAULT_K, DEFAULT_SAMPLE_TEMPERATURE, MAX_K, MAX_PRIOR_WEIGHT, SAMPLE_TRIES_PER_TITLE
-from . import DB_HELP
+from . import DB_HELP, table_console
 
 MODEL_HELP = "GGUF model (default: the shipped fine-tuned default, built on first use)."
 PRIOR_HELP = (
@@ -196,7 +196,6 @@ def register(app: typer.Typer) -> None:
             payload = {"user": user, "history": titles or None, "model": model_name, **result.to_dict()}
             typer.echo(json.dumps(payload, ensure_ascii=False, indent=1))
             return
-        from rich.console import Console
         from rich.table import Table
 
         who = f"user {user}" if user is not None else f"a history of {len(titles)} titles"
@@ -210,7 +209,7 @@ def register(app: typer.Typer) -> None:
         for r in result.items:
             score = f"{r.score:.3f}" if r.score == r.score else "-"  # NaN for sampled titles
             table.add_row(str(r.rank), r.title, "" if r.year is None else str(r.year), ", ".join(r.genres), score)
-        console = Console(soft_wrap=False)
+        console = table_console(soft_wrap=False)
         console.print(table)
         t = result.timings
         prior_part = f"prior {t.prior_ms:.0f} ms · " if result.prior != "none" else ""
