@@ -19,6 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from . import paths
@@ -108,7 +109,9 @@ def build_f16(adapter: Path | None = None, progress: bool = True) -> Path:
 
                 if progress:
                     _say("Building the default model (once): merging the shipped adapter into SmolLM2-135M ...")
-                merge(_local_run_dir(adapter, workdir), merged, dtype="float32")
+                with warnings.catch_warnings():  # transformers' own deprecation notices, not the user's concern
+                    warnings.simplefilter("ignore", FutureWarning)
+                    merge(_local_run_dir(adapter, workdir), merged, dtype="float32")
             else:
                 from .models_hf import DEFAULT_BASE, load_model, load_tokenizer, resolve_base
 
@@ -123,7 +126,7 @@ def build_f16(adapter: Path | None = None, progress: bool = True) -> Path:
             convert(merged, partial, outtype="f16", progress=progress)
             partial.replace(target)
         if progress:
-            _say(f"Default model ready in {time.monotonic() - started:.0f} s: {target}")
+            _say(f"Default model built (F16) in {time.monotonic() - started:.0f} s: {target}")
     return target
 
 
@@ -165,4 +168,6 @@ def build_level(level: str = DEFAULT_LEVEL, adapter: Path | None = None, progres
             if progress:
                 _say(f"Quantizing the default model to {level} (once) ...")
             quantize(f16, [level], progress=progress)
+            if progress:
+                _say(f"Default model ready: {out}")
     return out
