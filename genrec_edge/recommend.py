@@ -28,6 +28,7 @@ import contextlib
 import difflib
 import math
 import operator
+import os
 import sys
 import threading
 import time
@@ -257,6 +258,7 @@ class Recommender:
         self.cache_size = cache
         self._cache: OrderedDict[bytes, Ranking] = OrderedDict()  # search inputs' digest -> result, oldest first
         self._grammar: str | None = None  # the catalog GBNF, built on the first --sample request
+        self._catalog_mark: tuple | None = None  # the database file and stored catalog hash it was opened on
         self._prefill_prefix()
 
     @property
@@ -332,6 +334,7 @@ class Recommender:
 
         with HistoryDB.open(db_path, readonly=True) as history:
             catalog = history.catalog()
+            catalog_mark = _catalog_mark(db_path, history)
         if len(catalog) == 0:
             raise NotFoundError(f"the database has no items: {db_path}")
         loaded_prior = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
@@ -383,6 +386,7 @@ class Recommender:
             rec = cls(engine, trie, catalog, db_path, template, capacity, beam, batch, loaded_prior,
                       model_path.parent, cache)
             rec.jump_forward = jump_forward
+            rec._catalog_mark = catalog_mark
             return rec
         except BaseException:
             if engine is not None:
@@ -456,6 +460,7 @@ class Recommender:
         from .history import HistoryDB
 
         with HistoryDB.open(self.db_path, readonly=True) as db:
+            self._check_catalog(db)
             titles, seen_titles, _ = self._resolve(db, user, history)
             with self._engine():
                 found, timings = self._sample(titles, seen_titles, k, seed, temperature,
@@ -480,6 +485,7 @@ class Recommender:
 
         out: list[Recommendations] = []
         with HistoryDB.open(self.db_path, readonly=True) as db:
+            self._check_catalog(db)
             resolved = [self._resolve(db, r.user, r.history) for r in requests]
             priors = [self._prior_for(r.prior, r.prior_weight) for r in requests]
             keys = [self._cache_key(resolved[i], priors[i], k, r.first_step) for i, r in enumerate(requests)]
@@ -620,6 +626,20 @@ class Recommender:
                 "build one with `genrec-edge prior build`, or use --prior none|pop"
             )
         return prior if weight is None or weight == prior.weight else prior.with_weight(weight)
+
+    def _check_catalog(self, db) -> None:
+        """Refuse to answer from a database whose catalog is not the one this model was opened on: the file
+        was replaced, or items were ingested, while a server ran (answers named unknown items, or old titles).
+        A stat and one row per request; the catalog is re-read only when the file or its stored hash moved."""
+        mark = _catalog_mark(self.db_path, db)
+        if mark == self._catalog_mark:
+            return
+        if db.catalog().sha256 != self.catalog.sha256:
+            raise CatalogMismatchError(
+                f"the catalog of {self.db_path} changed since this model was opened (another file, or items "
+                "ingested): open it again (restart the server)"
+            )
+        self._catalog_mark = mark
 
     def _catalog_title(self, title: str) -> str | None:
         """The catalog's spelling of ``title`` (:func:`~.catalog.title_spellings`: itself, NFC, on one line);
@@ -854,6 +874,13 @@ def _sidecar_kind(model_dir: Path) -> str | None:
         return json.loads((model_dir / SIDECAR_JSON).read_text(encoding="utf-8")).get("kind")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def _catalog_mark(db_path: Path, db) -> tuple:
+    """What moves when the catalog may have: the file (replaced: another inode) and its stored catalog hash."""
+    stat = os.stat(db_path)
+    dataset = db.dataset()
+    return stat.st_dev, stat.st_ino, dataset.catalog_sha256 if dataset else None
 
 
 def _popularity_from_db(db_path: Path, catalog, weight: float | None):

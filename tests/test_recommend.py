@@ -453,3 +453,43 @@ def test_real_model_jump_forward_and_batching_change_no_result(tmp_path, cache_h
     for want, have in zip(expected, got, strict=True):
         assert [r.title for r in have.items] == [r.title for r in want.items]
         assert [r.score for r in have.items] == pytest.approx([r.score for r in want.items], abs=1e-4)
+
+
+def test_a_catalog_changed_under_an_open_recommender_is_refused(tiny_model, tiny_db, tmp_path, cache_home):
+    """A server kept answering from the catalog it opened after its database file was replaced, or items were
+    ingested into it: an item id the new file lacks came back as 404 'unknown item', renamed titles stayed."""
+    import os
+    import shutil
+
+    from genrec_edge.ingest import ingest
+
+    live = tmp_path / "live.db"
+    shutil.copy(tiny_db, live)
+    with Recommender.open(tiny_model, live, warn=lambda m: None) as rec:
+        before = [r.title for r in rec.recommend(user=2, k=3).items]
+        with HistoryDB.open(live) as db:  # history changes: the same catalog, answered as always
+            db.add_interaction(2, 10, timestamp=9_999_999_999)
+        assert rec.recommend(user=1, k=3).items
+        renamed = tmp_path / "renamed.db"
+        shutil.copy(live, renamed)
+        conn = sqlite3.connect(renamed)
+        with conn:
+            conn.execute("UPDATE items SET title = 'Heat II (1996)' WHERE id = 30")
+        conn.close()  # checkpointed into the file
+        for suffix in ("-wal", "-shm"):  # the old file's, not the new one's
+            (tmp_path / f"live.db{suffix}").unlink(missing_ok=True)
+        os.replace(renamed, live)  # another file at the same path
+        with pytest.raises(CatalogMismatchError, match="changed since this model was opened"):
+            rec.recommend(user=2, k=3)
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"live.db{suffix}").unlink(missing_ok=True)
+    shutil.copy(tiny_db, live)
+    with Recommender.open(tiny_model, live, warn=lambda m: None) as rec:
+        assert [r.title for r in rec.recommend(user=2, k=3).items] == before
+        extra = tmp_path / "extra"
+        extra.mkdir()
+        (extra / "items.csv").write_text("item_id,title\n5000,New Film (2020)\n")
+        (extra / "inter.csv").write_text("user_id,item_id,timestamp\n77,5000,1\n")
+        ingest(live, "csv", extra, interactions="inter.csv", items="items.csv", progress=False)  # the same file
+        with pytest.raises(CatalogMismatchError, match="changed since this model was opened"):
+            rec.recommend(history=[TINY_TITLES[10]], k=3)
