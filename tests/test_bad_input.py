@@ -217,6 +217,8 @@ ADVERSARIAL = [
     "\u202eevil\u202c override (2008)",
     "Comma, \"quote\", and 'apostrophe' (2009)",
     "Ünïcödé Ñame (2010)",
+    "[bold]Bold[/bold] (2011)",
+    "Closing [/x] tag (2012)",
 ]
 STORED = [one_line(title) for title in ADVERSARIAL]  # a prompt lists one title per line: "Line one Line two"
 
@@ -255,6 +257,22 @@ def test_adversarial_titles_round_trip_through_history(adversarial_db, capsys):
     rc, out, _ = run(capsys, "history", "show", "--user", "2", "--json", "--db", str(adversarial_db))
     assert rc == 0
     assert [r["title"] for r in json.loads(out)] == STORED  # found by the spelling of the source file too
+
+
+def test_titles_with_square_brackets_print_as_they_are_in_tables(adversarial_db, model_root, capsys):  # noqa: F811
+    # rich read "[/x]" as markup: a closing tag without an opening one crashed the command (exit 70), and
+    # "[bold]Bold[/bold]" lost its brackets.
+    model = tiny_model_for(adversarial_db, model_root, tuple(STORED))
+    rc, out, err = run(capsys, "items", "search", "tag", "--db", str(adversarial_db))
+    assert rc == 0 and "Closing [/x] tag (2012)" in out, err
+    rc, out, err = run(capsys, "recommend", "--model", str(model), "--db", str(adversarial_db), "--threads", "1",
+                       "--user", "1", "--k", str(len(STORED) - 3))  # every unseen title
+    assert rc == 0 and "Closing [/x] tag (2012)" in out and "[bold]Bold[/bold] (2011)" in out, err
+    rc, out, err = run(capsys, "history", "add", "--user", "3", "--title", "Closing [/x] tag (2012)", "--db",
+                       str(adversarial_db))
+    assert rc == 0 and "Closing [/x] tag (2012)" in out, err
+    rc, out, err = run(capsys, "history", "show", "--user", "3", "--db", str(adversarial_db))
+    assert rc == 0 and "Closing [/x] tag (2012)" in out, err
 
 
 # ------------------------------------------------------------------------------------------ recommend & models

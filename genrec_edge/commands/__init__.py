@@ -20,11 +20,15 @@ def parse_users(users: str) -> int | None:
 
 def table_console(**kwargs):
     """A rich Console for tables on stdout: the terminal's width; where stdout is a file or a pipe (rich's 80
-    columns, unless COLUMNS says otherwise), wide enough that no column is squeezed out or cut short."""
+    columns, unless COLUMNS says otherwise), wide enough that no column is squeezed out or cut short.
+
+    Markup is off: cells hold data (a title such as "[/x] Tag" crashed the command, "[bold]Bold" lost its
+    brackets), printed as it is."""
     import os
 
     from rich.console import Console
 
+    kwargs.setdefault("markup", False)
     console = Console(**kwargs)
     if not console.is_terminal and "COLUMNS" not in os.environ:
         console = Console(width=max(console.width, 200), **kwargs)
