@@ -428,6 +428,9 @@ class GrammarSampler:
         engine = self.engine
         llama_cpp.llama_sampler_reset(self.grammar)
         engine.seq_clear(scratch)
+        # Every lone-token decode leaves a padding cell (Engine.decode): cleared with each try, or a long
+        # sampling run filled the context ("llama_decode failed" after ~140 tries of the tiny model).
+        engine.seq_clear(engine.pad_seq)
         n = len(prompt_tokens)
         # The scratch sequence gets the prompt's cells but the last token is decoded again, because
         # the logits of an earlier decode are gone by now.

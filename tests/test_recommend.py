@@ -245,6 +245,18 @@ def test_sampling_returns_distinct_unseen_catalog_titles(rec):
     assert calls[-1][1] == len(titles) and all(a[1] <= b[1] for a, b in zip(calls, calls[1:], strict=False))
 
 
+def test_a_long_sampling_run_does_not_fill_the_context(rec):
+    # Each lone-token decode leaves a padding cell; one request of many tries filled the tiny model's context
+    # ("llama_decode failed ... the context has N cells") after ~140 tries.
+    unseen = len(set(DEFAULT_TITLES) - {TINY_TITLES[i] for i in TINY_HISTORIES[1]})
+    tries = rec.engine.n_ctx // 8  # each try decodes ~10 lone tokens: far more than the context has cells
+    calls = []
+    result = rec.recommend(user=1, k=unseen, sample=True, seed=2, max_tries=tries, temperature=0.3,
+                           progress=lambda n, found: calls.append(found))
+    assert len(result.items) <= unseen and rec.engine.seq_len(rec.engine.pad_seq) < 64
+    assert len(calls) == tries or calls[-1] == unseen
+
+
 def test_options_that_would_be_ignored_are_refused(rec):
     # Sampling fuses no prior and needs a temperature it can divide by; a weight needs a prior to weigh.
     for kwargs in ({"prior": "none"}, {"prior_weight": 1.0}, {"temperature": 0.0}, {"temperature": float("nan")},
