@@ -225,6 +225,7 @@ def model_provenance(path: Path) -> dict:
 
 
 PRIOR_CHOICES = ("none", "pop", "sasrec")
+MAX_SEED = 2**32 - 2  # llama.cpp's sampler seed is 32 bits; 2**32 - 1 is LLAMA_DEFAULT_SEED, "random"
 
 
 class Recommender:
@@ -453,6 +454,10 @@ class Recommender:
         if prior is not None or prior_weight is not None:
             raise UsageError("sampling fuses no prior: drop prior / prior_weight, or search instead (sample=False)")
         max_tries = None if max_tries is None else _whole(max_tries, "max_tries", 1)
+        seed = _whole(seed, "the sampling seed")
+        if not 0 <= seed <= MAX_SEED:  # llama.cpp keeps 32 bits, and 0xFFFFFFFF means "a random seed"
+            raise UsageError(f"the sampling seed must be from 0 to {MAX_SEED} (got {seed}): each seed gives the "
+                             "same titles again")
         if isinstance(temperature, bool) or not (isinstance(temperature, int | float) and math.isfinite(temperature)
                                                   and temperature > 0):
             raise UsageError(f"the sampling temperature must be a finite number > 0 (got {temperature!r}); "

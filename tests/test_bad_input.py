@@ -313,6 +313,9 @@ def test_recommend_user_who_has_seen_everything(tiny_db, tiny_model, capsys):  #
         (("--sample", "--beam", "3"), "--beam does not apply to --sample"),
         (("--sample", "--temperature", "0"), "--temperature must be a finite number > 0"),
         (("--sample", "--temperature", "inf"), "--temperature must be a finite number > 0"),
+        (("--sample", "--seed", "-1"), "seed must be from 0 to 4294967294"),  # -1 and 2**32-1: llama.cpp's "random"
+        (("--sample", "--seed", "4294967295"), "seed must be from 0 to 4294967294"),
+        (("--sample", "--seed", "4294967296"), "seed must be from 0 to 4294967294"),  # was seed 0, wrapped
         (("--seed", "3"), "--seed applies to --sample only"),
         (("--temperature", "2"), "--temperature applies to --sample only"),
         (("--prior", "none", "--prior-weight", "2"), "a prior weight needs a prior"),
