@@ -21,12 +21,14 @@ and left as it is. One process writes a file at a time (an exclusive lock).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import EmptyHistoryError, FileAccessError, IngestError, NotFoundError, UsageError
+from .history import INT64_MAX, INT64_MIN
 from .jsonlog import json_line, lock_exclusive
 
 OUT_FORMAT = "genrec-edge-recommendations"
@@ -50,11 +52,14 @@ class BatchReport:
 
 
 # ------------------------------------------------------------------------------------------------ users
+_USER_ID = re.compile(r"[+-]?[0-9]+")
+
+
 def read_users_file(path: str | Path) -> list[int]:
     """User ids, one per line (blank lines and ``#`` comments skipped), in file order, duplicates dropped."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel, Notepad) is not part of the first id
     except OSError as exc:
         raise FileAccessError(f"cannot read the users file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
@@ -64,10 +69,12 @@ def read_users_file(path: str | Path) -> list[int]:
         value = line.split("#", 1)[0].strip()
         if not value:
             continue
-        try:
-            users[int(value)] = None
-        except ValueError:
-            raise IngestError(f"{path}:{number}: not a user id: {value!r}") from None
+        if not _USER_ID.fullmatch(value):  # int() also takes "4_2" and other scripts' digits
+            raise IngestError(f"{path}:{number}: not a user id: {value!r}")
+        user = int(value)
+        if not INT64_MIN <= user <= INT64_MAX:
+            raise IngestError(f"{path}:{number}: user id {value} is out of range (SQLite integers are 64-bit)")
+        users[user] = None
     if not users:
         raise UsageError(f"the users file {path} lists no user")
     return list(users)

@@ -151,6 +151,13 @@ def test_cli_users_file(tiny_model, tiny_db, tmp_path, capsys):
     fails(args, 4, f"unknown user 999 (in {users})")
     users.write_text("4\nfour\n", encoding="utf-8")
     fails(args, 6, f"{users}:2: not a user id: 'four'")
+    for bad in ("4_2", "\uff14"):  # int() takes both, as 42 and 4
+        users.write_text(f"4\n{bad}\n", encoding="utf-8")
+        fails(args, 6, f"{users}:2: not a user id: {bad!r}")
+    users.write_text("4\n99999999999999999999\n", encoding="utf-8")  # was an internal error (exit 70)
+    fails(args, 6, f"{users}:2: user id 99999999999999999999 is out of range")
+    users.write_bytes(b"\xef\xbb\xbf4\n2\n")  # a BOM, as Notepad and Excel write: was "not a user id"
+    assert main(args) == 0 and "2 users" in capsys.readouterr().out
     fails([*args[:2], str(tmp_path / "missing.txt"), *args[3:]], 14, "cannot read the users file")
     fails([*args[:2], str(tmp_path), *args[3:]], 14, "cannot read the users file")  # a folder
     users.write_text("4\n", encoding="utf-8")
