@@ -242,18 +242,21 @@ def write_parquet(jsonl: Path, dest: Path, chunk: int = 50_000) -> Path:
         for values in columns.values():
             values.clear()
 
-    with pq.ParquetWriter(tmp, schema) as writer, open(jsonl, encoding="utf-8") as fh:
-        next(fh, None)  # the header
-        for line in fh:
-            data = json.loads(line)
-            for item in data["items"]:
-                columns["user"].append(data["user"])
-                for name in ("rank", "title", "item_ids", "score", "lm_score"):
-                    columns[name].append(item[name])
-            if len(columns["user"]) >= chunk:
-                flush(writer)
-        flush(writer)
-    tmp.replace(dest)
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer, open(jsonl, encoding="utf-8") as fh:
+            next(fh, None)  # the header
+            for line in fh:
+                data = json.loads(line)
+                for item in data["items"]:
+                    columns["user"].append(data["user"])
+                    for name in ("rank", "title", "item_ids", "score", "lm_score"):
+                        columns[name].append(item[name])
+                if len(columns["user"]) >= chunk:
+                    flush(writer)
+            flush(writer)
+        tmp.replace(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -355,6 +358,9 @@ def recommend_users(
         except ImportError:
             raise UsageError("--parquet needs pyarrow: pip install pyarrow") from None
     out = Path(out)
+    if parquet and out.with_suffix(".parquet").is_dir():  # found after every user was ranked, before
+        raise FileAccessError(f"cannot use {out.with_suffix('.parquet')}: a folder is there, where --parquet "
+                              "writes its copy")
     db_path = Path(db) if db is not None else paths.default_db()
     with HistoryDB.open(db_path, readonly=True) as history:
         if users is None:

@@ -164,6 +164,10 @@ def test_cli_users_file(tiny_model, tiny_db, tmp_path, capsys):
     fails([*args[:-6], "--out", str(tmp_path), *args[-4:]], 14, "is not a file")
     fails([*args, "--seed", "3"], 2, "do not combine")  # --sample's options, ignored before
     fails([*args, "--parquet", "--out", str(tmp_path / "r.parquet")], 2, "would be overwritten")
+    (tmp_path / "recs.parquet").mkdir()  # refused before any ranking, not after it (and no .partial left)
+    fails([*args, "--parquet"], 14, "a folder is there, where --parquet writes its copy")
+    (tmp_path / "recs.parquet").rmdir()
+    assert not list(tmp_path.glob(".*partial*"))
     fails(["recommend", "--user", "1", "--batch", "4", "--model", str(tiny_model), "--db", str(tiny_db)], 2,
           "--batch applies to batch runs")
     fails(["recommend", "--all-users", "--model", str(tiny_model), "--db", str(tiny_db)], 2, "needs --out")
