@@ -831,16 +831,25 @@ def _host_header_ok(header: str | None) -> bool:
 
 class _Protocol(H11Protocol):
     """uvicorn's h11 protocol, answering a malformed request with our JSON error (not text) and closing a
-    connection that sends no request within ``request_timeout``."""
+    connection whose next request's headers have not arrived ``request_timeout`` after it opened or after
+    its previous response (uvicorn's keep-alive timer stops at the first byte: headers sent a byte at a time
+    held a connection open for as long as the client liked)."""
 
     request_timeout = REQUEST_TIMEOUT
+    _responses = 0
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
-        self.loop.call_later(self.request_timeout, self._close_if_silent)
+        self.loop.call_later(self.request_timeout, self._close_if_silent, 0)
 
-    def _close_if_silent(self) -> None:
-        if self.cycle is None:
+    def on_response_complete(self) -> None:
+        self._responses += 1
+        super().on_response_complete()
+        self.loop.call_later(self.request_timeout, self._close_if_silent, self._responses)
+
+    def _close_if_silent(self, responses: int) -> None:
+        # IDLE: no complete request line and headers since (h11 buffers a partial one).
+        if self.conn.their_state is h11.IDLE and self._responses == responses and not self.transport.is_closing():
             self.transport.close()
 
     def send_400_response(self, msg: str) -> None:

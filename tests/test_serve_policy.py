@@ -89,6 +89,33 @@ def test_a_body_that_does_not_arrive_in_time_is_408_and_a_silent_connection_is_c
         assert request(server.url + "/health")[0] == 200
 
 
+def test_the_next_request_on_a_kept_alive_connection_has_the_same_deadline(tiny_db):
+    """After a first request, a second one's headers sent a byte at a time were waited for indefinitely."""
+    with running(make_server(tiny_db, port=0, request_timeout=0.5)) as server:
+        sock = socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        first = b""
+        while b"\r\n\r\n" not in first or not first.rstrip().endswith(b"}"):
+            first += sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n":  # never the final blank line
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)
+            if time.monotonic() - started > 3:
+                break
+        if not closed:
+            sock.settimeout(5)
+            closed = sock.recv(100) == b""
+        assert closed and time.monotonic() - started < 3
+        sock.close()
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(tiny_db):
     with running(make_server(tiny_db, port=0)) as server:
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
