@@ -13,8 +13,9 @@ count (cpu_share.py): a lone request still runs on every core, concurrent ones s
 plus ``workers``, how many calls it serves at once; :func:`ordered_map` keeps that many busy while the
 results come back in order. The process pool is :class:`concurrent.futures.ProcessPoolExecutor` (spawn: a forked child would
 inherit this process's threads and llama.cpp state): a free worker takes the next call. A worker that
-dies (killed, out of memory) breaks that executor; the pool then starts a fresh one: the calls that
-were in flight raise :class:`~genrec_edge.errors.WorkerLostError` (HTTP 503: retry), later ones are served.
+dies (killed, out of memory) breaks that executor, every worker of it: the pool then starts a fresh one
+(``restarts`` counts them); every call that was in flight, on any worker, raises
+:class:`~genrec_edge.errors.WorkerLostError` (HTTP 503: retry), later ones are served.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class RecommenderPool:
         self._kwargs = kwargs
         self._lock = threading.Lock()
         self.served: Counter[int] = Counter()  # calls answered, by worker process id
+        self.restarts = 0  # times a dead worker broke the executor and a fresh one was started
         self._executor, (self.default_prior, warnings) = self._start()
         for message in warnings:  # the first worker's, once: every worker opened the same files
             (warn or stderr_warning)(message)
@@ -191,6 +193,7 @@ class RecommenderPool:
             if self._executor is broken:  # the first caller to see it broken replaces it
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._executor = self._start()[0]
+                self.restarts += 1
 
     def close(self) -> None:
         with self._lock:

@@ -376,6 +376,8 @@ class Health(BaseModel):
     model: str | None
     recommend: bool = Field(description="Whether a model is loaded (POST /recommend answers).")
     workers: int = Field(description="Search processes (serve --workers); 0: searches run in the server process.")
+    worker_restarts: int = Field(0, description="Times a search process died and all were started afresh (the "
+                                 "requests in flight then got 503).")
     cache: int = Field(0, description="Searches each search process keeps for repeated requests (serve --cache).")
     db: DatabaseInfo
 
@@ -412,6 +414,7 @@ class Service:
                                 items=db.count_items())
         return Health(version=__version__, model=str(self.model) if self.model else None,
                       recommend=self.recommender is not None, workers=getattr(self.recommender, "workers", 0),
+                      worker_restarts=getattr(self.recommender, "restarts", 0),
                       cache=getattr(self.recommender, "cache_size", 0), db=info)
 
     def user_history(self, user: int, limit: int | None) -> History:

@@ -80,6 +80,7 @@ def test_pool_bad_input_fails_as_one_process_does(pool, tiny_db, tiny_model, tmp
 
 def test_a_dead_worker_is_replaced(pool):
     before = _ranked(pool.recommend(user=2, k=3))
+    restarts = pool.restarts
     victim = multiprocessing.active_children()[0].pid
     os.kill(victim, signal.SIGKILL)
     # The executor notices the death on its own thread: until then the other worker answers; the first
@@ -98,6 +99,7 @@ def test_a_dead_worker_is_replaced(pool):
     assert victim not in pids and len(pids) == 2, pids
     assert all(a == before for a in answers)  # answers before the replacement (if any) are right too
     assert _ranked(pool.recommend(user=2, k=3)) == before
+    assert pool.restarts == restarts + 1  # what /health reports as worker_restarts
     assert status_for(WorkerLostError("x")) == 503
 
 

@@ -84,7 +84,7 @@ def test_health(db_server):
     assert status == 200
     assert headers["Content-Type"].startswith("application/json")
     assert body["status"] == "ok"
-    assert body["recommend"] is False and body["workers"] == 0 and body["cache"] == 0
+    assert body["recommend"] is False and body["workers"] == 0 and body["cache"] == 0 and body["worker_restarts"] == 0
     assert body["db"]["users"] == len(TINY_HISTORIES) + 1
     assert body["db"]["items"] == len(TINY_TITLES)
 
