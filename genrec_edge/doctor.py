@@ -247,8 +247,9 @@ def run_checks(db: str | Path | None, model: str | Path | None, runtime: bool = 
     else:
         checks.append(Check("database", WARN, "skipped (no --db)"))
     if model is not None:
-        checks.extend(check_model(model, catalog_sha if db is not None else None))
-        if catalog_sha is not None and Path(model).is_file():
+        model_checks = check_model(model, catalog_sha if db is not None else None)
+        checks.extend(model_checks)
+        if catalog_sha is not None and all(c.status != FAIL for c in model_checks):  # a broken model has none
             checks.extend(check_prior(model, db))
     else:
         checks.append(Check("model", WARN, no_model))

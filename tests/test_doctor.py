@@ -108,6 +108,7 @@ def test_model_problems(tiny_db, tmp_path, capsys, case, check, code, message):
     errors = err.strip().splitlines()
     assert len(errors) == 1 and errors[0].startswith(f"error: {check}: ") and message in errors[0]
     assert "ok   integrity" in out  # the database side is still checked and fine
+    assert "prior:" not in out  # a broken model has no prior to report ("ok prior: none" read as fine)
 
 
 def test_model_without_provenance_is_a_warning(tiny_db, tmp_path, capsys):
