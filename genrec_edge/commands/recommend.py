@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(None, "--threads", min=1, help="Most CPU threads for llama.cpp (default: all cores; fewer while other programs keep cores busy)."),
         beam: int = typer.Option(None, "--beam", min=1, help="Beam width (default: max(10, 2k))."),
         sample: bool = typer.Option(False, "--sample", help="Sample titles with the catalog grammar instead of beam search."),
-        seed: int = typer.Option(None, "--seed", help="Random seed for --sample, 0 to 4294967294 \\[default: 0]; the same seed, the same titles."),
+        seed: int = typer.Option(None, "--seed", help="Random seed for --sample \\[default: 0]: 0 to 4294967294; the same seed, the same titles."),
         temperature: float = typer.Option(None, "--temperature", help="Temperature for --sample, > 0 "
                                           f"\\[default: {DEFAULT_SAMPLE_TEMPERATURE:g}]."),
         prior: str = typer.Option(None, "--prior", help=PRIOR_HELP),
