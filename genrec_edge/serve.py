@@ -91,6 +91,8 @@ MAX_TITLE_CHARS = 2000
 MAX_LIMIT = 1_000_000
 MAX_INFLIGHT = 16
 BATCH_WAIT_MS = 10.0  # how long a /recommend request waits for others to share its search
+GONE_POLL_S = 0.1  # how often a queued /recommend request looks whether its client is still there
+CLIENT_GONE = 499  # the access log's status for a request whose client left before its search (nginx's)
 MIN_ID, MAX_ID = -(2**63), 2**63 - 1  # SQLite INTEGER, as the history database stores ids and times
 REQUEST_TIMEOUT = 30.0  # seconds a client may take to send its request, and then its body
 
@@ -422,7 +424,8 @@ class Service:
             rows = db.history(user, limit)
         return History(user=user, history=[Interaction.of(r) for r in rows])
 
-    def recommend(self, request: RecommendRequest) -> Recommendations:
+    def recommend(self, request: RecommendRequest, gone: threading.Event | None = None) -> Recommendations:
+        """``gone`` set (the client disconnected) while the request waits its turn: :class:`ClientGone`."""
         if self._batcher is None:
             raise HTTPError(503, "no model loaded: start the server with --model")
         from .recommend import Request
@@ -430,7 +433,7 @@ class Service:
         recs = self._batcher.submit(
             Request(user=request.user, history=None if request.history is None else tuple(request.history),
                     prior=request.prior, prior_weight=request.prior_weight),
-            request.k,
+            request.k, gone,
         )
         return Recommendations.of(recs)
 
@@ -471,13 +474,19 @@ class RequestBatcher:
         self._queue: list[_Pending] = []
         self._leaders = 0  # threads now forming or searching a group
 
-    def submit(self, request: Any, k: int):
-        pending = _Pending(request, k)
+    def submit(self, request: Any, k: int, gone: threading.Event | None = None):
+        """The request's result. While it waits for a free slot, ``gone`` set (its client disconnected)
+        takes it out of the queue with :class:`ClientGone`: abandoned requests are not searched for nobody
+        (clients that time out and retry made the queue grow). A search under way runs to its end."""
+        pending = _Pending(request, k, gone)
         with self._cond:
             self._queue.append(pending)
             self._cond.notify_all()
             while self._leaders >= self.parallel and not pending.done.is_set():  # wait for ours or a free slot
-                self._cond.wait()
+                self._cond.wait(None if gone is None else GONE_POLL_S)
+                if pending.is_gone() and pending in self._queue:
+                    self._queue.remove(pending)
+                    raise ClientGone()
             if pending.done.is_set():
                 return pending.result()
             self._leaders += 1
@@ -502,6 +511,9 @@ class RequestBatcher:
                     self._cond.wait(left)
                 if mine not in self._queue:
                     return
+                for p in [p for p in self._queue if p.is_gone() and p is not mine]:  # nobody to answer
+                    self._queue.remove(p)
+                    p.fail(ClientGone())
                 k = self._queue[0].k
                 group = [p for p in self._queue if p.k == k][: self.size]
                 for p in group:
@@ -527,9 +539,13 @@ class RequestBatcher:
             p.succeed(result)
 
 
+class ClientGone(Exception):  # noqa: N818 - a state, not a failure: nobody is waiting for the answer
+    """The client of a queued /recommend request disconnected before its search began."""
+
+
 class _Pending:
-    def __init__(self, request: Any, k: int):
-        self.request, self.k = request, k
+    def __init__(self, request: Any, k: int, gone: threading.Event | None = None):
+        self.request, self.k, self.gone = request, k, gone
         self.done = threading.Event()
         self._value: Any = None
         self._error: BaseException | None = None
@@ -541,6 +557,9 @@ class _Pending:
     def fail(self, error: BaseException) -> None:
         self._error = error
         self.done.set()
+
+    def is_gone(self) -> bool:
+        return self.gone is not None and self.gone.is_set() and not self.done.is_set()
 
     def result(self) -> Any:
         if self._error is not None:
@@ -640,8 +659,30 @@ def create_app(
               responses={**BAD, 404: {"model": Error, "description": "Unknown user or title."}, **BODY,
                          422: {"model": Error, "description": "The user has no history to recommend from."},
                          **BUSY, **ERRORS})
-    def recommend(body: RecommendRequest) -> Recommendations:
-        return service.recommend(body)
+    async def recommend(body: RecommendRequest, request: Request) -> Recommendations:
+        # The search runs in a worker thread, as a plain route's would; meanwhile the event loop watches the
+        # connection, and a client gone before its request's search began is not searched for.
+        gone = threading.Event()
+
+        async def watch() -> None:
+            while not await request.is_disconnected():
+                await anyio.sleep(GONE_POLL_S)
+            gone.set()
+
+        error: Exception | None = None
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(watch)
+            try:
+                result = await anyio.to_thread.run_sync(service.recommend, body, gone)
+            except Exception as exc:  # noqa: BLE001 - raised below, as itself: a task group would wrap it
+                error = exc
+            finally:
+                tasks.cancel_scope.cancel()
+        if isinstance(error, ClientGone):
+            return Response(status_code=CLIENT_GONE)  # nobody reads it; the access log says 499
+        if error is not None:
+            raise error
+        return result
 
     @app.post("/history", status_code=201, operation_id="addHistory", response_description="The stored interaction.",
               summary="Record that a user interacted with an item (by id or exact title).",

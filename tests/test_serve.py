@@ -502,3 +502,37 @@ def test_sigint_stops_an_idle_server(tiny_db, tiny_model):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_queued_request_whose_client_left_is_not_searched(tiny_db, tiny_model):
+    """Clients that time out (and retry) used to leave their requests in the queue, each searched for nobody:
+    six abandoned requests held the next one up for ~20 s on the real model."""
+    from genrec_edge.recommend import Recommender
+
+    with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as rec:
+        searched: list[int] = []
+        real = rec.recommend_many
+
+        def counting(requests, k=10):
+            searched.extend(r.user for r in requests)
+            return real(requests, k=k)
+
+        rec.recommend_many = counting
+        lines: list[str] = []
+        with running(make_server(tiny_db, port=0, recommender=rec, log=lines.append)) as server:
+            port = server.server_address[1]
+            body = json.dumps({"user": 2, "k": 3}).encode()
+            with rec.lock:  # the search process is busy: the requests below wait in the queue
+                for _ in range(4):
+                    sock = socket.create_connection(("127.0.0.1", port))
+                    sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                    time.sleep(0.1)
+                    sock.close()  # the client gives up
+                time.sleep(0.5)  # longer than GONE_POLL_S: each waiting request has seen its client leave
+            status, answer, _ = http(server.url + "/recommend", "POST", {"user": 1, "k": 3})
+            assert status == 200, answer
+        statuses = [line.rsplit(" ", 1)[-1] for line in lines if '"POST /recommend' in line]
+        # The first had already taken the search slot (it waited on the lock): only it was searched.
+        assert statuses.count("499") == 3 and statuses.count("200") == 2, lines
+        assert searched == [2, 1]
