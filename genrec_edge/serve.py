@@ -642,6 +642,12 @@ def create_app(
     def health() -> Health:
         return service.health()
 
+    @app.head("/health", summary="Liveness alone, for probes that send HEAD.", operation_id="healthHead",
+              response_description="The service is up.", responses={**BUSY, **ERRORS})
+    def health_head() -> Response:
+        service.health()  # the same checks (the database opens), no body
+        return Response(status_code=200)
+
     @app.get("/openapi.json", summary="This OpenAPI description.", operation_id="openapi", response_model=None,
              response_description="OpenAPI 3 document.")
     def openapi() -> JSONResponse:
@@ -1077,6 +1083,7 @@ def serve(
     cache: int = 0,
     allow_remote: bool = False,
     token: str | None = None,
+    busy_timeout: float = 5.0,
     log: Callable[[str], None] | None = None,
     ready: Callable[[str], None] | None = None,
 ) -> None:
@@ -1087,7 +1094,8 @@ def serve(
     Must run in the main thread (it installs the signal handlers, restoring the previous ones on return).
     """
     server = make_server(db, model, host=host, port=port, threads=threads, beam=beam, batch=batch,
-                         workers=workers, cache=cache, allow_remote=allow_remote, token=token, log=log)
+                         workers=workers, cache=cache, allow_remote=allow_remote, token=token,
+                         busy_timeout=busy_timeout, log=log)
 
     def _stop(signum: int, frame: Any) -> None:
         server.shutdown(wait=False)  # a second signal changes nothing: in-flight requests still finish

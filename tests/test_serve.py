@@ -89,6 +89,16 @@ def test_health(db_server):
     assert body["db"]["items"] == len(TINY_TITLES)
 
 
+def test_head_health_for_probes(db_server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", db_server.server_address[1], timeout=10)
+    conn.request("HEAD", "/health")  # was 405: HEAD-based health probes failed
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.read() == b""
+    conn.close()
+
+
 def test_user_history_in_time_order_with_exact_titles(db_server):
     status, body, _ = http(db_server.url + "/users/1/history")
     assert status == 200
@@ -441,11 +451,11 @@ def test_recommend_prior_field(model_server):
     assert status == 200 and body["prior"] == "none", body
 
 
-def _start_cli_server(tiny_db: Path, model: Path) -> tuple[subprocess.Popen, int]:
+def _start_cli_server(tiny_db: Path, model: Path, *extra: str) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, OMP_WAIT_POLICY="passive", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "genrec_edge", "serve", "--port", "0", "--db", str(tiny_db), "--model", str(model),
-         "--threads", "1"],
+         "--threads", "1", *extra],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
     )
     deadline = time.monotonic() + 30
@@ -536,3 +546,19 @@ def test_a_queued_request_whose_client_left_is_not_searched(tiny_db, tiny_model)
         # The first had already taken the search slot (it waited on the lock): only it was searched.
         assert statuses.count("499") == 3 and statuses.count("200") == 2, lines
         assert searched == [2, 1]
+
+
+def test_serve_busy_timeout_bounds_the_wait_for_a_locked_database(tiny_db, tiny_model):
+    """`serve` had no --busy-timeout (every other command that writes has one): a write waited a fixed 5 s."""
+    proc, port = _start_cli_server(tiny_db, tiny_model, "--busy-timeout", "0.2")
+    holder = sqlite3.connect(tiny_db, timeout=0.1)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        status, body, _ = http(f"http://127.0.0.1:{port}/history", "POST", {"user": 1, "item_id": 10, "timestamp": 5})
+        assert status == 503 and "locked" in body["error"] and time.monotonic() - started < 2, body
+    finally:
+        holder.rollback()
+        holder.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -39,6 +39,8 @@ def register(app: typer.Typer) -> None:
             None, "--token", envvar="GENREC_EDGE_TOKEN", show_envvar=True,
             help="Require `Authorization: Bearer TOKEN` on every route but /health.",
         ),
+        busy_timeout: float = typer.Option(5.0, "--busy-timeout", min=0.0, help="Seconds a request waits for a "
+                                           "database another process has locked (then 503)."),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log."),
     ) -> None:
         """Serve recommendations and history over a local JSON HTTP API (OpenAPI at /openapi.json).
@@ -75,6 +77,6 @@ def register(app: typer.Typer) -> None:
 
         run_server(
             db, model, host=host, port=port, threads=threads, beam=beam, batch=batch, workers=workers, cache=cache,
-            allow_remote=allow_remote, token=token, log=None if quiet else log, ready=ready,
+            allow_remote=allow_remote, token=token, busy_timeout=busy_timeout, log=None if quiet else log, ready=ready,
         )
         typer.echo("stopped", err=True)
