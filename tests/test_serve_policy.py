@@ -201,10 +201,13 @@ def test_health_counts_without_reading_the_catalog_and_sees_an_ingest(tiny_db, t
         assert body["db"]["users"] == 10  # 8 users, the empty one, and the ingested user 500
 
 
-def test_head_and_cors_preflight_are_not_served(tiny_db):
+def test_head_only_on_health_and_no_cors_preflight(tiny_db):
     with running(make_server(tiny_db, port=0)) as server:
         conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-        conn.request("HEAD", "/health")
+        conn.request("HEAD", "/health")  # for probes that send HEAD
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b""
+        conn.request("HEAD", "/users/1/history")
         resp = conn.getresponse()
         assert resp.status == 405 and resp.getheader("Allow") == "GET"
         assert resp.read() == b""
