@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import numbers
 import operator
 import os
 import sys
@@ -70,7 +71,7 @@ MAX_PRIOR_WEIGHT = 1000.0
 
 def check_prior_weight(weight) -> None:
     """UsageError unless ``weight`` is a number (not a bool) in [0, MAX_PRIOR_WEIGHT]."""
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) \
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not math.isfinite(weight) \
             or not 0 <= weight <= MAX_PRIOR_WEIGHT:
         raise UsageError(f"the prior weight must be a number from 0 to {MAX_PRIOR_WEIGHT:g} (got {weight!r})")
 
@@ -184,8 +185,8 @@ class Request:
 
     @classmethod
     def of(cls, value) -> Request:
-        if isinstance(value, Request):
-            return value
+        if isinstance(value, Request):  # checked like any other: Request(user=1.5) was searched for user 1
+            return cls.one_of(value.user, value.history, value.prior, value.prior_weight, value.first_step)
         if value is None or isinstance(value, bool):
             raise UsageError(f"not a user id or a history: {value!r}")
         if hasattr(value, "__index__"):  # an int, or a numpy integer
@@ -225,6 +226,7 @@ def model_provenance(path: Path) -> dict:
 
 
 PRIOR_CHOICES = ("none", "pop", "sasrec")
+MAX_THREADS = 512  # GGML_MAX_N_THREADS
 MAX_SEED = 2**32 - 2  # llama.cpp's sampler seed is 32 bits; 2**32 - 1 is LLAMA_DEFAULT_SEED, "random"
 
 
@@ -321,6 +323,8 @@ class Recommender:
         db_path = Path(db) if db is not None else paths.default_db()
         beam = None if beam is None else _whole(beam, "--beam", 1)
         threads = None if threads is None else _whole(threads, "--threads", 1)
+        if threads is not None and threads > MAX_THREADS:  # 100,000 segfaulted inside ggml, 10**6 aborted
+            raise UsageError(f"--threads is at most {MAX_THREADS}, llama.cpp's limit (got {threads})")
         batch = _whole(batch, "batch", 1)
         cache = _whole(cache, "the result cache (searches kept)", 0)
         if isinstance(prior, str) and prior not in PRIOR_CHOICES and not Path(prior).is_dir():
@@ -458,10 +462,11 @@ class Recommender:
         if not 0 <= seed <= MAX_SEED:  # llama.cpp keeps 32 bits, and 0xFFFFFFFF means "a random seed"
             raise UsageError(f"the sampling seed must be from 0 to {MAX_SEED} (got {seed}): each seed gives the "
                              "same titles again")
-        if isinstance(temperature, bool) or not (isinstance(temperature, int | float) and math.isfinite(temperature)
+        if isinstance(temperature, bool) or not (isinstance(temperature, numbers.Real) and math.isfinite(temperature)
                                                   and temperature > 0):
             raise UsageError(f"the sampling temperature must be a finite number > 0 (got {temperature!r}); "
                              "for the most likely titles, search instead (sample=False)")
+        temperature = float(temperature)  # a numpy float too
         from .history import HistoryDB
 
         with HistoryDB.open(self.db_path, readonly=True) as db:
@@ -538,9 +543,12 @@ class Recommender:
         alone (engine.py keeps llama.cpp's numerics batch-independent). A bad request raises before any
         search. For workers without the history database (``cluster.RankActor``), fed what a driver read.
         """
+        k = _check_k(k)
+        beam = None if beam is None else _whole(beam, "beam", 1)
         chosen = self._prior_for(prior, prior_weight)
         group = []
         for history_titles, seen_titles, history_items in requests:
+            history_titles = _titles(history_titles)
             unknown = [t for t in history_titles if t not in self.title_index]
             if unknown:
                 raise NotFoundError(_unknown_title_message(unknown[0], self.trie.titles))
@@ -618,6 +626,7 @@ class Recommender:
             raise UsageError(f"unknown prior {kind!r}; use one of {', '.join(PRIOR_CHOICES)}")
         if weight is not None:
             check_prior_weight(weight)
+            weight = float(weight)  # a numpy float too: results carry it into JSON
         if kind == "none":
             if weight:
                 raise UsageError(_WEIGHT_WITHOUT_PRIOR)
@@ -827,7 +836,10 @@ def _whole(value, name: str, low: int | None = None) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         bound = "" if low is None else f" >= {low}"
         raise UsageError(f"{name} must be a whole number{bound} (got {value!r})")
-    number = operator.index(value)
+    try:
+        number = operator.index(value)
+    except TypeError:  # a numpy array has __index__ but refuses it unless it is a 0-d integer array
+        raise UsageError(f"{name} must be a whole number (got {type(value).__name__})") from None
     if low is not None and number < low:
         raise UsageError(f"{name} must be >= {low} (got {number})")
     return number
@@ -948,7 +960,7 @@ def check_default_model_catalog(db_path: Path) -> None:
 
 
 def _unknown_title_message(title: str, titles: Sequence[str]) -> str:
-    close = difflib.get_close_matches(title, titles, n=3, cutoff=0.6)
+    close = difflib.get_close_matches(title, titles, n=3, cutoff=0.6) if len(title) <= 1000 else []
     if not close and title.strip():  # a few words of a title ("heat"): titles starting with, then containing them
         text = title.strip().casefold()
         starts = sorted((t for t in titles if t.casefold().startswith(text)), key=len)
@@ -957,4 +969,5 @@ def _unknown_title_message(title: str, titles: Sequence[str]) -> str:
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     if title.startswith("--"):  # `--history --k 3`: the option was taken as the title
         hint = f"; {title!r} looks like an option: give the titles right after --history"
-    return f"unknown title {title!r} (titles must match the catalog exactly){hint}"
+    shown = repr(title) if len(title) <= 200 else repr(title[:200]) + f" (+{len(title) - 200} characters)"
+    return f"unknown title {shown} (titles must match the catalog exactly){hint}"

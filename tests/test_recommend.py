@@ -341,9 +341,37 @@ def test_a_title_in_decomposed_unicode_is_the_catalog_title(rec, capsys):
 
 
 def test_open_arguments_are_checked(tiny_model, tiny_db, cache_home):
-    for kwargs in ({"batch": "2"}, {"threads": "2"}, {"beam": 3.5}, {"prior_weight": "1"}, {"cache": 1.5}):
+    # threads=100_000 segfaulted inside ggml and 10**6 aborted the interpreter (std::bad_alloc)
+    for kwargs in ({"batch": "2"}, {"threads": "2"}, {"beam": 3.5}, {"prior_weight": "1"}, {"cache": 1.5},
+                   {"threads": 100_000}, {"threads": 513}):
         with pytest.raises(UsageError):
             Recommender.open(tiny_model, tiny_db, warn=lambda m: None, **kwargs)
+
+
+def test_request_objects_and_numpy_values_are_checked_like_the_rest(rec):
+    import numpy as np
+
+    from genrec_edge.recommend import Request
+
+    # Request objects went through unchecked: Request(user=1.5) was searched for user 1, "x" a raw ValueError.
+    for bad in (Request(user=1.5), Request(user="1"), Request(user=True), Request(),
+                Request(user=1, history=("Heat (1995)",)), Request(history="Heat (1995)"), Request(history=(5,)),
+                np.array(["Heat (1995)"])):
+        with pytest.raises(UsageError):
+            rec.recommend_many([bad], k=2)
+    for kwargs in ({"user": np.array([1])}, {"user": 1, "k": np.array([2])}):  # raw TypeErrors before
+        with pytest.raises(UsageError):
+            rec.recommend(**kwargs)
+    for k in (0, -1, 1.5):  # an IndexError, or accepted
+        with pytest.raises(UsageError):
+            rec.rank_titles(["Heat (1995)"], [], k)
+    with pytest.raises(UsageError):
+        rec.rank_titles(["Heat (1995)"], [], 2, beam=0)  # returned () silently
+    one = [r.title for r in rec.recommend(user=2, k=3, prior="pop", prior_weight=np.float32(2)).items]
+    assert one == [r.title for r in rec.recommend(user=2, k=3, prior="pop", prior_weight=2.0).items]
+    with pytest.raises(NotFoundError) as err:  # a message quoting a 2 MB title is bounded
+        rec.recommend(history=["x" * 2_000_000], k=2)
+    assert len(str(err.value)) < 1000
 
 
 def test_trie_is_cached_on_disk(tiny_model, tiny_db, cache_home):
