@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 
 # Threads and OpenMP (cpu_share.py, docs/FINDINGS.md). OMP_WAIT_POLICY=passive stays in the environment for
 # every OpenMP runtime of the process (torch's too): spinning collapses under contention. Where the engine
@@ -104,6 +105,12 @@ def default_threads() -> int:
 
 
 # ---------------------------------------------------------------------------------------- engine
+def _free_llama(batch, ctx, model) -> None:
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llama_cpp.llama_model_free(model)
+
+
 class Engine:
     """One model and one context. Not thread-safe by itself: callers hold :attr:`lock`."""
 
@@ -123,6 +130,9 @@ class Engine:
         self.pad_seq = n_seq_max  # one more than callers use: the padding token's sequence
         self.batch = llama_cpp.llama_batch_init(n_batch + 1, 0, n_seq_max + 1)
         self._closed = False
+        # An engine dropped without close() (a Recommender left to the garbage collector) frees llama.cpp's
+        # memory then: ~300 MB of the default model stayed allocated per forgotten Recommender.
+        self._free = weakref.finalize(self, _free_llama, self.batch, ctx, model)
 
     # ---------------------------------------------------------------- life cycle
     @classmethod
@@ -203,9 +213,7 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        llama_cpp.llama_batch_free(self.batch)
-        llama_cpp.llama_free(self.ctx)
-        llama_cpp.llama_model_free(self.model)
+        self._free()  # once: the finalizer is then dead
 
     def __enter__(self) -> Engine:
         return self

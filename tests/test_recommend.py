@@ -533,3 +533,19 @@ def test_a_catalog_changed_under_an_open_recommender_is_refused(tiny_model, tiny
         ingest(live, "csv", extra, interactions="inter.csv", items="items.csv", progress=False)  # the same file
         with pytest.raises(CatalogMismatchError, match="changed since this model was opened"):
             rec.recommend(history=[TINY_TITLES[10]], k=3)
+
+
+def test_a_recommender_left_to_the_garbage_collector_frees_llama_cpps_memory(tiny_model, tiny_db, cache_home):
+    # Without close(), llama.cpp's model and context stayed allocated: ~300 MB per forgotten default model.
+    import gc
+
+    rec = Recommender.open(tiny_model, tiny_db, warn=lambda m: None)
+    rec.recommend(user=2, k=3)
+    freed = rec.engine._free
+    assert freed.alive
+    del rec
+    gc.collect()
+    assert not freed.alive  # the finalizer ran: llama_free and llama_model_free were called
+    with Recommender.open(tiny_model, tiny_db, warn=lambda m: None) as rec:  # closing still frees once
+        finalizer = rec.engine._free
+    assert not finalizer.alive
