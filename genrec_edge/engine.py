@@ -72,7 +72,7 @@ OPENMP_SPIN: int | None = SPIN_COUNT if _spin_added else (
     int(os.environ["GOMP_SPINCOUNT"]) if os.environ.get("GOMP_SPINCOUNT", "").isdigit() else None)
 
 from .cpu_share import CoreShare, ThreadGovernor  # noqa: E402
-from .errors import CorruptModelError, EngineError, GrammarError  # noqa: E402
+from .errors import CorruptModelError, EngineError, GrammarError, UsageError  # noqa: E402
 from .models import require_model_file  # noqa: E402
 
 EXACT_BATCH = 63  # tokens per llama_decode: below the tiled attention kernel's 64 rows (module docstring)
@@ -105,6 +105,31 @@ def default_threads() -> int:
 
 
 # ---------------------------------------------------------------------------------------- engine
+# OpenMP's thread team does not survive os.fork(): a child of a process that ran llama.cpp on several
+# threads hangs in GOMP_parallel at its first multi-threaded decode (a fresh Engine too). Refused instead.
+_ran_threads = False  # this process has decoded on more than one thread
+_forked_after_threads = False  # ... and this is a forked child of it
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_threads
+    _forked_after_threads = _ran_threads
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+FORK_MESSAGE = ("llama.cpp's threads (OpenMP) do not survive os.fork(), and this process was forked from one that "
+                "ran them: use threads=1 here, or start processes with multiprocessing's 'spawn' method "
+                "(RecommenderPool does)")
+
+
+def _check_threads_usable() -> None:
+    """Before a decode on several threads: UsageError in a forked child of a process that ran them."""
+    global _ran_threads
+    if _forked_after_threads:
+        raise UsageError(FORK_MESSAGE)
+    _ran_threads = True
+
+
 def _free_llama(batch, ctx, model) -> None:
     llama_cpp.llama_batch_free(batch)
     llama_cpp.llama_free(ctx)
@@ -273,8 +298,9 @@ class Engine:
             batch.n_seq_id[1] = 1
             batch.seq_id[1][0] = self.pad_seq
             batch.logits[1] = 0
-        if self.governor is not None:
-            self.governor.before_call()
+        threads = self.governor.before_call() if self.governor is not None else self.threads
+        if threads > 1:
+            _check_threads_usable()
         rc = llama_cpp.llama_decode(self.ctx, batch)
         if rc != 0:
             raise EngineError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 
 import pytest
 from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES
@@ -549,3 +550,43 @@ def test_a_recommender_left_to_the_garbage_collector_frees_llama_cpps_memory(tin
     with Recommender.open(tiny_model, tiny_db, warn=lambda m: None) as rec:  # closing still frees once
         finalizer = rec.engine._free
     assert not finalizer.alive
+
+
+def test_a_forked_child_is_told_to_use_one_thread_instead_of_hanging(tiny_model, tiny_db, cache_home):
+    """OpenMP's thread team does not survive os.fork(): a child of a process that decoded on 2 threads hung
+    for ever in GOMP_parallel (multiprocessing's default start method on Linux is fork)."""
+    import os
+    import signal
+
+    with Recommender.open(tiny_model, tiny_db, threads=2, warn=lambda m: None) as rec:
+        expected = [r.title for r in rec.recommend(user=2, k=3).items]
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report through the pipe, never return into pytest
+        code = 1
+        try:
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # a hang is a failure, not a stuck test run
+            signal.alarm(30)
+            try:
+                with Recommender.open(tiny_model, tiny_db, threads=2, warn=lambda m: None) as child:
+                    child.recommend(user=2, k=3)
+                code = 2
+            except UsageError as exc:
+                if "do not survive os.fork()" in str(exc):
+                    with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as child:
+                        titles = [r.title for r in child.recommend(user=2, k=3).items]
+                    os.write(write, json.dumps(titles).encode())
+                    code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    deadline = time.monotonic() + 60
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if done[0] == 0:
+        os.kill(pid, signal.SIGKILL)
+        done = os.waitpid(pid, 0)
+    status = done[1]
+    answer = os.read(read, 65536)
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0 and json.loads(answer) == expected
