@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .catalog import Catalog, catalog_sha256, title_spellings
-from .errors import DatabaseError, DatabaseUnavailableError, NotFoundError, UsageError
+from .errors import DatabaseError, DatabaseUnavailableError, FileAccessError, NotFoundError, UsageError
 
 if TYPE_CHECKING:
     import sqlite_utils
@@ -143,10 +143,23 @@ def _casefold(value: str | None) -> str | None:
     return None if value is None else value.casefold()
 
 
+MAX_SEARCH_CHARS = 2000  # a title's length over HTTP; SQLite's LIKE allows patterns of at most 50,000 bytes
+
+
+def _utf8_safe(text: str) -> str:
+    """``text`` with any lone surrogate escaped: sqlite3 cannot encode it (a raw UnicodeEncodeError)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _whole_number(value) -> int | None:
     """``value`` as a Python int if it is a whole number (numpy integers too, which sqlite3 cannot bind); None
     for a bool, a float, a string."""
-    return None if isinstance(value, bool) or not hasattr(value, "__index__") else operator.index(value)
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:  # a numpy array has __index__, and refuses it unless 0-d
+        return None
 
 
 def _as_int64(value) -> int | None:
@@ -213,6 +226,8 @@ class HistoryDB:
         read-only file opened for writing, a lock held past ``busy_timeout`` seconds, or a schema
         newer than this version knows.
         """
+        if not isinstance(path, str | os.PathLike):
+            raise UsageError(f"a database path is a str or a Path, not {path!r}")
         path = Path(path)
         if isinstance(busy_timeout, bool) or not isinstance(busy_timeout, int | float) or \
                 not (math.isfinite(busy_timeout) and busy_timeout >= 0):
@@ -222,7 +237,10 @@ class HistoryDB:
         if not path.exists():
             if not create or readonly:
                 raise DatabaseError(f"no database at {path} (run `genrec-edge init`)")
-            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file in the way, no permission: the path, not a raw traceback
+                raise FileAccessError(f"cannot use {path}: {exc.strerror or exc}") from None
         elif not readonly and _is_read_only_file(path):
             raise DatabaseUnavailableError(f"database is read-only: {path} (fix its permissions or open it read-only)")
         try:
@@ -274,16 +292,24 @@ class HistoryDB:
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
+        if self._closed:  # sqlite3's own ProgrammingError escaped before
+            raise UsageError("this HistoryDB is closed: open another with HistoryDB.open")
         try:
             yield
         except sqlite3.Error as exc:
-            if self.conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error):
+                if self.conn.in_transaction:
                     self.conn.rollback()
             raise _translate(exc, self.path, self.busy_timeout) from None
 
+    _closed = False
+
     def close(self) -> None:
-        self.conn.close()
+        try:
+            self.conn.close()
+        except sqlite3.ProgrammingError:  # another thread's connection: sqlite3 refuses to touch it
+            raise UsageError("close a HistoryDB in the thread that opened it (one connection per thread)") from None
+        self._closed = True
 
     def __enter__(self) -> HistoryDB:
         return self
@@ -426,8 +452,10 @@ class HistoryDB:
     def item_by_title(self, title: str) -> list[Item]:
         """Items whose title is exactly ``title``, or another of its spellings (:func:`~.catalog.title_spellings`:
         NFC, on one line); MovieLens has a few duplicate titles."""
+        if not isinstance(title, str):
+            raise UsageError(f"a title is a string, not {title!r}")
         with self._errors():
-            for spelling in title_spellings(title):
+            for spelling in title_spellings(_utf8_safe(title)):
                 rows = self.conn.execute(
                     "SELECT id, title, year, genres FROM items WHERE title = ? ORDER BY id", (spelling,)
                 ).fetchall()
@@ -440,6 +468,13 @@ class HistoryDB:
         own LIKE folds ASCII only): exact, then prefix, then by id."""
         if not isinstance(text, str):
             raise UsageError(f"the text to search for is a string, not {text!r}")
+        if len(text) > MAX_SEARCH_CHARS:  # SQLite refuses longer LIKE patterns ("too complex"), a database error
+            raise UsageError(f"the text to search for is at most {MAX_SEARCH_CHARS} characters (got {len(text)})")
+        number = _whole_number(limit)
+        if number is None or number < 1:  # -1 returned everything, 1.5 a "datatype mismatch"
+            raise UsageError(f"limit must be a whole number >= 1 (got {limit!r})")
+        limit = number
+        text = _utf8_safe(text)
         folded = text.casefold()
         pattern = "%" + folded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         with self._errors():

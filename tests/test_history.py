@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import stat
+import threading
 import unicodedata
 
 import pytest
@@ -364,3 +365,46 @@ def test_cli_history_add_says_when_the_interaction_was_already_there(tiny_db, ca
     assert "was already recorded, rating 4; kept as it was" in " ".join(out.split())
     with HistoryDB.open(tiny_db, readonly=True) as db:
         assert [(h.item_id, h.rating) for h in db.history(1) if h.timestamp == 77] == [(10, 4.0)]
+
+
+def test_misuse_is_a_usage_error_not_a_raw_exception(tiny_db, tmp_path):
+    import numpy as np
+
+    from genrec_edge.errors import FileAccessError, UsageError
+
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        for bad in ({"limit": None}, {"limit": "x"}, {"limit": 1.5}, {"limit": -1}, {"limit": 0}):
+            with pytest.raises(UsageError):
+                db.find_items("a", **bad)  # TypeError, "datatype mismatch" (exit 3) or everything (-1) before
+        assert len(db.find_items("(1995)", limit=np.int64(2))) == 2  # numpy ints are fine, as elsewhere
+        with pytest.raises(UsageError):
+            db.find_items("x" * 60_000)  # SQLite's "LIKE pattern too complex", blamed on the database
+        assert db.find_items("\ud800") == [] and db.item_by_title("\ud800") == []  # no UnicodeEncodeError
+        with pytest.raises(UsageError):
+            db.item_by_title(None)
+    closed = HistoryDB.open(tiny_db, readonly=True)
+    closed.close()
+    for call in (lambda: closed.history(1), lambda: closed.catalog(), lambda: closed.users()):
+        with pytest.raises(UsageError, match="closed"):  # sqlite3.ProgrammingError escaped
+            call()
+    with pytest.raises(UsageError):
+        HistoryDB.open(None)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    with pytest.raises(FileAccessError):
+        HistoryDB.open(a_file / "sub" / "x.db", create=True)
+    other = HistoryDB.open(tiny_db, readonly=True)
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(_raises(other.close)))
+    thread.start()
+    thread.join()
+    assert errors == [UsageError]
+    other.close()
+
+
+def _raises(call):
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001
+        return type(exc)
+    return None
