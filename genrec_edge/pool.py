@@ -125,8 +125,8 @@ class RecommenderPool:
         corrupt model, a foreign catalog) raises the error ``Recommender.open`` raises, with its message and
         exit code, and the warnings it gives go to ``warn`` (default: stderr), once. ``cache``: each worker's
         result cache (``Recommender.open``); a repeated request is a hit where the worker that takes it has it."""
-        if workers < 1:
-            raise UsageError(f"workers must be at least 1, not {workers}")
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:  # "2" or 1.5: raw TypeErrors
+            raise UsageError(f"workers must be a whole number, at least 1, not {workers!r}")
         from .models import default_model_path
 
         kwargs = {"model": str(model if model is not None else default_model_path()), "db": str(db),
@@ -165,6 +165,8 @@ class RecommenderPool:
         return self._call(_rank_many, requests, k, prior, prior_weight)
 
     def _call(self, fn, *args) -> list:
+        if self._closed:  # the executor's own RuntimeError ("cannot schedule new futures") escaped before
+            raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
         executor = self._executor
         try:
             future = executor.submit(fn, *args)
@@ -195,8 +197,11 @@ class RecommenderPool:
                 self._executor = self._start()[0]
                 self.restarts += 1
 
+    _closed = False
+
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> RecommenderPool:

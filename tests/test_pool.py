@@ -70,8 +70,9 @@ def test_pool_bad_input_fails_as_one_process_does(pool, tiny_db, tiny_model, tmp
     with pytest.raises(UsageError, match="one string"):
         pool.recommend_many(["a title"], k=3)
     assert _ranked(pool.recommend(user=1, k=3)), "a bad request leaves the workers serving"
-    with pytest.raises(UsageError, match="at least 1"):
-        RecommenderPool.open(tiny_model, tiny_db, workers=0)
+    for workers in (0, "2", 1.5, None, True):  # the strings and floats were raw TypeErrors
+        with pytest.raises(UsageError, match="at least 1"):
+            RecommenderPool.open(tiny_model, tiny_db, workers=workers)
     bad = tmp_path / "model-Q8_0.gguf"
     bad.write_bytes(b"not a gguf")
     with pytest.raises(CorruptModelError):  # a worker's error, raised here with its type
@@ -266,3 +267,11 @@ def test_ctrl_c_to_the_process_group_stops_serve_cleanly(tiny_db, tiny_model):  
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_a_closed_pool_says_so(tiny_db, tiny_model):  # noqa: F811
+    pool = RecommenderPool.open(tiny_model, tiny_db, workers=1)
+    assert _ranked(pool.recommend(user=1, k=3))
+    pool.close()
+    with pytest.raises(UsageError, match="closed"):  # concurrent.futures' RuntimeError before
+        pool.recommend(user=1, k=3)
