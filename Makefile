@@ -21,16 +21,19 @@ LEVELS ?=# empty: every level (genrec_edge.quantize.LEVELS)
 FULL ?= 0
 export OMP_WAIT_POLICY ?= passive
 
-.PHONY: install demo test test-slow bench lint clean
+.PHONY: install demo test test-slow bench lint clean help
 
 ## install: venv; torch==2.13.0 (CPU) first; llama-cpp-python built for this machine; the package + extras
+# Where pip offers no CPU build of torch (plain PyPI has the CUDA one):
+#   make install TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_PIP_ARGS ?=
 # The llama step runs every time (under a second when the keyed wheel is installed): a flag or CPU change rebuilds.
 install: $(STAMP)
 	@$(BIN)/python scripts/llama_wheel.py --python $(BIN)/python
 $(STAMP): pyproject.toml Makefile scripts/llama_wheel.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q "torch==2.13.0" $(TORCH_PIP_ARGS)
 	$(BIN)/python scripts/llama_wheel.py --python $(BIN)/python
 	$(BIN)/pip install -q -e ".[train,bench,dev,cluster]"
 	touch $(STAMP)
@@ -56,5 +59,10 @@ bench: install
 lint: install
 	$(BIN)/ruff check genrec_edge convert bench tests scripts
 
+## clean: build outputs and caches (not .venv, not GENREC_EDGE_HOME)
 clean:
-	rm -rf build dist *.egg-info .pytest_cache
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+
+## help: this list (plain `make` is `make install`)
+help:
+	@sed -n 's/^## //p' $(MAKEFILE_LIST)
