@@ -317,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
     for rnd, cond, cfg in tqdm(plan, desc="configurations × conditions × rounds", unit="run"):
         runs.append({"round": rnd, "condition": cond, "config": cfg["name"],
                      "result": run_child(cfg, args.users_sample, hog=cond == "hog")})
-    stem = args.out / f"cost-model-{time.strftime('%Y-%m-%d')}"
+    from bench.saved_run import fresh_stem
+
     args.out.mkdir(parents=True, exist_ok=True)
+    stem = fresh_stem(args.out, f"cost-model-{time.strftime('%Y-%m-%d')}")
     stem.with_suffix(".json").write_text(json.dumps(
         {"date": time.strftime("%Y-%m-%d %H:%M"), "users": args.users_sample, "configs": cfgs, "runs": runs},
         indent=1), encoding="utf-8")

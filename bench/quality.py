@@ -200,12 +200,10 @@ def run(args: argparse.Namespace) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
 
+    from bench.saved_run import fresh_stem
+
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{time.strftime('%Y-%m-%d')}-quality-{evaluation.split}"
-    for n in range(2, 1000):  # a second run on the same day keeps the first's files
-        if not any((args.out / f"{stem}{suffix}").exists() for suffix in (".md", ".json", ".png")):
-            break
-        stem = f"{time.strftime('%Y-%m-%d')}-quality-{evaluation.split}-{n}"
+    stem = fresh_stem(args.out, f"{time.strftime('%Y-%m-%d')}-quality-{evaluation.split}").name  # keeps earlier runs
     (args.out / f"{stem}.md").write_text(text, encoding="utf-8")
     finite = lambda x: x if np.isfinite(x) else None  # noqa: E731 - JSON has no NaN
     report = {"meta": meta, "evaluation": evaluation.to_dict(),

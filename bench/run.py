@@ -867,7 +867,9 @@ def write_outputs(report: dict, out_dir: Path, progress: bool = True) -> dict[st
 
     k = report["meta"]["k"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{report['meta']['date'][:10]}-{report['meta']['dataset']}"
+    from bench.saved_run import fresh_stem
+
+    stem = fresh_stem(out_dir, f"{report['meta']['date'][:10]}-{report['meta']['dataset']}").name
     files = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json", "png")}
     report["meta"]["files"] = {ext: str(p) for ext, p in files.items()}
     text = render_markdown(report)

@@ -35,6 +35,7 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -291,10 +292,14 @@ def main(argv: list[str] | None = None) -> int:
 
     text = render(results, scale_rows, args, model_path, len(base_titles), llama_cpp.__version__)
     print(text)
+    from bench.saved_run import fresh_stem
+
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "runtime.md").write_text(text, encoding="utf-8")
-    (args.out / "runtime.json").write_text(json.dumps({"results": results, "scaling": scale_rows}, indent=1),
-                                           encoding="utf-8")
+    stem = fresh_stem(args.out, "runtime")  # runtime-2, ... beside the run of record
+    stem.with_suffix(".md").write_text(text, encoding="utf-8")
+    stem.with_suffix(".json").write_text(json.dumps({"results": results, "scaling": scale_rows}, indent=1),
+                                         encoding="utf-8")
+    print(f"wrote {stem}.md and .json", file=sys.stderr)
     return 0
 
 

@@ -47,10 +47,25 @@ def render_saved(parser: argparse.ArgumentParser, path: Path, render: Render) ->
     return 0
 
 
+SUFFIXES = (".json", ".md", ".png", ".csv")
+
+
+def fresh_stem(out_dir: Path, name: str) -> Path:
+    """``out_dir/name``, or ``name-2``, ``name-3``, ... : the first whose files do not exist yet. A run of
+    record is never overwritten by a later one (a 1-user rerun replaced the files the README cites)."""
+    stem = out_dir / name
+    for n in range(2, 10_000):
+        if not any(stem.with_name(stem.name + suffix).exists() for suffix in SUFFIXES):
+            return stem
+        stem = out_dir / f"{name}-{n}"
+    raise FileExistsError(f"{out_dir / name}: too many runs of this name")
+
+
 def save_run(data: dict, out_dir: Path, name: str, render: Render) -> Path:
-    """Write ``out_dir/<name>-<date>.json`` (date from ``data["meta"]["date"]``), render it, print the report."""
+    """Write ``out_dir/<name>-<date>.json`` (date from ``data["meta"]["date"]``; ``-2``... if that run's files
+    exist), render it, print the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{name}-{data['meta']['date'][:10]}"
+    stem = fresh_stem(out_dir, f"{name}-{data['meta']['date'][:10]}")
     stem.with_suffix(".json").write_text(json.dumps(data, indent=1))
     render(data, stem)
     print(stem.with_suffix(".md").read_text())
