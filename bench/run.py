@@ -892,31 +892,44 @@ def write_outputs(report: dict, out_dir: Path, progress: bool = True) -> dict[st
 
 
 # =========================================================================================== CLI
+class _DefaultsShown(argparse.HelpFormatter):
+    """Each option's default after its help, where it has one the help does not already name."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0 or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def parse_args(argv=None) -> BenchConfig:
     parser = argparse.ArgumentParser(
-        prog="python -m bench.run",
+        prog="python -m bench.run", formatter_class=_DefaultsShown,
         description="Compare quantization levels on speed, memory and recommendation quality, with baselines.",
         epilog="Example: python -m bench.run --levels F16,Q8_0,Q4_K_M --users 10",
     )
     parser.add_argument("--levels", default=",".join(DEFAULT_LEVELS), help="comma-separated (F16 always runs)")
-    parser.add_argument("--users", type=int, default=BenchConfig.users, help="seeded sample of test users")
+    parser.add_argument("--users", type=int, default=BenchConfig.users,
+                        help="seeded sample of test users (more than there are: every one)")
     parser.add_argument("--full", action="store_true", help="every test user (hours)")
-    parser.add_argument("--seed", type=int, default=BenchConfig.seed)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=BenchConfig.seed, help="seed of the user sample")
+    parser.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: every CPU)")
     parser.add_argument("--model-f16", type=Path, default=None, help="default: the default model as F16")
     parser.add_argument("--db", type=Path, default=None, help="default: the default database (built if missing)")
-    parser.add_argument("--out-dir", type=Path, default=BenchConfig.out_dir)
+    parser.add_argument("--out-dir", type=Path, default=BenchConfig.out_dir,
+                        help="where the md/csv/json/png go (an earlier run's files are kept: NAME-2, ...)")
     parser.add_argument("--work-dir", type=Path, default=None, help="quantized files (default: cache, by sha256)")
     parser.add_argument("--skip-peers", action="store_true", help="no popularity / SASRec / transformers")
     parser.add_argument("--hf-users", type=int, default=BenchConfig.hf_users, help="users for transformers' beam search")
-    parser.add_argument("--k", type=int, default=BenchConfig.k)
-    parser.add_argument("--beam", type=int, default=None)
+    parser.add_argument("--k", type=int, default=BenchConfig.k, help="recommendations per user (10 at least: HR@10)")
+    parser.add_argument("--beam", type=int, default=None, help="beam width (default: max(10, 2k))")
     parser.add_argument("--pp", type=int, default=BenchConfig.pp, help="prompt tokens of the pp test")
     parser.add_argument("--tg", type=int, default=BenchConfig.tg, help="generated tokens of the tg test")
-    parser.add_argument("--reps", type=int, default=BenchConfig.reps)
-    parser.add_argument("--sasrec-epochs", type=int, default=BenchConfig.sasrec_epochs)
-    parser.add_argument("--sasrec-seconds", type=float, default=BenchConfig.sasrec_seconds)
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--reps", type=int, default=BenchConfig.reps, help="repetitions of each speed test")
+    parser.add_argument("--sasrec-epochs", type=int, default=BenchConfig.sasrec_epochs, help="SASRec peer: most epochs")
+    parser.add_argument("--sasrec-seconds", type=float, default=BenchConfig.sasrec_seconds,
+                        help="SASRec peer: stop after the first validation past this")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
     return BenchConfig(
         levels=tuple(x.strip() for x in args.levels.split(",") if x.strip()),
