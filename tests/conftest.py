@@ -28,8 +28,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import csv
 import json
+import signal
 import sqlite3
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -174,3 +177,35 @@ def tiny_histories() -> dict[int, list[int]]:
 @pytest.fixture
 def tiny_titles() -> dict[int, str]:
     return dict(TINY_TITLES)
+
+
+def start_cli_as_a_shell_would(*argv: str, **popen) -> subprocess.Popen:
+    """``genrec-edge ARGV`` in a child process that takes Ctrl-C and SIGTERM as a shell's foreground job does.
+
+    A pytest started in the background (`cmd &`, nohup) has SIGINT ignored, and its children inherit that: the
+    child restores Python's handler and unblocks both signals first. Keyword arguments go to Popen
+    (stderr=PIPE, text=True, env=... as the test needs)."""
+    prelude = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
+               "sys.argv[0] = 'genrec-edge'; runpy.run_module('genrec_edge', run_name='__main__')")
+    popen.setdefault("env", dict(os.environ, OMP_WAIT_POLICY="passive"))
+    return subprocess.Popen([sys.executable, "-c", prelude, *argv], **popen)
+
+
+def interrupt_once(proc: subprocess.Popen, ready, what: str, wait_s: float = 60.0, settle_s: float = 0.0,
+                   sig: int = signal.SIGINT) -> str:
+    """Send ``sig`` to ``proc`` once ``ready()`` is true (``settle_s`` later), then return its stderr; fail if
+    it ended before that. The process is killed if it outlives the test."""
+    try:
+        deadline = time.monotonic() + wait_s
+        while not ready() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(settle_s)
+        assert proc.poll() is None, f"{what} ended before it could be interrupted"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return err

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import interrupt_once, start_cli_as_a_shell_would
 from test_bad_input import snapshot
 
 from genrec_edge.cli import main
@@ -119,24 +120,10 @@ def test_interrupted_ingest_rolls_back_and_says_so(tiny_db, tmp_path, sig, new_d
         tiny_db = tmp_path / "first.db"
     before_rows = None if new_db else snapshot(tiny_db)
     env = dict(os.environ, FORCE_COLOR="1", COLUMNS="100", OMP_WAIT_POLICY="passive")  # rich draws progress
-    # As a shell starts a foreground job: SIGINT handled and unblocked. pytest started in the background
-    # (`cmd &`, nohup) has SIGINT ignored and its children inherit that: the ingest then ran to the end, exit 0.
-    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
-                   "sys.argv[0] = 'genrec-edge'; runpy.run_module('genrec_edge', run_name='__main__')")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", interactive, "data", "ingest", "csv", "--items", str(items),
-         "--interactions", str(inter), "--db", str(tiny_db)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-    )
-    try:
-        wait_midway(proc, tiny_db)  # mid-way by its progress, not after a fixed sleep it may outrun
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = start_cli_as_a_shell_would("data", "ingest", "csv", "--items", str(items), "--interactions", str(inter),
+                                      "--db", str(tiny_db), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    # mid-way by its progress, not after a fixed sleep it may outrun
+    err = interrupt_once(proc, lambda: wait_midway(proc, tiny_db) or True, "the ingest", sig=sig)
     assert proc.returncode != 0, err[-800:]
     assert b"Traceback" not in err, err[-500:]
     # One line, and the shell's exit code for the signal (128 + its number).

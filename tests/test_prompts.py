@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_HISTORIES, TINY_TITLES
+from conftest import TINY_HISTORIES, TINY_TITLES, interrupt_once, start_cli_as_a_shell_would
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -179,11 +179,7 @@ def test_cli_prompts_export_refusals_write_nothing(tiny_db, tmp_path, capsys):
 def test_an_interrupted_export_leaves_the_files_it_started_with(tmp_path):
     """Ctrl-C mid-export used to leave a train.jsonl of whole lines (it looked complete) and no valid/test;
     with --force, a new train.jsonl beside the old valid/test."""
-    import os
-    import signal
     import subprocess
-    import sys
-    import time
 
     from test_crash_safety import write_big_csv
 
@@ -193,26 +189,12 @@ def test_an_interrupted_export_leaves_the_files_it_started_with(tmp_path):
     out = tmp_path / "prompts"
     assert main(["prompts", "export", "--db", str(db), "--out", str(out), "--history-len", "1"]) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
-                   "sys.argv[0] = 'genrec-edge'; runpy.run_module('genrec_edge', run_name='__main__')")
-    proc = subprocess.Popen([sys.executable, "-c", interactive, "prompts", "export", "--db", str(db), "--out",
-                             str(out), "--force"], stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_WAIT_POLICY="passive"))
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            partial = [p for p in out.iterdir() if ".partial-" in p.name]
-            if partial and partial[0].stat().st_size > 1_000_000:  # well into the first file
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the export ended before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = start_cli_as_a_shell_would("prompts", "export", "--db", str(db), "--out", str(out), "--force",
+                                      stderr=subprocess.PIPE, text=True)
+    def well_into_the_first_file() -> bool:
+        return any(p.stat().st_size > 1_000_000 for p in out.iterdir() if ".partial-" in p.name)
+
+    err = interrupt_once(proc, well_into_the_first_file, "the export")
     assert proc.returncode == 130, err[-300:]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old export, whole; no partial file
 

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import interrupt_once, start_cli_as_a_shell_would
 from tinymodel import tiny_gguf
 
 from genrec_edge.cli import main
@@ -145,31 +146,15 @@ def test_progress_bar_reaches_every_tensor_without_a_line_per_tensor(tmp_path, c
 def test_ctrl_c_stops_quantize_with_no_output_of_the_level_it_was_on(tmp_path):
     """Ctrl-C lands in llama.cpp's log callback (Python code called from C), where ctypes used to print the
     KeyboardInterrupt and drop it: the quantizer finished every level and exited 0."""
-    import signal
     import subprocess
-    import sys
-    import time
 
     src = tiny_gguf(tmp_path / "big", outtype="f16", hidden_size=1024, intermediate_size=4096)  # seconds a level
     out = tmp_path / "out"
     out.mkdir()
     levels = ["Q4_K_M", "Q6_K", "Q5_K_M", "Q4_0"]
-    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
-                   "sys.argv[0] = 'genrec-edge'; runpy.run_module('genrec_edge', run_name='__main__')")
-    proc = subprocess.Popen([sys.executable, "-c", interactive, "quantize", str(src), "--levels", ",".join(levels),
-                             "--out-dir", str(out), "--threads", "1"], stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not list(out.glob(".*partial*")) and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        assert proc.poll() is None, "quantize ended before it could be interrupted"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = start_cli_as_a_shell_would("quantize", str(src), "--levels", ",".join(levels), "--out-dir", str(out),
+                                      "--threads", "1", stderr=subprocess.PIPE, text=True)
+    err = interrupt_once(proc, lambda: bool(list(out.glob(".*partial*"))), "quantize")
     assert proc.returncode == 130, err[-500:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "error: interrupted", err[-500:]
     left = sorted(p.name for p in out.iterdir())

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import interrupt_once, start_cli_as_a_shell_would
 from tinymodel import make_tiny_llama
 
 from genrec_edge.catalog import Catalog
@@ -553,31 +554,14 @@ def test_a_truncated_gguf_base_is_named_as_such(tiny_db, tmp_path, capsys):
 def test_a_run_stopped_before_its_first_checkpoint_says_so_and_starts_over(tiny_db, tmp_path):
     """Ctrl-C mid-training, before any checkpoint: the record said "running" forever, the README promised
     weights it did not have, and the directory could be neither resumed nor trained again."""
-    import signal
-    import time
 
     base = make_tiny_llama(tmp_path / "base")
     out = tmp_path / "run"
     argv = ["train", "--db", str(tiny_db), "--out", str(out), "--base", str(base), "--epochs", "500",
             "--valid-every", "100000",  # validation, and so the first checkpoint, only at the end
             "--history-len", "4", "--batch-size", "2", "--lora-r", "2", "--valid-users", "0"]
-    interactive = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                   "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
-                   "sys.argv[0] = 'genrec-edge'; runpy.run_module('genrec_edge', run_name='__main__')")
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
-    proc = subprocess.Popen([sys.executable, "-c", interactive, *argv], stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "genrec_run.json").exists() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        time.sleep(0.5)  # into the steps
-        assert proc.poll() is None, proc.stderr.read()[-500:]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    proc = start_cli_as_a_shell_would(*argv, stderr=subprocess.PIPE, text=True)
+    err = interrupt_once(proc, (out / "genrec_run.json").exists, "training", wait_s=120, settle_s=0.5)  # in the steps
     assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err[-500:]
     assert json.loads((out / "genrec_run.json").read_text())["status"] == "interrupted"
     card = (out / "README.md").read_text()
