@@ -83,6 +83,17 @@ class WorkerLostError(EngineError):
     the call may be retried)."""
 
 
+class SearchCancelled(GenrecError):
+    """The caller's ``cancel`` callable said the answer is no longer wanted (the HTTP client disconnected):
+    the search stopped between two llama.cpp calls; nothing was cached and the next search is unaffected."""
+
+
+def stop_if_cancelled(cancel) -> None:
+    """Raise :class:`SearchCancelled` when ``cancel`` (a callable, or None: never) says so."""
+    if cancel is not None and cancel():
+        raise SearchCancelled("cancelled: the answer is no longer wanted")
+
+
 class UnsupportedCPUError(GenrecError):
     """The installed llama.cpp was built with instructions this CPU/OS cannot execute."""
 

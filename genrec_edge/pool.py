@@ -32,15 +32,20 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError, WorkerLostError
+from .errors import SearchCancelled, UsageError, WorkerLostError, stop_if_cancelled
 from .recommend import stderr_warning
 
 _recommender: Any = None  # in a worker process: its own Recommender
 _loaded: Any = None  # in a worker process: (its default prior, the warnings opening gave) or the GenrecError
+_cancelled: Any = None  # in a worker process: the pool's shared flags, one per cancellable call in flight
+
+CANCEL_SLOTS = 64  # cancellable calls in flight at once; more are served, just not cancellable
+CANCEL_POLL_S = 0.1  # how often a waiting caller asks its ``cancel``
 
 
-def _load(kwargs: dict[str, Any]) -> None:
-    global _recommender, _loaded
+def _load(kwargs: dict[str, Any], cancelled: Any = None) -> None:
+    global _recommender, _loaded, _cancelled
+    _cancelled = cancelled
     # Ctrl-C reaches the terminal's whole process group: the parent finishes its requests in flight, then
     # stops us (ProcessPoolExecutor.shutdown). If the parent dies without doing so (SIGKILL, a crash), we
     # must not live on holding a model: a worker is re-parented, so its parent id changes.
@@ -68,11 +73,13 @@ def _started() -> Any:
     return _loaded
 
 
-def _recommend_many(requests: list, k: int) -> tuple[int, list]:
-    return os.getpid(), _recommender.recommend_many(requests, k=k)
+def _recommend_many(requests: list, k: int, slot: int | None = None) -> tuple[int, list]:
+    cancel = None if slot is None else (lambda: _cancelled[slot] != 0)
+    return os.getpid(), _recommender.recommend_many(requests, k=k, cancel=cancel)
 
 
-def _rank_many(requests: list, k: int, prior: str | None, prior_weight: float | None) -> tuple[int, list]:
+def _rank_many(requests: list, k: int, prior: str | None, prior_weight: float | None,
+               slot: int | None = None) -> tuple[int, list]:
     return os.getpid(), _recommender.rank_many(requests, k, prior=prior, prior_weight=prior_weight)
 
 
@@ -102,6 +109,9 @@ class RecommenderPool:
         self._lock = threading.Lock()
         self.served: Counter[int] = Counter()  # calls answered, by worker process id
         self.restarts = 0  # times a dead worker broke the executor and a fresh one was started
+        # A call's ``cancel`` reaches its worker through a flag in shared memory, checked between llama.cpp calls.
+        self._cancelled = multiprocessing.get_context("spawn").RawArray("b", CANCEL_SLOTS)
+        self._free_slots = list(range(CANCEL_SLOTS))
         self._executor, (self.default_prior, warnings) = self._start()
         for message in warnings:  # the first worker's, once: every worker opened the same files
             (warn or stderr_warning)(message)
@@ -137,7 +147,7 @@ class RecommenderPool:
     def _start(self) -> tuple[ProcessPoolExecutor, tuple[str, list[str]]]:
         """A fresh executor whose workers have all loaded, and the first one's (default prior, warnings)."""
         executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_load, initargs=(self._kwargs,))
+                                       initializer=_load, initargs=(self._kwargs, self._cancelled))
         try:
             # One call per worker, all at once: the executor starts a process for each (none is idle yet)
             # and each loads its model before answering, so the first requests do not wait for a load.
@@ -151,12 +161,14 @@ class RecommenderPool:
             raise failed[0]
         return executor, loaded[0]
 
-    def recommend_many(self, requests: Sequence, k: int = 10) -> list:
-        """``Recommender.recommend_many`` in one free worker (the same results: tested)."""
+    def recommend_many(self, requests: Sequence, k: int = 10, cancel: Callable[[], bool] | None = None) -> list:
+        """``Recommender.recommend_many`` in one free worker (the same results: tested). ``cancel`` is asked
+        every 0.1 s while the call waits for a worker or runs; True stops it there (between llama.cpp calls)
+        with :class:`~genrec_edge.errors.SearchCancelled`, and frees the worker for the next call."""
         from .recommend import Request
 
         requests = [Request.of(r) for r in requests]  # a bad request fails here, before any pickling
-        return self._call(_recommend_many, requests, k)
+        return self._call(_recommend_many, requests, k, cancel=cancel)
 
     def rank_many(self, requests: Sequence, k: int, prior: str | None = None,
                   prior_weight: float | None = None) -> list:
@@ -164,24 +176,53 @@ class RecommenderPool:
         requests = [(list(h), set(s), None if i is None else list(i)) for h, s, i in requests]
         return self._call(_rank_many, requests, k, prior, prior_weight)
 
-    def _call(self, fn, *args) -> list:
+    def _call(self, fn, *args, cancel: Callable[[], bool] | None = None) -> list:
         if self._closed:  # the executor's own RuntimeError ("cannot schedule new futures") escaped before
             raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
-        executor = self._executor
+        stop_if_cancelled(cancel)
+        slot = self._take_slot() if cancel is not None else None
         try:
-            future = executor.submit(fn, *args)
-        except BrokenProcessPool:  # a worker died between calls: replace them, then this call goes ahead
-            self._replace(executor)
             executor = self._executor
-            future = executor.submit(fn, *args)
-        try:
-            pid, results = future.result()
-        except BrokenProcessPool:  # died during this call (maybe because of it): replaced, not retried
-            self._replace(executor)
-            raise WorkerLostError("a worker process died during this request; it was replaced: try again") from None
+            try:
+                future = executor.submit(fn, *args, slot)
+            except BrokenProcessPool:  # a worker died between calls: replace them, then this call goes ahead
+                self._replace(executor)
+                executor = self._executor
+                future = executor.submit(fn, *args, slot)
+            try:
+                pid, results = self._wait(future, cancel, slot)
+            except BrokenProcessPool:  # died during this call (maybe because of it): replaced, not retried
+                self._replace(executor)
+                raise WorkerLostError("a worker process died during this request; it was replaced: try again") from None
+        finally:
+            if slot is not None:
+                with self._lock:
+                    self._free_slots.append(slot)
         with self._lock:
             self.served[pid] += 1
         return results
+
+    def _take_slot(self) -> int | None:
+        with self._lock:
+            if not self._free_slots:
+                return None
+            slot = self._free_slots.pop()
+        self._cancelled[slot] = 0
+        return slot
+
+    def _wait(self, future, cancel: Callable[[], bool] | None, slot: int | None):
+        """The call's result; once ``cancel`` says so, the worker is told (it raises SearchCancelled at its
+        next check) or a call still queued in the executor is dropped."""
+        while cancel is not None and slot is not None:
+            try:
+                return future.result(timeout=CANCEL_POLL_S)
+            except TimeoutError:
+                if cancel():
+                    self._cancelled[slot] = 1
+                    if future.cancel():
+                        raise SearchCancelled("cancelled: the answer is no longer wanted") from None
+                    break  # running: its worker stops at its next check and raises SearchCancelled here
+        return future.result()
 
     def recommend(self, user: int | None = None, history: Sequence[str] | None = None, k: int = 10,
                   prior: str | None = None, prior_weight: float | None = None):

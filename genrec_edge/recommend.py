@@ -46,6 +46,7 @@ from .errors import (
     EmptyHistoryError,
     NotFoundError,
     UsageError,
+    stop_if_cancelled,
 )
 from .prompts import PromptTemplate, build_prompt_ids, prefix_ids
 
@@ -479,12 +480,16 @@ class Recommender:
         total = (time.perf_counter() - started) * 1000
         return Recommendations(tuple(items), _with_total(timings, total))
 
-    def recommend_many(self, requests: Sequence, k: int = DEFAULT_K) -> list[Recommendations]:
+    def recommend_many(self, requests: Sequence, k: int = DEFAULT_K,
+                       cancel: Callable[[], bool] | None = None) -> list[Recommendations]:
         """Top-``k`` for each request (a user id, a list of titles, or a :class:`Request`), in order.
 
         Up to ``batch`` (set at open) requests are searched together: their beams share each
         llama_decode. Each result is the one :meth:`recommend` gives for that request alone.
         A bad request (unknown user, empty history, unknown title) raises before any search runs.
+        ``cancel``: asked between llama.cpp calls (and once the lock is ours) whether the answers are still
+        wanted; True raises :class:`~genrec_edge.errors.SearchCancelled` (nothing is cached; the next call is
+        unaffected). An HTTP server passes "every client of these requests has disconnected".
         """
         started = time.perf_counter()
         k = _check_k(k)
@@ -502,6 +507,7 @@ class Recommender:
             rankings: list[Ranking | None] = [None] * len(requests)
             cached = [False] * len(requests)
             with self._engine():
+                stop_if_cancelled(cancel)
                 for i, key in enumerate(keys):
                     if key is not None and key in self._cache:
                         self._cache.move_to_end(key)
@@ -511,7 +517,7 @@ class Recommender:
                     group = todo[first : first + self.batch]
                     found = self._rank_group(
                         [(resolved[i][0], resolved[i][1], resolved[i][2], priors[i]) for i in group], k, self.beam,
-                        first_step=[requests[i].first_step for i in group],
+                        first_step=[requests[i].first_step for i in group], cancel=cancel,
                     )
                     for i, ranking in zip(group, found, strict=True):
                         rankings[i] = ranking
@@ -725,7 +731,8 @@ class Recommender:
         mass = self.trie.prior_log_mass(log_p, prior.config.variant)
         return mass, None, log_p, (time.perf_counter() - t0) * 1000
 
-    def _rank_group(self, group, k: int, beam: int | None, first_step: Sequence[bool] = ()) -> list[Ranking]:
+    def _rank_group(self, group, k: int, beam: int | None, first_step: Sequence[bool] = (),
+                    cancel: Callable[[], bool] | None = None) -> list[Ranking]:
         """Search several prepared requests together: ``(prompt titles, seen titles, items, prior)`` each.
 
         A request whose prior re-ranks is a search restricted to its candidates, as wide as them (exact
@@ -739,6 +746,7 @@ class Recommender:
         engine.reset()
         requests, extra = [], []
         for slot, (titles, seen_titles, items, prior) in enumerate(group):
+            stop_if_cancelled(cancel)
             unseen, seen, prompt, logits, prefill_ms = self._prepare(slot, titles, seen_titles)
             mass, candidates, log_p, prior_ms = self._prior_terms(prior, items, seen, k)
             prompt_seq, beam_seqs = self._slot_seqs(slot)
@@ -755,7 +763,7 @@ class Recommender:
                 first = FirstStep(tokens.copy(), log_softmax(logits)[tokens], unseen[nodes] > 0)
             extra.append((prefill_ms, prior_ms, seen, prior, first, candidates, log_p))
         stats = SearchStats()
-        beam_search(engine, self.trie, requests, self.graveyard_seq, stats, jump=self.jump_forward)
+        beam_search(engine, self.trie, requests, self.graveyard_seq, stats, jump=self.jump_forward, cancel=cancel)
         out = []
         for request, (prefill_ms, prior_ms, seen, prior, first, candidates, log_p) in zip(requests, extra, strict=True):
             hits = list(request.hits)
@@ -772,7 +780,8 @@ class Recommender:
                 again = SearchRequest(request.prompt_seq, request.prompt_len, request.prompt_logits, more_unseen,
                                       k - len(hits), width, request.beam_seqs, request.prior_log_mass,
                                       request.prior_weight)
-                more = beam_search(engine, self.trie, [again], self.graveyard_seq, stats, jump=self.jump_forward)[0]
+                more = beam_search(engine, self.trie, [again], self.graveyard_seq, stats, jump=self.jump_forward,
+                                   cancel=cancel)[0]
                 if not more:
                     break
                 hits = sorted(hits + more, key=lambda h: (-h.score, h.title_index))

@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .engine import EXACT_BATCH, Engine, log_normalizers
-from .errors import EngineError
+from .errors import EngineError, stop_if_cancelled
 from .trie import CatalogTrie
 
 
@@ -138,8 +138,12 @@ def beam_search(
     graveyard_seq: int,
     stats: SearchStats | None = None,
     jump: bool = True,
+    cancel: Callable[[], bool] | None = None,
 ) -> list[list[Hit]]:
-    """Top-k unseen titles for each request, best first (see the module docstring); fills ``request.hits``."""
+    """Top-k unseen titles for each request, best first (see the module docstring); fills ``request.hits``.
+
+    ``cancel`` is asked before each step's llama_decode: True raises
+    :class:`~genrec_edge.errors.SearchCancelled` (the KV cache is left to the next search's reset)."""
     stats = stats if stats is not None else SearchStats()
     started = time.perf_counter()
     states = [_State(r, trie, engine) for r in requests]
@@ -153,6 +157,7 @@ def beam_search(
         active = [s for s in states if not s.done]
         if not active:
             break
+        stop_if_cancelled(cancel)
         stats.search_steps += 1
         batch_tokens: list[int] = []
         batch_pos: list[int] = []

@@ -78,6 +78,7 @@ from .errors import (
     GrammarError,
     IngestError,
     NotFoundError,
+    SearchCancelled,
     UsageError,
     WorkerLostError,
 )
@@ -477,7 +478,8 @@ class RequestBatcher:
     def submit(self, request: Any, k: int, gone: threading.Event | None = None):
         """The request's result. While it waits for a free slot, ``gone`` set (its client disconnected)
         takes it out of the queue with :class:`ClientGone`: abandoned requests are not searched for nobody
-        (clients that time out and retry made the queue grow). A search under way runs to its end."""
+        (clients that time out and retry made the queue grow). A search under way stops at its next
+        llama.cpp call once every client of its group has gone (``recommend_many``'s ``cancel``)."""
         pending = _Pending(request, k, gone)
         with self._cond:
             self._queue.append(pending)
@@ -523,8 +525,15 @@ class RequestBatcher:
                 self._cond.notify_all()
 
     def _run(self, group: list[_Pending], k: int) -> None:
+        def everyone_gone() -> bool:
+            return all(p.is_gone() for p in group)
+
         try:
-            results = self.recommender.recommend_many([p.request for p in group], k=k)
+            results = self.recommender.recommend_many([p.request for p in group], k=k, cancel=everyone_gone)
+        except SearchCancelled:
+            for p in group:
+                p.fail(ClientGone())
+            return
         except Exception as exc:  # noqa: BLE001 - each request gets its own answer below
             if len(group) == 1:
                 group[0].fail(exc)
@@ -540,7 +549,8 @@ class RequestBatcher:
 
 
 class ClientGone(Exception):  # noqa: N818 - a state, not a failure: nobody is waiting for the answer
-    """The client of a queued /recommend request disconnected before its search began."""
+    """The client of a /recommend request disconnected before its search began, or (with every other
+    client of its group) before it ended."""
 
 
 class _Pending:

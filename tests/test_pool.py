@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_serve import http, model_root, running, tiny_model, tiny_model_for  # noqa: F401 (fixtures)
 
-from genrec_edge.errors import CorruptModelError, NotFoundError, UsageError, WorkerLostError
+from genrec_edge.errors import CorruptModelError, NotFoundError, SearchCancelled, UsageError, WorkerLostError
 from genrec_edge.pool import RecommenderPool
 from genrec_edge.recommend import Recommender
 from genrec_edge.serve import make_server, status_for
@@ -113,14 +113,14 @@ def test_server_with_workers_answers_concurrent_requests_in_parallel(tiny_db, ti
     lock = threading.Lock()
     real = pool.recommend_many
 
-    def counting(requests, k=10):
+    def counting(requests, k=10, cancel=None):
         nonlocal inflight, most
         with lock:
             inflight += 1
             most = max(most, inflight)
         try:
             time.sleep(0.2)  # hold the slot: the second request must not wait for the first
-            return real(requests, k=k)
+            return real(requests, k=k, cancel=cancel)
         finally:
             with lock:
                 inflight -= 1
@@ -275,3 +275,22 @@ def test_a_closed_pool_says_so(tiny_db, tiny_model):  # noqa: F811
     pool.close()
     with pytest.raises(UsageError, match="closed"):  # concurrent.futures' RuntimeError before
         pool.recommend(user=1, k=3)
+
+
+def test_a_cancelled_call_is_stopped_and_frees_its_worker(tiny_db, tiny_model):  # noqa: F811
+    """``cancel`` reaches a worker through shared memory: a call whose client left (serve) stops there, at
+    its next check, and the worker serves the next call with the exact answer."""
+    with RecommenderPool.open(tiny_model, tiny_db, workers=1) as pool:
+        before = _ranked(pool.recommend(user=2, k=3))
+        busy = pool._executor.submit(time.sleep, 1.0)  # the only worker is busy: our call is handed to it next
+        started = time.monotonic()
+        with pytest.raises(SearchCancelled, match="no longer wanted"):
+            pool.recommend_many([2], k=3, cancel=lambda: time.monotonic() - started > 0.3)
+        assert time.monotonic() - started < 10
+        busy.result()
+        assert pool.served.total() == 1, "the cancelled call was not answered"
+        assert _ranked(pool.recommend_many([2], k=3, cancel=lambda: False)[0]) == before
+        assert _ranked(pool.recommend(user=2, k=3)) == before
+        assert sorted(pool._free_slots) == list(range(len(pool._cancelled))), "every slot is given back"
+        with pytest.raises(SearchCancelled):  # already cancelled: not sent at all
+            pool.recommend_many([2], k=3, cancel=lambda: True)

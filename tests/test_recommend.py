@@ -18,6 +18,7 @@ from genrec_edge.errors import (
     CorruptModelError,
     EmptyHistoryError,
     NotFoundError,
+    SearchCancelled,
     UsageError,
 )
 from genrec_edge.history import HistoryDB
@@ -590,3 +591,33 @@ def test_a_forked_child_is_told_to_use_one_thread_instead_of_hanging(tiny_model,
     answer = os.read(read, 65536)
     os.close(read)
     assert os.waitstatus_to_exitcode(status) == 0 and json.loads(answer) == expected
+
+
+def test_a_cancelled_search_stops_at_any_check_and_the_next_search_is_exact(tiny_model, tiny_db, cache_home):
+    """``cancel`` is asked once the lock is ours, before each prefill and before each search step's decode.
+    Stopped at any of those, nothing is cached and the next answer is the uncancelled one to the bit."""
+    with Recommender.open(tiny_model, tiny_db, threads=2, batch=2, cache=4, warn=lambda m: None) as rec:
+        asked: list[int] = []
+        whole = rec.recommend_many([2, 5], k=5, cancel=lambda: asked.append(1) is not None)  # never True
+        answers = [_answer(r) for r in whole]
+        assert answers == [_answer(rec.recommend(user=u, k=5)) for u in (2, 5)]
+        # the lock, two prefills, and at least one per search step: a check mid-search
+        assert len(asked) >= 3 + 2 and whole[0].stats.search_steps >= 2, (len(asked), whole[0].stats)
+        for stop_at in range(1, len(asked) + 1):
+            count = 0
+
+            def cancel(n=stop_at) -> bool:
+                nonlocal count
+                count += 1
+                return count >= n
+
+            rec._cache.clear()
+            with pytest.raises(SearchCancelled):
+                rec.recommend_many([2, 5], k=5, cancel=cancel)
+            assert count == stop_at  # stopped at the first True: no search past it
+            assert not rec._cache, "a cancelled search is not cached"
+            again = rec.recommend_many([2, 5], k=5)
+            assert [r.cached for r in again] == [False, False] and [_answer(r) for r in again] == answers
+        # Cancelled before anything: nothing searched, one clear error
+        with pytest.raises(SearchCancelled, match="no longer wanted"):
+            rec.recommend_many([2], k=5, cancel=lambda: True)

@@ -405,9 +405,9 @@ def test_concurrent_requests_share_searches_and_get_their_own_answers(tiny_db, t
         groups: list[int] = []
         real = rec.recommend_many
 
-        def spy(requests, k=10):
+        def spy(requests, k=10, cancel=None):
             groups.append(len(requests))
-            return real(requests, k=k)
+            return real(requests, k=k, cancel=cancel)
 
         rec.recommend_many = spy
         with running(make_server(tiny_db, port=0, recommender=rec, log=lambda line: None)) as server:
@@ -523,9 +523,9 @@ def test_a_queued_request_whose_client_left_is_not_searched(tiny_db, tiny_model)
         searched: list[int] = []
         real = rec.recommend_many
 
-        def counting(requests, k=10):
+        def counting(requests, k=10, cancel=None):
             searched.extend(r.user for r in requests)
-            return real(requests, k=k)
+            return real(requests, k=k, cancel=cancel)
 
         rec.recommend_many = counting
         lines: list[str] = []
@@ -543,8 +543,9 @@ def test_a_queued_request_whose_client_left_is_not_searched(tiny_db, tiny_model)
             status, answer, _ = http(server.url + "/recommend", "POST", {"user": 1, "k": 3})
             assert status == 200, answer
         statuses = [line.rsplit(" ", 1)[-1] for line in lines if '"POST /recommend' in line]
-        # The first had already taken the search slot (it waited on the lock): only it was searched.
-        assert statuses.count("499") == 3 and statuses.count("200") == 2, lines
+        # The first had already taken the search slot (it waited on the lock): it was stopped by its cancel
+        # check once it had the lock, before its prefill; the other three never reached the search.
+        assert statuses.count("499") == 4 and statuses.count("200") == 1, lines
         assert searched == [2, 1]
 
 
