@@ -112,6 +112,9 @@ class RecommenderPool:
         # A call's ``cancel`` reaches its worker through a flag in shared memory, checked between llama.cpp calls.
         self._cancelled = multiprocessing.get_context("spawn").RawArray("b", CANCEL_SLOTS)
         self._free_slots = list(range(CANCEL_SLOTS))
+        # Its own lock: a slot comes back from the executor's thread when its call ends, and close() holds
+        # ``_lock`` while it waits for that thread.
+        self._slots_lock = threading.Lock()
         self._executor, (self.default_prior, warnings) = self._start()
         for message in warnings:  # the first worker's, once: every worker opened the same files
             (warn or stderr_warning)(message)
@@ -181,6 +184,8 @@ class RecommenderPool:
             raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
         stop_if_cancelled(cancel)
         slot = self._take_slot() if cancel is not None else None
+        future = None
+        held = [slot is not None]  # given back once: by whichever of the two below comes first
         try:
             executor = self._executor
             try:
@@ -189,40 +194,60 @@ class RecommenderPool:
                 self._replace(executor)
                 executor = self._executor
                 future = executor.submit(fn, *args, slot)
+            if slot is not None:  # its worker reads the flag until the call ends, whenever our wait ends
+                future.add_done_callback(lambda _: self._give_back_slot(slot, held))
             try:
                 pid, results = self._wait(future, cancel, slot)
             except BrokenProcessPool:  # died during this call (maybe because of it): replaced, not retried
                 self._replace(executor)
                 raise WorkerLostError("a worker process died during this request; it was replaced: try again") from None
         finally:
-            if slot is not None:
-                with self._lock:
-                    self._free_slots.append(slot)
+            if future is None or future.done():  # never sent, or ended: back before we return
+                self._give_back_slot(slot, held)
         with self._lock:
             self.served[pid] += 1
         return results
 
     def _take_slot(self) -> int | None:
-        with self._lock:
+        with self._slots_lock:
             if not self._free_slots:
                 return None
             slot = self._free_slots.pop()
         self._cancelled[slot] = 0
         return slot
 
+    def _give_back_slot(self, slot: int | None, held: list[bool]) -> None:
+        with self._slots_lock:
+            if held[0]:
+                held[0] = False
+                self._free_slots.append(slot)
+
     def _wait(self, future, cancel: Callable[[], bool] | None, slot: int | None):
         """The call's result; once ``cancel`` says so, the worker is told (it raises SearchCancelled at its
-        next check) or a call still queued in the executor is dropped."""
-        while cancel is not None and slot is not None:
-            try:
-                return future.result(timeout=CANCEL_POLL_S)
-            except TimeoutError:
+        next check) or a call still queued in the executor is dropped. A wait ended otherwise (``cancel``
+        raised, an interrupt) tells the worker too: nobody will take that answer."""
+        if cancel is None or slot is None:
+            return future.result()
+        try:
+            while True:
+                try:
+                    return future.result(timeout=CANCEL_POLL_S)
+                except TimeoutError:
+                    pass
                 if cancel():
-                    self._cancelled[slot] = 1
-                    if future.cancel():
-                        raise SearchCancelled("cancelled: the answer is no longer wanted") from None
-                    break  # running: its worker stops at its next check and raises SearchCancelled here
-        return future.result()
+                    break
+        except BaseException:
+            if not future.done():
+                self._stop(future, slot)
+            raise
+        if self._stop(future, slot):
+            raise SearchCancelled("cancelled: the answer is no longer wanted")
+        return future.result()  # running: its worker stops at its next check and raises SearchCancelled here
+
+    def _stop(self, future, slot: int) -> bool:
+        """Tell the call's worker to stop; True if the call was still queued here, and is dropped."""
+        self._cancelled[slot] = 1
+        return future.cancel()
 
     def recommend(self, user: int | None = None, history: Sequence[str] | None = None, k: int = 10,
                   prior: str | None = None, prior_weight: float | None = None):

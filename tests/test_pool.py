@@ -294,3 +294,27 @@ def test_a_cancelled_call_is_stopped_and_frees_its_worker(tiny_db, tiny_model): 
         assert sorted(pool._free_slots) == list(range(len(pool._cancelled))), "every slot is given back"
         with pytest.raises(SearchCancelled):  # already cancelled: not sent at all
             pool.recommend_many([2], k=3, cancel=lambda: True)
+
+
+def test_a_cancel_check_that_raises_stops_its_worker_and_keeps_its_slot_until_then(tiny_db, tiny_model):  # noqa: F811
+    """A ``cancel`` that raises (or an interrupt while the caller waits) ends the caller's wait with that error;
+    the call it handed a worker must not run on for nobody, and its flag's slot is not given to another call
+    while that worker may still read it."""
+    with RecommenderPool.open(tiny_model, tiny_db, workers=1, cache=4) as pool:
+        slots = len(pool._free_slots)
+        busy = pool._executor.submit(time.sleep, 2.0)  # the only worker is busy: our call is handed to it next
+        started = time.monotonic()
+
+        def cancel() -> bool:
+            if time.monotonic() - started > 0.3:
+                raise RuntimeError("the cancel check broke")
+            return False
+
+        with pytest.raises(RuntimeError, match="broke"):
+            pool.recommend_many([2], k=3, cancel=cancel)
+        assert not busy.done()
+        assert len(pool._free_slots) == slots - 1, "the slot was given back while its call is still to run"
+        busy.result()
+        again = pool.recommend(user=2, k=3)  # after the abandoned call: one worker takes calls in order
+        assert not again.cached, "the abandoned call was searched for nobody (its answer was cached)"
+        assert len(pool._free_slots) == slots, "the slot comes back once its call has stopped"
