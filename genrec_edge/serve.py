@@ -538,9 +538,11 @@ class RequestBatcher:
             if len(group) == 1:
                 group[0].fail(exc)
                 return
-            for p in group:
+            for p in group:  # alone, each stopped as a group is once its client has gone
                 try:
-                    p.succeed(self.recommender.recommend_many([p.request], k=k)[0])
+                    p.succeed(self.recommender.recommend_many([p.request], k=k, cancel=p.is_gone)[0])
+                except SearchCancelled:
+                    p.fail(ClientGone())
                 except Exception as one:  # noqa: BLE001
                     p.fail(one)
             return

@@ -549,6 +549,45 @@ def test_a_queued_request_whose_client_left_is_not_searched(tiny_db, tiny_model)
         assert searched == [2, 1]
 
 
+
+def test_a_group_whose_call_fails_retries_alone_only_the_requests_still_wanted(tiny_db, tiny_model):
+    """A group's call that fails (a bad request in it) is retried request by request; a request whose client
+    has gone is not searched again for nobody (ClientGone: 499), and the others still get their own answers."""
+    from genrec_edge.errors import NotFoundError
+    from genrec_edge.recommend import Recommender, Request
+    from genrec_edge.serve import ClientGone, RequestBatcher
+
+    with Recommender.open(tiny_model, tiny_db, threads=1, batch=3, cache=8, warn=lambda m: None) as rec:
+        alone = [r.title for r in rec.recommend(user=1, k=3).items]
+        rec._cache.clear()
+        batcher = RequestBatcher(rec, wait_ms=10_000)  # the group forms once all three have arrived
+        left = threading.Event()
+        left.set()  # its client has gone; as the leader's own request, it is still in the group
+        outcomes: dict[str, object] = {}
+
+        def ask(name: str, request: Request, gone: threading.Event | None = None) -> None:
+            try:
+                outcomes[name] = batcher.submit(request, 3, gone)
+            except Exception as exc:  # noqa: BLE001
+                outcomes[name] = exc
+
+        leader = threading.Thread(target=ask, args=("left", Request(user=2), left))
+        leader.start()
+        time.sleep(0.3)  # the leader waits for its group to fill
+        others = [threading.Thread(target=ask, args=("stays", Request(user=1))),
+                  threading.Thread(target=ask, args=("bad", Request(user=999)))]
+        for t in others:
+            t.start()
+            time.sleep(0.05)
+        for t in [leader, *others]:
+            t.join(60)
+        assert isinstance(outcomes["bad"], NotFoundError), outcomes
+        assert [r.title for r in outcomes["stays"].items] == alone, outcomes
+        assert isinstance(outcomes["left"], ClientGone), outcomes
+        searched = rec.recommend_many([2, 1], k=3)
+        assert [r.cached for r in searched] == [False, True], "user 2 was searched for nobody"
+
+
 def test_serve_busy_timeout_bounds_the_wait_for_a_locked_database(tiny_db, tiny_model):
     """`serve` had no --busy-timeout (every other command that writes has one): a write waited a fixed 5 s."""
     proc, port = _start_cli_server(tiny_db, tiny_model, "--busy-timeout", "0.2")
