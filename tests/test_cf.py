@@ -247,3 +247,21 @@ def test_every_json_object_file_refuses_bad_content_with_one_line(tmp_path, caps
     assert main(["prior", "show", "--prior-dir", str(tmp_path)]) == CorruptModelError.exit_code
     err = capsys.readouterr().err
     assert err.startswith("error: collaborative prior ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("bad, says", [
+    (["--variant", "Max"], "unknown prior variant 'Max'"),
+    (["--weight", "2000"], "prior weight must be a number from 0 to 1000"),
+    (["--out", "FILE"], "where a folder is needed"),
+])
+def test_prior_build_checks_its_options_before_sasrec_trains(tiny_db, tmp_path, capsys, bad, says):
+    """A typo in --variant or --weight, or a file as --out, was found only when the trained SASRec was saved:
+    after minutes of training at the default recipe."""
+    (tmp_path / "FILE").write_text("not a folder\n", encoding="utf-8")
+    args = ["prior", "build", "--kind", "sasrec", "--epochs", "1", "--db", str(tiny_db), "--out",
+            str(tmp_path / "p")] + [str(tmp_path / "FILE") if a == "FILE" else a for a in bad]
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc in (2, 14) and says in err, err
+    assert "SASRec" not in err  # no training (its progress bar) before the refusal
+    assert not (tmp_path / "p").exists()
