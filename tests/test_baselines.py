@@ -262,3 +262,14 @@ def test_nothing_to_score_or_count_and_a_nonsense_time_limit_are_errors(tmp_path
     for limit in ("nan", "-5", "0"):  # NaN was no limit at all, and "NaN" in the saved config.json
         assert main(["baseline", "sasrec", "--db", str(tiny_db), "--max-seconds", limit, "--epochs", "1"]) == 2
         assert "max_seconds=" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["FILE", "FILE/model"])
+def test_sasrec_save_under_a_file_is_refused_before_training(tiny_db, tmp_path, capsys, where):
+    """--save FILE/model trained and scored SASRec, then failed to save it (the run was lost)."""
+    (tmp_path / "FILE").write_text("not a folder\n", encoding="utf-8")
+    rc = main(["baseline", "sasrec", "--db", str(tiny_db), "--epochs", "1", "--hidden", "16", "--max-len", "8",
+               "--save", str(tmp_path / where)])
+    err = capsys.readouterr().err
+    assert rc == 14 and "is a file, where a folder is needed" in err, err
+    assert "SASRec" not in err  # refused before its training's progress bar

@@ -117,6 +117,10 @@ def register(app: typer.Typer) -> None:
         from ..errors import UsageError
         from ..evaluation import evaluate_scores
 
+        if save is not None:  # before the training, not when its result is saved
+            from ..paths import check_can_make_folder
+
+            check_can_make_folder(save)  # a file there, or on the way: exit 14
         if save is not None and save.exists() and (not save.is_dir() or any(save.iterdir())):
             raise UsageError(f"{save} exists and is not an empty directory; choose another --save path")
         sequences, catalog = read_sequences(db)
