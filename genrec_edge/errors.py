@@ -85,7 +85,8 @@ class WorkerLostError(EngineError):
 
 class SearchCancelled(GenrecError):
     """The caller's ``cancel`` callable said the answer is no longer wanted (the HTTP client disconnected):
-    the search stopped between two llama.cpp calls; nothing was cached and the next search is unaffected."""
+    the search stopped between two llama.cpp calls. The stopped group's answers are not cached (groups of
+    ``batch`` finished before it are), and the next search is unaffected."""
 
 
 def stop_if_cancelled(cancel) -> None:

@@ -488,8 +488,9 @@ class Recommender:
         llama_decode. Each result is the one :meth:`recommend` gives for that request alone.
         A bad request (unknown user, empty history, unknown title) raises before any search runs.
         ``cancel``: asked between llama.cpp calls (and once the lock is ours) whether the answers are still
-        wanted; True raises :class:`~genrec_edge.errors.SearchCancelled` (nothing is cached; the next call is
-        unaffected). An HTTP server passes "every client of these requests has disconnected".
+        wanted; True raises :class:`~genrec_edge.errors.SearchCancelled` (the stopped group's answers are
+        not cached; the next call is unaffected). An HTTP server passes "every client of these requests has
+        disconnected".
         """
         started = time.perf_counter()
         k = _check_k(k)
