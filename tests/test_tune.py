@@ -116,3 +116,14 @@ def test_users_option_is_checked_the_same_way_everywhere(tiny_db, capsys, comman
     assert main([*command, "--db", str(tiny_db), "--users", users]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --users ") and err.count("\n") == 1, err
+
+
+def test_a_dry_run_marks_no_lambda_when_every_lambda_ties(model_dir, tiny_db, cache_home, capsys):  # noqa: F811
+    """--dry-run starred the smallest λ of a tie as the choice, the choice the real run refuses to write."""
+    assert main(["prior", "build", "--kind", "pop", "--db", str(tiny_db), "--out", str(model_dir)]) == 0
+    capsys.readouterr()
+    rc = main(["prior", "tune", "--model", str(model_dir / "model.gguf"), "--db", str(tiny_db), "--users", "all",
+               "--weights", "0.5,9", "--variant", "rerank", "--n-cf", "7", "--dry-run"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 0 and "0.5" in out and "*" not in out.replace("(* marks a choice)", "")
+    assert "every λ scored the same on these 6 users: none is chosen" in out

@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
         for column in ("λ", "HR@10", "NDCG@10", f"top-{n_cf} rerank HR@10", "rerank NDCG@10"):
             table.add_column(column, justify="right")
         for row in result.table():
-            mark = " *" if row["weight"] == result.best_weight else ""
+            mark = " *" if result.decisive and row["weight"] == result.best_weight else ""
             table.add_row(f"{row['weight']:g}{mark}", f"{row['HR@10']:.4f}", f"{row['NDCG@10']:.4f}",
                           f"{row['rerank HR@10']:.4f}", f"{row['rerank NDCG@10']:.4f}")
         table_console().print(table)
@@ -158,6 +158,9 @@ def register(app: typer.Typer) -> None:
             typer.echo("note: " + SMALL_SAMPLE_NOTE.format(users=result.n_users) + "; a λ chosen on them is close to "
                        "a guess.")
         if dry_run:
+            if not result.decisive:
+                typer.echo(f"every λ scored the same on these {result.n_users} users: none is chosen (* marks a "
+                           "choice); tune on more users (--users)")
             return
         if not result.decisive:  # the tie went to the smallest λ: writing it would switch the prior off
             raise UsageError(f"every λ scored the same on these {result.n_users} users: nothing to choose from, so "
