@@ -911,11 +911,12 @@ def _catalog_mark(db_path: Path, db) -> tuple:
 
 
 def _popularity_from_db(db_path: Path, catalog, weight: float | None):
-    from .cf import popularity_prior
+    """``--prior pop`` without a pop sidecar: the prior `prior build --kind pop` makes (its variant too: max)."""
+    from .cf import build_prior
     from .history import HistoryDB
 
     with HistoryDB.open(db_path, readonly=True) as db:
-        return popularity_prior(db.sequences(), catalog, 1.0 if weight is None else weight)
+        return build_prior("pop", db.sequences(), catalog, 1.0 if weight is None else weight)
 
 
 def _replace_total(result: Recommendations, total_ms: float) -> Recommendations:

@@ -265,3 +265,21 @@ def test_prior_build_checks_its_options_before_sasrec_trains(tiny_db, tmp_path, 
     assert rc in (2, 14) and says in err, err
     assert "SASRec" not in err  # no training (its progress bar) before the refusal
     assert not (tmp_path / "p").exists()
+
+
+def test_prior_pop_is_the_prior_that_prior_build_counts(tiny_model, tiny_db, tmp_path, cache_home):  # noqa: F811
+    """--prior pop on a model without a pop sidecar counted the 'sum' variant, while `prior build --kind pop`
+    writes 'max' (the default's): the same words, λ and counts searched differently (other titles)."""
+    import shutil
+
+    from genrec_edge.recommend import Recommender
+
+    folder = tmp_path / "pop"
+    folder.mkdir()
+    shutil.copy(tiny_model, folder / "model.gguf")
+    assert main(["prior", "build", "--kind", "pop", "--db", str(tiny_db), "--out", str(folder)]) == 0
+    with Recommender.open(tiny_model, tiny_db, beam=1, warn=lambda m: None) as counted, \
+            Recommender.open(folder / "model.gguf", tiny_db, beam=1, warn=lambda m: None) as built:
+        for user in TINY_HISTORIES:
+            a, b = counted.recommend(user=user, k=1, prior="pop"), built.recommend(user=user, k=1)
+            assert [(r.title, r.score) for r in a.items] == [(r.title, r.score) for r in b.items], user
