@@ -41,6 +41,7 @@ SIDECAR_JSON = "cf-prior.json"
 SIDECAR_WEIGHTS = "cf-prior.safetensors"
 KINDS = ("sasrec", "pop")
 VARIANTS = ("sum", "max", "rerank")
+BUILD_VARIANT = "max"  # what build_prior makes (and --prior pop counts) by default: it beat sum (README)
 DEFAULT_CANDIDATES = 50
 LN_EPS = 1e-5  # torch.nn.LayerNorm's default, which baselines.SASRec uses
 
@@ -233,7 +234,7 @@ def sasrec_prior(model, weight: float = 1.0, variant: str = "sum") -> CFPrior:
     return CFPrior(config, titles, item_title, item_index, weights=weights)
 
 
-def build_prior(kind: str, sequences, catalog: Catalog, weight: float = 1.0, variant: str = "max",
+def build_prior(kind: str, sequences, catalog: Catalog, weight: float = 1.0, variant: str = BUILD_VARIANT,
                 progress: bool = True, **sasrec_overrides) -> CFPrior:
     """Train (SASRec) or count (popularity) a prior on the leak-free training part of ``sequences``.
 

@@ -133,8 +133,9 @@ def llm_rankings(rec, examples: Sequence[Example], catalog: Catalog, k: int, pri
 def _llm_identity(model_path: Path, base_config: dict, k: int, prior: str | None, beam: int | None,
                   prior_weight: float | None, used_prior: str) -> tuple[str, dict]:
     """(label, config) of an LLM run: the same wherever it runs (here or on a Ray cluster)."""
-    from .cf import SIDECAR_JSON, SIDECAR_WEIGHTS
+    from .cf import BUILD_VARIANT, SIDECAR_JSON, SIDECAR_WEIGHTS
     from .hashing import sha256_file
+    from .recommend import _sidecar_kind
 
     # The collaborative prior's sidecar next to the model (cf.py) changes the results as much as the model.
     files = [model_path.parent / name for name in (SIDECAR_JSON, SIDECAR_WEIGHTS)]
@@ -143,6 +144,9 @@ def _llm_identity(model_path: Path, base_config: dict, k: int, prior: str | None
               "prior_sidecar": sidecar, "k": k, "beam": beam}
     if prior_weight is not None:
         config["prior_weight"] = prior_weight
+    if prior == "pop" and _sidecar_kind(model_path.parent) != "pop":
+        # Counted from the database (its counts are in data_sha256): how it is searched, which is not in any file.
+        config["prior_counted"] = {"kind": "pop", "variant": BUILD_VARIANT}
     suffix = "" if used_prior == "none" else f" +{used_prior}" + (f" λ={prior_weight:g}" if prior_weight is not None else "")
     return "LLM " + model_path.stem + suffix, config
 

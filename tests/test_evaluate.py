@@ -228,6 +228,10 @@ def test_each_prior_is_a_run_of_its_own(db, tiny_model, capsys):
     runs = report["recommenders"]
     assert set(runs) == {"LLM model-F32", "LLM model-F32 +pop"}
     assert runs["LLM model-F32"]["config"]["prior"] == "none" and runs["LLM model-F32 +pop"]["config"]["prior"] == "pop"
+    # A pop prior counted from the database is in no file the config hashes: how it is searched is named, so
+    # results logged when it searched with another variant ('sum') are not reused for it.
+    assert runs["LLM model-F32 +pop"]["config"]["prior_counted"] == {"kind": "pop", "variant": "max"}
+    assert "prior_counted" not in runs["LLM model-F32"]["config"]
     assert len(report["differences"]) == 1
     rc = main(["evaluate", "--db", str(db), "--pop", "--prior", "pop"])
     assert rc == 2 and "apply to --model" in capsys.readouterr().err
