@@ -332,9 +332,10 @@ def evaluate_recommenders(
     for spec in sorted(specs, key=lambda sp: order[sp.kind]):
         with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn, batch, ray,
                        workers) as run:
-            name = run.name
-            while name in results:
-                name += " #2"
+            name, copy = run.name, 1
+            while name in results:  # the same name again: "SASRec #2", "SASRec #3"
+                copy += 1
+                name = f"{run.name} #{copy}"
             got, resumed = log.run(run, examples, progress) if log else (run_unlogged(run, examples, progress), 0)
         results[name] = got
         runs[name] = {"config": run.config, "key": run.key, "top_k": run.top_k, "resumed": resumed}

@@ -336,3 +336,11 @@ def test_tables_piped_to_a_file_keep_every_column(db, sasrec_dir, capsys, monkey
     for metric in ("HR@1", "HR@5", "NDCG@5", "NDCG@10", "MRR"):
         assert any(line.strip().startswith(metric) for line in out.splitlines()), out
     assert "…" not in out, out
+
+
+def test_runs_of_the_same_name_are_numbered(db, sasrec_dir, capsys):
+    """A third SASRec was named 'SASRec #2 #2'."""
+    rc = main(["evaluate", "--db", str(db), *["--sasrec", str(sasrec_dir)] * 3, "--json"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert list(json.loads(captured.out)["recommenders"]) == ["SASRec", "SASRec #2", "SASRec #3"]
