@@ -179,9 +179,6 @@ def load_inputs(db_path: Path, users: int, full: bool, seed: int) -> Inputs:
     if not test:
         raise UsageError(f"{db_path}: no user has the 2 interactions a test example needs")
     if full or users >= len(test):
-        if not full and users > len(test):
-            print(f"--users {users}: the database has {len(test)} test users; measuring all of them",
-                  file=sys.stderr)
         sample = test
     else:
         sample = tuple(sorted(random.Random(seed).sample(test, users), key=lambda e: e.user))

@@ -205,14 +205,3 @@ def test_levels_only_run(tiny_f16, tiny_db, tmp_path, home):
     assert report["peers"] == [] and report["hf_side_by_side"] == [] and report["transformers"] is None
     assert report["rows"][0]["users"] == 3 and report["rows"][0]["kl_first"] == 0.0
     assert (tmp_path / "out" / f"{report['meta']['date'][:10]}-tiny-ml.png").is_file()
-
-
-def test_more_users_than_the_database_has_measures_all_and_says_so(tiny_db, capsys):
-    from bench.run import load_inputs
-
-    everyone = load_inputs(tiny_db, users=10_000, full=False, seed=1)
-    assert everyone.sample == everyone.test
-    err = capsys.readouterr().err
-    assert f"the database has {len(everyone.test)} test users; measuring all of them" in err
-    some = load_inputs(tiny_db, users=3, full=False, seed=1)
-    assert len(some.sample) == 3 and capsys.readouterr().err == ""
