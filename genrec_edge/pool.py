@@ -27,7 +27,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import CancelledError, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -201,6 +201,8 @@ class RecommenderPool:
             except BrokenProcessPool:  # died during this call (maybe because of it): replaced, not retried
                 self._replace(executor)
                 raise WorkerLostError("a worker process died during this request; it was replaced: try again") from None
+            except CancelledError:  # close() dropped it while it waited for a worker (a bare CancelledError)
+                raise UsageError("this RecommenderPool was closed before the call was served") from None
         finally:
             if future is None or future.done():  # never sent, or ended: back before we return
                 self._give_back_slot(slot, held)
@@ -258,6 +260,8 @@ class RecommenderPool:
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
+            if self._closed:  # a worker died while (or after) the pool closed: start no processes nobody stops
+                raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
             if self._executor is broken:  # the first caller to see it broken replaces it
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._executor = self._start()[0]

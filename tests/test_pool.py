@@ -318,3 +318,48 @@ def test_a_cancel_check_that_raises_stops_its_worker_and_keeps_its_slot_until_th
         again = pool.recommend(user=2, k=3)  # after the abandoned call: one worker takes calls in order
         assert not again.cached, "the abandoned call was searched for nobody (its answer was cached)"
         assert len(pool._free_slots) == slots, "the slot comes back once its call has stopped"
+
+
+def _ask_in_thread(pool, errors: list) -> threading.Thread:
+    def ask() -> None:
+        try:
+            pool.recommend(user=2, k=3)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            errors.append(exc)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    return thread
+
+
+def test_a_call_still_queued_when_the_pool_closes_says_so(tiny_db, tiny_model):  # noqa: F811
+    """close() drops calls no worker has taken: their callers got a bare concurrent.futures.CancelledError."""
+    pool = RecommenderPool.open(tiny_model, tiny_db, workers=1)
+    for _ in range(4):  # the worker and the executor's call queue are full: the next call waits in the pool
+        pool._executor.submit(time.sleep, 0.3)
+    errors: list = []
+    thread = _ask_in_thread(pool, errors)
+    time.sleep(0.3)
+    pool.close()
+    thread.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], UsageError) and "closed" in str(errors[0]), errors
+
+
+def test_a_worker_that_dies_while_the_pool_closes_is_not_replaced(tiny_db, tiny_model):  # noqa: F811
+    """A call in flight saw the dead worker and started a fresh pool of processes that nobody would stop."""
+    pool = RecommenderPool.open(tiny_model, tiny_db, workers=1)
+    (worker,) = multiprocessing.active_children()
+    pool._executor.submit(time.sleep, 3)  # close() waits for it
+    errors: list = []
+    thread = _ask_in_thread(pool, errors)
+    time.sleep(0.3)
+    closer = threading.Thread(target=pool.close)
+    closer.start()
+    time.sleep(0.3)
+    os.kill(worker.pid, signal.SIGKILL)
+    thread.join(30)
+    closer.join(30)
+    assert len(errors) == 1 and isinstance(errors[0], UsageError) and "closed" in str(errors[0]), errors
+    time.sleep(0.5)
+    assert multiprocessing.active_children() == [], "no worker outlives the pool"
+    assert pool.restarts == 0
