@@ -8,7 +8,7 @@
     pool on a Ray cluster, each actor one Recommender fed groups of histories)
     -> one JSON line per user, appended and flushed as each group finishes; `out` + ".parquet" at the end
 
-The file (``OUT_FORMAT``): line 1 ``{"format": ..., "version": 1, "config": {...}}``, where ``config`` is
+The file (``OUT_FORMAT``): line 1 ``{"format": ..., "version": 2, "config": {...}}``, where ``config`` is
 everything the results depend on (the model file's sha256 and its prior sidecar's, the prior, k, the beam,
 the database's catalog hash and a checksum of its interactions); then per user
 ``{"user": 42, "items": [{"rank": 1, "title": ..., "item_ids": [...], "score": ..., "lm_score": ...}, ...]}``

@@ -100,3 +100,19 @@ def test_square_brackets_in_help_are_shown(capsys):
         out = capsys.readouterr().out
         for text in shown:
             assert text in out, (argv, text)
+
+
+def test_cluster_doc_quotes_the_header_batch_writes(tiny_model, tiny_db, tmp_path, monkeypatch):
+    """docs/CLUSTER.md's header line is the one a real batch run writes (it said version 1 after v2)."""
+    import json
+
+    from genrec_edge.batch import recommend_users
+
+    monkeypatch.setenv("GENREC_EDGE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "recs.jsonl"
+    recommend_users(tiny_db, out, users=[1], model=tiny_model, k=2, progress=False, warn=lambda m: None)
+    header = json.loads(out.read_text(encoding="utf-8").splitlines()[0])
+    text = (README.parent / "docs" / "CLUSTER.md").read_text(encoding="utf-8")
+    quoted = re.search(r'`(\{"format": "genrec-edge-recommendations", "version": \d+), "config": \{\.\.\.\}\}`', text)
+    assert quoted, "docs/CLUSTER.md no longer quotes the header line"
+    assert json.loads(quoted.group(1) + "}") == {"format": header["format"], "version": header["version"]}
