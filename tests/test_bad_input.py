@@ -97,7 +97,8 @@ def test_paths_that_cannot_be_written_are_one_line(tiny_db, tmp_path, capsys):
         (("evaluate", "--pop", "--users", "2", "--out", str(a_file / "log.jsonl")), a_file,
          "a file is there, where a folder is needed"),
         (("prompts", "export", "--out", str(a_file / "p")), a_file / "p", "a-file is a file, where a folder is needed"),
-        (("grammar", "export", "--out", str(tmp_path), "--force"), tmp_path, "Is a directory"),
+        (("grammar", "export", "--out", str(tmp_path), "--force"), tmp_path, "it is not a file (a folder is there)"),
+        (("grammar", "export", "--out", str(tmp_path)), tmp_path, "it is not a file (a folder is there)"),
         (("evaluate", "--pop", "--users", "2", "--out", str(tmp_path)), tmp_path, "it is not a file (a folder is there)"),
     ):
         rc, _, err = run(capsys, *argv, "--db", str(tiny_db))

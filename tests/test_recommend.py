@@ -450,7 +450,10 @@ def test_cli_grammar_export(tiny_db, tmp_path, capsys):
     assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(tiny_db), "--force"]) == 2
     assert "is a SQLite database" in capsys.readouterr().err and tiny_db.read_bytes() == before
     assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(tmp_path), "--force"]) == 14
-    assert capsys.readouterr().err.strip() == f"error: cannot use {tmp_path}: Is a directory"
+    expected = f"error: cannot use {tmp_path}: it is not a file (a folder is there); --out names the .gbnf file"
+    assert capsys.readouterr().err.strip() == expected
+    assert main(["grammar", "export", "--db", str(tiny_db), "--out", str(tmp_path)]) == 14  # not "use --force"
+    assert capsys.readouterr().err.strip() == expected
 
 
 # ------------------------------------------------------------------------------------------ real model

@@ -237,11 +237,13 @@ def register(app: typer.Typer) -> None:
 
         Example: genrec-edge grammar export --out catalog.gbnf
         """
-        from ..errors import UsageError
+        from ..errors import FileAccessError, UsageError
         from ..grammar import grammar_for_titles
         from ..history import HistoryDB
         from ..paths import default_db
 
+        if out.is_dir():  # "exists (use --force ...)", then --force's "Is a directory": neither said what to do
+            raise FileAccessError(f"cannot use {out}: it is not a file (a folder is there); --out names the .gbnf file")
         if out.exists() and not force:
             raise UsageError(f"{out} exists (use --force to overwrite)")
         if out.is_file() and _is_sqlite(out):
