@@ -129,7 +129,11 @@ def measure_llama(args, examples: list[dict]) -> dict:
     emit(event="phase", name="recommend")
     warnings: list[str] = []
     started = time.perf_counter()
-    rec = Recommender.open(args.model, args.db, threads=args.threads, beam=args.beam, warn=warnings.append)
+    # prior="none": the language model alone at every level. A cf-prior.json beside the F16 (the default
+    # model's folder) would otherwise fuse into F16's ranking only - the quantized files in the work dir have
+    # no sidecar - so the agreement columns and paired differences would compare the prior, not the level.
+    rec = Recommender.open(args.model, args.db, threads=args.threads, beam=args.beam, warn=warnings.append,
+                           prior="none")
     open_ms = (time.perf_counter() - started) * 1000
     tokens, _ = rec.trie.children(0)
     latency, prefill, search, prompt_tokens, rankings = [], [], [], [], []
@@ -177,7 +181,8 @@ def measure_hf(args, examples: list[dict]) -> dict:
 
     rss_start = peak_rss_mb()
     # The trie, prompt ids and seen-title masks come from the recommender itself: the peer sees the same tokens.
-    with Recommender.open(args.model, args.db, threads=args.threads, beam=args.beam, warn=lambda m: None) as rec:
+    with Recommender.open(args.model, args.db, threads=args.threads, beam=args.beam, warn=lambda m: None,
+                          prior="none") as rec:
         trie, eos = rec.trie, rec.engine.eos_id
         prompts = [rec.prompt_ids(e["history"]) for e in examples]
         unseen = [rec.unseen_counts(set(e["history"])) for e in examples]

@@ -652,6 +652,7 @@ def run_meta(config, inputs, model_f16, f16_sha, provenance, work_dir, threads, 
         },
         "k": config.k,
         "beam": ref["beam"],
+        "prior": "none",  # every level (and the transformers peer) ranks with the language model alone
         "llama_bench": {"pp": config.pp, "tg": config.tg, "reps": config.reps, "warmup": "pp64 + tg8"},
         "phases_s": phases,
         "child_cpu_per_wall": {
@@ -761,6 +762,8 @@ def render_markdown(report: dict) -> str:
         "- versions: " + ", ".join(f"{n} {v}" for n, v in meta["versions"].items() if v) + f"; git {meta['git']}",
         f"- llama-bench tests: pp{lb['pp']} / tg{lb['tg']}, mean ± sd of {lb['reps']} repetitions after a warm-up; "
         f"beam width {meta['beam']}",
+        "- collaborative prior: none at every level (the language model alone, so the columns compare "
+        "quantization; a `cf-prior.json` beside the F16 is not used: `python -m bench.quality` scores it)",
         "",
         "## Quantization levels",
         "",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 from tinymodel import tiny_gguf
@@ -205,3 +206,35 @@ def test_levels_only_run(tiny_f16, tiny_db, tmp_path, home):
     assert report["peers"] == [] and report["hf_side_by_side"] == [] and report["transformers"] is None
     assert report["rows"][0]["users"] == 3 and report["rows"][0]["kl_first"] == 0.0
     assert (tmp_path / "out" / f"{report['meta']['date'][:10]}-tiny-ml.png").is_file()
+
+
+def test_a_prior_beside_the_f16_is_not_used(tiny_f16, tiny_db, tmp_path, home):
+    """The default model's folder holds cf-prior.json: F16 was ranked with it, the quantized files (work dir,
+    no sidecar) without, so overlap / ρ / Δ vs F16 compared the prior, not the quantization (Q8_0 overlap@10
+    0.08 on ml-latest-small). Every level ranks with the language model alone."""
+    import shutil
+
+    from bench.run import load_inputs
+    from genrec_edge import cf
+    from genrec_edge.history import HistoryDB
+    from genrec_edge.recommend import Recommender
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model = Path(shutil.copy(tiny_f16, folder / "model-F16.gguf"))
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        sequences, catalog = list(db.sequences()), db.catalog()
+    cf.popularity_prior(sequences, catalog, weight=50.0).save(folder)
+    report = run_bench(_config(model, tiny_db, tmp_path, skip_peers=True))
+    sample = load_inputs(tiny_db, 5, False, 1).sample
+    histories = [[catalog.title_of(i) for i in e.history] for e in sample]
+    with Recommender.open(model, tiny_db, threads=2, prior="none", warn=lambda m: None) as plain, \
+            Recommender.open(model, tiny_db, threads=2, warn=lambda m: None) as fused:
+        alone = [[r.title for r in plain.recommend(history=h, k=10).items] for h in histories]
+        with_prior = [[r.title for r in fused.recommend(history=h, k=10).items] for h in histories]
+    assert alone != with_prior  # the sidecar does change the ranking: the test can tell them apart
+    levels = report["levels"]
+    assert levels["F16"]["users"] == [e.user for e in sample]
+    assert levels["F16"]["rankings"] == alone
+    assert report["meta"]["prior"] == "none"
+    assert "collaborative prior: none" in Path(report["meta"]["files"]["md"]).read_text(encoding="utf-8")
