@@ -38,8 +38,9 @@ from collections.abc import Sequence  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from genrec_edge.errors import BenchError, GenrecError, NotFoundError, UsageError  # noqa: E402
+from genrec_edge.errors import BenchError, FileAccessError, GenrecError, NotFoundError, UsageError  # noqa: E402
 from genrec_edge.quantize import LEVELS  # noqa: E402
+from genrec_edge.recommend import MAX_THREADS  # noqa: E402
 from genrec_edge.stats import SMALL_SAMPLE, SMALL_SAMPLE_NOTE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,12 +81,12 @@ class BenchConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
         if self.hf_users < 0:
             problems.append(f"--hf-users must be >= 0 (got {self.hf_users})")
-        if self.threads is not None and self.threads < 1:
-            problems.append(f"--threads must be >= 1 (got {self.threads})")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:  # 100,000 segfaulted a child
+            problems.append(f"--threads must be 1..{MAX_THREADS}, llama.cpp's limit (got {self.threads})")
         if self.beam is not None and self.beam < 1:
             problems.append(f"--beam must be >= 1 (got {self.beam})")
-        if self.sasrec_seconds <= 0:
-            problems.append(f"--sasrec-seconds must be > 0 (got {self.sasrec_seconds})")
+        if not (math.isfinite(self.sasrec_seconds) and self.sasrec_seconds > 0):  # NaN, inf: SASRec refused them
+            problems.append(f"--sasrec-seconds must be a finite number > 0 (got {self.sasrec_seconds})")
         if self.k < 5:
             problems.append(f"--k must be >= 5: the tables report HR@5 and NDCG@5 (got {self.k})")
         if not self.levels:
@@ -520,6 +521,8 @@ def run_bench(config: BenchConfig) -> dict:
         from genrec_edge import paths
 
         work_dir = paths.cache_dir() / "bench" / f16_sha[:16]
+    for option, folder in (("--out-dir", Path(config.out_dir)), ("--work-dir", work_dir)):
+        require_writable_dir(option, folder)  # now, not after minutes of measuring
     level_paths = prepare_levels(model_f16, levels, work_dir, threads, config.progress)
     phases["model + quantize"] = time.perf_counter() - t0
 
@@ -554,6 +557,18 @@ def run_bench(config: BenchConfig) -> dict:
     }
     write_outputs(report, Path(config.out_dir), config.progress)
     return report
+
+
+def require_writable_dir(option: str, folder: Path) -> None:
+    """Make ``folder`` and write a file in it; FileAccessError (one line) if either fails."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        from genrec_edge.cli import file_access_message
+
+        raise FileAccessError(f"{option}: {file_access_message(exc)}") from None
 
 
 def score_peers(inputs: Inputs, k: int, threads: int, config: BenchConfig) -> tuple[list[dict], dict]:
@@ -949,6 +964,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a file the run could not read or write: one line naming it, not a traceback
+        from genrec_edge.cli import file_access_message
+
+        print(f"error: {file_access_message(exc)}", file=sys.stderr)
+        return FileAccessError.exit_code
     return 0
 
 

@@ -172,6 +172,11 @@ def test_quantized_files_are_reused(tiny_f16, tmp_path):
         (["--users", "0"], "--users must be >= 1"),
         (["--hf-users", "-1"], "--hf-users must be >= 0"),
         (["--db", "/nonexistent/x.db", "--levels", "F16"], "database not found"),
+        # Refused at once: they failed only after the levels were measured (SASRec refuses NaN / inf) or
+        # segfaulted each level's child (llama.cpp's 512 threads).
+        (["--db", "/nonexistent/x.db", "--sasrec-seconds", "nan"], "--sasrec-seconds must be a finite number"),
+        (["--db", "/nonexistent/x.db", "--sasrec-seconds", "inf"], "--sasrec-seconds must be a finite number"),
+        (["--db", "/nonexistent/x.db", "--threads", "100000"], "--threads must be 1..512"),
     ],
 )
 def test_bad_input_is_one_line(argv, message, capsys, home):
@@ -188,6 +193,22 @@ def test_bad_model_is_one_line(tiny_db, tmp_path, capsys, home):
     err = capsys.readouterr().err.strip()
     assert code != 0 and err.startswith("error:") and "\n" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--out-dir", "--work-dir"])
+def test_a_folder_that_cannot_be_written_is_one_line_before_any_work(option, tiny_f16, tiny_db, tmp_path, capsys,
+                                                                     home):
+    """--out-dir under a file was a FileNotFoundError traceback after every level was measured (--work-dir:
+    before quantizing); now one line, exit 14, before quantizing anything."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    folders = {"--out-dir": tmp_path / "out", "--work-dir": tmp_path / "work", option: blocker / "sub"}
+    code = main(["--levels", "F16,Q8_0", "--model-f16", str(tiny_f16), "--db", str(tiny_db), "--no-progress",
+                 "--skip-peers", "--users", "2", "--out-dir", str(folders["--out-dir"]),
+                 "--work-dir", str(folders["--work-dir"])])
+    err = capsys.readouterr().err.strip()
+    assert code == 14 and err.startswith(f"error: {option}: cannot use {blocker / 'sub'}") and "\n" not in err, err
+    assert not list((tmp_path / "work").glob("*Q8_0*"))  # nothing quantized, nothing measured
 
 
 def test_model_for_another_catalog_is_refused(tiny_db, tmp_path, capsys, home):
