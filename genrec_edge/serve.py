@@ -534,6 +534,10 @@ class RequestBatcher:
             for p in group:
                 p.fail(ClientGone())
             return
+        except WorkerLostError as exc:  # replaced, not retried: a request that kills its worker would kill again
+            for p in group:
+                p.fail(WorkerLostError(str(exc)))
+            return
         except Exception as exc:  # noqa: BLE001 - each request gets its own answer below
             if len(group) == 1:
                 group[0].fail(exc)

@@ -363,3 +363,38 @@ def test_a_worker_that_dies_while_the_pool_closes_is_not_replaced(tiny_db, tiny_
     time.sleep(0.5)
     assert multiprocessing.active_children() == [], "no worker outlives the pool"
     assert pool.restarts == 0
+
+
+def test_a_batched_group_whose_worker_died_gets_503_not_a_retry(tiny_db, tiny_model):  # noqa: F811
+    """A worker that dies during a group's call (serve --workers N --batch M) failed the group, and the batcher
+    then retried its requests one by one as if a bad request had failed it: the requests in flight got answers
+    instead of the documented 503, and a request that kills its worker (a llama.cpp abort) took the fresh pool
+    down again once per request of its group, with every other worker's requests in flight."""
+    from genrec_edge.recommend import Request
+    from genrec_edge.serve import RequestBatcher
+
+    with RecommenderPool.open(tiny_model, tiny_db, workers=1, batch=2) as pool:
+        (worker,) = multiprocessing.active_children()
+        busy = pool._executor.submit(time.sleep, 2.0)  # the group's call waits behind this, then dies with it
+        batcher = RequestBatcher(pool, wait_ms=5_000)  # the group forms once both have arrived
+        outcomes: dict[int, object] = {}
+
+        def ask(user: int) -> None:
+            try:
+                outcomes[user] = batcher.submit(Request(user=user), 3)
+            except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+                outcomes[user] = exc
+
+        threads = [threading.Thread(target=ask, args=(u,)) for u in (1, 2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)  # both are in the group's call, queued for the busy worker
+        os.kill(worker.pid, signal.SIGKILL)
+        for t in threads:
+            t.join(60)
+        with pytest.raises(Exception):  # noqa: B017 - BrokenProcessPool
+            busy.result()
+        assert all(isinstance(outcomes[u], WorkerLostError) for u in (1, 2)), outcomes
+        assert status_for(outcomes[1]) == 503
+        assert pool.restarts == 1
+        assert _ranked(pool.recommend(user=1, k=3)), "the fresh pool serves"
