@@ -700,7 +700,8 @@ def create_app(
                 error = exc
             finally:
                 tasks.cancel_scope.cancel()
-        if isinstance(error, ClientGone):
+        # Gone before its answer (its group's search went on for the others): nobody reads it either.
+        if isinstance(error, ClientGone) or (error is None and gone.is_set()):
             return Response(status_code=CLIENT_GONE)  # nobody reads it; the access log says 499
         if error is not None:
             raise error

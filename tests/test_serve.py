@@ -550,6 +550,36 @@ def test_a_queued_request_whose_client_left_is_not_searched(tiny_db, tiny_model)
 
 
 
+def test_a_client_that_left_during_its_groups_search_is_logged_499(tiny_db, tiny_model):
+    """A client that disconnected while its group's search went on for the others was logged 200, as if it had
+    been answered: the access log said 499 only for a client whose whole group had gone."""
+    from genrec_edge.recommend import Recommender
+    from genrec_edge.serve import RequestBatcher
+
+    with Recommender.open(tiny_model, tiny_db, threads=1, batch=2, warn=lambda m: None) as rec:
+        lines: list[str] = []
+        with running(make_server(tiny_db, port=0, recommender=rec, log=lines.append)) as server:
+            server.service._batcher = RequestBatcher(rec, wait_ms=10_000)  # the group forms once both arrived
+            port = server.server_address[1]
+            body = json.dumps({"user": 2, "k": 3}).encode()
+            answers: list = []
+            with rec.lock:  # the group's search waits for the model: both requests are in it
+                sock = socket.create_connection(("127.0.0.1", port))
+                sock.sendall(b"POST /recommend HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                time.sleep(0.2)
+                stays = threading.Thread(target=lambda: answers.append(
+                    http(server.url + "/recommend", "POST", {"user": 1, "k": 3})[:2]))
+                stays.start()
+                time.sleep(0.3)
+                sock.close()  # this client gives up; the other one still waits, so the search goes on
+                time.sleep(0.5)  # longer than GONE_POLL_S: the server has seen it leave
+            stays.join(60)
+        assert answers and answers[0][0] == 200, answers
+        statuses = sorted(line.rsplit(" ", 1)[-1] for line in lines if '"POST /recommend' in line)
+        assert statuses == ["200", "499"], lines
+
+
 def test_a_group_whose_call_fails_retries_alone_only_the_requests_still_wanted(tiny_db, tiny_model):
     """A group's call that fails (a bad request in it) is retried request by request; a request whose client
     has gone is not searched again for nobody (ClientGone: 499), and the others still get their own answers."""
