@@ -30,9 +30,11 @@ import math  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -881,8 +883,6 @@ def csv_context(meta: dict) -> dict:
 
 
 def write_outputs(report: dict, out_dir: Path, progress: bool = True) -> dict[str, Path]:
-    from bench.plot import plot
-
     k = report["meta"]["k"]
     out_dir.mkdir(parents=True, exist_ok=True)
     from bench.saved_run import fresh_stem
@@ -890,6 +890,34 @@ def write_outputs(report: dict, out_dir: Path, progress: bool = True) -> dict[st
     stem = fresh_stem(out_dir, f"{report['meta']['date'][:10]}-{report['meta']['dataset']}").name
     files = {ext: out_dir / f"{stem}.{ext}" for ext in ("md", "csv", "json", "png")}
     report["meta"]["files"] = {ext: str(p) for ext, p in files.items()}
+    # Written under hidden partial names, renamed together once all four are complete: Ctrl-C (or a full disk)
+    # while they were written left a run of md/csv/json without its png, or a truncated file, as a result.
+    partial = {ext: out_dir / f".{stem}.partial.{ext}" for ext in files}
+    try:
+        text = _write_files(report, partial, k)
+        blocked = {signal.SIGINT, signal.SIGTERM}
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # all four renamed, or none
+        try:
+            for ext, path in partial.items():
+                path.replace(files[ext])
+        finally:
+            if main_thread:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
+    finally:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+    print(text)
+    if progress:
+        print(f"results: {', '.join(str(p) for p in files.values())}", file=sys.stderr)
+    return files
+
+
+def _write_files(report: dict, files: dict[str, Path], k: int) -> str:
+    """The markdown, CSV, JSON and PNG of ``report`` at ``files``' paths; returns the markdown."""
+    from bench.plot import plot
+
     text = render_markdown(report)
     files["md"].write_text(text, encoding="utf-8")
     quality = [f"{n}{suffix}" for n in quality_names(k) for suffix in ("", "_lo", "_hi")]
@@ -903,10 +931,7 @@ def write_outputs(report: dict, out_dir: Path, progress: bool = True) -> dict[st
             writer.writerow({**row, **context})
     files["json"].write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
     plot(report, files["png"])
-    print(text)
-    if progress:
-        print(f"results: {', '.join(str(p) for p in files.values())}", file=sys.stderr)
-    return files
+    return text
 
 
 # =========================================================================================== CLI
@@ -956,14 +981,18 @@ def parse_args(argv=None) -> BenchConfig:
 
 
 def main(argv=None) -> int:
+    from genrec_edge.cli import Stopped, _stop_signals
+
     try:
-        run_bench(parse_args(argv))
+        with _stop_signals():  # SIGTERM too stops the child and removes the temporary files (it killed only us)
+            run_bench(parse_args(argv))
     except GenrecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Stopped) as exc:
+        terminated = isinstance(exc, Stopped) and exc.signum == signal.SIGTERM
+        print(f"error: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except OSError as exc:  # a file the run could not read or write: one line naming it, not a traceback
         from genrec_edge.cli import file_access_message
 

@@ -259,3 +259,57 @@ def test_a_prior_beside_the_f16_is_not_used(tiny_f16, tiny_db, tmp_path, home):
     assert levels["F16"]["rankings"] == alone
     assert report["meta"]["prior"] == "none"
     assert "collaborative prior: none" in Path(report["meta"]["files"]["md"]).read_text(encoding="utf-8")
+
+
+def test_an_interrupt_while_the_files_are_written_leaves_none(tiny_f16, tiny_db, tmp_path, home, monkeypatch):
+    """Ctrl-C while the plot was drawn left md, csv and json without the png (a result that looks whole, and
+    the next run named itself -2); the four files are renamed into place together, or not at all."""
+    import bench.plot
+
+    def interrupted(report, path):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.plot, "plot", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(_config(tiny_f16, tiny_db, tmp_path, levels=("F16",), skip_peers=True, users=2))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_sigterm_stops_the_child_and_cleans_up(tiny_f16, tiny_db, tmp_path, home):
+    """SIGTERM to the bench alone (`kill PID`) killed it without cleanup: its bench.measure child ran on for
+    nobody and the temporary folder stayed. Now the child is stopped, the folder removed, exit 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    prelude = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+               "signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
+               "runpy.run_module('bench.run', run_name='__main__')")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", prelude, "--levels", "F16", "--model-f16", str(tiny_f16), "--db", str(tiny_db),
+         "--users", "5", "--skip-peers", "--pp", "4096", "--tg", "512", "--reps", "50", "--no-progress",
+         "--out-dir", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work")],
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, TMPDIR=str(tmp), OMP_WAIT_POLICY="passive"))
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    try:
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and not children.read_text().split():
+            time.sleep(0.05)
+        child = int(children.read_text().split()[0])
+        time.sleep(1.0)  # the child is measuring
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "error: terminated", err
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert list(tmp.iterdir()) == []  # the children's examples and results
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
