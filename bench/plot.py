@@ -1,4 +1,5 @@
-"""The bench's figure: HR@k vs file size and recommend latency vs file size, one point per level.
+"""The bench's figure: HR@k (with its 95% interval) vs file size and recommend latency vs file size, one point
+per level; on fewer than stats.SMALL_SAMPLE users the quality panel says it is noise.
 
 Baselines are horizontal lines: popularity and SASRec (same user sample) on the quality panel; on the
 latency panel, transformers' beam search on the same F16 (its own user subset, stated in the legend).
@@ -10,10 +11,23 @@ from pathlib import Path
 
 
 def plot(report: dict, path: Path) -> Path:
+    fig = figure(report)  # selects the Agg backend first
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def figure(report: dict):
+    """The bench's figure (matplotlib, not saved): HR@k with its 95% interval, latency p50-p95, vs file size."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
+
+    from genrec_edge.stats import SMALL_SAMPLE
 
     meta, rows = report["meta"], report["rows"]
     k = meta["k"]
@@ -27,6 +41,12 @@ def plot(report: dict, path: Path) -> Path:
         # Levels crowd around 85-110 MiB: stagger the labels so they stay readable.
         for i, (row, x, y) in enumerate(zip(rows, sizes, values, strict=True)):
             ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4 + 9 * (i % 3)), fontsize=8)
+        if key != "p50_ms" and all(r.get(f"{key}_lo") is not None for r in rows):
+            # The quality points alone read as a ranking of the levels; on a small sample they are noise.
+            low = [v - r[f"{key}_lo"] for r, v in zip(rows, values, strict=True)]
+            high = [r[f"{key}_hi"] - v for r, v in zip(rows, values, strict=True)]
+            ax.errorbar(sizes, values, yerr=[low, high], fmt="none", ecolor="tab:blue", alpha=0.5, capsize=3,
+                        label="95% interval (bootstrap over users)")
         if key == "p50_ms":
             lows = [r["p50_ms"] for r in rows]
             highs = [r["p95_ms"] for r in rows]
@@ -43,6 +63,12 @@ def plot(report: dict, path: Path) -> Path:
             ax_t.axhline(row["p50_ms"], linestyle="--", color="tab:red",
                          label=f"{row['name']} ({row['users']} users)")
     ax_q.set_ylim(bottom=0)
+    users = meta["sample"]["users"]
+    if users < SMALL_SAMPLE:
+        ax_q.set_title(f"{users} users: noise, not a ranking of the levels (see the paired differences; "
+                       f"{SMALL_SAMPLE}+ users)", fontsize=8, color="tab:red")
+    for ax in (ax_q, ax_t):
+        ax.margins(x=0.12)  # the rightmost level's label stays inside the panel
     ax_t.set_yscale("log")  # transformers is an order of magnitude slower: ratios read as distances
     for ax in (ax_q, ax_t):
         if ax.get_legend_handles_labels()[0]:
@@ -58,7 +84,4 @@ def plot(report: dict, path: Path) -> Path:
         fontsize=7, color="0.4",
     )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -313,3 +313,21 @@ def test_sigterm_stops_the_child_and_cleans_up(tiny_f16, tiny_db, tmp_path, home
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
     assert list(tmp.iterdir()) == []  # the children's examples and results
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_plot_shows_intervals_and_the_small_sample_note(tiny_f16, tiny_db, tmp_path, home):
+    """The HR@k panel drew bare points: F16 at 0.10 and Q8_0 at 0.00 on 10 users read as a ranking of the levels,
+    while the tables call those columns noise. It draws each level's 95% interval and says it is noise."""
+    from matplotlib.container import ErrorbarContainer
+
+    from bench.plot import figure
+
+    report = run_bench(_config(tiny_f16, tiny_db, tmp_path, skip_peers=True, users=3))
+    fig = figure(report)
+    ax_q = fig.axes[0]
+    bars = [c for c in ax_q.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 1
+    segments = bars[0].lines[2][0].get_segments()
+    rows = report["rows"]
+    assert [tuple(seg[:, 1]) for seg in segments] == [(r["HR@10_lo"], r["HR@10_hi"]) for r in rows]
+    assert "3 users: noise" in ax_q.get_title()
