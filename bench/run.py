@@ -239,11 +239,19 @@ def run_child(label: str, args: list[str], out: Path, on_event) -> dict:
 
 
 class Progress:
-    """rich progress on stderr: one bar for the levels, one for the users of the current level."""
+    """rich progress on stderr: one bar for the whole run, counted in recommendations (every level's users, then
+    transformers'), and one for the users of the current child; each with its elapsed time and an ETA."""
 
-    def __init__(self, enabled: bool, n_jobs: int):
+    def __init__(self, enabled: bool, n_users: int, console=None):
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(
             TextColumn("{task.description:<28}"),
@@ -251,11 +259,15 @@ class Progress:
             MofNCompleteColumn(),
             TextColumn("{task.fields[note]}"),
             TimeElapsedColumn(),
-            console=Console(stderr=True),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
             disable=not enabled,
+            speed_estimate_period=24 * 3600,  # the ETA from every user so far, not the last 30 s (a few users)
         )
-        self.jobs = self.bar.add_task("bench", total=n_jobs, note="")
+        self.jobs = self.bar.add_task("bench (users × levels)", total=n_users, note="")
         self.users = self.bar.add_task("users", total=None, note="", visible=False)
+        self._done = 0  # the current child's users already counted in the whole run's bar
 
     def __enter__(self):
         self.bar.__enter__()
@@ -267,15 +279,17 @@ class Progress:
     def start(self, label: str) -> None:
         self.bar.update(self.jobs, note=label)
         self.bar.reset(self.users, total=None, visible=True, description=f"  {label}", note="starting")
+        self._done = 0
 
     def event(self, event: dict) -> None:
         if event["event"] == "phase":
             self.bar.update(self.users, note=event["name"])
         elif event["event"] == "users":
             self.bar.update(self.users, total=event["total"], completed=event["done"], note="recommend")
+            self.bar.advance(self.jobs, event["done"] - self._done)
+            self._done = event["done"]
 
     def done(self) -> None:
-        self.bar.advance(self.jobs)
         self.bar.update(self.users, visible=False)
 
 
@@ -408,7 +422,7 @@ def measure_all(config: BenchConfig, inputs: Inputs, level_paths: dict[str, Path
         common += ["--beam", str(config.beam)]
     measured: dict[str, dict] = {}
     hf = None
-    with Progress(config.progress, len(level_paths) + (1 if hf_count else 0)) as progress:
+    with Progress(config.progress, len(level_paths) * len(examples) + hf_count) as progress:
         t0 = time.perf_counter()
         for level, path in level_paths.items():
             progress.start(level)

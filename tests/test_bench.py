@@ -315,6 +315,32 @@ def test_sigterm_stops_the_child_and_cleans_up(tiny_f16, tiny_db, tmp_path, home
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
 
 
+def test_progress_shows_an_eta():
+    """The bars showed the elapsed time only: a run of several minutes gave no idea of its end. The whole run's
+    bar counts recommendations (users × levels) and both bars show an ETA once users are timed."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from bench.run import Progress
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=160)
+    with Progress(True, 2 * 4, console=console) as progress:
+        for level in ("F16", "Q8_0"):
+            progress.start(level)
+            for done in range(3):
+                progress.event({"event": "users", "done": done, "total": 4})
+                time.sleep(0.05)
+        tasks = {task.id: task for task in progress.bar.tasks}
+        assert tasks[progress.jobs].completed == 4 and tasks[progress.jobs].total == 8
+        assert tasks[progress.jobs].time_remaining is not None and tasks[progress.users].time_remaining is not None
+        out = Console(file=io.StringIO(), width=160)
+        out.print(progress.bar.make_tasks_table(progress.bar.tasks))
+    rows = out.file.getvalue().splitlines()
+    assert all("ETA 0:00:0" in row for row in rows[:2]), rows
+
+
 def test_the_plot_shows_intervals_and_the_small_sample_note(tiny_f16, tiny_db, tmp_path, home):
     """The HR@k panel drew bare points: F16 at 0.10 and Q8_0 at 0.00 on 10 users read as a ranking of the levels,
     while the tables call those columns noise. It draws each level's 95% interval and says it is noise."""
