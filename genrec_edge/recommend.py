@@ -15,7 +15,8 @@ GGUF; it is used unless the caller asks for another (``prior="none"`` is the pur
 ``recommend_many`` runs several requests' searches together: their beams share each llama_decode.
 
 Beam width: ``beam`` at open, else ``default_beam(k) = max(10, 2 * k)`` capped by the capacity the
-context was created with (``DEFAULT_BEAM_CAPACITY`` sequences per request slot; ``batch`` slots). Scores are summed token log-probabilities
+context was created with (``DEFAULT_BEAM_CAPACITY`` sequences per request slot with ``batch=1``;
+``default_beam(DEFAULT_K)`` = 20 per slot with ``batch`` >= 2, so a k > 10 can rank differently there). Scores are summed token log-probabilities
 of ``title + EOS`` (no length normalisation): the model's probability of generating exactly that title.
 
 The database is opened read-only per request (SQLite connections belong to one thread); the catalog and
