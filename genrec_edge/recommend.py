@@ -16,8 +16,9 @@ GGUF; it is used unless the caller asks for another (``prior="none"`` is the pur
 
 Beam width: ``beam`` at open, else ``default_beam(k) = max(10, 2 * k)`` capped by the capacity the
 context was created with (``DEFAULT_BEAM_CAPACITY`` sequences per request slot with ``batch=1``;
-``default_beam(DEFAULT_K)`` = 20 per slot with ``batch`` >= 2, so a k > 10 can rank differently there). Scores are summed token log-probabilities
-of ``title + EOS`` (no length normalisation): the model's probability of generating exactly that title.
+``default_beam(DEFAULT_K)`` = 20 per slot with ``batch`` >= 2: a request whose beam is wider is searched
+alone, with every slot's beams, so it gets ``batch=1``'s width and answer). Scores are summed token
+log-probabilities of ``title + EOS`` (no length normalisation): the model's probability of generating exactly that title.
 
 The database is opened read-only per request (SQLite connections belong to one thread); the catalog and
 its trie are read once at open.
@@ -236,7 +237,8 @@ class Recommender:
     """A loaded model + catalog trie + database path (+ a collaborative prior). Use :meth:`open`."""
 
     def __init__(self, engine, trie, catalog, db_path: Path, template: PromptTemplate, capacity: int, beam,
-                 batch: int = 1, prior: CFPrior | None = None, model_dir: Path | None = None, cache: int = 0):
+                 batch: int = 1, prior: CFPrior | None = None, model_dir: Path | None = None, cache: int = 0,
+                 lone_capacity: int | None = None):
         self.engine = engine
         self.trie = trie
         self.catalog = catalog
@@ -245,6 +247,8 @@ class Recommender:
         self.capacity = capacity
         self.beam = beam
         self.batch = batch
+        # The widest beam a request searched alone gets: what ``batch=1`` gives it, from every slot's beams.
+        self.lone_capacity = min(max(lone_capacity or capacity, capacity), batch * capacity)
         self.lock = threading.RLock()
         self._closed = False
         self.title_index = {t: i for i, t in enumerate(trie.titles)}
@@ -277,6 +281,18 @@ class Recommender:
     def _slot_seqs(self, slot: int) -> tuple[int, list[int]]:
         prompt = 1 + slot * (self.capacity + 1)
         return prompt, list(range(prompt + 1, prompt + 1 + self.capacity))
+
+    def _lone_seqs(self) -> tuple[int, list[int]]:
+        """Slot 0's prompt and the beams of every slot: a request searched alone (its sequences, and the
+        cells ``open`` sized for ``batch`` slots, hold ``lone_capacity`` beams)."""
+        beams = [seq for slot in range(self.batch) for seq in self._slot_seqs(slot)[1]]
+        return self._slot_seqs(0)[0], beams[: self.lone_capacity]
+
+    def _group_size(self, k: int, beam: int | None) -> int:
+        """Requests per search: ``batch``, or 1 when ``k``'s beam is wider than a slot holds. Alone, a
+        request gets every slot's beams, so its width (and its answer) is the one ``batch=1`` gives."""
+        want = beam if beam is not None else default_beam(k)
+        return 1 if min(want, self.lone_capacity) > self.capacity else self.batch
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -346,8 +362,10 @@ class Recommender:
             raise NotFoundError(f"the database has no items: {db_path}")
         loaded_prior = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
         capacity = beam if beam is not None else (DEFAULT_BEAM_CAPACITY if batch == 1 else default_beam(DEFAULT_K))
+        lone = beam if beam is not None else DEFAULT_BEAM_CAPACITY  # batch=1's: what a request alone gets
         if beam is None and loaded_prior is not None and loaded_prior.config.variant == "rerank":
             capacity = max(capacity, loaded_prior.config.candidates)  # one exact search over the candidates
+            lone = max(lone, loaded_prior.config.candidates)
         if 2 + batch * (capacity + 1) > MAX_SEQUENCES:
             raise UsageError(
                 f"batch {batch} x beam {capacity} needs {2 + batch * (capacity + 1)} llama.cpp sequences; "
@@ -391,7 +409,7 @@ class Recommender:
                 model=raw_model, flash_attn=flash_attn,
             )
             rec = cls(engine, trie, catalog, db_path, template, capacity, beam, batch, loaded_prior,
-                      model_path.parent, cache)
+                      model_path.parent, cache, lone_capacity=lone)
             rec.jump_forward = jump_forward
             rec._catalog_mark = catalog_mark
             return rec
@@ -515,8 +533,9 @@ class Recommender:
                         self._cache.move_to_end(key)
                         rankings[i], cached[i] = self._cache[key], True
                 todo = [i for i in range(len(requests)) if rankings[i] is None]
-                for first in range(0, len(todo), self.batch):
-                    group = todo[first : first + self.batch]
+                size = self._group_size(k, self.beam)
+                for first in range(0, len(todo), size):
+                    group = todo[first : first + size]
                     found = self._rank_group(
                         [(resolved[i][0], resolved[i][1], resolved[i][2], priors[i]) for i in group], k, self.beam,
                         first_step=[requests[i].first_step for i in group], cancel=cancel,
@@ -567,8 +586,10 @@ class Recommender:
             group.append((titles, set(seen_titles), items, chosen))
         out: list[Ranking] = []
         with self._engine():
-            for first in range(0, len(group), self.batch):
-                out += self._rank_group(group[first : first + self.batch], k, beam if beam is not None else self.beam)
+            beam = beam if beam is not None else self.beam
+            size = self._group_size(k, beam)
+            for first in range(0, len(group), size):
+                out += self._rank_group(group[first : first + size], k, beam)
         return out
 
     def score_titles(self, history_titles: Sequence[str], titles: Sequence[str]) -> dict[str, float]:
@@ -711,11 +732,11 @@ class Recommender:
         prefill_ms = (time.perf_counter() - t0) * 1000
         return unseen, seen, prompt, logits, prefill_ms
 
-    def _prior_terms(self, prior: CFPrior | None, items: list[int], seen: list[int], k: int):
+    def _prior_terms(self, prior: CFPrior | None, items: list[int], seen: list[int], k: int, capacity: int):
         """(per-node prior mass for the search, candidate titles for a rerank, log P_CF, milliseconds).
 
         No prior: nothing. ``sum``/``max``: the mass of the unseen titles below each trie node.
-        ``rerank``: the prior's top ``candidates`` unseen titles (at least k, at most a slot's beams).
+        ``rerank``: the prior's top ``candidates`` unseen titles (at least k, at most ``capacity`` beams).
         """
         if prior is None:
             return None, None, None, 0.0
@@ -726,7 +747,7 @@ class Recommender:
         mask[seen] = True
         log_p = prior.log_probs(items, mask)
         if prior.config.variant == "rerank":
-            n = min(max(prior.config.candidates, k), self.capacity)
+            n = min(max(prior.config.candidates, k), capacity)
             order = np.argsort(-log_p, kind="stable")[:n]
             candidates = [int(j) for j in order if np.isfinite(log_p[j]) and self.trie.title_leaf[j] >= 0]
             return None, candidates, log_p, (time.perf_counter() - t0) * 1000
@@ -743,15 +764,17 @@ class Recommender:
         from .engine import log_softmax
         from .search import Hit, SearchRequest, SearchStats, beam_search
 
-        width = min(beam if beam is not None else default_beam(k), self.capacity)
+        alone = len(group) == 1 and self.batch > 1  # every slot's beams (_group_size)
+        capacity = self.lone_capacity if alone else self.capacity
+        width = min(beam if beam is not None else default_beam(k), capacity)
         engine = self.engine
         engine.reset()
         requests, extra = [], []
         for slot, (titles, seen_titles, items, prior) in enumerate(group):
             stop_if_cancelled(cancel)
             unseen, seen, prompt, logits, prefill_ms = self._prepare(slot, titles, seen_titles)
-            mass, candidates, log_p, prior_ms = self._prior_terms(prior, items, seen, k)
-            prompt_seq, beam_seqs = self._slot_seqs(slot)
+            mass, candidates, log_p, prior_ms = self._prior_terms(prior, items, seen, k, capacity)
+            prompt_seq, beam_seqs = self._lone_seqs() if alone else self._slot_seqs(slot)
             if candidates is not None and candidates:
                 wide = len(candidates)
                 requests.append(SearchRequest(prompt_seq, len(prompt), logits, self.trie.counts_of(candidates), wide,

@@ -624,3 +624,55 @@ def test_a_cancelled_search_stops_at_any_check_and_the_next_search_is_exact(tiny
         # Cancelled before anything: nothing searched, one clear error
         with pytest.raises(SearchCancelled, match="no longer wanted"):
             rec.recommend_many([2], k=5, cancel=lambda: True)
+
+
+def test_batched_requests_wider_than_a_slot_get_the_width_of_batch_one(tmp_path, cache_home):
+    """With batch >= 2 a slot holds 20 beams (batch=1: 40), so a k > 10 (beam 2k) was searched narrower in a
+    group and could rank differently from the same request alone. Such requests are now searched one at a
+    time with every slot's beams: the answers of batch=1, for any k; k <= 10 still shares the decode."""
+    import csv
+
+    from tinymodel import tiny_gguf
+
+    from genrec_edge.ingest import ingest
+
+    words = ["Red", "Blue", "Green", "Night", "Day", "River", "Stone", "Glass", "Iron", "Silver"]
+    titles = [f"The {a} {b} ({1950 + i})" for i, (a, b) in enumerate((a, b) for a in words for b in words[::-1])
+              if a != b][:80]
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    with open(folder / "movies.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["movieId", "title", "genres"])
+        writer.writerows([i + 1, t, "Drama"] for i, t in enumerate(titles))
+    with open(folder / "ratings.csv", "w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["userId", "movieId", "rating", "timestamp"])
+        for user in range(1, 7):
+            for pos in range(5):
+                writer.writerow([user, 1 + (user * 7 + pos * 11) % len(titles), "4.0", 1_000_000 + pos])
+    db = tmp_path / "wide.db"
+    ingest(db, "movielens-csv", folder, progress=False)
+    from genrec_edge.quantize import quantize
+
+    # Q8_0: batching is exact to the bit there; F32 weights can move a score by ~1e-7 (docs/FINDINGS.md)
+    model = quantize(tiny_gguf(tmp_path / "model", corpus=titles, seed=11), ["Q8_0"], progress=False)[0].path
+    users = list(range(1, 7))
+    with (Recommender.open(model, db, threads=2, warn=lambda m: None) as one,
+          Recommender.open(model, db, threads=2, batch=3, warn=lambda m: None) as three,
+          HistoryDB.open(db, readonly=True) as history):
+        resolved = [one._resolve(history, u, None) for u in users]  # (prompt titles, seen titles, items)
+        assert (one.capacity, three.capacity, three.lone_capacity) == (40, 20, 40)
+        for k in (5, 15, 30):
+            alone = [_answer(one.recommend(user=u, k=k)) for u in users]
+            assert [_answer(r) for r in three.recommend_many(users, k=k)] == alone, k
+            ranked = three.rank_many(resolved, k)
+            assert [list(zip(r.titles, r.scores, strict=True)) for r in ranked] == [
+                [(title, score) for title, _, score, _ in a[0]] for a in alone], k
+        # k <= 10 still searches 3 requests per llama_decode; k = 15 one at a time
+        assert three._group_size(10, None) == 3 and three._group_size(15, None) == 1
+        # The width mattered on this catalog: 20 beams (a slot's) rank k = 30 otherwise for some user.
+        with three._engine():
+            narrow = [three._rank_group([r + (None,)], 30, 20)[0] for r in resolved]
+        wide = [[title for title, *_ in a[0]] for a in alone]
+        assert any(list(n.titles) != w for n, w in zip(narrow, wide, strict=True))
