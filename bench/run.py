@@ -34,7 +34,6 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import threading  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
@@ -43,6 +42,7 @@ from pathlib import Path  # noqa: E402
 from genrec_edge.errors import BenchError, FileAccessError, GenrecError, NotFoundError, UsageError  # noqa: E402
 from genrec_edge.quantize import LEVELS  # noqa: E402
 from genrec_edge.recommend import MAX_THREADS  # noqa: E402
+from genrec_edge.signals import held_signals  # noqa: E402
 from genrec_edge.stats import SMALL_SAMPLE, SMALL_SAMPLE_NOTE  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -909,16 +909,9 @@ def write_outputs(report: dict, out_dir: Path, progress: bool = True) -> dict[st
     partial = {ext: out_dir / f".{stem}.partial.{ext}" for ext in files}
     try:
         text = _write_files(report, partial, k)
-        blocked = {signal.SIGINT, signal.SIGTERM}
-        main_thread = threading.current_thread() is threading.main_thread()
-        if main_thread:
-            signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # all four renamed, or none
-        try:
+        with held_signals():  # all four renamed, or none
             for ext, path in partial.items():
                 path.replace(files[ext])
-        finally:
-            if main_thread:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked)
     finally:
         for path in partial.values():
             path.unlink(missing_ok=True)

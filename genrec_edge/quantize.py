@@ -8,12 +8,9 @@ tensors - so "Q4_K_M" can be mostly Q5_0. Size, bits per weight and per-type ten
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import re
-import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +18,7 @@ from pathlib import Path
 
 from .errors import QuantizeError, UsageError
 from .paths import check_can_make_folder, make_folder
+from .signals import held_signals
 
 # The levels we ship and compare (make bench, python -m bench.run), best first; F16 is the unquantized reference.
 LEVELS = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_0", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K")
@@ -79,35 +77,6 @@ def output_path(src: Path, level: str, out_dir: Path | None = None) -> Path:
     """``model-F16.gguf`` + ``Q4_0`` -> ``model-Q4_0.gguf`` (next to the source unless ``out_dir``)."""
     stem = _SOURCE_SUFFIX.sub("", src.stem)
     return (out_dir or src.parent) / f"{stem}-{level}.gguf"
-
-
-@contextlib.contextmanager
-def _signals_after_the_c_call():
-    """Hold Ctrl-C and SIGTERM until the block (one llama.cpp call) returns, then act on them as before.
-
-    The only Python code that runs during the call is the log callback, so that is where a signal's handler
-    runs, and an exception raised there (KeyboardInterrupt) is printed and dropped by ctypes: the quantizer
-    used to go on to the end and exit 0. The handlers before are called once the call is over: the level
-    it was on is not kept (the caller removes its partial file) and no later level starts."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    held = [sig for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)]
-    for sig in held:
-        signal.signal(sig, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for sig in held:
-            signal.signal(sig, previous[sig])
-    if caught:
-        handler = previous[caught[0]]
-        if callable(handler):
-            handler(caught[0], None)  # KeyboardInterrupt, or the CLI's Stopped
-        else:  # SIG_DFL
-            signal.raise_signal(caught[0])
 
 
 class _LlamaLogCapture:
@@ -229,7 +198,10 @@ def quantize(
         start = time.perf_counter()
         bar = tqdm(desc=f"{level:>7}", unit="tensor", total=len(src_info.tensors), disable=not progress, leave=True)
         try:
-            with _LlamaLogCapture(bar) as log, _signals_after_the_c_call():
+            # Ctrl-C during the call would run its handler inside the log callback, where ctypes drops the
+            # KeyboardInterrupt (every level was written, exit 0): held until the call returns, then acted on;
+            # the level it was on is not kept (its partial file is removed below) and no later level starts.
+            with _LlamaLogCapture(bar) as log, held_signals():
                 rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             if rc != 0:
                 raise QuantizeError(f"{src}: llama.cpp could not quantize to {level} (return code {rc}): {log.last_error()}")
