@@ -84,6 +84,16 @@ def default_beam(k: int) -> int:
     return max(10, 2 * k)
 
 
+def _slot_capacity(beam: int | None, batch: int, prior: CFPrior | None) -> int:
+    """Beams (llama.cpp sequences) per request slot of a context opened for ``batch`` requests at a time."""
+    if beam is not None:
+        return beam
+    capacity = DEFAULT_BEAM_CAPACITY if batch == 1 else default_beam(DEFAULT_K)
+    if prior is not None and prior.config.variant == "rerank":
+        capacity = max(capacity, prior.config.candidates)  # one exact search over the candidates
+    return capacity
+
+
 @dataclass(frozen=True)
 class Timings:
     prefill_ms: float  # decoding the history part of the prompt (the instruction prefix is cached)
@@ -237,8 +247,7 @@ class Recommender:
     """A loaded model + catalog trie + database path (+ a collaborative prior). Use :meth:`open`."""
 
     def __init__(self, engine, trie, catalog, db_path: Path, template: PromptTemplate, capacity: int, beam,
-                 batch: int = 1, prior: CFPrior | None = None, model_dir: Path | None = None, cache: int = 0,
-                 lone_capacity: int | None = None):
+                 batch: int = 1, prior: CFPrior | None = None, model_dir: Path | None = None, cache: int = 0):
         self.engine = engine
         self.trie = trie
         self.catalog = catalog
@@ -248,7 +257,7 @@ class Recommender:
         self.beam = beam
         self.batch = batch
         # The widest beam a request searched alone gets: what ``batch=1`` gives it, from every slot's beams.
-        self.lone_capacity = min(max(lone_capacity or capacity, capacity), batch * capacity)
+        self.lone_capacity = min(_slot_capacity(beam, 1, prior), batch * capacity)
         self.lock = threading.RLock()
         self._closed = False
         self.title_index = {t: i for i, t in enumerate(trie.titles)}
@@ -361,11 +370,7 @@ class Recommender:
         if len(catalog) == 0:
             raise NotFoundError(f"the database has no items: {db_path}")
         loaded_prior = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
-        capacity = beam if beam is not None else (DEFAULT_BEAM_CAPACITY if batch == 1 else default_beam(DEFAULT_K))
-        lone = beam if beam is not None else DEFAULT_BEAM_CAPACITY  # batch=1's: what a request alone gets
-        if beam is None and loaded_prior is not None and loaded_prior.config.variant == "rerank":
-            capacity = max(capacity, loaded_prior.config.candidates)  # one exact search over the candidates
-            lone = max(lone, loaded_prior.config.candidates)
+        capacity = _slot_capacity(beam, batch, loaded_prior)
         if 2 + batch * (capacity + 1) > MAX_SEQUENCES:
             raise UsageError(
                 f"batch {batch} x beam {capacity} needs {2 + batch * (capacity + 1)} llama.cpp sequences; "
@@ -409,7 +414,7 @@ class Recommender:
                 model=raw_model, flash_attn=flash_attn,
             )
             rec = cls(engine, trie, catalog, db_path, template, capacity, beam, batch, loaded_prior,
-                      model_path.parent, cache, lone_capacity=lone)
+                      model_path.parent, cache)
             rec.jump_forward = jump_forward
             rec._catalog_mark = catalog_mark
             return rec
