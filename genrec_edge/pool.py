@@ -78,8 +78,7 @@ def _recommend_many(requests: list, k: int, slot: int | None = None) -> tuple[in
     return os.getpid(), _recommender.recommend_many(requests, k=k, cancel=cancel)
 
 
-def _rank_many(requests: list, k: int, prior: str | None, prior_weight: float | None,
-               slot: int | None = None) -> tuple[int, list]:
+def _rank_many(requests: list, k: int, prior: str | None, prior_weight: float | None) -> tuple[int, list]:
     return os.getpid(), _recommender.rank_many(requests, k, prior=prior, prior_weight=prior_weight)
 
 
@@ -184,16 +183,17 @@ class RecommenderPool:
             raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
         stop_if_cancelled(cancel)
         slot = self._take_slot() if cancel is not None else None
+        extra = {} if slot is None else {"slot": slot}  # the call's flag, for a function that takes one
         future = None
         held = [slot is not None]  # given back once: by whichever of the two below comes first
         try:
             executor = self._executor
             try:
-                future = executor.submit(fn, *args, slot)
+                future = executor.submit(fn, *args, **extra)
             except BrokenProcessPool:  # a worker died between calls: replace them, then this call goes ahead
                 self._replace(executor)
                 executor = self._executor
-                future = executor.submit(fn, *args, slot)
+                future = executor.submit(fn, *args, **extra)
             if slot is not None:  # its worker reads the flag until the call ends, whenever our wait ends
                 future.add_done_callback(lambda _: self._give_back_slot(slot, held))
             try:
