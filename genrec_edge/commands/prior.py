@@ -56,17 +56,12 @@ def register(app: typer.Typer) -> None:
         Example: genrec-edge prior build --kind sasrec --out models/ --db ml.db
         """
         os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-        from ..cf import KINDS, SIDECAR_JSON, VARIANTS, build_prior
+        from ..cf import SIDECAR_JSON, PriorConfig, build_prior
         from ..errors import UsageError, refuse_options
         from ..paths import check_can_make_folder
-        from ..recommend import check_prior_weight
 
-        # Before SASRec trains (minutes), not when its result is saved.
-        if kind not in KINDS:
-            raise UsageError(f"unknown prior kind {kind!r}; use one of {', '.join(KINDS)}")
-        if variant not in VARIANTS:
-            raise UsageError(f"unknown prior variant {variant!r}; use one of {', '.join(VARIANTS)}")
-        check_prior_weight(weight)
+        # Before SASRec trains (minutes), not when its result is saved: the checks of the config it will save.
+        PriorConfig(kind, weight, variant)
         check_can_make_folder(out)
         if (out / SIDECAR_JSON).exists() and not force:
             raise UsageError(f"{out / SIDECAR_JSON} exists (use --force to replace it)")
