@@ -209,3 +209,34 @@ def test_leave_one_out_can_skip_or_bound_train_histories():
     for short, whole in zip(bounded.train, full.train, strict=True):
         assert short.history == whole.history[-3:]
     assert bounded.valid == full.valid and bounded.test == full.test  # the seen sets stay whole
+
+
+def test_ctrl_c_between_the_renames_still_leaves_one_whole_export(tiny_db, tmp_path, monkeypatch, capsys):
+    """The three finished files are renamed into place one by one; a Ctrl-C after the first rename left a
+    new train.jsonl beside the old valid/test under --force. Now the signal waits for the last rename."""
+    import os
+    import signal
+
+    out = tmp_path / "prompts"
+    export = ["prompts", "export", "--db", str(tiny_db), "--out", str(out)]
+    assert main([*export, "--history-len", "1"]) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*export, "--force", "--history-len", "2"]) == 0  # what the second export writes
+    second = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert first != second
+    assert main([*export, "--force", "--history-len", "1"]) == 0
+    capsys.readouterr()
+
+    replace, renamed = os.replace, []
+
+    def replace_then_ctrl_c(src, dst):
+        replace(src, dst)
+        renamed.append(dst)
+        if len(renamed) == 1:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C right after the first rename
+
+    monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
+    assert main([*export, "--force", "--history-len", "2"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert len(renamed) == 3
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == second  # the new export, whole; no partial file

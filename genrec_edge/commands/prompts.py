@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import UsageError
         from ..paths import check_can_make_folder, make_folder
         from ..prompts import PromptTemplate, check_instruction, export_jsonl, leave_one_out
+        from ..signals import held_signals
 
         targets = {split: out / f"{split}.jsonl" for split in SPLITS}
         existing = [str(p) for p in targets.values() if p.exists()]
@@ -56,14 +57,16 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"no user has {min_history} or more items of history before a held-out item: "
                              "nothing to export")
         # All three files or none: each is written aside and renamed once all are complete (Ctrl-C, a full
-        # disk or --force over an older export never leave a half file, or a mix of two exports).
+        # disk or --force over an older export never leave a half file, or a mix of two exports). A signal
+        # that comes between two renames is acted on after the third.
         partial = {name: out / f".{name}.jsonl.partial-{os.getpid()}" for name in SPLITS}
         make_folder(out)
         try:
             counts = {name: export_jsonl(getattr(split, name), catalog.title_of, template, partial[name])
                       for name in SPLITS}
-            for name in SPLITS:
-                os.replace(partial[name], targets[name])
+            with held_signals():
+                for name in SPLITS:
+                    os.replace(partial[name], targets[name])
         finally:
             for path in partial.values():
                 path.unlink(missing_ok=True)
