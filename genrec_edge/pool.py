@@ -252,11 +252,12 @@ class RecommenderPool:
         return future.cancel()
 
     def recommend(self, user: int | None = None, history: Sequence[str] | None = None, k: int = 10,
-                  prior: str | None = None, prior_weight: float | None = None):
+                  prior: str | None = None, prior_weight: float | None = None, exclude: Iterable[int] = (),
+                  only: Iterable[int] | None = None):
         """``Recommender.recommend`` (beam search; sampling is not offered here)."""
         from .recommend import Request
 
-        return self.recommend_many([Request.one_of(user, history, prior, prior_weight)], k=k)[0]
+        return self.recommend_many([Request.one_of(user, history, prior, prior_weight, False, exclude, only)], k=k)[0]
 
     def _replace(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -186,20 +186,25 @@ class Request:
     prior: str | None = None  # None: the recommender's default; "none", "pop", "sasrec"
     prior_weight: float | None = None  # None: the prior's own λ
     first_step: bool = False  # also return the first constrained step's log-probs (Recommendations.first_step)
+    exclude: tuple[int, ...] = ()  # item ids not to recommend, besides the history's (a cart, items shown before)
+    only: tuple[int, ...] | None = None  # recommend from these item ids alone (None: the whole catalog)
 
     @classmethod
     def one_of(cls, user: int | None, history: Sequence[str] | None, prior: str | None = None,
-               prior_weight: float | None = None, first_step: bool = False) -> Request:
+               prior_weight: float | None = None, first_step: bool = False, exclude: Iterable[int] = (),
+               only: Iterable[int] | None = None) -> Request:
         """The request for exactly one of a ``user`` or a ``history`` (UsageError for both or neither)."""
         if (user is None) == (history is None):
             raise UsageError("give exactly one of a user or a history")
         return cls(user=None if user is None else _user_id(user), history=None if history is None else _titles(history),
-                   prior=prior, prior_weight=prior_weight, first_step=first_step)
+                   prior=prior, prior_weight=prior_weight, first_step=first_step, exclude=_item_ids(exclude, "exclude"),
+                   only=None if only is None else _item_ids(only, "only"))
 
     @classmethod
     def of(cls, value) -> Request:
         if isinstance(value, Request):  # checked like any other: Request(user=1.5) was searched for user 1
-            return cls.one_of(value.user, value.history, value.prior, value.prior_weight, value.first_step)
+            return cls.one_of(value.user, value.history, value.prior, value.prior_weight, value.first_step,
+                              value.exclude, value.only)
         if value is None or isinstance(value, bool):
             raise UsageError(f"not a user id or a history: {value!r}")
         if hasattr(value, "__index__"):  # an int, or a numpy integer
@@ -224,6 +229,13 @@ def _titles(history) -> tuple[str, ...]:
 def _user_id(value) -> int:
     """A user id as an int (numpy integers too); a bool, a float or a string is refused, as over HTTP."""
     return _whole(value, "a user id")
+
+
+def _item_ids(values, name: str) -> tuple[int, ...]:
+    """``exclude`` / ``only`` as a sorted tuple of distinct item ids (a list, set, tuple or numpy array of ints)."""
+    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+        raise UsageError(f"{name} is a list of item ids, not {values!r}")
+    return tuple(sorted({_whole(v, f"an item id in {name}") for v in values}))
 
 
 def stderr_warning(message: str) -> None:
@@ -464,17 +476,24 @@ class Recommender:
         prior_weight: float | None = None,
         first_step: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        exclude: Iterable[int] = (),
+        only: Iterable[int] | None = None,
     ) -> Recommendations:
         """Top-``k`` unseen catalog items for a database ``user`` or an ad-hoc ``history`` of exact titles.
 
         ``prior`` / ``prior_weight``: this request's choice (see :meth:`open`; None = the default).
         ``first_step``: also return the first constrained step's log-probabilities (``FirstStep``).
+        ``exclude``: item ids not to recommend, besides those already in the history (a cart, titles shown
+        before); ``only``: item ids to recommend from (None: the whole catalog). An id that is not in the catalog
+        raises :class:`~genrec_edge.errors.NotFoundError`. Both are masks inside the exact search, like the seen
+        titles: the answer is the search over what is left, not the unfiltered top-k with items removed, so it
+        still has ``k`` items whenever ``k`` are left.
         ``sample=True`` draws titles with llama.cpp's grammar sampler instead (temperature, seed) until
         ``k`` distinct unseen titles or ``max_tries`` samples (default ``SAMPLE_TRIES_PER_TITLE * k``); no prior.
         ``progress(samples drawn, distinct titles found)`` is called after each sample (a low temperature draws
         the same titles again and again: long runs).
         """
-        request = Request.one_of(user, history, prior, prior_weight, first_step)
+        request = Request.one_of(user, history, prior, prior_weight, first_step, exclude, only)
         if not sample:
             return self.recommend_many([request], k=k)[0]
         started = time.perf_counter()
@@ -496,7 +515,7 @@ class Recommender:
 
         with HistoryDB.open(self.db_path, readonly=True) as db:
             self._check_catalog(db)
-            titles, seen_titles, _ = self._resolve(db, user, history)
+            titles, seen_titles, _ = self._resolve(db, request)
             with self._engine():
                 found, timings = self._sample(titles, seen_titles, k, seed, temperature,
                                               max_tries or SAMPLE_TRIES_PER_TITLE * k, progress)
@@ -526,7 +545,7 @@ class Recommender:
         out: list[Recommendations] = []
         with HistoryDB.open(self.db_path, readonly=True) as db:
             self._check_catalog(db)
-            resolved = [self._resolve(db, r.user, r.history) for r in requests]
+            resolved = [self._resolve(db, r) for r in requests]
             priors = [self._prior_for(r.prior, r.prior_weight) for r in requests]
             keys = [self._cache_key(resolved[i], priors[i], k, r.first_step) for i, r in enumerate(requests)]
             rankings: list[Ranking | None] = [None] * len(requests)
@@ -694,8 +713,27 @@ class Recommender:
         None if none is a catalog title."""
         return next((spelling for spelling in title_spellings(title) if spelling in self.title_index), None)
 
-    def _resolve(self, db, user, history) -> tuple[list[str], set[str], list[int]]:
-        """(prompt titles, seen titles, item history for the prior) of one request."""
+    def _resolve(self, db, request: Request) -> tuple[list[str], set[str], list[int]]:
+        """(prompt titles, titles not to recommend, item history for the prior) of one request: the titles not
+        to recommend are the history's, the request's ``exclude`` and, with ``only``, every other title."""
+        prompt, seen_titles, items = self._resolve_history(db, request.user, request.history)
+        if request.exclude or request.only is not None:
+            titles_by_id = self.titles_by_id
+            for name, ids in (("exclude", request.exclude), ("only", request.only or ())):
+                unknown = [i for i in ids if i not in titles_by_id]
+                if unknown:
+                    raise NotFoundError(f"unknown item {unknown[0]} in {name}: not in this model's catalog")
+            seen_titles = seen_titles | {titles_by_id[i] for i in request.exclude}
+            if request.only is not None:
+                allowed = {titles_by_id[i] for i in request.only}
+                seen_titles |= {t for t in self.title_index if t not in allowed}
+            if all(t in seen_titles for t in self.title_index):
+                raise UsageError("every catalog title is in this history, in exclude or outside only: nothing "
+                                 "left to recommend")
+        return prompt, seen_titles, items
+
+    def _resolve_history(self, db, user, history) -> tuple[list[str], set[str], list[int]]:
+        """(prompt titles, seen titles, item history for the prior) of a user or an ad-hoc history."""
         if history is not None:
             given = list(history)
             if not given:

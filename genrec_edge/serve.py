@@ -89,6 +89,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 MAX_BODY = 64 * 1024
 MAX_HISTORY_TITLES = 1000
+MAX_FILTER_IDS = 10_000  # "exclude" / "only" item ids per request (the body's 64 KiB holds about that many)
 MAX_TITLE_CHARS = 2000
 MAX_LIMIT = 1_000_000
 MAX_INFLIGHT = 16
@@ -251,6 +252,12 @@ class RecommendRequest(_Request):
     )
     prior_weight: Annotated[float, Field(ge=0, le=MAX_PRIOR_WEIGHT, allow_inf_nan=False)] | None = Field(
         None, description="λ in log P_LM + λ·log P_CF (default: the weight tuned for the model's prior)."
+    )
+    exclude: Annotated[list[Id], Field(max_length=MAX_FILTER_IDS)] = Field(
+        default_factory=list, description="Item ids not to recommend, besides the history's (a cart, items shown before)."
+    )
+    only: Annotated[list[Id], Field(max_length=MAX_FILTER_IDS)] | None = Field(
+        None, description="Recommend from these item ids alone (default: the whole catalog)."
     )
 
     @model_validator(mode="after")
@@ -434,7 +441,8 @@ class Service:
 
         recs = self._batcher.submit(
             Request(user=request.user, history=None if request.history is None else tuple(request.history),
-                    prior=request.prior, prior_weight=request.prior_weight),
+                    prior=request.prior, prior_weight=request.prior_weight, exclude=tuple(sorted(set(request.exclude))),
+                    only=None if request.only is None else tuple(sorted(set(request.only)))),
             request.k, gone,
         )
         return Recommendations.of(recs)

@@ -149,6 +149,30 @@ def test_fused_recommendation_equals_brute_force_fused_scoring(model_with_prior,
     assert [r.title for r in plain.items] == [r.title for r in everything.items[:5]]
 
 
+def test_fused_recommendation_with_exclude_and_only_equals_brute_force(model_with_prior, tiny_db, cache_home):  # noqa: F811
+    """Excluded items, and items outside ``only``, are treated as seen: by the search and by the prior."""
+    from genrec_edge.recommend import Recommender
+
+    n_titles = len(DEFAULT_TITLES)
+    first_id = {t: min(i for i, title in TINY_TITLES.items() if title == t) for t in set(TINY_TITLES.values())}
+    with Recommender.open(model_with_prior, tiny_db, beam=n_titles, warn=lambda m: None) as rec:
+        everything = rec.recommend(user=4, k=n_titles, prior="none")
+        lm = {r.title: r.score for r in everything.items}
+        unseen = list(lm)
+        exclude = [first_id[t] for t in unseen[:2]]
+        only = [first_id[t] for t in unseen[1::2]]
+        fused = rec.recommend(user=4, k=4, exclude=exclude, only=only)
+        prior = rec.priors["sasrec"]
+    allowed = [t for t in unseen[1::2] if t != unseen[1]]
+    seen = np.ones(n_titles, dtype=bool)
+    seen[[prior.titles.index(t) for t in allowed]] = False
+    logp = prior.log_probs(TINY_HISTORIES[4], seen)
+    expected = sorted(allowed, key=lambda t: -(lm[t] + 2.0 * logp[prior.titles.index(t)]))[:4]
+    assert [r.title for r in fused.items] == expected
+    for r in fused.items:
+        assert r.score == pytest.approx(lm[r.title] + 2.0 * logp[prior.titles.index(r.title)], abs=1e-4)
+
+
 def test_prior_choices_through_the_cli(model_with_prior, tiny_db, cache_home, capsys):  # noqa: F811
     base = ["recommend", "--user", "4", "--k", "3", "--db", str(tiny_db), "--model", str(model_with_prior), "--json"]
     for args, kind, weight in [([], "sasrec", 2.0), (["--prior", "none"], "none", 0.0),

@@ -62,6 +62,16 @@ def test_pool_answers_equal_one_process_and_both_workers_serve(pool, tiny_db, ti
     assert _ranked(pool.recommend_many([3], k=5)[0]) == answers[3][0]
 
 
+def test_pool_passes_exclude_and_only(pool, tiny_db, tiny_model):  # noqa: F811
+    from genrec_edge.errors import NotFoundError
+
+    with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as rec:
+        alone = _ranked(rec.recommend(user=2, k=4, exclude=[10, 20, 30], only=list(range(10, 150, 10))))
+    assert _same(_ranked(pool.recommend(user=2, k=4, exclude=[10, 20, 30], only=list(range(10, 150, 10)))), alone)
+    with pytest.raises(NotFoundError, match="unknown item 999 in exclude"):
+        pool.recommend(user=2, exclude=[999])
+
+
 def test_pool_bad_input_fails_as_one_process_does(pool, tiny_db, tiny_model, tmp_path):  # noqa: F811
     with pytest.raises(NotFoundError, match="999"):
         pool.recommend(user=999, k=3)  # raised in a worker, re-raised here with its type

@@ -661,7 +661,7 @@ def test_batched_requests_wider_than_a_slot_get_the_width_of_batch_one(tmp_path,
     with (Recommender.open(model, db, threads=2, warn=lambda m: None) as one,
           Recommender.open(model, db, threads=2, batch=3, warn=lambda m: None) as three,
           HistoryDB.open(db, readonly=True) as history):
-        resolved = [one._resolve(history, u, None) for u in users]  # (prompt titles, seen titles, items)
+        resolved = [one._resolve_history(history, u, None) for u in users]  # (prompt titles, seen titles, items)
         assert (one.capacity, three.capacity, three.lone_capacity) == (40, 20, 40)
         for k in (5, 15, 30):
             alone = [_answer(one.recommend(user=u, k=k)) for u in users]
@@ -676,3 +676,84 @@ def test_batched_requests_wider_than_a_slot_get_the_width_of_batch_one(tmp_path,
             narrow = [three._rank_group([r + (None,)], 30, 20)[0] for r in resolved]
         wide = [[title for title, *_ in a[0]] for a in alone]
         assert any(list(n.titles) != w for n, w in zip(narrow, wide, strict=True))
+
+
+def test_exclude_and_only_are_the_exact_search_over_what_is_left(tiny_model, tiny_db, cache_home):
+    """With a beam as wide as the catalog the search is exact, so its answer with ``exclude`` / ``only`` is the
+    unfiltered ranking of every unseen title with those items dropped, scores included."""
+    n_titles = len(DEFAULT_TITLES)
+    first_id = {t: min(i for i, title in TINY_TITLES.items() if title == t) for t in set(TINY_TITLES.values())}
+    with Recommender.open(tiny_model, tiny_db, threads=1, beam=n_titles, warn=lambda m: None) as rec:
+        everything = [(r.title, r.score) for r in rec.recommend(user=4, k=n_titles).items]
+        unfiltered_top = [t for t, _ in everything[:3]]
+        excluded = [first_id[t] for t in unfiltered_top[:2]]
+        got = rec.recommend(user=4, k=5, exclude=excluded)
+        expected = [(t, s) for t, s in everything if t not in unfiltered_top[:2]][:5]
+        assert [r.title for r in got.items] == [t for t, _ in expected]
+        assert [r.score for r in got.items] == pytest.approx([s for _, s in expected], abs=1e-6)
+        # only: the ranking restricted to those items; fewer than k left gives what is left
+        allowed = [t for t, _ in everything[::3]]
+        got = rec.recommend(user=4, k=len(allowed) + 2, only=[first_id[t] for t in allowed])
+        assert [r.title for r in got.items] == allowed
+        assert [r.score for r in got.items] == pytest.approx([s for t, s in everything if t in allowed], abs=1e-6)
+        # an allowed title the user has seen stays out; both filters together
+        seen_id = TINY_HISTORIES[4][0]
+        got = rec.recommend(user=4, k=n_titles, only=[seen_id, first_id[allowed[0]], first_id[allowed[1]]],
+                            exclude=[first_id[allowed[0]]])
+        assert [r.title for r in got.items] == [allowed[1]]
+        # an ad-hoc history and sampling honour them too
+        history = [TINY_TITLES[i] for i in TINY_HISTORIES[4]]
+        assert [r.title for r in rec.recommend(history=history, k=5, exclude=excluded).items] == [t for t, _ in expected]
+        sampled = rec.recommend(user=4, k=3, sample=True, only=[first_id[t] for t in allowed[:3]])
+        assert {r.title for r in sampled.items} <= set(allowed[:3])
+
+
+def test_exclude_and_only_with_the_default_beam_batches_and_the_cache(tiny_model, tiny_db, cache_home):
+    from genrec_edge.recommend import Request
+
+    with Recommender.open(tiny_model, tiny_db, threads=1, batch=3, cache=8, warn=lambda m: None) as rec:
+        top = rec.recommend(user=1, k=5)
+        drop = sorted({i for r in top.items[:3] for i in r.item_ids})
+        filtered = rec.recommend(user=1, k=5, exclude=drop)
+        assert not filtered.cached, "a request with other exclusions is not the cached answer"
+        assert len(filtered.items) == 5 and not {i for r in filtered.items for i in r.item_ids} & set(drop)
+        again = rec.recommend(user=1, k=5, exclude=list(reversed(drop)) + drop[:1])  # the same set of ids
+        assert again.cached and [r.title for r in again.items] == [r.title for r in filtered.items]
+        requests = [Request(user=1, exclude=tuple(drop)), Request(user=1), Request(user=2, only=tuple(range(10, 120, 10)))]
+        alone = []
+        with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as single:
+            for r in requests:
+                alone.append(single.recommend(user=r.user, k=4, exclude=r.exclude, only=r.only))
+        together = rec.recommend_many(requests, k=4)
+    for a, b in zip(alone, together, strict=True):
+        assert [(r.title, r.score) for r in a.items] == [(r.title, r.score) for r in b.items]
+    assert all(i in range(10, 120, 10) for r in together[2].items for i in r.item_ids)
+
+
+def test_bad_exclude_and_only(rec):
+    with pytest.raises(NotFoundError, match="unknown item 999 in exclude"):
+        rec.recommend(user=1, exclude=[999])
+    with pytest.raises(NotFoundError, match="unknown item 999 in only"):
+        rec.recommend(user=1, only=[10, 999])
+    for bad in ("12", [1.5], [True], 3):
+        with pytest.raises(UsageError):
+            rec.recommend(user=1, exclude=bad)
+    with pytest.raises(UsageError, match="nothing left to recommend"):
+        rec.recommend(user=1, only=TINY_HISTORIES[1][:2])  # only seen items
+    with pytest.raises(UsageError, match="nothing left to recommend"):
+        rec.recommend(user=1, only=[])
+
+
+def test_cli_recommend_exclude_and_only(tiny_model, tiny_db, cache_home, capsys):
+    base = ["recommend", "--user", "1", "--k", "3", "--db", str(tiny_db), "--model", str(tiny_model), "--json"]
+    assert main(base) == 0
+    first = json.loads(capsys.readouterr().out)
+    drop = first["items"][0]["item_ids"][0]
+    assert main([*base, "--exclude", str(drop)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["exclude"] == [drop] and out["only"] is None
+    assert drop not in {i for r in out["items"] for i in r["item_ids"]}
+    assert main([*base, "--exclude", "999"]) == NotFoundError.exit_code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: unknown item 999 in exclude: not in this model's catalog"
+    assert main(["recommend", "--all-users", "--out", "x.jsonl", "--exclude", "1", "--db", str(tiny_db)]) == 2
+    assert "--exclude" in capsys.readouterr().err

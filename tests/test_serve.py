@@ -372,6 +372,31 @@ def test_recommend_for_user_and_for_history(model_server):
     assert not {r["title"] for r in body["items"]} & set(history)
 
 
+def test_recommend_exclude_and_only_fields(model_server, tiny_db, tiny_model):
+    from genrec_edge.recommend import Recommender
+
+    url = model_server.url + "/recommend"
+    status, first, _ = http(url, "POST", {"user": 1, "k": 4})
+    assert status == 200, first
+    drop = first["items"][0]["item_ids"]
+    status, body, _ = http(url, "POST", {"user": 1, "k": 4, "exclude": drop})
+    assert status == 200, body
+    with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as rec:
+        alone = rec.recommend(user=1, k=4, exclude=drop)
+        only = rec.recommend(history=[TINY_TITLES[10]], k=4, only=[10, 20, 30, 40, 50])
+    assert [(r["title"], r["score"]) for r in body["items"]] == [(r.title, r.score) for r in alone.items]
+    assert not set(drop) & {i for r in body["items"] for i in r["item_ids"]}
+    status, body, _ = http(url, "POST", {"history": [TINY_TITLES[10]], "k": 4, "only": [50, 40, 30, 20, 10, 10]})
+    assert status == 200 and [r["title"] for r in body["items"]] == [r.title for r in only.items]
+    for payload, code, words in [({"user": 1, "exclude": [999]}, 404, "unknown item 999 in exclude"),
+                                 ({"user": 1, "only": [999]}, 404, "unknown item 999 in only"),
+                                 ({"user": 1, "exclude": ["10"]}, 400, "exclude"),
+                                 ({"user": 1, "exclude": 10}, 400, "exclude"),
+                                 ({"user": 1, "only": []}, 400, "nothing left to recommend")]:
+        status, body, _ = http(url, "POST", payload)
+        assert status == code and words in body["error"], (payload, status, body)
+
+
 def test_a_repeated_request_is_answered_from_the_cache_until_the_history_changes(tiny_db, tiny_model):
     with running(make_server(tiny_db, tiny_model, port=0, threads=1, cache=4, log=lambda line: None)) as server:
         assert http(server.url + "/health")[1]["cache"] == 4

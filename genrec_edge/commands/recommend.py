@@ -113,6 +113,10 @@ def register(app: typer.Typer) -> None:
                                           f"\\[default: {DEFAULT_SAMPLE_TEMPERATURE:g}]."),
         prior: str = typer.Option(None, "--prior", help=PRIOR_HELP),
         prior_weight: float = typer.Option(None, "--prior-weight", min=0.0, max=MAX_PRIOR_WEIGHT, help=PRIOR_WEIGHT_HELP),
+        exclude: list[int] = typer.Option(None, "--exclude", metavar="ITEM_ID", help="An item id not to recommend, "
+                                          "besides the history's (repeat the option for more)."),
+        only: list[int] = typer.Option(None, "--only", metavar="ITEM_ID", help="Recommend from these item ids "
+                                       "alone (repeat the option for more)."),
         all_users: bool = typer.Option(False, "--all-users", help="Batch: every user with a history (needs --out)."),
         users_file: Path = typer.Option(None, "--users-file", help="Batch: the user ids in FILE, one per line."),
         out: Path = typer.Option(None, "--out", help=OUT_HELP),
@@ -139,14 +143,16 @@ def register(app: typer.Typer) -> None:
 
         Example: genrec-edge recommend --user 42 --k 10
         Example: genrec-edge recommend --history "Toy Story (1995)" "Heat (1995)" --json
+        Example: genrec-edge recommend --user 42 --exclude 1 --exclude 260
         Example: genrec-edge recommend --all-users --out recs.jsonl
         """
         from ..errors import UsageError, refuse_options
 
         if all_users or users_file is not None:
-            if user is not None or history or more_titles or sample or seed is not None or temperature is not None:
-                raise UsageError("--all-users / --users-file do not combine with --user, --history or --sample "
-                                 "(nor its --seed and --temperature)")
+            if (user is not None or history or more_titles or sample or seed is not None or temperature is not None
+                    or exclude or only):
+                raise UsageError("--all-users / --users-file do not combine with --user, --history, --exclude, "
+                                 "--only or --sample (nor its --seed and --temperature)")
             if parquet and out is not None and out.suffix.lower() == ".parquet":
                 raise UsageError(f"--out {out} would be overwritten by the .parquet copy: name --out FILE.jsonl "
                                  "(the copy goes next to it)")
@@ -186,7 +192,7 @@ def register(app: typer.Typer) -> None:
                 result = rec.recommend(
                     user=user, history=titles or None, k=k, sample=sample, seed=seed or 0,
                     temperature=DEFAULT_SAMPLE_TEMPERATURE if temperature is None else temperature,
-                    progress=bar.progress if bar else None,
+                    progress=bar.progress if bar else None, exclude=exclude or (), only=only or None,
                 )
             finally:
                 if bar:
@@ -194,6 +200,9 @@ def register(app: typer.Typer) -> None:
             model_name = rec.engine.path.name
         if json_output:
             payload = {"user": user, "history": titles or None, "model": model_name, **result.to_dict()}
+            if exclude or only:
+                payload = {"user": user, "history": titles or None, "exclude": sorted(set(exclude or [])),
+                           "only": sorted(set(only)) if only else None, "model": model_name, **result.to_dict()}
             typer.echo(json.dumps(payload, ensure_ascii=False, indent=1))
             return
         from rich.table import Table
