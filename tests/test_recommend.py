@@ -177,6 +177,9 @@ def test_duplicate_titles_are_one_result_with_all_ids(tiny_model, tiny_db, cache
         # A title is seen if any of its ids is: user 1 saw item 30.
         everything_unseen = recommender.recommend(user=1, k=16).items  # user 1 saw item 30 of the pair
         assert len(everything_unseen) == 20 - 5 and "Heat (1995)" not in {r.title for r in everything_unseen}
+        # Filters act on titles too: either id excludes the pair, either id allows it.
+        assert [r.title for r in recommender.recommend(history=history, k=5, exclude=[999]).items] == ["Balto (1995)"]
+        assert [r.item_ids for r in recommender.recommend(history=history, k=5, only=[30]).items] == [(30, 999)]
 
 
 def test_catalog_provenance_and_prompt_template(tiny_model, tiny_db, tmp_path, cache_home):
