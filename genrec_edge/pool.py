@@ -252,7 +252,7 @@ class RecommenderPool:
         return future.cancel()
 
     def recommend(self, user: int | None = None, history: Sequence[str] | None = None, k: int = 10,
-                  prior: str | None = None, prior_weight: float | None = None, exclude: Iterable[int] = (),
+                  prior: str | None = None, prior_weight: float | None = None, exclude: Iterable[int] | None = (),
                   only: Iterable[int] | None = None):
         """``Recommender.recommend`` (beam search; sampling is not offered here)."""
         from .recommend import Request

@@ -191,13 +191,14 @@ class Request:
 
     @classmethod
     def one_of(cls, user: int | None, history: Sequence[str] | None, prior: str | None = None,
-               prior_weight: float | None = None, first_step: bool = False, exclude: Iterable[int] = (),
+               prior_weight: float | None = None, first_step: bool = False, exclude: Iterable[int] | None = (),
                only: Iterable[int] | None = None) -> Request:
         """The request for exactly one of a ``user`` or a ``history`` (UsageError for both or neither)."""
         if (user is None) == (history is None):
             raise UsageError("give exactly one of a user or a history")
         return cls(user=None if user is None else _user_id(user), history=None if history is None else _titles(history),
-                   prior=prior, prior_weight=prior_weight, first_step=first_step, exclude=_item_ids(exclude, "exclude"),
+                   prior=prior, prior_weight=prior_weight, first_step=first_step,
+                   exclude=() if exclude is None else _item_ids(exclude, "exclude"),
                    only=None if only is None else _item_ids(only, "only"))
 
     @classmethod
@@ -476,7 +477,7 @@ class Recommender:
         prior_weight: float | None = None,
         first_step: bool = False,
         progress: Callable[[int, int], None] | None = None,
-        exclude: Iterable[int] = (),
+        exclude: Iterable[int] | None = (),
         only: Iterable[int] | None = None,
     ) -> Recommendations:
         """Top-``k`` unseen catalog items for a database ``user`` or an ad-hoc ``history`` of exact titles.
@@ -487,7 +488,8 @@ class Recommender:
         before); ``only``: item ids to recommend from (None: the whole catalog). An id that is not in the catalog
         raises :class:`~genrec_edge.errors.NotFoundError`. Both are masks inside the exact search, like the seen
         titles: the answer is the search over what is left, not the unfiltered top-k with items removed, so it
-        still has ``k`` items whenever ``k`` are left.
+        still has ``k`` items whenever ``k`` are left. ``sample=True`` takes ``exclude`` (dropped like seen titles)
+        but not ``only``: the sampler draws from the whole catalog, so it would rarely draw an allowed title.
         ``sample=True`` draws titles with llama.cpp's grammar sampler instead (temperature, seed) until
         ``k`` distinct unseen titles or ``max_tries`` samples (default ``SAMPLE_TRIES_PER_TITLE * k``); no prior.
         ``progress(samples drawn, distinct titles found)`` is called after each sample (a low temperature draws
@@ -501,6 +503,9 @@ class Recommender:
         user, history = request.user, request.history  # a generator given as the history is read once, there
         if prior is not None or prior_weight is not None:
             raise UsageError("sampling fuses no prior: drop prior / prior_weight, or search instead (sample=False)")
+        if request.only is not None:
+            raise UsageError("sampling draws from the whole catalog, so it would rarely find a title of only: drop "
+                             "only, or search instead (sample=False)")
         max_tries = None if max_tries is None else _whole(max_tries, "max_tries", 1)
         seed = _whole(seed, "the sampling seed")
         if not 0 <= seed <= MAX_SEED:  # llama.cpp keeps 32 bits, and 0xFFFFFFFF means "a random seed"

@@ -253,8 +253,8 @@ class RecommendRequest(_Request):
     prior_weight: Annotated[float, Field(ge=0, le=MAX_PRIOR_WEIGHT, allow_inf_nan=False)] | None = Field(
         None, description="λ in log P_LM + λ·log P_CF (default: the weight tuned for the model's prior)."
     )
-    exclude: Annotated[list[Id], Field(max_length=MAX_FILTER_IDS)] = Field(
-        default_factory=list, description="Item ids not to recommend, besides the history's (a cart, items shown before)."
+    exclude: Annotated[list[Id], Field(max_length=MAX_FILTER_IDS)] | None = Field(
+        None, description="Item ids not to recommend, besides the history's (a cart, items shown before)."
     )
     only: Annotated[list[Id], Field(max_length=MAX_FILTER_IDS)] | None = Field(
         None, description="Recommend from these item ids alone (default: the whole catalog)."
@@ -441,7 +441,7 @@ class Service:
 
         recs = self._batcher.submit(
             Request(user=request.user, history=None if request.history is None else tuple(request.history),
-                    prior=request.prior, prior_weight=request.prior_weight, exclude=tuple(sorted(set(request.exclude))),
+                    prior=request.prior, prior_weight=request.prior_weight, exclude=tuple(sorted(set(request.exclude or ()))),
                     only=None if request.only is None else tuple(sorted(set(request.only)))),
             request.k, gone,
         )

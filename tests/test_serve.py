@@ -386,6 +386,8 @@ def test_recommend_exclude_and_only_fields(model_server, tiny_db, tiny_model):
         only = rec.recommend(history=[TINY_TITLES[10]], k=4, only=[10, 20, 30, 40, 50])
     assert [(r["title"], r["score"]) for r in body["items"]] == [(r.title, r.score) for r in alone.items]
     assert not set(drop) & {i for r in body["items"] for i in r["item_ids"]}
+    status, body, _ = http(url, "POST", {"user": 1, "k": 4, "exclude": None, "only": None})
+    assert status == 200 and body["items"] == first["items"]  # null: no filter
     status, body, _ = http(url, "POST", {"history": [TINY_TITLES[10]], "k": 4, "only": [50, 40, 30, 20, 10, 10]})
     assert status == 200 and [r["title"] for r in body["items"]] == [r.title for r in only.items]
     for payload, code, words in [({"user": 1, "exclude": [999]}, 404, "unknown item 999 in exclude"),

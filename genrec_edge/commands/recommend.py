@@ -143,7 +143,7 @@ def register(app: typer.Typer) -> None:
 
         Example: genrec-edge recommend --user 42 --k 10
         Example: genrec-edge recommend --history "Toy Story (1995)" "Heat (1995)" --json
-        Example: genrec-edge recommend --user 42 --exclude 1 --exclude 260
+        Example: genrec-edge recommend --user 42 --exclude 1028 --exclude 2080
         Example: genrec-edge recommend --all-users --out recs.jsonl
         """
         from ..errors import UsageError, refuse_options
@@ -165,10 +165,11 @@ def register(app: typer.Typer) -> None:
         refuse_options((name for name, value in batch_only if value is not None),
                        "batch runs: add --all-users or --users-file FILE")
         if sample:
-            for name, value in (("--beam", beam), ("--prior", prior), ("--prior-weight", prior_weight)):
+            for name, value in (("--beam", beam), ("--prior", prior), ("--prior-weight", prior_weight),
+                                ("--only", only or None)):
                 if value is not None:
-                    raise UsageError(f"{name} does not apply to --sample (it draws titles one at a time, "
-                                     "with no beam and no prior)")
+                    raise UsageError(f"{name} does not apply to --sample (it draws titles one at a time from "
+                                     "the whole catalog, with no beam and no prior)")
             if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
                 raise UsageError(f"--temperature must be a finite number > 0 with --sample (got {temperature:g}); "
                                  "for the most likely titles, drop --sample")
