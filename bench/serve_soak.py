@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.serve_soak [--requests 400] [--every 25] [--workers 1] [--cache 64]
 
 A real ``genrec-edge serve`` process (the default model and a copy of the default database, since the run
-writes histories; its shipped prior, ``--workers``, ``--cache``) is asked one request after another, new
+writes histories; its shipped prior, its default beam, ``--workers``, ``--cache``) is asked one request after another, new
 connection each, a seeded mix of what an app sends:
 
 - ``{"user", "k": 10}`` for the benches' users, a third of them asked again later (cache hits);
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         with sqlite3.connect(source_db) as source, sqlite3.connect(db) as copy:
             source.backup(copy)  # the run writes histories: never into the user's database
         try:
-            proc, port = start_server(model_path, db, args.workers, cache=args.cache)
+            proc, port = start_server(model_path, db, args.workers, cache=args.cache, beam=None)  # as users run it
         except RuntimeError as exc:
             raise SystemExit(f"error: {exc}") from None
         samples, errors, asked, answers = [], [], [], []

@@ -54,13 +54,14 @@ def parse_workers(text: str) -> list[int]:
     return counts
 
 
-def start_server(model: Path, db: Path, workers: int, cache: int = 0) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, db: Path, workers: int, cache: int = 0,
+                 beam: int | None = BEAM) -> tuple[subprocess.Popen, int]:
     """A ``genrec-edge serve`` on a free port, once it listens: (process, port). ``cache=0``: every request
-    searches (what this bench measures)."""
+    searches (what this bench measures). ``beam=None``: serve's default (max(10, 2k) per request)."""
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "passive"), PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "genrec_edge", "serve", "--port", "0", "--quiet", "--model", str(model), "--db",
-         str(db), "--beam", str(BEAM), "--workers", str(workers), "--cache", str(cache)],
+         str(db), *(["--beam", str(beam)] if beam is not None else []), "--workers", str(workers), "--cache", str(cache)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
     )
     lines: list[str] = []
