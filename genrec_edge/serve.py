@@ -29,6 +29,7 @@ block the event loop. Routes (``GET /openapi.json``, also saved as ``docs/openap
     GET  /health                    liveness + what is loaded
     GET  /openapi.json              this API's description
     GET  /users/{user}/history      a user's history, oldest first (?limit=N keeps the last N)
+    GET  /items?search=TEXT         catalog items whose title contains TEXT (?limit=N, default 20): their ids
     POST /recommend                 {"user": 42, "k": 10} or {"history": ["title", ...], "k": 10}
     POST /history                   {"user": 42, "item_id": 1 | "title": "...", "rating"?: 4.5, "timestamp"?: 0}
 """
@@ -83,12 +84,14 @@ from .errors import (
     UsageError,
     WorkerLostError,
 )
+from .history import MAX_SEARCH_CHARS
 from .recommend import DEFAULT_K, MAX_K, MAX_PRIOR_WEIGHT
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8765
 MAX_BODY = 64 * 1024
 MAX_HISTORY_TITLES = 1000
+MAX_ITEMS_LIMIT = 1000  # GET /items?limit=
 MAX_FILTER_IDS = 10_000  # "exclude" / "only" item ids per request (the body's 64 KiB holds about that many)
 MAX_TITLE_CHARS = 2000
 MAX_LIMIT = 1_000_000
@@ -204,6 +207,8 @@ K = _bounded_int(1, MAX_K, message=f"must be an integer between 1 and {MAX_K}, n
 Timestamp = _bounded_int(MIN_ID, MAX_ID)
 Limit = _bounded_int(0, MAX_LIMIT, message=f"must be an integer between 0 and {MAX_LIMIT}, not {{value}}", from_text=True)
 Title = Annotated[str, Field(min_length=1, max_length=MAX_TITLE_CHARS)]
+ItemsLimit = _bounded_int(1, MAX_ITEMS_LIMIT, message=f"must be an integer between 1 and {MAX_ITEMS_LIMIT}, not "
+                          "{value}", from_text=True)
 
 
 def _schema(one_of: tuple[str, ...] = ()) -> Callable[[dict[str, Any]], None]:
@@ -291,6 +296,15 @@ class HistoryQuery(_Request):
     limit: Limit = Field(None, description="Keep only the last N interactions.")
 
 
+class ItemsQuery(_Request):
+    names: ClassVar[str] = "query parameter(s)"
+
+    search: Annotated[str, Field(min_length=1, max_length=MAX_SEARCH_CHARS)] = Field(
+        description="Part of a title, in any case."
+    )
+    limit: ItemsLimit = Field(20, description="At most this many items.")
+
+
 # pydantic's own error types, worded like ours ({value} is the input, the rest comes from the error's ctx)
 _WORDING = {
     "string_type": "must be a string, not {value}",
@@ -349,6 +363,18 @@ class StoredInteraction(Interaction):
 class History(BaseModel):
     user: int
     history: list[Interaction] = Field(description="Oldest first.")
+
+
+class CatalogItem(BaseModel):
+    item_id: int
+    title: str
+    year: int | None
+    genres: list[str]
+
+
+class CatalogItems(BaseModel):
+    items: list[CatalogItem] = Field(description="The exact title first, then titles that start with the text, "
+                                     "then the rest, each by id.")
 
 
 class Recommendation(BaseModel):
@@ -432,6 +458,12 @@ class Service:
         with self._open_db(readonly=True) as db:
             rows = db.history(user, limit)
         return History(user=user, history=[Interaction.of(r) for r in rows])
+
+    def find_items(self, text: str, limit: int) -> CatalogItems:
+        with self._open_db(readonly=True) as db:
+            found = db.find_items(text, limit=limit)
+        return CatalogItems(items=[CatalogItem(item_id=i.id, title=i.title, year=i.year, genres=list(i.genres))
+                                   for i in found])
 
     def recommend(self, request: RecommendRequest, gone: threading.Event | None = None) -> Recommendations:
         """``gone`` set (the client disconnected) while the request waits its turn: :class:`ClientGone`."""
@@ -685,6 +717,12 @@ def create_app(
              responses={**BAD, 404: {"model": Error, "description": "Unknown user."}, **BUSY, **ERRORS})
     def user_history(user: Annotated[PathId, PathParam()], query: Annotated[HistoryQuery, Query()]) -> History:
         return service.user_history(user, query.limit)
+
+    @app.get("/items", summary="Catalog items whose title contains a text, in any case: their ids.",
+             operation_id="findItems", response_description="The matching items (none: an empty list).",
+             responses={**BAD, **BUSY, **ERRORS})
+    def find_items(query: Annotated[ItemsQuery, Query()]) -> CatalogItems:
+        return service.find_items(query.search, query.limit)
 
     @app.post("/recommend", summary="Top-k catalog items for a user id or for a list of titles.",
               description="Items the user has already seen are excluded. Titles in a history must be exact "

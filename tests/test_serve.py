@@ -108,6 +108,29 @@ def test_user_history_in_time_order_with_exact_titles(db_server):
     assert [row["item_id"] for row in body["history"]] == TINY_HISTORIES[7][-3:]
 
 
+def test_find_items_gives_the_ids_the_cli_search_gives(db_server, tiny_db):
+    """An app that embeds the service finds item ids (for "exclude", "only", POST /history) by title."""
+    from urllib.parse import quote
+
+    with HistoryDB.open(tiny_db, readonly=True) as db:
+        expected = [(i.id, i.title) for i in db.find_items("HEAT", limit=20)]
+        everything = [(i.id, i.title) for i in db.find_items("(", limit=3)]
+    status, body, _ = http(db_server.url + "/items?search=HEAT")
+    assert status == 200, body
+    assert [(r["item_id"], r["title"]) for r in body["items"]] == expected and expected[0][1] == "Heat (1995)"
+    assert set(body["items"][0]) == {"item_id", "title", "year", "genres"}
+    status, body, _ = http(db_server.url + "/items?search=" + quote("(") + "&limit=3")
+    assert status == 200 and [(r["item_id"], r["title"]) for r in body["items"]] == everything
+    status, body, _ = http(db_server.url + "/items?search=zzqx")
+    assert status == 200 and body == {"items": []}
+    for query, words in [("", 'missing field "search"'), ("?search=", "search must not be empty"),
+                         ("?search=a&limit=0", "limit must be an integer between 1 and 1000"),
+                         ("?search=a&limit=x", "limit"), ("?search=a&item=1", "unknown query parameter(s)"),
+                         ("?search=" + "a" * 2001, "search is longer than 2000 characters")]:
+        status, body, _ = http(db_server.url + "/items" + query)
+        assert status == 400 and words in body["error"], (query, status, body)
+
+
 def test_add_history_by_item_and_by_adversarial_title(db_server, tiny_db):
     status, body, _ = http(db_server.url + "/history", "POST", {"user": 1, "item_id": 200, "timestamp": 2_000_000_000})
     assert status == 201, body
