@@ -236,7 +236,11 @@ def test_ctrl_c_between_the_renames_still_leaves_one_whole_export(tiny_db, tmp_p
             signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C right after the first rename
 
     monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
-    assert main([*export, "--force", "--history-len", "2"]) == 130
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # pytest in the background ignores it
+    try:
+        assert main([*export, "--force", "--history-len", "2"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert "interrupted" in capsys.readouterr().err
     assert len(renamed) == 3
     assert {p.name: p.read_bytes() for p in out.iterdir()} == second  # the new export, whole; no partial file
