@@ -470,6 +470,8 @@ class HistoryDB:
             raise UsageError(f"the text to search for is a string, not {text!r}")
         if len(text) > MAX_SEARCH_CHARS:  # SQLite refuses longer LIKE patterns ("too complex"), a database error
             raise UsageError(f"the text to search for is at most {MAX_SEARCH_CHARS} characters (got {len(text)})")
+        if "\x00" in text:  # SQLite's LIKE stops at a NUL: "%\x00" matched every title
+            raise UsageError("the text to search for contains a NUL character")
         number = _whole_number(limit)
         if number is None or number < 1:  # -1 returned everything, 1.5 a "datatype mismatch"
             raise UsageError(f"limit must be a whole number >= 1 (got {limit!r})")

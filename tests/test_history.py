@@ -15,7 +15,7 @@ from conftest import EMPTY_USER, TINY_HISTORIES, TINY_ITEM_IDS, TINY_TITLES, dum
 
 from genrec_edge.catalog import catalog_sha256
 from genrec_edge.cli import main
-from genrec_edge.errors import DatabaseError, NotFoundError
+from genrec_edge.errors import DatabaseError, NotFoundError, UsageError
 from genrec_edge.history import SCHEMA_VERSION, HistoryDB, _applied_migrations, migrations
 from genrec_edge.paths import BUNDLED_DATASET
 
@@ -144,6 +144,8 @@ def test_items_lookup_search_and_year(tiny_db):
         assert [i.id for i in db.find_items("Aliens (1986)")] == [180]
         assert [i.id for i in db.find_items("(1995)", limit=3)] == [10, 20, 30]
         assert db.find_items("100%") == [] and db.find_items("_") == []
+        with pytest.raises(UsageError, match="NUL"):
+            db.find_items("\x00")  # SQLite's LIKE stops at a NUL: it matched every title
         assert [i.id for i in db.find_items("\\")] == [120]
         # Case is ignored in every script, not only ASCII (SQLite's LIKE): "AMÉLIE" finds "Amélie".
         assert [i.id for i in db.find_items("AMÉLIE")] == [i.id for i in db.find_items("amélie")] == [130]
