@@ -6,7 +6,8 @@ A real ``genrec-edge serve`` process (the default model and a copy of the defaul
 writes histories; its shipped prior, its default beam, ``--workers``, ``--cache``) is asked one request after another, new
 connection each, a seeded mix of what an app sends:
 
-- ``{"user", "k": 10}`` for the benches' users, a third of them asked again later (cache hits);
+- ``{"user", "k": 10}`` for the benches' users, a third of them users asked before (a cache hit when the
+  history, filters and k are those of a kept search: about one request in ten in the run of record);
 - a third with ``"exclude"``: 1-5 item ids of an earlier answer;
 - a few with ``"k": 40`` and ``"k": 100`` (the wide and the repeated search) and a few ad-hoc histories;
 - every 20th request a ``POST /history`` (an item of an earlier answer), then that user asked again.

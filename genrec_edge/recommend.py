@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -234,8 +234,12 @@ def _user_id(value) -> int:
 
 def _item_ids(values, name: str) -> tuple[int, ...]:
     """``exclude`` / ``only`` as a sorted tuple of distinct item ids (a list, set, tuple or numpy array of ints)."""
-    if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+    if isinstance(values, str | bytes | Mapping) or not hasattr(values, "__iter__"):
         raise UsageError(f"{name} is a list of item ids, not {values!r}")
+    try:
+        values = list(values)
+    except TypeError:  # a 0-d numpy array has __iter__, and refuses it
+        raise UsageError(f"{name} is a list of item ids, not {values!r}") from None
     return tuple(sorted({_whole(v, f"an item id in {name}") for v in values}))
 
 

@@ -92,7 +92,7 @@ DEFAULT_PORT = 8765
 MAX_BODY = 64 * 1024
 MAX_HISTORY_TITLES = 1000
 MAX_ITEMS_LIMIT = 1000  # GET /items?limit=
-MAX_FILTER_IDS = 10_000  # "exclude" / "only" item ids per request (the body's 64 KiB holds about that many)
+MAX_FILTER_IDS = 10_000  # "exclude" / "only" item ids each; the 64 KiB body bounds both: ~8,000 six-digit ids in all
 MAX_TITLE_CHARS = 2000
 MAX_LIMIT = 1_000_000
 MAX_INFLIGHT = 16
@@ -393,7 +393,7 @@ class Recommendations(BaseModel):
     prior_weight: float = Field(description="Its λ (0 for none).")
     timings: dict[str, int | float] = Field(description="Milliseconds (*_ms) and token counts.")
     cached: bool = Field(False, description="Answered from the server's result cache (serve --cache): the same "
-                         "history, prior and k as an earlier request, so the same items; no search ran.")
+                         "history, filters, prior and k as an earlier request, so the same items; no search ran.")
 
     @classmethod
     def of(cls, recs: Any) -> Recommendations:
@@ -473,8 +473,8 @@ class Service:
 
         recs = self._batcher.submit(
             Request(user=request.user, history=None if request.history is None else tuple(request.history),
-                    prior=request.prior, prior_weight=request.prior_weight, exclude=tuple(sorted(set(request.exclude or ()))),
-                    only=None if request.only is None else tuple(sorted(set(request.only)))),
+                    prior=request.prior, prior_weight=request.prior_weight, exclude=tuple(request.exclude or ()),
+                    only=None if request.only is None else tuple(request.only)),
             request.k, gone,
         )
         return Recommendations.of(recs)

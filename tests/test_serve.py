@@ -126,7 +126,8 @@ def test_find_items_gives_the_ids_the_cli_search_gives(db_server, tiny_db):
     for query, words in [("", 'missing field "search"'), ("?search=", "search must not be empty"),
                          ("?search=a&limit=0", "limit must be an integer between 1 and 1000"),
                          ("?search=a&limit=x", "limit"), ("?search=a&item=1", "unknown query parameter(s)"),
-                         ("?search=" + "a" * 2001, "search is longer than 2000 characters")]:
+                         ("?search=" + "a" * 2001, "search is longer than 2000 characters"),
+                         ("?search=%00", "contains a NUL character")]:
         status, body, _ = http(db_server.url + "/items" + query)
         assert status == 400 and words in body["error"], (query, status, body)
 

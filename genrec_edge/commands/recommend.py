@@ -200,10 +200,8 @@ def register(app: typer.Typer) -> None:
                     bar.close()
             model_name = rec.engine.path.name
         if json_output:
-            payload = {"user": user, "history": titles or None, "model": model_name, **result.to_dict()}
-            if exclude or only:
-                payload = {"user": user, "history": titles or None, "exclude": sorted(set(exclude or [])),
-                           "only": sorted(set(only)) if only else None, "model": model_name, **result.to_dict()}
+            payload = {"user": user, "history": titles or None, "exclude": sorted(set(exclude or [])),
+                       "only": sorted(set(only)) if only else None, "model": model_name, **result.to_dict()}
             typer.echo(json.dumps(payload, ensure_ascii=False, indent=1))
             return
         from rich.table import Table

@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         ),
         cache: int = typer.Option(
             256, "--cache", min=0, help="Searches each search process keeps for repeated requests (the same user "
-            "with an unchanged history, prior and k gets the same answer without a search); 0: none.",
+            "with an unchanged history, filters, prior and k gets the same answer without a search); 0: none.",
         ),
         allow_remote: bool = typer.Option(
             False, "--allow-remote", help="Allow a non-loopback --host (no TLS: anyone who can reach it can use it)."
