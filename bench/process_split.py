@@ -27,14 +27,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before llama_cpp (FINDINGS.md); spawned workers too
 
 import argparse  # noqa: E402
-import platform  # noqa: E402
 import queue as queue_mod  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import NamedTuple  # noqa: E402
 
-from bench.saved_run import add_run_arguments, render_saved, rep_axes, save_figure, save_run  # noqa: E402
+from bench.saved_run import add_run_arguments, render_saved, rep_axes, run_meta, save_figure, save_run  # noqa: E402
 
 K, BEAM = 10, 20
 READY_TIMEOUT_S = 900.0  # a worker that has not loaded its model by then is a failure, not a wait
@@ -258,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from bench.runtime_bench import bench_users
-    from genrec_edge import engine
     from genrec_edge.models import default_model_path
     from genrec_edge.paths import default_db
 
@@ -279,11 +277,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise SystemExit(f"error: layout {name(lay)}: {exc}") from None
             runs.append(run)
             orders.append([name(lay) for lay in order])
-    date = time.strftime("%Y-%m-%d %H:%M")
     data = {
-        "meta": {"model": f"{model_path.name} ({model_path.parent.name})", "machine": platform.machine(),
-                 "cpus": cpus, "llama_cpp": engine.llama_cpp.__version__, "date": date, "users": len(users),
-                 "reps": args.reps},
+        "meta": run_meta(model_path, users=len(users), reps=args.reps),
         "orders": orders, "users": users,
         "seconds": [{lay: run[lay]["seconds"] for lay in names} for run in runs],
         "summary": summarize(runs, names),

@@ -7,10 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 Render = Callable[[dict, Path], None]  # (the run's dict, stem) -> writes stem.md and stem.png
+
+
+def run_meta(model_path: Path, **extra) -> dict:
+    """What a run of record's ``meta`` starts with - the model (file and folder), the machine, the CPUs this
+    process may use, llama-cpp-python's version, the date and minute - then ``extra``, the bench's own."""
+    from genrec_edge import engine
+    from genrec_edge.cpu_share import usable_cpus
+
+    return {"model": f"{model_path.name} ({model_path.parent.name})", "machine": platform.machine(),
+            "cpus": usable_cpus(), "llama_cpp": engine.llama_cpp.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M"), **extra}
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,11 +16,9 @@ Absolute times on a shared CPU are noisy; the ratio is of one run.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import time
 
-from bench.saved_run import add_run_arguments, render_saved, save_figure, save_run
+from bench.saved_run import add_run_arguments, render_saved, run_meta, save_figure, save_run
 from bench.serve_workers import K, post_recommend, start_server, stop_server
 
 
@@ -74,8 +72,6 @@ def render(data: dict, stem) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from genrec_edge.cpu_share import usable_cpus
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -89,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--users, --repeats and --cache must be at least 1, --workers at least 0")
 
     from bench.runtime_bench import bench_users
-    from genrec_edge import engine
     from genrec_edge.models import default_model_path
     from genrec_edge.paths import default_db
 
@@ -108,10 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_server(proc)
     data = {
-        "meta": {"model": f"{model_path.name} ({model_path.parent.name})", "machine": platform.machine(),
-                 "cpus": usable_cpus(), "llama_cpp": engine.llama_cpp.__version__,
-                 "date": time.strftime("%Y-%m-%d %H:%M"), "workers": args.workers, "cache": args.cache,
-                 "repeats": args.repeats},
+        "meta": run_meta(model_path, workers=args.workers, cache=args.cache, repeats=args.repeats),
         "users": users, "asks": asks, "summary": summarize(asks),
     }
     save_run(data, args.out, "serve-cache", render)

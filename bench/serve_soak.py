@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import platform
 import random
 import sqlite3
 import tempfile
 import time
 from pathlib import Path
 
-from bench.saved_run import add_run_arguments, render_saved, save_figure, save_run
+from bench.saved_run import add_run_arguments, render_saved, run_meta, save_figure, save_run
 from bench.serve_workers import start_server, stop_server
 
 HISTORY_EVERY = 20
@@ -160,8 +159,6 @@ def render(data: dict, stem: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from genrec_edge.cpu_share import usable_cpus
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--every", type=int, default=25, help="read memory every N requests")
@@ -180,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from bench.runtime_bench import bench_users
-    from genrec_edge import engine
     from genrec_edge.models import default_model_path
     from genrec_edge.paths import default_db
 
@@ -233,11 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             stop_server(proc)
             stop_s = time.perf_counter() - began
     data = {
-        "meta": {"model": f"{model_path.name} ({model_path.parent.name})", "machine": platform.machine(),
-                 "cpus": usable_cpus(), "llama_cpp": engine.llama_cpp.__version__,
-                 "date": time.strftime("%Y-%m-%d %H:%M"), "workers": args.workers, "cache": args.cache,
-                 "requests": args.requests, "every": args.every, "seed": args.seed, "exit_code": proc.returncode,
-                 "stop_s": stop_s, **counts},
+        "meta": run_meta(model_path, workers=args.workers, cache=args.cache, requests=args.requests,
+                         every=args.every, seed=args.seed, exit_code=proc.returncode, stop_s=stop_s, **counts),
         "samples": samples, "errors": errors, "summary": summarize(samples),
     }
     save_run(data, args.out, "serve-soak", render)

@@ -25,7 +25,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import queue as queue_mod
 import signal
 import statistics
@@ -35,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.saved_run import add_run_arguments, render_saved, rep_axes, save_figure, save_run
+from bench.saved_run import add_run_arguments, render_saved, rep_axes, run_meta, save_figure, save_run
 
 K, BEAM = 10, 20
 START_TIMEOUT_S = 300.0
@@ -273,7 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from bench.runtime_bench import bench_users
-    from genrec_edge import engine
     from genrec_edge.models import default_model_path
     from genrec_edge.paths import default_db
 
@@ -295,9 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
             orders.append([str(n) for n in order])
     data = {
-        "meta": {"model": f"{model_path.name} ({model_path.parent.name})", "machine": platform.machine(),
-                 "cpus": cpus, "llama_cpp": engine.llama_cpp.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
-                 "users": len(users), "lone": len(lone), "clients": args.clients, "reps": args.reps},
+        "meta": run_meta(model_path, users=len(users), lone=len(lone), clients=args.clients, reps=args.reps),
         "orders": orders, "users": users, "lone_users": lone,
         "runs": runs,
         "summary": summarize(runs, names),
