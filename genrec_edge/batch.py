@@ -52,32 +52,42 @@ class BatchReport:
 
 
 # ------------------------------------------------------------------------------------------------ users
-_USER_ID = re.compile(r"[+-]?[0-9]+")
+_ID = re.compile(r"[+-]?[0-9]+")
 
 
 def read_users_file(path: str | Path) -> list[int]:
     """User ids, one per line (blank lines and ``#`` comments skipped), in file order, duplicates dropped."""
+    return read_ids_file(path, "user")
+
+
+def read_items_file(path: str | Path, *, allow_empty: bool = False) -> list[int]:
+    """Item ids (``--exclude-file``, ``--only-file``), as :func:`read_users_file` reads user ids."""
+    return read_ids_file(path, "item", allow_empty=allow_empty)
+
+
+def read_ids_file(path: str | Path, kind: str, *, allow_empty: bool = False) -> list[int]:
+    """``kind`` ids, one per line (blank lines and ``#`` comments skipped), in file order, duplicates dropped."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel, Notepad) is not part of the first id
     except OSError as exc:
-        raise FileAccessError(f"cannot read the users file {path}: {exc.strerror or exc}") from None
+        raise FileAccessError(f"cannot read the {kind}s file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise UsageError(f"cannot read the users file {path}: {exc}") from None
-    users: dict[int, None] = {}
+        raise UsageError(f"cannot read the {kind}s file {path}: {exc}") from None
+    ids: dict[int, None] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         value = line.split("#", 1)[0].strip()
         if not value:
             continue
-        if not _USER_ID.fullmatch(value):  # int() also takes "4_2" and other scripts' digits
-            raise IngestError(f"{path}:{number}: not a user id: {value!r}")
-        user = int(value)
-        if not INT64_MIN <= user <= INT64_MAX:
-            raise IngestError(f"{path}:{number}: user id {value} is out of range (SQLite integers are 64-bit)")
-        users[user] = None
-    if not users:
-        raise UsageError(f"the users file {path} lists no user")
-    return list(users)
+        if not _ID.fullmatch(value):  # int() also takes "4_2" and other scripts' digits
+            raise IngestError(f"{path}:{number}: not {'an' if kind == 'item' else 'a'} {kind} id: {value!r}")
+        value_id = int(value)
+        if not INT64_MIN <= value_id <= INT64_MAX:
+            raise IngestError(f"{path}:{number}: {kind} id {value} is out of range (SQLite integers are 64-bit)")
+        ids[value_id] = None
+    if not ids and not allow_empty:
+        raise UsageError(f"the {kind}s file {path} lists no {kind}")
+    return list(ids)
 
 
 def users_with_history(db) -> list[int]:
@@ -261,18 +271,34 @@ def write_parquet(jsonl: Path, dest: Path, chunk: int = 50_000) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------ the job
-def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior) -> dict:
+def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior, exclude: Sequence[int] = (),
+                 only: Sequence[int] | None = None) -> dict:
     """What a file's results depend on; a resumed file must have been written with the same.
 
     ``prior`` is the loaded prior (``recommend.load_prior``; None: none), recorded as what it resolves to
     (kind, λ, and a hash of its settings and weights), not as the words that named it: restating the
     default (``--prior sasrec``, its tuned λ) resumes, and a ``--prior DIR`` whose files changed in between
-    does not.
+    does not. ``exclude`` / ``only`` (sorted item ids) are recorded only when given, so a file written before
+    they existed still resumes.
     """
     from .hashing import sha256_file
 
-    return {"model": model_path.name, "model_sha256": sha256_file(model_path), "prior": prior_fingerprint(prior),
-            "k": k, "beam": beam, "catalog_sha256": catalog.sha256, "data": data_checksum(db)}
+    config = {"model": model_path.name, "model_sha256": sha256_file(model_path), "prior": prior_fingerprint(prior),
+              "k": k, "beam": beam, "catalog_sha256": catalog.sha256, "data": data_checksum(db)}
+    if exclude:
+        config["exclude"] = list(exclude)
+    if only is not None:
+        config["only"] = list(only)
+    return config
+
+
+def check_filter_ids(catalog, exclude: Sequence[int], only: Sequence[int] | None) -> None:
+    """Every ``exclude`` / ``only`` id is in the catalog; else one error naming the first that is not."""
+    known = set(catalog.item_ids)
+    for name, ids in (("exclude", exclude), ("only", only or ())):
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise NotFoundError(f"unknown item {unknown[0]} in {name}: not in the catalog")
 
 
 def prior_fingerprint(prior) -> dict:
@@ -311,6 +337,8 @@ def recommend_users(
     actors: int | None = None,
     ship_model: bool = False,
     workers: int = 1,
+    exclude: Iterable[int] | None = (),
+    only: Iterable[int] | None = None,
     progress: bool = True,
     warn=None,
 ) -> BatchReport:
@@ -325,6 +353,9 @@ def recommend_users(
     their order are those of ``workers=1``; on 2 cores 2 processes rank ~1.28x the users/s of one:
     bench/results/process-split-2026-12-01.md); call it under ``if __name__ == "__main__":`` in a script.
     ``parquet`` also writes ``out`` with the suffix ``.parquet`` when every user is done.
+    ``exclude`` / ``only``: item ids no user is recommended / the ids every user is recommended from (as
+    ``Recommender.recommend`` takes them; e.g. what is out of / in stock); a user they leave nothing for gets
+    an error line. The header records them: a resumed run must give the same.
     """
     from . import paths
     from .catalog import check_model_catalog
@@ -332,6 +363,7 @@ def recommend_users(
     from .models import default_model_path, require_model_file
     from .recommend import (
         MAX_SEQUENCES,
+        _item_ids,
         check_default_model_catalog,
         default_beam,
         load_prior,
@@ -352,6 +384,10 @@ def recommend_users(
     if not 1 <= width <= MAX_SEQUENCES - 3:
         raise UsageError(f"--beam must be between 1 and {MAX_SEQUENCES - 3} (got {width})")
     batch = max(1, min(batch, (MAX_SEQUENCES - 2) // (width + 1)))  # llama.cpp's sequence limit
+    exclude = () if exclude is None else _item_ids(exclude, "exclude")
+    only = None if only is None else _item_ids(only, "only")
+    if only == ():
+        raise UsageError("only lists no item: there would be nothing to recommend")
     if parquet:
         try:
             import pyarrow  # noqa: F401
@@ -373,6 +409,7 @@ def recommend_users(
                 raise UsageError("no users to recommend for")
             check_users(history, wanted, users_source)
         catalog = history.catalog()
+        check_filter_ids(catalog, exclude, only)
         if model is None:
             check_default_model_catalog(db_path)  # before building the default model
         model_path = Path(model) if model is not None else default_model_path()
@@ -387,7 +424,7 @@ def recommend_users(
         # The prior, resolved once: the header records it, and the searches use it (a popularity prior is
         # counted from the whole database: not again in Recommender.open or in each worker).
         loaded = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
-        config = batch_config(model_path, history, catalog, k, width, loaded)
+        config = batch_config(model_path, history, catalog, k, width, loaded, exclude, only)
         prior, prior_weight = (loaded if loaded is not None else "none"), None
 
     with OutFile(out, config) as sink:
@@ -400,14 +437,14 @@ def recommend_users(
             try:
                 if ray is None or ray is False:
                     results = _local_results(model_path, db_path, groups, k, width, batch, threads, prior,
-                                             prior_weight, catalog, warn, workers)
+                                             prior_weight, catalog, warn, workers, exclude, only)
                 else:
                     from .cluster import ray_results
 
                     results = ray_results(model_path, db_path, groups, catalog, k=k, beam=width, batch=batch,
                                           threads=threads, prior=prior, prior_weight=prior_weight,
                                           address=None if ray is True else ray, actors=actors,
-                                          ship_model=ship_model)
+                                          ship_model=ship_model, exclude=exclude, only=only)
                 for records in results:
                     new = [r for r in records if r["user"] not in sink.done]
                     sink.append(new)
@@ -439,12 +476,13 @@ def _bar(total: int, resumed: int, progress: bool):
 
 
 def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, prior_weight, catalog,
-                   warn, workers: int = 1) -> Iterator[list[dict]]:
+                   warn, workers: int = 1, exclude: Sequence[int] = (),
+                   only: Sequence[int] | None = None) -> Iterator[list[dict]]:
     """The records of each group of users, through ``recommend_many`` (one search per group) of a
     ``Recommender`` or, with ``workers`` > 1, of a ``RecommenderPool`` searching that many groups at a time;
     either way in the groups' order, so a resumed file is byte-identical."""
     from .pool import RecommenderPool, ordered_map
-    from .recommend import Recommender
+    from .recommend import Recommender, Request
 
     options = {"threads": threads, "beam": beam, "warn": warn, "prior": prior, "prior_weight": prior_weight,
                "batch": batch}
@@ -457,7 +495,8 @@ def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, 
                     for res in rec.recommend_many(requests, k=k)]
 
         def records(group):
-            return group_records(group, rank_group(rank, group), catalog)
+            requests = [Request(user=user, exclude=exclude, only=only) for user in group]
+            return group_records(group, rank_group(rank, requests), catalog)
 
         yield from (ordered_map(records, groups, workers) if workers > 1 else map(records, groups))
 

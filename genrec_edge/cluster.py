@@ -46,7 +46,8 @@ def _import_ray():
 class RankActor:
     """One Recommender on a Ray worker, built from the catalog rows and the model the driver sent."""
 
-    def __init__(self, model, catalog_ref, prior_ref, k: int, beam: int, batch: int, threads: int | None):
+    def __init__(self, model, catalog_ref, prior_ref, k: int, beam: int, batch: int, threads: int | None,
+                 exclude: Sequence[int] = (), only: Sequence[int] | None = None):
         import ray
 
         from .history import HistoryDB
@@ -68,6 +69,7 @@ class RankActor:
                                     prior=prior if prior is not None else "none", warn=lambda message: None)
         self.k = k
         self.titles_by_id = dict(pairs)
+        self.exclude, self.only = tuple(exclude), None if only is None else tuple(only)
 
     def __call__(self, table):
         import pyarrow as pa
@@ -91,6 +93,9 @@ class RankActor:
         return pa.table(out, schema=_result_schema())
 
     def _rank(self, requests):
+        # The filters, as Recommender.recommend applies them (a user they leave nothing for: its UsageError).
+        requests = [(titles, self.rec.filtered_seen(seen, self.exclude, self.only), items)
+                    for titles, seen, items in requests]
         return [(list(r.titles), list(r.scores), list(r.lm_scores)) for r in self.rec.rank_many(requests, self.k)]
 
 
@@ -116,12 +121,15 @@ def ray_results(
     address: str | None = None,
     actors: int | None = None,
     ship_model: bool = False,
+    exclude: Sequence[int] = (),
+    only: Sequence[int] | None = None,
 ) -> Iterator[list[dict]]:
     """``batch.record`` lines for ``groups`` of users (``batch.plan_groups``), ranked by actors on Ray.
 
     The driver's part of the batch job (which checked the model against the catalog): loads the prior the
     model would be served with, reads each group's histories from the database and hands them to
     :func:`ray_rankings`. Lines come in the order the actors finish, several groups at a time.
+    ``exclude`` / ``only``: item ids, as ``batch.recommend_users`` takes them (for every user).
     """
     from .batch import group_records, history_items
     from .history import HistoryDB
@@ -137,7 +145,8 @@ def ray_results(
                 yield list(history_items(db, group))
 
     for ranked in ray_rankings(model_path, catalog, loaded_prior, histories(), len(groups), k=k, beam=beam,
-                               batch=batch, threads=threads, address=address, actors=actors, ship_model=ship_model):
+                               batch=batch, threads=threads, address=address, actors=actors, ship_model=ship_model,
+                               exclude=exclude, only=only):
         yield group_records([key for key, _ in ranked], [result for _, result in ranked], catalog)
 
 
@@ -155,6 +164,8 @@ def ray_rankings(
     address: str | None = None,
     actors: int | None = None,
     ship_model: bool = False,
+    exclude: Sequence[int] = (),
+    only: Sequence[int] | None = None,
 ) -> Iterator[list[tuple[int, tuple | str]]]:
     """Rank groups of ``(key, item ids oldest first)`` requests on a Ray actor pool, a group per search.
 
@@ -164,7 +175,8 @@ def ray_rankings(
     ``prior``: a loaded ``CFPrior`` or None. ``address``: None connects to the cluster ``ray.init()`` finds
     (RAY_ADDRESS, a local ``ray start``) or starts a local one; else that address (``auto``,
     ``ray://host:10001``); if Ray is already initialised in this process, its cluster is used as it is.
-    ``actors``: default, the cluster's CPUs / ``threads`` (default 1).
+    ``actors``: default, the cluster's CPUs / ``threads`` (default 1). ``exclude`` / ``only``: item ids no
+    request is recommended / every request is recommended from (``Recommender.filtered_seen``).
     """
     import pyarrow as pa
 
@@ -213,7 +225,8 @@ def ray_rankings(
         dataset = ray.data.from_arrow_refs(blocks).map_batches(
             RankActor,
             fn_constructor_kwargs={"model": model, "catalog_ref": catalog_ref, "prior_ref": prior_ref, "k": k,
-                                   "beam": beam, "batch": batch, "threads": threads},
+                                   "beam": beam, "batch": batch, "threads": threads, "exclude": tuple(exclude),
+                                   "only": None if only is None else tuple(only)},
             batch_size=GROUPS_PER_CALL,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=pool),

@@ -726,20 +726,29 @@ class Recommender:
         """(prompt titles, titles not to recommend, item history for the prior) of one request: the titles not
         to recommend are the history's, the request's ``exclude`` and, with ``only``, every other title."""
         prompt, seen_titles, items = self._resolve_history(db, request.user, request.history)
-        if request.exclude or request.only is not None:
-            titles_by_id = self.titles_by_id
-            for name, ids in (("exclude", request.exclude), ("only", request.only or ())):
-                unknown = [i for i in ids if i not in titles_by_id]
-                if unknown:
-                    raise NotFoundError(f"unknown item {unknown[0]} in {name}: not in this model's catalog")
-            seen_titles = seen_titles | {titles_by_id[i] for i in request.exclude}
-            if request.only is not None:
-                allowed = {titles_by_id[i] for i in request.only}
-                seen_titles |= {t for t in self.title_index if t not in allowed}
-            if all(t in seen_titles for t in self.title_index):
-                raise UsageError("every catalog title is in this history, in exclude or outside only: nothing "
-                                 "left to recommend")
-        return prompt, seen_titles, items
+        return prompt, self.filtered_seen(seen_titles, request.exclude, request.only), items
+
+    def filtered_seen(self, seen_titles: set[str], exclude: Sequence[int] = (),
+                      only: Sequence[int] | None = None) -> set[str]:
+        """The titles not to recommend: ``seen_titles``, the titles of the ``exclude`` item ids and, with
+        ``only``, every title none of its ids has. NotFoundError for an id outside the catalog; UsageError
+        when the filters leave nothing (what a request with these filters gets; ``cluster.RankActor``'s too).
+        """
+        if not exclude and only is None:
+            return seen_titles
+        titles_by_id = self.titles_by_id
+        for name, ids in (("exclude", exclude), ("only", only or ())):
+            unknown = [i for i in ids if i not in titles_by_id]
+            if unknown:
+                raise NotFoundError(f"unknown item {unknown[0]} in {name}: not in this model's catalog")
+        seen_titles = set(seen_titles) | {titles_by_id[i] for i in exclude}
+        if only is not None:
+            allowed = {titles_by_id[i] for i in only}
+            seen_titles |= {t for t in self.title_index if t not in allowed}
+        if all(t in seen_titles for t in self.title_index):
+            raise UsageError("every catalog title is in this history, in exclude or outside only: nothing "
+                             "left to recommend")
+        return seen_titles
 
     def _resolve_history(self, db, user, history) -> tuple[list[str], set[str], list[int]]:
         """(prompt titles, seen titles, item history for the prior) of a user or an ad-hoc history."""

@@ -294,3 +294,81 @@ def test_no_more_worker_processes_than_groups(tiny_model, tiny_db, tmp_path, mon
 def test_cli_workers_is_for_batch_runs(tiny_model, tiny_db, capsys):
     assert main(["recommend", "--user", "1", "--workers", "2", "--model", str(tiny_model), "--db", str(tiny_db)]) == 2
     assert "--workers applies to batch runs" in capsys.readouterr().err
+
+
+def test_exclude_and_only_apply_to_every_user_as_in_one_request(tiny_model, tiny_db, tmp_path):
+    """A batch run with filters writes, per user, what recommend(user, exclude=, only=) gives alone; a user
+    they leave nothing for gets an error line; the header records them, so a resume must give the same."""
+    unfiltered = single_requests(tiny_model, tiny_db, [1, 2, 4])
+    exclude = [unfiltered[1].items[0].item_ids[0], unfiltered[2].items[1].item_ids[0]]
+    only = sorted({i for u in (1, 2, 4) for r in unfiltered[u].items for i in r.item_ids} | set(TINY_HISTORIES[6]))
+    users = [1, 6, 2, 4]
+    out = tmp_path / "recs.jsonl"
+    report = run(tiny_model, tiny_db, out, users=users, batch=3, exclude=exclude, only=only)
+    records = read_records(out)
+    with Recommender.open(tiny_model, tiny_db, threads=2, warn=lambda m: None) as rec:
+        for user in users:
+            try:
+                expected = rec.recommend(user=user, k=K, exclude=exclude, only=only)
+            except UsageError as exc:
+                assert records[user] == {"user": user, "items": [], "error": str(exc)}
+                continue
+            got = records[user]["items"]
+            assert [(r["title"], r["score"], r["lm_score"]) for r in got] == [
+                (r.title, r.score, r.lm_score) for r in expected.items]
+            ids = {i for r in got for i in r["item_ids"]}
+            assert not ids & set(exclude) and ids <= set(only)
+    assert any(records[u]["items"] != [] for u in users)
+    # The filters changed the answers: user 1 lost its first title.
+    assert records[1]["items"][0]["title"] != unfiltered[1].items[0].title
+    header = json.loads(out.read_text(encoding="utf-8").splitlines()[0])["config"]
+    assert header["exclude"] == sorted(exclude) and header["only"] == only
+    assert run(tiny_model, tiny_db, out, users=users, exclude=exclude[::-1], only=only).resumed == len(users)
+    with pytest.raises(UsageError, match=r"\(exclude differ\)"):
+        run(tiny_model, tiny_db, out, users=users, exclude=exclude[:1], only=only)
+    with pytest.raises(UsageError, match=r"\(exclude, only differ\)"):
+        run(tiny_model, tiny_db, out, users=users)
+    assert report.errors == sum(1 for u in users if "error" in records[u])
+    two = tmp_path / "two.jsonl"  # two processes: the filters reach each worker's requests
+    run(tiny_model, tiny_db, two, users=users, batch=3, exclude=exclude, only=only, workers=2)
+    assert two.read_bytes() == out.read_bytes()
+
+
+def test_a_user_the_filters_leave_nothing_gets_an_error_line(tiny_model, tiny_db, tmp_path):
+    out = tmp_path / "recs.jsonl"
+    report = run(tiny_model, tiny_db, out, users=[1, 6, 2], batch=3, only=TINY_HISTORIES[6])  # 6 saw them all
+    records = read_records(out)
+    assert report.errors == 1 and records[6]["items"] == []
+    assert "nothing left to recommend" in records[6]["error"] and "outside only" in records[6]["error"]
+    for user in (1, 2):
+        assert [r["item_ids"] for r in records[user]["items"]] == [[i] for i in TINY_HISTORIES[6]]
+
+
+def test_bad_filters_are_refused_before_the_file_is_touched(tiny_model, tiny_db, tmp_path):
+    out = tmp_path / "recs.jsonl"
+    with pytest.raises(NotFoundError, match="unknown item 999 in exclude"):
+        run(tiny_model, tiny_db, out, users=[1], exclude=[10, 999])
+    with pytest.raises(NotFoundError, match="unknown item 998 in only"):
+        run(tiny_model, tiny_db, out, users=[1], only=[998])
+    with pytest.raises(UsageError, match="only lists no item"):
+        run(tiny_model, tiny_db, out, users=[1], only=[])
+    with pytest.raises(UsageError, match="exclude is a list of item ids"):
+        run(tiny_model, tiny_db, out, users=[1], exclude="10")
+    assert not out.exists()
+
+
+def test_cli_batch_with_filter_files(tiny_model, tiny_db, tmp_path, capsys):
+    stock = tmp_path / "stock.txt"
+    stock.write_text("# in stock\n" + "\n".join(str(i) for i in TINY_TITLES if i not in (10, 20)) + "\n",
+                     encoding="utf-8")
+    out = tmp_path / "recs.jsonl"
+    args = ["recommend", "--all-users", "--out", str(out), "--model", str(tiny_model), "--db", str(tiny_db),
+            "--k", "3", "--threads", "2", "--only-file", str(stock), "--exclude", "30"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert f"{len(TINY_HISTORIES)} users" in capsys.readouterr().out
+    records = read_records(out)
+    assert sorted(records) == sorted(TINY_HISTORIES)
+    shown = {i for r in records.values() for item in r["items"] for i in item["item_ids"]}
+    assert shown and not shown & {10, 20, 30}
+    assert main([*args[:-2]]) == 2  # without the --exclude it was written with: refused, one line
+    assert "(exclude differ)" in capsys.readouterr().err

@@ -72,6 +72,22 @@ def test_ray_with_a_popularity_prior_and_the_model_shipped(local_ray, tiny_model
     assert read_records(plain) != read_records(local)  # the prior did change the rankings
 
 
+def test_ray_applies_exclude_and_only_as_the_local_run_does(local_ray, tiny_model, tiny_db, tmp_path):
+    # The filters go to the actors with the model; a user they leave nothing for (user 1 has seen 10..50,
+    # and 90 is excluded) gets the local run's error line.
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    users = [6, 2, 1, 8]
+    filters = {"exclude": [20, 90, 160], "only": [10, 20, 30, 40, 50, 90]}
+    run(tiny_model, tiny_db, local, users=users, **filters)
+    report = run(tiny_model, tiny_db, remote, users=users, ray=True, actors=2, **filters)
+    assert header(remote) == header(local)
+    records = read_records(remote)
+    assert records == read_records(local)
+    assert report.errors == 1 and "nothing left to recommend" in records[1]["error"]
+    shown = {i for r in records.values() for item in r["items"] for i in item["item_ids"]}
+    assert shown and shown <= set(filters["only"]) - set(filters["exclude"])
+
+
 def test_evaluate_on_ray_equals_the_local_evaluation(local_ray, tiny_model, tiny_db, tmp_path):
     """`evaluate --ray`: the LLM's searches on the actor pool, the same per-user results and metrics."""
     from genrec_edge.evalruns import RecommenderSpec, evaluate_recommenders

@@ -753,7 +753,7 @@ def test_bad_exclude_and_only(rec):
         rec.recommend(user=1, only=[])
 
 
-def test_cli_recommend_exclude_and_only(tiny_model, tiny_db, cache_home, capsys):
+def test_cli_recommend_exclude_and_only(tiny_model, tiny_db, cache_home, capsys, tmp_path):
     base = ["recommend", "--user", "1", "--k", "3", "--db", str(tiny_db), "--model", str(tiny_model), "--json"]
     assert main(base) == 0
     first = json.loads(capsys.readouterr().out)
@@ -764,7 +764,26 @@ def test_cli_recommend_exclude_and_only(tiny_model, tiny_db, cache_home, capsys)
     assert drop not in {i for r in out["items"] for i in r["item_ids"]}
     assert main([*base, "--exclude", "999"]) == NotFoundError.exit_code
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: unknown item 999 in exclude: not in this model's catalog"
-    assert main(["recommend", "--all-users", "--out", "x.jsonl", "--exclude", "1", "--db", str(tiny_db)]) == 2
-    assert "--exclude" in capsys.readouterr().err
     assert main([*base, "--sample", "--only", str(drop)]) == 2
     assert "--only does not apply to --sample" in capsys.readouterr().err
+    # The files: ids one per line, joined with the options' ids.
+    ids = tmp_path / "ids.txt"
+    ids.write_text(f"# shown yesterday\n{drop}\n", encoding="utf-8")
+    assert main([*base, "--exclude-file", str(ids)]) == 0
+    assert json.loads(capsys.readouterr().out)["items"] == out["items"]
+    allowed = [first["items"][1]["item_ids"][0], first["items"][2]["item_ids"][0]]
+    ids.write_text(f"{allowed[0]}\n", encoding="utf-8")
+    assert main([*base, "--only-file", str(ids), "--only", str(allowed[1])]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["only"] == sorted(allowed) and [r["title"] for r in got["items"]] == [
+        r["title"] for r in first["items"][1:3]]
+    assert main([*base, "--sample", "--only-file", str(ids)]) == 2
+    assert "--only-file does not apply to --sample" in capsys.readouterr().err
+    ids.write_text("# nothing in stock\n", encoding="utf-8")
+    assert main([*base, "--only-file", str(ids)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: the items file {ids} lists no item"
+    assert main([*base, "--exclude-file", str(ids)]) == 0  # no item to exclude is not an error
+    assert json.loads(capsys.readouterr().out)["items"] == first["items"]
+    ids.write_text("10\nten\n", encoding="utf-8")
+    assert main([*base, "--exclude-file", str(ids)]) == 6
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {ids}:2: not an item id: 'ten'"

@@ -42,8 +42,18 @@ RAY_HELP = (
 )
 
 
+def _filters(exclude, only, exclude_file, only_file) -> tuple[list[int], list[int] | None]:
+    """``--exclude`` + ``--exclude-file`` ids; ``--only`` + ``--only-file`` ids (None: neither given)."""
+    from ..batch import read_items_file
+
+    exclude = list(exclude or []) + (read_items_file(exclude_file, allow_empty=True) if exclude_file else [])
+    if not only and only_file is None:
+        return exclude, None
+    return exclude, list(only or []) + (read_items_file(only_file) if only_file else [])
+
+
 def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet, ray, actors,
-           ship_model, workers, json_output) -> None:
+           ship_model, workers, json_output, exclude, only) -> None:
     from ..batch import read_users_file, recommend_users
     from ..errors import UsageError
 
@@ -58,7 +68,7 @@ def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior
         db, out, users, users_source=str(users_file) if users_file else None, model=model, k=k, beam=beam,
         batch=batch, threads=threads, prior=prior, prior_weight=prior_weight, parquet=parquet,
         ray=None if ray is None else (True if ray == "local" else ray), actors=actors, ship_model=ship_model,
-        workers=workers,
+        workers=workers, exclude=exclude, only=only,
     )
     if json_output:
         payload = {**report.__dict__, "out": str(report.out), "parquet": str(report.parquet) if report.parquet else None}
@@ -117,6 +127,10 @@ def register(app: typer.Typer) -> None:
                                           "besides the history's (repeat the option for more)."),
         only: list[int] = typer.Option(None, "--only", metavar="ITEM_ID", help="Recommend from these item ids "
                                        "alone (repeat the option for more)."),
+        exclude_file: Path = typer.Option(None, "--exclude-file", help="Item ids not to recommend, one per line "
+                                          "(with --exclude: both)."),
+        only_file: Path = typer.Option(None, "--only-file", help="Recommend from the item ids in FILE alone, one "
+                                       "per line (with --only: both)."),
         all_users: bool = typer.Option(False, "--all-users", help="Batch: every user with a history (needs --out)."),
         users_file: Path = typer.Option(None, "--users-file", help="Batch: the user ids in FILE, one per line."),
         out: Path = typer.Option(None, "--out", help=OUT_HELP),
@@ -140,24 +154,25 @@ def register(app: typer.Typer) -> None:
         With --history, recommend for an ad-hoc list of titles instead of a database user.
         With --all-users or --users-file, recommend for many users into --out (JSON lines, one per user,
         appended as they come): the same command resumes after a crash; --ray runs it on a Ray cluster.
+        --exclude / --only (and their files) then apply to every user.
 
         Example: genrec-edge recommend --user 42 --k 10
         Example: genrec-edge recommend --history "Toy Story (1995)" "Heat (1995)" --json
         Example: genrec-edge recommend --user 42 --exclude 1028 --exclude 2080
-        Example: genrec-edge recommend --all-users --out recs.jsonl
+        Example: genrec-edge recommend --all-users --out recs.jsonl --only-file in-stock.txt
         """
         from ..errors import UsageError, refuse_options
 
+        exclude, only = _filters(exclude, only, exclude_file, only_file)
         if all_users or users_file is not None:
-            if (user is not None or history or more_titles or sample or seed is not None or temperature is not None
-                    or exclude or only):
-                raise UsageError("--all-users / --users-file do not combine with --user, --history, --exclude, "
-                                 "--only or --sample (nor its --seed and --temperature)")
+            if (user is not None or history or more_titles or sample or seed is not None or temperature is not None):
+                raise UsageError("--all-users / --users-file do not combine with --user, --history or --sample "
+                                 "(nor its --seed and --temperature)")
             if parquet and out is not None and out.suffix.lower() == ".parquet":
                 raise UsageError(f"--out {out} would be overwritten by the .parquet copy: name --out FILE.jsonl "
                                  "(the copy goes next to it)")
             _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet,
-                   ray, actors, ship_model, workers, json_output)
+                   ray, actors, ship_model, workers, json_output, exclude, only)
             return
         batch_only = (("--out", out), ("--ray", ray), ("--actors", actors), ("--parquet", parquet or None),
                       ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None),
@@ -166,7 +181,7 @@ def register(app: typer.Typer) -> None:
                        "batch runs: add --all-users or --users-file FILE")
         if sample:
             for name, value in (("--beam", beam), ("--prior", prior), ("--prior-weight", prior_weight),
-                                ("--only", only or None)):
+                                ("--only" if only_file is None else "--only-file", only)):
                 if value is not None:
                     raise UsageError(f"{name} does not apply to --sample (it draws titles one at a time from "
                                      "the whole catalog, with no beam and no prior)")
@@ -193,15 +208,16 @@ def register(app: typer.Typer) -> None:
                 result = rec.recommend(
                     user=user, history=titles or None, k=k, sample=sample, seed=seed or 0,
                     temperature=DEFAULT_SAMPLE_TEMPERATURE if temperature is None else temperature,
-                    progress=bar.progress if bar else None, exclude=exclude or (), only=only or None,
+                    progress=bar.progress if bar else None, exclude=exclude, only=only,
                 )
             finally:
                 if bar:
                     bar.close()
             model_name = rec.engine.path.name
         if json_output:
-            payload = {"user": user, "history": titles or None, "exclude": sorted(set(exclude or [])),
-                       "only": sorted(set(only)) if only else None, "model": model_name, **result.to_dict()}
+            payload = {"user": user, "history": titles or None, "exclude": sorted(set(exclude)),
+                       "only": sorted(set(only)) if only is not None else None, "model": model_name,
+                       **result.to_dict()}
             typer.echo(json.dumps(payload, ensure_ascii=False, indent=1))
             return
         from rich.table import Table
