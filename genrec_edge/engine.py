@@ -269,6 +269,22 @@ class Engine:
     def seq_len(self, seq: int) -> int:
         return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq)) + 1
 
+    def seq_state(self, seq: int):
+        """A copy of ``seq``'s KV cells (positions and K/V rows, shared cells included): ``seq_restore``'s input."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq)
+        buffer = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(self.ctx, buffer, size, seq) != size:
+            raise EngineError(f"llama.cpp could not copy the KV cells of sequence {seq}")
+        return buffer
+
+    def seq_restore(self, seq: int, state) -> bool:
+        """Put a ``seq_state`` copy back as ``seq`` (its cells replaced, in new cells in position order).
+        False, with ``seq`` empty, where llama.cpp finds no room for it."""
+        if llama_cpp.llama_state_seq_set_data(self.ctx, state, len(state), seq) == len(state):
+            return True
+        self.seq_clear(seq)
+        return False
+
     def reset(self) -> None:
         """Free every sequence but the instruction prefix's (0), the padding sequence included."""
         for seq in range(1, self.n_seq_max + 1):

@@ -103,6 +103,7 @@ class RecommenderPool:
         self.workers = workers
         self.batch = kwargs["batch"]
         self.cache_size = kwargs["cache"]  # each worker's (Recommender.cache_size)
+        self.prompt_cache_size = kwargs["prompt_cache"]  # each worker's (Recommender.prompt_cache_size)
         self.model_path = Path(kwargs["model"])
         self._kwargs = kwargs
         self._lock = threading.Lock()
@@ -131,19 +132,21 @@ class RecommenderPool:
         prior: str | None = None,
         prior_weight: float | None = None,
         cache: int = 0,
+        prompt_cache: int = 0,
         warn=None,
     ) -> RecommenderPool:
         """Start ``workers`` processes and wait until each has loaded the model. Bad input (a missing or
         corrupt model, a foreign catalog) raises the error ``Recommender.open`` raises, with its message and
         exit code, and the warnings it gives go to ``warn`` (default: stderr), once. ``cache``: each worker's
-        result cache (``Recommender.open``); a repeated request is a hit where the worker that takes it has it."""
+        result cache (``Recommender.open``); a repeated request is a hit where the worker that takes it has it;
+        ``prompt_cache`` likewise, each worker's kept prompts."""
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:  # "2" or 1.5: raw TypeErrors
             raise UsageError(f"workers must be a whole number, at least 1, not {workers!r}")
         from .models import default_model_path
 
         kwargs = {"model": str(model if model is not None else default_model_path()), "db": str(db),
                   "threads": threads, "beam": beam, "batch": batch, "prior": prior, "prior_weight": prior_weight,
-                  "cache": cache}
+                  "cache": cache, "prompt_cache": prompt_cache}
         return cls(kwargs, workers, warn)
 
     def _start(self) -> tuple[ProcessPoolExecutor, tuple[str, list[str]]]:

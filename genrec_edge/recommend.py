@@ -264,7 +264,8 @@ class Recommender:
     """A loaded model + catalog trie + database path (+ a collaborative prior). Use :meth:`open`."""
 
     def __init__(self, engine, trie, catalog, db_path: Path, template: PromptTemplate, capacity: int, beam,
-                 batch: int = 1, prior: CFPrior | None = None, model_dir: Path | None = None, cache: int = 0):
+                 batch: int = 1, prior: CFPrior | None = None, model_dir: Path | None = None, cache: int = 0,
+                 prompt_cache: int = 0):
         self.engine = engine
         self.trie = trie
         self.catalog = catalog
@@ -292,6 +293,10 @@ class Recommender:
         self.jump_forward = True
         self.cache_size = cache
         self._cache: OrderedDict[bytes, Ranking] = OrderedDict()  # search inputs' digest -> result, oldest first
+        self.prompt_cache_size = prompt_cache
+        # prompt token ids -> (the prompt sequence's KV cells, its last logits row), oldest first
+        self._prompts: OrderedDict[tuple[int, ...], tuple[object, np.ndarray]] = OrderedDict()
+        self.prompt_hits = 0  # prompts restored instead of decoded
         self._grammar: str | None = None  # the catalog GBNF, built on the first --sample request
         self._catalog_mark: tuple | None = None  # the database file and stored catalog hash it was opened on
         self._prefill_prefix()
@@ -336,6 +341,7 @@ class Recommender:
         jump_forward: bool = True,
         flash_attn: bool | None = None,
         cache: int = 0,
+        prompt_cache: int = 0,
     ) -> Recommender:
         """Load ``model`` (default: models.default_model_path()) for the catalog of ``db``.
 
@@ -353,6 +359,12 @@ class Recommender:
         user's new interaction changes those inputs, so the answer is never stale. For a server asked the
         same users again (``serve --cache``); the items' descriptions are read from the database each time.
         ``first_step`` requests are never kept (their arrays are the caller's).
+        ``prompt_cache``: how many decoded prompts (their KV cells and last logits, ~6 MB each for the default
+        model) to keep, least recently used out first (0: none). A request whose prompt - the instruction
+        and the user's last titles - equals a kept one's restores it instead of decoding it again (its
+        ``prefill_ms`` is the copy's, a few ms): the same user asked with another ``k``, filter, prior or
+        beam, as a page of several shelves or "show more" asks. The cells restored are the ones decoded, so
+        results are identical to the bit (tested).
 
         Raises NotFoundError / CorruptModelError for a missing or bad model, DatabaseError for a bad
         database, CatalogMismatchError if the model (or the prior) was made for another catalog.
@@ -371,6 +383,7 @@ class Recommender:
             raise UsageError(f"--threads is at most {MAX_THREADS}, llama.cpp's limit (got {threads})")
         batch = _whole(batch, "batch", 1)
         cache = _whole(cache, "the result cache (searches kept)", 0)
+        prompt_cache = _whole(prompt_cache, "the prompt cache (prompts kept)", 0)
         if isinstance(prior, str) and prior not in PRIOR_CHOICES and not Path(prior).is_dir():
             raise UsageError(f"unknown prior {prior!r}; use one of {', '.join(PRIOR_CHOICES)} or a directory")
         if prior_weight is not None:
@@ -426,12 +439,14 @@ class Recommender:
             # Room for the prefix and, per request slot, a full history of the longest titles, every beam's
             # title and as much again decoded ahead on forced suffixes (search.py's speculation budget).
             n_ctx = prefix_len + batch * (template.history_len * depth + 2 * capacity * depth) + 16
+            if prompt_cache:  # a restored prompt has its own copy of the prefix's cells
+                n_ctx += batch * prefix_len
             engine = Engine.open(
                 model_path, n_ctx=n_ctx, n_seq_max=2 + batch * (capacity + 1), threads=threads or default_threads(),
                 model=raw_model, flash_attn=flash_attn,
             )
             rec = cls(engine, trie, catalog, db_path, template, capacity, beam, batch, loaded_prior,
-                      model_path.parent, cache)
+                      model_path.parent, cache, prompt_cache)
             rec.jump_forward = jump_forward
             rec._catalog_mark = catalog_mark
             return rec
@@ -787,9 +802,21 @@ class Recommender:
             raise CorruptModelError("the tokenizer does not reproduce the instruction prefix")
         prompt_seq, _ = self._slot_seqs(slot)
         t0 = time.perf_counter()
-        engine.seq_copy(0, prompt_seq, -1, -1)
-        engine.decode_sequence(prompt[len(self.prefix):], prompt_seq, len(self.prefix))
-        logits = engine.logits(-1)
+        key = tuple(prompt) if self.prompt_cache_size else None
+        kept = self._prompts.get(key) if key is not None else None
+        if kept is not None and engine.seq_restore(prompt_seq, kept[0]):
+            self._prompts.move_to_end(key)
+            self.prompt_hits += 1
+            logits = kept[1].copy()
+        else:
+            engine.seq_copy(0, prompt_seq, -1, -1)
+            engine.decode_sequence(prompt[len(self.prefix):], prompt_seq, len(self.prefix))
+            logits = engine.logits(-1)
+            if key is not None:
+                self._prompts[key] = (engine.seq_state(prompt_seq), logits.copy())
+                self._prompts.move_to_end(key)
+                while len(self._prompts) > self.prompt_cache_size:
+                    self._prompts.popitem(last=False)
         prefill_ms = (time.perf_counter() - t0) * 1000
         return unseen, seen, prompt, logits, prefill_ms
 

@@ -416,6 +416,8 @@ class Health(BaseModel):
     worker_restarts: int = Field(0, description="Times a search process died and all were started afresh (the "
                                  "requests in flight then got 503).")
     cache: int = Field(0, description="Searches each search process keeps for repeated requests (serve --cache).")
+    prompt_cache: int = Field(0, description="Decoded prompts each search process keeps for the same users asked "
+                              "again with other settings (serve --prompt-cache).")
     db: DatabaseInfo
 
 
@@ -452,7 +454,8 @@ class Service:
         return Health(version=__version__, model=str(self.model) if self.model else None,
                       recommend=self.recommender is not None, workers=getattr(self.recommender, "workers", 0),
                       worker_restarts=getattr(self.recommender, "restarts", 0),
-                      cache=getattr(self.recommender, "cache_size", 0), db=info)
+                      cache=getattr(self.recommender, "cache_size", 0),
+                      prompt_cache=getattr(self.recommender, "prompt_cache_size", 0), db=info)
 
     def user_history(self, user: int, limit: int | None) -> History:
         with self._open_db(readonly=True) as db:
@@ -1086,6 +1089,7 @@ def make_server(
     batch: int = 1,
     workers: int = 0,
     cache: int = 0,
+    prompt_cache: int = 0,
     recommender: Any = None,
     allow_remote: bool = False,
     token: str | None = None,
@@ -1099,7 +1103,7 @@ def make_server(
 
     Opens the database once to fail fast on a bad file, then ``Recommender.open(model, db)`` (``workers``
     ≥ 1: a :class:`~genrec_edge.pool.RecommenderPool` of that many processes; ``cache``: searches kept for
-    repeated requests, per search process) unless a ``recommender`` is given (the server then does not close it). Call ``serve_forever()`` and, when
+    repeated requests, per search process; ``prompt_cache``: decoded prompts kept, likewise) unless a ``recommender`` is given (the server then does not close it). Call ``serve_forever()`` and, when
     done, ``shutdown()`` + ``server_close()``.
     """
     from .history import HistoryDB, _is_read_only_file
@@ -1123,7 +1127,7 @@ def make_server(
             from .pool import RecommenderPool
             from .recommend import Recommender
 
-            options = {"threads": threads, "beam": beam, "batch": batch, "cache": cache}
+            options = {"threads": threads, "beam": beam, "batch": batch, "cache": cache, "prompt_cache": prompt_cache}
             recommender = (RecommenderPool.open(model, db, workers=workers, **options) if workers >= 1
                            else Recommender.open(model, db, **options))
             owns = True
@@ -1147,6 +1151,7 @@ def serve(
     batch: int = 1,
     workers: int = 0,
     cache: int = 0,
+    prompt_cache: int = 0,
     allow_remote: bool = False,
     token: str | None = None,
     busy_timeout: float = 5.0,
@@ -1160,8 +1165,8 @@ def serve(
     Must run in the main thread (it installs the signal handlers, restoring the previous ones on return).
     """
     server = make_server(db, model, host=host, port=port, threads=threads, beam=beam, batch=batch,
-                         workers=workers, cache=cache, allow_remote=allow_remote, token=token,
-                         busy_timeout=busy_timeout, log=log)
+                         workers=workers, cache=cache, prompt_cache=prompt_cache, allow_remote=allow_remote,
+                         token=token, busy_timeout=busy_timeout, log=log)
 
     def _stop(signum: int, frame: Any) -> None:
         server.shutdown(wait=False)  # a second signal changes nothing: in-flight requests still finish

@@ -116,7 +116,7 @@ def test_a_dead_worker_is_replaced(pool):
 
 def test_server_with_workers_answers_concurrent_requests_in_parallel(tiny_db, tiny_model):  # noqa: F811
     """make_server(workers=2): the request batcher hands two groups at once to the pool (one per worker)."""
-    server = make_server(tiny_db, tiny_model, port=0, workers=2, cache=3, log=lambda line: None)
+    server = make_server(tiny_db, tiny_model, port=0, workers=2, cache=3, prompt_cache=5, log=lambda line: None)
     pool = server.service.recommender
     assert isinstance(pool, RecommenderPool)
     inflight, most = 0, 0
@@ -138,7 +138,7 @@ def test_server_with_workers_answers_concurrent_requests_in_parallel(tiny_db, ti
     pool.recommend_many = counting
     with running(server):
         health = http(server.url + "/health")[1]
-        assert (health["workers"], health["cache"]) == (2, 3)
+        assert (health["workers"], health["cache"], health["prompt_cache"]) == (2, 3, 5)
         answers: dict[int, tuple] = {}
         barrier = threading.Barrier(4)
 

@@ -424,12 +424,17 @@ def test_recommend_exclude_and_only_fields(model_server, tiny_db, tiny_model):
 
 
 def test_a_repeated_request_is_answered_from_the_cache_until_the_history_changes(tiny_db, tiny_model):
-    with running(make_server(tiny_db, tiny_model, port=0, threads=1, cache=4, log=lambda line: None)) as server:
-        assert http(server.url + "/health")[1]["cache"] == 4
+    with running(make_server(tiny_db, tiny_model, port=0, threads=1, cache=4, prompt_cache=2,
+                             log=lambda line: None)) as server:
+        health = http(server.url + "/health")[1]
+        assert (health["cache"], health["prompt_cache"]) == (4, 2)
         url = server.url + "/recommend"
         answers = [http(url, "POST", {"user": 3, "k": 5})[1] for _ in range(2)]
         assert [a["cached"] for a in answers] == [False, True]
         assert answers[0]["items"] == answers[1]["items"] and answers[1]["timings"]["decoded_tokens"] == 0
+        # Another k is another search, from the prompt the first request decoded.
+        status, body, _ = http(url, "POST", {"user": 3, "k": 4})
+        assert status == 200 and body["cached"] is False and server.service.recommender.prompt_hits == 1
         status, _, _ = http(server.url + "/history", "POST", {"user": 3, "item_id": answers[0]["items"][0]["item_ids"][0]})
         assert status == 201
         status, body, _ = http(url, "POST", {"user": 3, "k": 5})
