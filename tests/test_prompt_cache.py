@@ -55,11 +55,11 @@ def test_batched_requests_restore_into_their_own_slots(tiny_model, tiny_db):
         requests = [Request(user=1), Request(user=4, exclude=(90,)), Request(user=7)]
         first = kept.recommend_many(requests, k=3)
         assert kept.prompt_hits == 0
-        again = kept.recommend_many([Request(user=7), Request(user=1, only=(60, 90, 100, 110, 120)),
-                                     Request(user=4)], k=4)
-        assert kept.prompt_hits == 3
-        expected = plain.recommend_many([Request(user=7), Request(user=1, only=(60, 90, 100, 110, 120)),
-                                         Request(user=4)], k=4)
+        # Restored and decoded prompts side by side in one search: 7 and 1 kept, 2 new between them.
+        mixed = [Request(user=7), Request(user=2), Request(user=1, only=(60, 90, 100, 110, 120))]
+        again = kept.recommend_many(mixed, k=4)
+        assert kept.prompt_hits == 2
+        expected = plain.recommend_many(mixed, k=4)
         assert [answer(r) for r in again] == [answer(r) for r in expected]
         assert [answer(r) for r in first] == [answer(r) for r in plain.recommend_many(requests, k=3)]
 
