@@ -272,7 +272,7 @@ def sasrec_item_scores(weights: dict[str, np.ndarray], config: dict, positions: 
     n = len(recent)
     if n == 0:  # an empty history: the model's view of "nothing yet" is every position padded
         x = np.zeros((1, d), dtype=np.float32)
-        return _layer_norm(x, weights["final_norm.weight"], weights["final_norm.bias"])[0] @ emb[1:].T
+        return _rows_dot(_layer_norm(x, weights["final_norm.weight"], weights["final_norm.bias"])[0], emb[1:])
     x = emb[recent] * np.float32(math.sqrt(d)) + weights["pos_emb.weight"][max_len - n:]
     head_dim = d // heads
     causal = np.tril(np.ones((n, n), dtype=bool))
@@ -280,7 +280,7 @@ def sasrec_item_scores(weights: dict[str, np.ndarray], config: dict, positions: 
     for b in range(blocks):
         p = f"blocks.{b}."
         h = _layer_norm(x, weights[p + "attn_norm.weight"], weights[p + "attn_norm.bias"])
-        qkv = h @ weights[p + "qkv.weight"].T + weights[p + "qkv.bias"]
+        qkv = _rows_dot(h, weights[p + "qkv.weight"]) + weights[p + "qkv.bias"]
         q, k, v = qkv[:, :d], qkv[:, d: 2 * d], qkv[:, 2 * d:]
         last = b == blocks - 1
         if last:  # only the final state is read: one query row
@@ -290,17 +290,24 @@ def sasrec_item_scores(weights: dict[str, np.ndarray], config: dict, positions: 
         qh = q.reshape(len(q), heads, head_dim).transpose(1, 0, 2)
         kh = k.reshape(n, heads, head_dim).transpose(1, 0, 2)
         vh = v.reshape(n, heads, head_dim).transpose(1, 0, 2)
-        att = qh @ kh.transpose(0, 2, 1) / np.float32(math.sqrt(head_dim))
+        att = np.einsum("hqd,hkd->hqk", qh, kh) / np.float32(math.sqrt(head_dim))
         att = np.where(mask[None], att, -np.inf)
         att = np.exp(att - att.max(axis=-1, keepdims=True))
         att /= att.sum(axis=-1, keepdims=True)
-        out = (att @ vh).transpose(1, 0, 2).reshape(len(q), d)
-        x = x_rows + out @ weights[p + "attn_out.weight"].T + weights[p + "attn_out.bias"]
+        out = np.einsum("hqk,hkd->hqd", att, vh).transpose(1, 0, 2).reshape(len(q), d)
+        x = x_rows + _rows_dot(out, weights[p + "attn_out.weight"]) + weights[p + "attn_out.bias"]
         h = _layer_norm(x, weights[p + "ffn_norm.weight"], weights[p + "ffn_norm.bias"])
-        h = np.maximum(h @ weights[p + "ffn.0.weight"].T + weights[p + "ffn.0.bias"], 0)
-        x = x + h @ weights[p + "ffn.3.weight"].T + weights[p + "ffn.3.bias"]
+        h = np.maximum(_rows_dot(h, weights[p + "ffn.0.weight"]) + weights[p + "ffn.0.bias"], 0)
+        x = x + _rows_dot(h, weights[p + "ffn.3.weight"]) + weights[p + "ffn.3.bias"]
     state = _layer_norm(x[-1], weights["final_norm.weight"], weights["final_norm.bias"])
-    return state @ emb[1:].T
+    return _rows_dot(state, emb[1:])
+
+
+def _rows_dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w.T`` (``w`` as torch.nn.Linear stores it: one row per output) without BLAS: numpy's einsum loops
+    sum each output in one fixed order, where OpenBLAS splits a product between as many threads as it runs
+    (OPENBLAS_NUM_THREADS, Ray's single-thread workers) and the last bits of a score moved with them."""
+    return np.einsum("...j,kj->...k", x, w)
 
 
 def masked_log_softmax(scores: np.ndarray, seen: np.ndarray) -> np.ndarray:

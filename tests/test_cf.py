@@ -307,3 +307,46 @@ def test_prior_pop_is_the_prior_that_prior_build_counts(tiny_model, tiny_db, tmp
         for user in TINY_HISTORIES:
             a, b = counted.recommend(user=user, k=1, prior="pop"), built.recommend(user=user, k=1)
             assert [(r.title, r.score) for r in a.items] == [(r.title, r.score) for r in b.items], user
+
+
+SCORE_SCRIPT = """
+import sys
+import numpy as np
+from genrec_edge.cf import sasrec_item_scores
+data = np.load(sys.argv[1])
+weights = {k: data[k] for k in data.files}
+config = {"max_len": 50, "hidden": 64, "heads": 2, "blocks": 2}
+out = [sasrec_item_scores(weights, config, list(range(n))) for n in (50, 7, 0)]
+sys.stdout.buffer.write(b"".join(o.tobytes() for o in out))
+"""
+
+
+def test_sasrec_scores_do_not_depend_on_the_blas_thread_count(tmp_path):
+    """A Ray worker runs with one BLAS thread, a laptop with all cores; OpenBLAS split the prior's matrix
+    products between them, and a fused score moved in its last bits (~1e-6): a Ray batch file was not the
+    local one. The shapes are the shipped prior's (ml-latest-small), where OpenBLAS does use its threads."""
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    d, items, max_len = 64, 9742, 50
+    weights = {"item_emb.weight": rng.standard_normal((items + 1, d)), "pos_emb.weight": rng.standard_normal((max_len, d)),
+               "final_norm.weight": rng.random(d) + 0.5, "final_norm.bias": rng.standard_normal(d) * 0.1}
+    for b in range(2):
+        p = f"blocks.{b}."
+        weights |= {p + "attn_norm.weight": rng.random(d) + 0.5, p + "attn_norm.bias": rng.standard_normal(d) * 0.1,
+                    p + "qkv.weight": rng.standard_normal((3 * d, d)) / 8, p + "qkv.bias": rng.standard_normal(3 * d) * 0.1,
+                    p + "attn_out.weight": rng.standard_normal((d, d)) / 8, p + "attn_out.bias": rng.standard_normal(d) * 0.1,
+                    p + "ffn_norm.weight": rng.random(d) + 0.5, p + "ffn_norm.bias": rng.standard_normal(d) * 0.1,
+                    p + "ffn.0.weight": rng.standard_normal((d, d)) / 8, p + "ffn.0.bias": rng.standard_normal(d) * 0.1,
+                    p + "ffn.3.weight": rng.standard_normal((d, d)) / 8, p + "ffn.3.bias": rng.standard_normal(d) * 0.1}
+    np.savez(tmp_path / "w.npz", **{k: v.astype(np.float32) for k, v in weights.items()})
+    outputs = []
+    for threads in ("1", "2", "4"):
+        env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+        done = subprocess.run([sys.executable, "-c", SCORE_SCRIPT, str(tmp_path / "w.npz")], env=env,
+                              capture_output=True, check=True)
+        outputs.append(done.stdout)
+    assert len(outputs[0]) == 3 * items * 4
+    assert outputs[1] == outputs[0] and outputs[2] == outputs[0]
