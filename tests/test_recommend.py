@@ -782,6 +782,8 @@ def test_cli_recommend_exclude_and_only(tiny_model, tiny_db, cache_home, capsys,
     ids.write_text("# nothing in stock\n", encoding="utf-8")
     assert main([*base, "--only-file", str(ids)]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: the items file {ids} lists no item"
+    assert main([*base, "--only-file", str(ids), "--only", str(allowed[1])]) == 0  # --only gives one
+    assert [r["title"] for r in json.loads(capsys.readouterr().out)["items"]] == [first["items"][2]["title"]]
     assert main([*base, "--exclude-file", str(ids)]) == 0  # no item to exclude is not an error
     assert json.loads(capsys.readouterr().out)["items"] == first["items"]
     ids.write_text("10\nten\n", encoding="utf-8")

@@ -49,7 +49,8 @@ def _filters(exclude, only, exclude_file, only_file) -> tuple[list[int], list[in
     exclude = list(exclude or []) + (read_items_file(exclude_file, allow_empty=True) if exclude_file else [])
     if not only and only_file is None:
         return exclude, None
-    return exclude, list(only or []) + (read_items_file(only_file) if only_file else [])
+    # An --only-file with no id is refused unless --only gives some: from nothing, nothing can be recommended.
+    return exclude, list(only or []) + (read_items_file(only_file, allow_empty=bool(only)) if only_file else [])
 
 
 def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet, ray, actors,
