@@ -103,6 +103,7 @@ class Timings:
     decode_steps: int  # llama_decode calls during the search
     decoded_tokens: int  # tokens decoded during the search (all beams)
     prior_ms: float = 0.0  # the collaborative prior: its forward pass and the trie's node masses
+    prefilled_tokens: int = 0  # prompt tokens decoded for this request (0: its prompt was restored, or cached)
 
 
 @dataclass(frozen=True)
@@ -804,11 +805,13 @@ class Recommender:
         t0 = time.perf_counter()
         key = tuple(prompt) if self.prompt_cache_size else None
         kept = self._prompts.get(key) if key is not None else None
+        prefilled = 0
         if kept is not None and engine.seq_restore(prompt_seq, kept[0]):
             self._prompts.move_to_end(key)
             self.prompt_hits += 1
             logits = kept[1].copy()
         else:
+            prefilled = len(prompt) - len(self.prefix)
             engine.seq_copy(0, prompt_seq, -1, -1)
             engine.decode_sequence(prompt[len(self.prefix):], prompt_seq, len(self.prefix))
             logits = engine.logits(-1)
@@ -818,7 +821,7 @@ class Recommender:
                 while len(self._prompts) > self.prompt_cache_size:
                     self._prompts.popitem(last=False)
         prefill_ms = (time.perf_counter() - t0) * 1000
-        return unseen, seen, prompt, logits, prefill_ms
+        return unseen, seen, prompt, logits, prefill_ms, prefilled
 
     def _prior_terms(self, prior: CFPrior | None, items: list[int], seen: list[int], k: int, capacity: int):
         """(per-node prior mass for the search, candidate titles for a rerank, log P_CF, milliseconds).
@@ -860,7 +863,7 @@ class Recommender:
         requests, extra = [], []
         for slot, (titles, seen_titles, items, prior) in enumerate(group):
             stop_if_cancelled(cancel)
-            unseen, seen, prompt, logits, prefill_ms = self._prepare(slot, titles, seen_titles)
+            unseen, seen, prompt, logits, prefill_ms, prefilled = self._prepare(slot, titles, seen_titles)
             mass, candidates, log_p, prior_ms = self._prior_terms(prior, items, seen, k, capacity)
             prompt_seq, beam_seqs = self._lone_seqs() if alone else self._slot_seqs(slot)
             if candidates is not None and candidates:
@@ -874,11 +877,12 @@ class Recommender:
             if slot < len(first_step) and first_step[slot]:
                 tokens, nodes = self.trie.children(0)
                 first = FirstStep(tokens.copy(), log_softmax(logits)[tokens], unseen[nodes] > 0)
-            extra.append((prefill_ms, prior_ms, seen, prior, first, candidates, log_p))
+            extra.append((prefill_ms, prefilled, prior_ms, seen, prior, first, candidates, log_p))
         stats = SearchStats()
         beam_search(engine, self.trie, requests, self.graveyard_seq, stats, jump=self.jump_forward, cancel=cancel)
         out = []
-        for request, (prefill_ms, prior_ms, seen, prior, first, candidates, log_p) in zip(requests, extra, strict=True):
+        for request, (prefill_ms, prefilled, prior_ms, seen, prior, first, candidates, log_p) in zip(requests, extra,
+                                                                                                    strict=True):
             hits = list(request.hits)
             if candidates is not None:  # rerank: every candidate's exact LM score, ordered by the fused one
                 fused = [Hit(h.title_index, h.lm_score + prior.weight * float(log_p[h.title_index]), h.lm_score)
@@ -899,7 +903,7 @@ class Recommender:
                     break
                 hits = sorted(hits + more, key=lambda h: (-h.score, h.title_index))
             timings = Timings(prefill_ms, stats.search_ms, 0.0, request.prompt_len, stats.decode_steps,
-                              stats.decoded_tokens, prior_ms)
+                              stats.decoded_tokens, prior_ms, prefilled)
             out.append(Ranking(
                 tuple(self.trie.titles[h.title_index] for h in hits), tuple(float(h.score) for h in hits), timings,
                 tuple(float(h.lm_score) for h in hits), prior.kind if prior else "none",
@@ -912,7 +916,7 @@ class Recommender:
         from .grammar import grammar_for_titles
 
         self.engine.reset()
-        unseen, _, prompt, _, prefill_ms = self._prepare(0, titles, seen_titles)
+        unseen, _, prompt, _, prefill_ms, prefilled = self._prepare(0, titles, seen_titles)
         t0 = time.perf_counter()
         if self._grammar is None:
             self._grammar = grammar_for_titles(self.trie.titles)  # built and validated once
@@ -940,7 +944,7 @@ class Recommender:
         finally:
             sampler.close()
         search_ms = (time.perf_counter() - t0) * 1000
-        timings = Timings(prefill_ms, search_ms, 0.0, len(prompt), steps, tokens)
+        timings = Timings(prefill_ms, search_ms, 0.0, len(prompt), steps, tokens, prefilled_tokens=prefilled)
         return [(t, s) for t, s in found.items()], timings
 
     def _describe(self, db, found) -> list[Recommendation]:

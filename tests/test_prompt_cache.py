@@ -37,6 +37,9 @@ def test_a_restored_prompt_gives_the_decoded_prompt_results_to_the_bit(tiny_mode
             for user in users:
                 assert answer(kept.recommend(user=user, **ask)) == answer(plain.recommend(user=user, **ask))
                 asked += 1
+        again = kept.recommend(user=7, k=2)
+        assert again.timings.prefilled_tokens == 0 < plain.recommend(user=7, k=2).timings.prefilled_tokens
+        asked += 1
         # Every ask after a user's first restored its prompt; the plain recommender keeps none.
         assert kept.prompt_hits == asked - len(users) and plain.prompt_hits == 0 and not plain._prompts
         history = ["Toy Story (1995)", "Heat (1995)"]  # an ad-hoc history is a prompt like any other

@@ -64,6 +64,7 @@ def test_user_top_k_are_distinct_unseen_catalog_items(rec, tiny_db):
     history = [TINY_TITLES[i] for i in TINY_HISTORIES[1]]
     expected_prompt = build_prompt_ids(rec.engine.tokenize, rec.engine.eos_id, history, PromptTemplate())
     assert t.prompt_tokens == len(expected_prompt)
+    assert t.prefilled_tokens == len(expected_prompt) - len(rec.prefix)  # the instruction's cells are kept
     assert t.decode_steps >= 1 and t.decoded_tokens >= t.decode_steps
     assert 0 < t.prefill_ms <= t.total_ms and 0 < t.search_ms <= t.total_ms
     assert rec.warnings and "genrec.catalog_sha256" in rec.warnings[0]  # the base-like tiny model
@@ -397,7 +398,7 @@ def test_cli_recommend_json_and_table(tiny_model, tiny_db, cache_home, capsys):
     payload = json.loads(out.out)
     assert payload["user"] == 1 and len(payload["items"]) == 3
     assert set(payload["timings"]) == {"prefill_ms", "search_ms", "total_ms", "prompt_tokens", "decode_steps",
-                                       "decoded_tokens", "prior_ms"}
+                                       "decoded_tokens", "prior_ms", "prefilled_tokens"}
     assert payload["prior"] == "none" and payload["prior_weight"] == 0.0  # the tiny model has no sidecar
     assert all(item["lm_score"] == item["score"] for item in payload["items"])
     rc = main(["recommend", "--history", "Toy Story (1995)", 'Quote "Me" (2001)', "--k", "2",

@@ -435,6 +435,7 @@ def test_a_repeated_request_is_answered_from_the_cache_until_the_history_changes
         # Another k is another search, from the prompt the first request decoded.
         status, body, _ = http(url, "POST", {"user": 3, "k": 4})
         assert status == 200 and body["cached"] is False and server.service.recommender.prompt_hits == 1
+        assert body["timings"]["prefilled_tokens"] == 0 < answers[0]["timings"]["prefilled_tokens"]
         status, _, _ = http(server.url + "/history", "POST", {"user": 3, "item_id": answers[0]["items"][0]["item_ids"][0]})
         assert status == 201
         status, body, _ = http(url, "POST", {"user": 3, "k": 5})
