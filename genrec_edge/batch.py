@@ -292,13 +292,18 @@ def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior, exclud
     return config
 
 
-def check_filter_ids(catalog, exclude: Sequence[int], only: Sequence[int] | None) -> None:
-    """Every ``exclude`` / ``only`` id is in the catalog; else one error naming the first that is not."""
-    known = set(catalog.item_ids)
-    for name, ids in (("exclude", exclude), ("only", only or ())):
-        unknown = [i for i in ids if i not in known]
-        if unknown:
-            raise NotFoundError(f"unknown item {unknown[0]} in {name}: not in the catalog")
+def check_filters(catalog, exclude: Sequence[int], only: Sequence[int] | None) -> None:
+    """Every ``exclude`` / ``only`` id is in the catalog, and they leave some title to recommend (filters act
+    on titles, as results do); else one error, before any user is ranked."""
+    from .recommend import check_item_ids
+
+    titles_by_id = dict(zip(catalog.item_ids, catalog.titles, strict=True))
+    check_item_ids(titles_by_id, exclude, only, "the catalog")
+    if not exclude and only is None:
+        return
+    allowed = {titles_by_id[i] for i in only} if only is not None else set(titles_by_id.values())
+    if not allowed - {titles_by_id[i] for i in exclude}:
+        raise UsageError("exclude and only leave no item to recommend, for any user")
 
 
 def prior_fingerprint(prior) -> dict:
@@ -409,7 +414,7 @@ def recommend_users(
                 raise UsageError("no users to recommend for")
             check_users(history, wanted, users_source)
         catalog = history.catalog()
-        check_filter_ids(catalog, exclude, only)
+        check_filters(catalog, exclude, only)
         if model is None:
             check_default_model_catalog(db_path)  # before building the default model
         model_path = Path(model) if model is not None else default_model_path()

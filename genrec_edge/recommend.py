@@ -244,6 +244,22 @@ def _item_ids(values, name: str) -> tuple[int, ...]:
     return tuple(sorted({_whole(v, f"an item id in {name}") for v in values}))
 
 
+def check_item_ids(known, exclude: Sequence[int], only: Sequence[int] | None, catalog: str) -> None:
+    """NotFoundError naming the first ``exclude`` / ``only`` id not in ``known`` (the ``catalog`` named)."""
+    for name, ids in (("exclude", exclude), ("only", only or ())):
+        unknown = [i for i in ids if i not in known]
+        if unknown:
+            raise NotFoundError(f"unknown item {unknown[0]} in {name}: not in {catalog}")
+
+
+def _lru_put(store: OrderedDict, key, value, size: int) -> None:
+    """``store[key] = value`` as its most recent entry, the least recent ones out past ``size``."""
+    store[key] = value
+    store.move_to_end(key)
+    while len(store) > size:
+        store.popitem(last=False)
+
+
 def stderr_warning(message: str) -> None:
     """Where a warning goes when the caller gives no ``warn``: one line on stderr."""
     print(f"warning: {message}", file=sys.stderr)
@@ -363,7 +379,7 @@ class Recommender:
         ``prompt_cache``: how many decoded prompts (their KV cells and last logits, ~6 MB each for the default
         model) to keep, least recently used out first (0: none). A request whose prompt - the instruction
         and the user's last titles - equals a kept one's restores it instead of decoding it again (its
-        ``prefill_ms`` is the copy's, a few ms): the same user asked with another ``k``, filter, prior or
+        ``prefill_ms`` is the copy's, under a millisecond here): the same user asked with another ``k``, filter, prior or
         beam, as a page of several shelves or "show more" asks. The cells restored are the ones decoded, so
         results are identical to the bit (tested).
 
@@ -462,6 +478,8 @@ class Recommender:
         with self.lock:
             self._closed = True
             self.engine.close()
+            self._prompts.clear()  # ~6 MB each: not kept for a closed recommender someone still holds
+            self._cache.clear()
 
     @contextlib.contextmanager
     def _engine(self):
@@ -692,10 +710,7 @@ class Recommender:
             return
         import dataclasses
 
-        self._cache[key] = dataclasses.replace(ranking, stats=None)  # a group's stats are shared: not kept
-        self._cache.move_to_end(key)
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        _lru_put(self._cache, key, dataclasses.replace(ranking, stats=None), self.cache_size)  # stats: shared
 
     def _prior_for(self, choice: str | None, weight: float | None) -> CFPrior | None:
         """The prior a request asked for (None: the default), with its weight; None for no prior."""
@@ -753,10 +768,7 @@ class Recommender:
         if not exclude and only is None:
             return seen_titles
         titles_by_id = self.titles_by_id
-        for name, ids in (("exclude", exclude), ("only", only or ())):
-            unknown = [i for i in ids if i not in titles_by_id]
-            if unknown:
-                raise NotFoundError(f"unknown item {unknown[0]} in {name}: not in this model's catalog")
+        check_item_ids(titles_by_id, exclude, only, "this model's catalog")
         seen_titles = set(seen_titles) | {titles_by_id[i] for i in exclude}
         if only is not None:
             allowed = {titles_by_id[i] for i in only}
@@ -816,10 +828,7 @@ class Recommender:
             engine.decode_sequence(prompt[len(self.prefix):], prompt_seq, len(self.prefix))
             logits = engine.logits(-1)
             if key is not None:
-                self._prompts[key] = (engine.seq_state(prompt_seq), logits.copy())
-                self._prompts.move_to_end(key)
-                while len(self._prompts) > self.prompt_cache_size:
-                    self._prompts.popitem(last=False)
+                _lru_put(self._prompts, key, (engine.seq_state(prompt_seq), logits.copy()), self.prompt_cache_size)
         prefill_ms = (time.perf_counter() - t0) * 1000
         return unseen, seen, prompt, logits, prefill_ms, prefilled
 

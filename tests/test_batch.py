@@ -352,6 +352,8 @@ def test_bad_filters_are_refused_before_the_file_is_touched(tiny_model, tiny_db,
         run(tiny_model, tiny_db, out, users=[1], only=[998])
     with pytest.raises(UsageError, match="only lists no item"):
         run(tiny_model, tiny_db, out, users=[1], only=[])
+    with pytest.raises(UsageError, match="leave no item to recommend, for any user"):
+        run(tiny_model, tiny_db, out, users=[1], exclude=[10, 20], only=[20, 10])
     with pytest.raises(UsageError, match="exclude is a list of item ids"):
         run(tiny_model, tiny_db, out, users=[1], exclude="10")
     assert not out.exists()

@@ -50,6 +50,7 @@ def test_a_restored_prompt_gives_the_decoded_prompt_results_to_the_bit(tiny_mode
         drawn = kept.recommend(user=4, k=3, sample=True, seed=7)
         assert kept.prompt_hits == asked - len(users) + 2
         assert [r.title for r in drawn.items] == [r.title for r in plain.recommend(user=4, k=3, sample=True, seed=7).items]
+    assert not kept._prompts  # closed: the kept cells are let go
 
 
 def test_batched_requests_restore_into_their_own_slots(tiny_model, tiny_db):
@@ -109,3 +110,26 @@ def test_prompt_cache_must_be_a_whole_number(tiny_model, tiny_db):
     for bad in (-1, 1.5, "8"):
         with pytest.raises(UsageError, match="prompt cache"):
             Recommender.open(tiny_model, tiny_db, prompt_cache=bad, warn=lambda m: None)
+
+
+def test_llama_cpp_refuses_a_restore_without_room_and_restores_exactly_with_it(tiny_model):
+    """Engine.seq_restore on real llama.cpp: no free cells for the copy -> False and the sequence empty;
+    with room, the copy's next-token logits are the original sequence's, bit for bit."""
+    import numpy as np
+
+    from genrec_edge.engine import Engine
+
+    with Engine.open(tiny_model, n_ctx=256, n_seq_max=4, threads=2, adapt_threads=False) as engine:
+        text = engine.tokenize("Toy Story (1995) Heat (1995) Casino (1995) Sabrina (1995) " * 8)
+        first, filler = text[:100], text[:120]
+        engine.decode_sequence(first, 1, 0)
+        state = engine.seq_state(1)
+        engine.decode_sequence(filler, 2, 0)  # 220 of the 256 cells in use
+        assert engine.seq_restore(3, state) is False and engine.seq_len(3) == 0
+        engine.seq_clear(2)
+        assert engine.seq_restore(3, state) is True and engine.seq_len(3) == len(first)
+        nxt = text[100]
+        engine.decode([nxt], [len(first)], [1], [True])
+        original = engine.logits(0)
+        engine.decode([nxt], [len(first)], [3], [True])
+        assert np.array_equal(engine.logits(0), original)

@@ -164,7 +164,6 @@ def register(app: typer.Typer) -> None:
         """
         from ..errors import UsageError, refuse_options
 
-        exclude, only = _filters(exclude, only, exclude_file, only_file)
         if all_users or users_file is not None:
             if (user is not None or history or more_titles or sample or seed is not None or temperature is not None):
                 raise UsageError("--all-users / --users-file do not combine with --user, --history or --sample "
@@ -173,7 +172,7 @@ def register(app: typer.Typer) -> None:
                 raise UsageError(f"--out {out} would be overwritten by the .parquet copy: name --out FILE.jsonl "
                                  "(the copy goes next to it)")
             _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet,
-                   ray, actors, ship_model, workers, json_output, exclude, only)
+                   ray, actors, ship_model, workers, json_output, *_filters(exclude, only, exclude_file, only_file))
             return
         batch_only = (("--out", out), ("--ray", ray), ("--actors", actors), ("--parquet", parquet or None),
                       ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None),
@@ -182,7 +181,7 @@ def register(app: typer.Typer) -> None:
                        "batch runs: add --all-users or --users-file FILE")
         if sample:
             for name, value in (("--beam", beam), ("--prior", prior), ("--prior-weight", prior_weight),
-                                ("--only" if only_file is None else "--only-file", only)):
+                                ("--only", only or None), ("--only-file", only_file)):
                 if value is not None:
                     raise UsageError(f"{name} does not apply to --sample (it draws titles one at a time from "
                                      "the whole catalog, with no beam and no prior)")
@@ -192,6 +191,7 @@ def register(app: typer.Typer) -> None:
         else:
             refuse_options((name for name, value in (("--seed", seed), ("--temperature", temperature))
                             if value is not None), "--sample only")
+        exclude, only = _filters(exclude, only, exclude_file, only_file)  # after the checks of the options alone
         from ..recommend import Recommender
 
         titles = list(history or [])
