@@ -32,14 +32,17 @@ def page(genre_items: list[int]) -> list[dict]:
     return [{"k": K}, {"k": K, "only": genre_items}, {"k": 2 * K}]
 
 
-def summarize(times: dict, same: int, total: int) -> dict:
-    """``times``: layout -> ask -> seconds per user (users in the same order in each)."""
+def summarize(times: dict, same: int, total: int, prefill: dict | None = None) -> dict:
+    """``times``: layout -> ask -> seconds per user (users in the same order in each); ``prefill``: the same
+    shape, each request's ``timings.prefill_ms``."""
     p50 = {layout: {ask: statistics.median(times[layout][ask]) for ask in ASKS} for layout in LAYOUTS}
+    prefill_p50 = {layout: {ask: statistics.median(prefill[layout][ask]) for ask in ASKS} for layout in LAYOUTS} \
+        if prefill else None
     follow = {layout: [sum(t) for t in zip(*(times[layout][ask] for ask in ASKS[1:]), strict=True)]
               for layout in LAYOUTS}
     whole = {layout: [sum(t) for t in zip(*(times[layout][ask] for ask in ASKS), strict=True)] for layout in LAYOUTS}
     return {
-        "p50_s": p50,
+        "p50_s": p50, "prefill_p50_ms": prefill_p50,
         "follow_up_ratio": statistics.median(follow["kept"]) / statistics.median(follow["plain"]),
         "page_ratio": statistics.median(whole["kept"]) / statistics.median(whole["plain"]),
         "page_p50_s": {layout: statistics.median(whole[layout]) for layout in LAYOUTS},
@@ -58,17 +61,21 @@ def render(data: dict, stem) -> None:
         f"{meta['genre']} titles (\"shelf\", `only`) and top-{2 * K} (\"show more\"), the shipped prior, no result "
         f"cache. \"kept\": `prompt_cache={meta['prompt_cache']}`; which recommender answers a user first "
         "alternates. Shared, noisy CPU: compare the ratios.", "",
-        "| ask | p50 ms, no prompt kept | p50 ms, kept | kept / not |", "|---|---:|---:|---:|",
+        "| ask | p50 ms, no prompt kept | p50 ms, kept | kept / not | prefill p50 ms, not kept | kept |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    pre = s.get("prefill_p50_ms")
     for ask in ASKS:
+        cells = f" {pre['plain'][ask]:.0f} | {pre['kept'][ask]:.2f} |" if pre else " | |"
         lines.append(f"| {ask} | {p50['plain'][ask] * 1000:.0f} | {p50['kept'][ask] * 1000:.0f} | "
-                     f"{p50['kept'][ask] / p50['plain'][ask]:.2f}× |")
+                     f"{p50['kept'][ask] / p50['plain'][ask]:.2f}× |" + cells)
     lines += [
         f"| **the page** | {s['page_p50_s']['plain'] * 1000:.0f} | {s['page_p50_s']['kept'] * 1000:.0f} | "
-        f"**{s['page_ratio']:.2f}×** |", "",
+        f"**{s['page_ratio']:.2f}×** | | |", "",
         f"The two follow-up asks, p50 of their sum: **{s['follow_up_ratio']:.2f}×**. Pages faster with the prompt "
         f"kept: {s['faster_pages']}/{s['users']}. The same answers, bit for bit: **{s['same']}/{s['answers']}**. "
-        "The first ask decodes the prompt either way (and, kept, copies its cells: a few ms).", "",
+        "The first ask decodes the prompt either way (and, kept, also copies its cells out); a follow-up's "
+        "prefill, kept, is the copy of its cells back.", "",
     ]
     stem.with_suffix(".md").write_text("\n".join(lines))
 
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     users = bench_users(db, args.users)
     asks = page(shelf)
     times = {layout: {ask: [] for ask in ASKS} for layout in LAYOUTS}
+    prefill = {layout: {ask: [] for ask in ASKS} for layout in LAYOUTS}
     same = total = 0
     quiet = {"threads": args.threads, "warn": lambda message: None}
     with (Recommender.open(model_path, db, **quiet) as plain,
@@ -138,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     started = time.perf_counter()
                     result = recs[layout].recommend(user=user, **options)
                     times[layout][ask].append(time.perf_counter() - started)
+                    prefill[layout][ask].append(result.timings.prefill_ms)
                     answers[layout].append([(r.title, r.score, r.lm_score) for r in result.items])
             same += sum(a == b for a, b in zip(answers["plain"], answers["kept"], strict=True))
             total += len(asks)
@@ -149,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "meta": run_meta(model_path, genre=args.genre, prompt_cache=args.prompt_cache, shelf_items=len(shelf),
                          prompt_hits=hits),
-        "users": users, "times": times, "summary": summarize(times, same, total),
+        "users": users, "times": times, "prefill_ms": prefill, "summary": summarize(times, same, total, prefill),
     }
     save_run(data, args.out, "prompt-cache", render)
     return 0

@@ -27,6 +27,8 @@ def test_runs_end_to_end_on_the_tiny_model(tiny_model, tiny_db, tmp_path):
     summ = data["summary"]
     assert (summ["users"], summ["answers"], summ["same"]) == (3, 9, 9)
     assert data["meta"]["prompt_hits"] == 3 * (len(ASKS) - 1)  # every ask after a user's first
+    assert all(len(data["prefill_ms"][layout][ask]) == 3 for layout in ("plain", "kept") for ask in ASKS)
+    assert "prefill p50 ms" in saved.with_suffix(".md").read_text()
     assert "**9/9**" in saved.with_suffix(".md").read_text() and saved.with_suffix(".png").stat().st_size > 0
     assert_rerender_reproduces(main, render, saved, tmp_path)
 
