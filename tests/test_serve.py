@@ -560,9 +560,10 @@ def test_sigterm_finishes_the_request_in_flight(tiny_db, tiny_model):
 
 
 def test_sigint_stops_an_idle_server(tiny_db, tiny_model):
-    proc, port = _start_cli_server(tiny_db, tiny_model)
+    proc, port = _start_cli_server(tiny_db, tiny_model, "--cache", "5", "--prompt-cache", "3")
     try:
-        assert http(f"http://127.0.0.1:{port}/health")[0] == 200
+        status, health, _ = http(f"http://127.0.0.1:{port}/health")
+        assert status == 200 and (health["cache"], health["prompt_cache"]) == (5, 3)  # the options reach it
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=20) == 0
     finally:
