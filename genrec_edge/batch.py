@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +55,87 @@ class BatchReport:
 _ID = re.compile(r"[+-]?[0-9]+")
 
 
-def read_users_file(path: str | Path) -> list[int]:
-    """User ids, one per line (blank lines and ``#`` comments skipped), in file order, duplicates dropped."""
-    return read_ids_file(path, "user")
+@dataclass(frozen=True)
+class UserFilters:
+    """One user's own ``exclude`` / ``only`` item ids in a batch run, on top of the run's (``combine_filters``)."""
+
+    exclude: tuple[int, ...] = ()
+    only: tuple[int, ...] | None = None
+
+    @classmethod
+    def of(cls, value) -> UserFilters:
+        """From a UserFilters or a mapping with ``exclude`` and/or ``only`` (lists of item ids)."""
+        from .recommend import _item_ids
+
+        if isinstance(value, UserFilters):
+            value = {"exclude": value.exclude, "only": value.only}
+        if not isinstance(value, Mapping) or set(value) - {"exclude", "only"}:
+            raise UsageError(f"a user's filters are {{\"exclude\": [ids], \"only\": [ids]}}, not {value!r}")
+        exclude, only = value.get("exclude"), value.get("only")
+        return cls(() if exclude is None else _item_ids(exclude, "exclude"),
+                   None if only is None else _item_ids(only, "only"))
+
+
+def combine_filters(exclude: Sequence[int], only: Sequence[int] | None,
+                    mine: UserFilters | None) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """A user's filters in a run: the run's ``exclude`` and the user's; from what both ``only`` lists allow."""
+    if mine is None:
+        return tuple(exclude), None if only is None else tuple(only)
+    joined = tuple(sorted(set(exclude) | set(mine.exclude)))
+    if only is None or mine.only is None:
+        allowed = only if mine.only is None else mine.only
+        return joined, None if allowed is None else tuple(allowed)
+    return joined, tuple(sorted(set(only) & set(mine.only)))
+
+
+def read_users_file(path: str | Path) -> tuple[list[int], dict[int, UserFilters]]:
+    """User ids in file order (duplicates dropped), and the filters of those given with some.
+
+    A line is a user id, or a JSON object ``{"user": 42, "exclude": [ids], "only": [ids]}`` (the filters
+    optional: items not to recommend to that user / to recommend from). Blank lines and ``#`` comments are
+    skipped. A user listed twice must have the same filters both times.
+    """
+    users: dict[int, None] = {}
+    filters: dict[int, UserFilters] = {}
+    for path_, number, value in _id_lines(path, "user"):
+        own = None
+        if value.startswith("{"):
+            user, own = _user_line(path_, number, value)
+        else:
+            user = _parse_id(path_, number, value, "user")
+        if user in users:
+            if filters.get(user) != own:
+                raise IngestError(f"{path_}:{number}: user {user} is listed before with other filters")
+            continue
+        users[user] = None
+        if own is not None:
+            filters[user] = own
+    if not users:
+        raise UsageError(f"the users file {path} lists no user")
+    return list(users), filters
+
+
+def _user_line(path: Path, number: int, text: str) -> tuple[int, UserFilters | None]:
+    where = f"{path}:{number}"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise IngestError(f"{where}: not a user id or a JSON object: {exc.msg}") from None
+    if not isinstance(data, dict) or "user" not in data or set(data) - {"user", "exclude", "only"}:
+        raise IngestError(f'{where}: a user line is an id or {{"user": ID, "exclude": [IDS], "only": [IDS]}}')
+    user = data["user"]
+    if isinstance(user, bool) or not isinstance(user, int) or not INT64_MIN <= user <= INT64_MAX:
+        raise IngestError(f"{where}: not a user id: {user!r}")
+    for name in ("exclude", "only"):
+        ids = data.get(name)
+        if ids is None:
+            continue
+        if not isinstance(ids, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise IngestError(f"{where}: {name} is a list of item ids, not {ids!r}")
+        if any(not INT64_MIN <= i <= INT64_MAX for i in ids):
+            raise IngestError(f"{where}: an item id in {name} is out of range (SQLite integers are 64-bit)")
+    own = UserFilters.of({name: data[name] for name in ("exclude", "only") if data.get(name) is not None})
+    return user, None if own == UserFilters() else own
 
 
 def read_items_file(path: str | Path, *, allow_empty: bool = False) -> list[int]:
@@ -67,6 +145,14 @@ def read_items_file(path: str | Path, *, allow_empty: bool = False) -> list[int]
 
 def read_ids_file(path: str | Path, kind: str, *, allow_empty: bool = False) -> list[int]:
     """``kind`` ids, one per line (blank lines and ``#`` comments skipped), in file order, duplicates dropped."""
+    ids = dict.fromkeys(_parse_id(path_, number, value, kind) for path_, number, value in _id_lines(path, kind))
+    if not ids and not allow_empty:
+        raise UsageError(f"the {kind}s file {path} lists no {kind}")
+    return list(ids)
+
+
+def _id_lines(path: str | Path, kind: str) -> Iterator[tuple[Path, int, str]]:
+    """``(path, line number, text)`` of each line with something on it, its ``#`` comment cut off."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # a BOM (Excel, Notepad) is not part of the first id
@@ -74,20 +160,19 @@ def read_ids_file(path: str | Path, kind: str, *, allow_empty: bool = False) -> 
         raise FileAccessError(f"cannot read the {kind}s file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise UsageError(f"cannot read the {kind}s file {path}: {exc}") from None
-    ids: dict[int, None] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         value = line.split("#", 1)[0].strip()
-        if not value:
-            continue
-        if not _ID.fullmatch(value):  # int() also takes "4_2" and other scripts' digits
-            raise IngestError(f"{path}:{number}: not {'an' if kind == 'item' else 'a'} {kind} id: {value!r}")
-        value_id = int(value)
-        if not INT64_MIN <= value_id <= INT64_MAX:
-            raise IngestError(f"{path}:{number}: {kind} id {value} is out of range (SQLite integers are 64-bit)")
-        ids[value_id] = None
-    if not ids and not allow_empty:
-        raise UsageError(f"the {kind}s file {path} lists no {kind}")
-    return list(ids)
+        if value:
+            yield path, number, value
+
+
+def _parse_id(path: Path, number: int, value: str, kind: str) -> int:
+    if not _ID.fullmatch(value):  # int() also takes "4_2" and other scripts' digits
+        raise IngestError(f"{path}:{number}: not {'an' if kind == 'item' else 'a'} {kind} id: {value!r}")
+    value_id = int(value)
+    if not INT64_MIN <= value_id <= INT64_MAX:
+        raise IngestError(f"{path}:{number}: {kind} id {value} is out of range (SQLite integers are 64-bit)")
+    return value_id
 
 
 def users_with_history(db) -> list[int]:
@@ -272,14 +357,14 @@ def write_parquet(jsonl: Path, dest: Path, chunk: int = 50_000) -> Path:
 
 # ------------------------------------------------------------------------------------------------ the job
 def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior, exclude: Sequence[int] = (),
-                 only: Sequence[int] | None = None) -> dict:
+                 only: Sequence[int] | None = None, user_filters: Mapping[int, UserFilters] | None = None) -> dict:
     """What a file's results depend on; a resumed file must have been written with the same.
 
     ``prior`` is the loaded prior (``recommend.load_prior``; None: none), recorded as what it resolves to
     (kind, λ, and a hash of its settings and weights), not as the words that named it: restating the
     default (``--prior sasrec``, its tuned λ) resumes, and a ``--prior DIR`` whose files changed in between
     does not. ``exclude`` / ``only`` (sorted item ids) are recorded only when given, so a file written before
-    they existed still resumes.
+    they existed still resumes; users' own filters as a hash of them all (``user_filters_sha256``).
     """
     from .hashing import sha256_file
 
@@ -289,6 +374,12 @@ def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior, exclud
         config["exclude"] = list(exclude)
     if only is not None:
         config["only"] = list(only)
+    if user_filters:
+        import hashlib
+
+        listed = [[user, list(f.exclude), None if f.only is None else list(f.only)]
+                  for user, f in sorted(user_filters.items())]
+        config["user_filters_sha256"] = hashlib.sha256(json.dumps(listed).encode()).hexdigest()
     return config
 
 
@@ -344,6 +435,7 @@ def recommend_users(
     workers: int = 1,
     exclude: Iterable[int] | None = (),
     only: Iterable[int] | None = None,
+    user_filters: Mapping[int, UserFilters | Mapping] | None = None,
     progress: bool = True,
     warn=None,
 ) -> BatchReport:
@@ -360,7 +452,9 @@ def recommend_users(
     ``parquet`` also writes ``out`` with the suffix ``.parquet`` when every user is done.
     ``exclude`` / ``only``: item ids no user is recommended / the ids every user is recommended from (as
     ``Recommender.recommend`` takes them; e.g. what is out of / in stock); a user they leave nothing for gets
-    an error line. The header records them: a resumed run must give the same.
+    an error line. ``user_filters``: user -> that user's own (``UserFilters`` or ``{"exclude": [...], "only":
+    [...]}``), on top of those (``combine_filters``; a users file's JSON lines). The header records them all: a
+    resumed run must give the same.
     """
     from . import paths
     from .catalog import check_model_catalog
@@ -369,7 +463,9 @@ def recommend_users(
     from .recommend import (
         MAX_SEQUENCES,
         _item_ids,
+        _user_id,
         check_default_model_catalog,
+        check_item_ids,
         default_beam,
         load_prior,
         model_provenance,
@@ -393,6 +489,9 @@ def recommend_users(
     only = None if only is None else _item_ids(only, "only")
     if only == ():
         raise UsageError("only lists no item: there would be nothing to recommend")
+    if user_filters is not None and not isinstance(user_filters, Mapping):
+        raise UsageError(f"user_filters maps user ids to their filters, not {user_filters!r}")
+    own = {_user_id(user): UserFilters.of(value) for user, value in (user_filters or {}).items()}
     if parquet:
         try:
             import pyarrow  # noqa: F401
@@ -413,8 +512,18 @@ def recommend_users(
             if not wanted:
                 raise UsageError("no users to recommend for")
             check_users(history, wanted, users_source)
+        strays = sorted(set(own) - set(wanted))
+        if strays:
+            raise UsageError(f"filters given for user {strays[0]}, who is not among the users to recommend for")
         catalog = history.catalog()
         check_filters(catalog, exclude, only)
+        catalog_ids = set(catalog.item_ids)
+        for user, mine in own.items():
+            try:
+                check_item_ids(catalog_ids, mine.exclude, mine.only, "the catalog")
+            except NotFoundError as exc:
+                where = f" in {users_source}" if users_source else ""
+                raise NotFoundError(f"{exc} (user {user}'s filters{where})") from None
         if model is None:
             check_default_model_catalog(db_path)  # before building the default model
         model_path = Path(model) if model is not None else default_model_path()
@@ -429,7 +538,7 @@ def recommend_users(
         # The prior, resolved once: the header records it, and the searches use it (a popularity prior is
         # counted from the whole database: not again in Recommender.open or in each worker).
         loaded = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
-        config = batch_config(model_path, history, catalog, k, width, loaded, exclude, only)
+        config = batch_config(model_path, history, catalog, k, width, loaded, exclude, only, own)
         prior, prior_weight = (loaded if loaded is not None else "none"), None
 
     with OutFile(out, config) as sink:
@@ -442,14 +551,14 @@ def recommend_users(
             try:
                 if ray is None or ray is False:
                     results = _local_results(model_path, db_path, groups, k, width, batch, threads, prior,
-                                             prior_weight, catalog, warn, workers, exclude, only)
+                                             prior_weight, catalog, warn, workers, exclude, only, own)
                 else:
                     from .cluster import ray_results
 
                     results = ray_results(model_path, db_path, groups, catalog, k=k, beam=width, batch=batch,
                                           threads=threads, prior=prior, prior_weight=prior_weight,
                                           address=None if ray is True else ray, actors=actors,
-                                          ship_model=ship_model, exclude=exclude, only=only)
+                                          ship_model=ship_model, exclude=exclude, only=only, user_filters=own)
                 for records in results:
                     new = [r for r in records if r["user"] not in sink.done]
                     sink.append(new)
@@ -481,8 +590,8 @@ def _bar(total: int, resumed: int, progress: bool):
 
 
 def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, prior_weight, catalog,
-                   warn, workers: int = 1, exclude: Sequence[int] = (),
-                   only: Sequence[int] | None = None) -> Iterator[list[dict]]:
+                   warn, workers: int = 1, exclude: Sequence[int] = (), only: Sequence[int] | None = None,
+                   user_filters: Mapping[int, UserFilters] | None = None) -> Iterator[list[dict]]:
     """The records of each group of users, through ``recommend_many`` (one search per group) of a
     ``Recommender`` or, with ``workers`` > 1, of a ``RecommenderPool`` searching that many groups at a time;
     either way in the groups' order, so a resumed file is byte-identical."""
@@ -500,7 +609,10 @@ def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, 
                     for res in rec.recommend_many(requests, k=k)]
 
         def records(group):
-            requests = [Request(user=user, exclude=exclude, only=only) for user in group]
+            requests = []
+            for user in group:
+                user_exclude, user_only = combine_filters(exclude, only, (user_filters or {}).get(user))
+                requests.append(Request(user=user, exclude=user_exclude, only=user_only))
             return group_records(group, rank_group(rank, requests), catalog)
 
         yield from (ordered_map(records, groups, workers) if workers > 1 else map(records, groups))

@@ -77,12 +77,15 @@ class RankActor:
         from .batch import rank_group
 
         out = {"key": [], "titles": [], "scores": [], "lm_scores": [], "error": []}
-        for keys, histories in zip(table.column("keys").to_pylist(), table.column("items").to_pylist(),
-                                   strict=True):
+        from .batch import UserFilters, combine_filters
+
+        columns = [table.column(name).to_pylist() for name in ("keys", "items", "exclude", "only")]
+        for keys, histories, excludes, onlys in zip(*columns, strict=True):
             requests = []
-            for items in histories:
+            for items, exclude, only in zip(histories, excludes, onlys, strict=True):
                 titles = [self.titles_by_id[i] for i in items]
-                requests.append((titles, set(titles), items))
+                own = UserFilters(tuple(exclude), None if only is None else tuple(only))
+                requests.append((titles, set(titles), items, *combine_filters(self.exclude, self.only, own)))
             for key, result in zip(keys, rank_group(self._rank, requests), strict=True):
                 ok = isinstance(result, tuple)
                 out["key"].append(key)
@@ -94,8 +97,8 @@ class RankActor:
 
     def _rank(self, requests):
         # The filters, as Recommender.recommend applies them (a user they leave nothing for: its UsageError).
-        requests = [(titles, self.rec.filtered_seen(seen, self.exclude, self.only), items)
-                    for titles, seen, items in requests]
+        requests = [(titles, self.rec.filtered_seen(seen, exclude, only), items)
+                    for titles, seen, items, exclude, only in requests]
         return [(list(r.titles), list(r.scores), list(r.lm_scores)) for r in self.rec.rank_many(requests, self.k)]
 
 
@@ -123,13 +126,15 @@ def ray_results(
     ship_model: bool = False,
     exclude: Sequence[int] = (),
     only: Sequence[int] | None = None,
+    user_filters=None,
 ) -> Iterator[list[dict]]:
     """``batch.record`` lines for ``groups`` of users (``batch.plan_groups``), ranked by actors on Ray.
 
     The driver's part of the batch job (which checked the model against the catalog): loads the prior the
     model would be served with, reads each group's histories from the database and hands them to
     :func:`ray_rankings`. Lines come in the order the actors finish, several groups at a time.
-    ``exclude`` / ``only``: item ids, as ``batch.recommend_users`` takes them (for every user).
+    ``exclude`` / ``only``: item ids, as ``batch.recommend_users`` takes them (for every user);
+    ``user_filters``: user -> ``batch.UserFilters``, that user's own.
     """
     from .batch import group_records, history_items
     from .history import HistoryDB
@@ -142,7 +147,8 @@ def ray_results(
     def histories():
         with HistoryDB.open(db_path, readonly=True) as db:
             for group in groups:
-                yield list(history_items(db, group))
+                own = user_filters or {}
+                yield [(user, items, own.get(user)) for user, items in history_items(db, group)]
 
     for ranked in ray_rankings(model_path, catalog, loaded_prior, histories(), len(groups), k=k, beam=beam,
                                batch=batch, threads=threads, address=address, actors=actors, ship_model=ship_model,
@@ -167,7 +173,8 @@ def ray_rankings(
     exclude: Sequence[int] = (),
     only: Sequence[int] | None = None,
 ) -> Iterator[list[tuple[int, tuple | str]]]:
-    """Rank groups of ``(key, item ids oldest first)`` requests on a Ray actor pool, a group per search.
+    """Rank groups of ``(key, item ids oldest first)`` requests on a Ray actor pool, a group per search (a
+    request may also be ``(key, items, batch.UserFilters or None)``: its own filters, on top of the run's).
 
     Each request is ranked as ``Recommender.rank_titles(titles, set(titles), k, history_items=items)``
     would rank it, in its group's slot (``Recommender.rank_many``); yields ``(key, (titles, scores,
@@ -211,13 +218,16 @@ def ray_rankings(
         model = ray.put(model_path.read_bytes()) if ship_model else str(model_path)
         blocks = []
         per_block = max(1, min(MAX_GROUPS_PER_BLOCK, n_groups // (4 * pool)))  # every actor gets blocks
-        rows: dict[str, list] = {"keys": [], "items": []}
+        rows: dict[str, list] = {name: [] for name in _request_schema().names}
         for group in groups:
-            rows["keys"].append([key for key, _ in group])
-            rows["items"].append([list(items) for _, items in group])
+            own = [request[2] if len(request) > 2 and request[2] is not None else None for request in group]
+            rows["keys"].append([request[0] for request in group])
+            rows["items"].append([list(request[1]) for request in group])
+            rows["exclude"].append([list(f.exclude) if f else [] for f in own])
+            rows["only"].append([list(f.only) if f and f.only is not None else None for f in own])
             if len(rows["keys"]) >= per_block:
                 blocks.append(ray.put(pa.table(rows, schema=_request_schema())))
-                rows = {"keys": [], "items": []}
+                rows = {name: [] for name in _request_schema().names}
         if rows["keys"]:
             blocks.append(ray.put(pa.table(rows, schema=_request_schema())))
         if not blocks:
@@ -247,7 +257,8 @@ def ray_rankings(
 def _request_schema():
     import pyarrow as pa
 
-    return pa.schema([("keys", pa.list_(pa.int64())), ("items", pa.list_(pa.list_(pa.int64())))])
+    return pa.schema([("keys", pa.list_(pa.int64())), ("items", pa.list_(pa.list_(pa.int64()))),
+                      ("exclude", pa.list_(pa.list_(pa.int64()))), ("only", pa.list_(pa.list_(pa.int64())))])
 
 
 def _worker_error(exc: Exception):

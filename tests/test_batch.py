@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import EMPTY_USER, TINY_HISTORIES, TINY_TITLES, cli_help_in_a_fresh_process
@@ -374,3 +375,79 @@ def test_cli_batch_with_filter_files(tiny_model, tiny_db, tmp_path, capsys):
     assert shown and not shown & {10, 20, 30}
     assert main([*args[:-2]]) == 2  # without the --exclude it was written with: refused, one line
     assert "(exclude differ)" in capsys.readouterr().err
+
+
+def test_combine_filters():
+    from genrec_edge.batch import UserFilters, combine_filters
+
+    assert combine_filters((3, 1), None, None) == ((3, 1), None)
+    assert combine_filters((3,), (1, 2, 5), UserFilters((1, 4))) == ((1, 3, 4), (1, 2, 5))
+    assert combine_filters((), None, UserFilters((), (7, 8))) == ((), (7, 8))
+    assert combine_filters((), (1, 2, 5), UserFilters((), (2, 5, 9))) == ((), (2, 5))  # what both allow
+    assert combine_filters((), (1,), UserFilters((), (2,))) == ((), ())  # nothing: that user's error line
+
+
+def test_each_user_gets_its_own_filters_on_top_of_the_runs(tiny_model, tiny_db, tmp_path):
+    """A users file's JSON lines (``user_filters``): each user's line equals recommend(user, exclude=, only=)
+    with the run's filters and its own combined; the header records them; a user whose own leave nothing
+    gets its error line; another file's filters refuse to resume."""
+    from genrec_edge.batch import read_users_file
+
+    users_file = tmp_path / "users.txt"
+    users_file.write_text(
+        "4\n"
+        '{"user": 1, "exclude": [90, 100]}  # shown last week\n'
+        '{"user": 2, "only": [10, 20, 30, 40, 90]}\n'
+        '{"user": 6, "only": [90]}\n'  # 6 has seen 90: nothing left
+        '{"user": 1, "exclude": [100, 90]}\n', encoding="utf-8")  # the same user and filters again: fine
+    users, own = read_users_file(users_file)
+    assert users == [4, 1, 2, 6] and set(own) == {1, 2, 6} and own[1].exclude == (90, 100)
+    out = tmp_path / "recs.jsonl"
+    report = run(tiny_model, tiny_db, out, users=users, batch=2, exclude=[30], user_filters=own)
+    records = read_records(out)
+    assert report.errors == 1 and "nothing left" in records[6]["error"]
+    with Recommender.open(tiny_model, tiny_db, threads=2, warn=lambda m: None) as rec:
+        for user, exclude, only in ((4, [30], None), (1, [30, 90, 100], None), (2, [30], [10, 20, 30, 40, 90])):
+            expected = rec.recommend(user=user, k=K, exclude=exclude, only=only)
+            assert [(r["title"], r["score"]) for r in records[user]["items"]] == [
+                (r.title, r.score) for r in expected.items]
+    assert {i for r in records[1]["items"] for i in r["item_ids"]}.isdisjoint({30, 90, 100})
+    assert {i for r in records[2]["items"] for i in r["item_ids"]} <= {10, 20, 40, 90}
+    cli = tmp_path / "cli.jsonl"  # the CLI reads the same file into the same run
+    assert main(["recommend", "--users-file", str(users_file), "--out", str(cli), "--model", str(tiny_model),
+                 "--db", str(tiny_db), "--k", str(K), "--threads", "2", "--exclude", "30"]) == 0
+    assert cli.read_bytes() == out.read_bytes()
+    assert "user_filters_sha256" in json.loads(out.read_text(encoding="utf-8").splitlines()[0])["config"]
+    assert run(tiny_model, tiny_db, out, users=users, exclude=[30], user_filters=own).resumed == 4
+    with pytest.raises(UsageError, match=r"\(user_filters_sha256 differ\)"):
+        run(tiny_model, tiny_db, out, users=users, exclude=[30], user_filters={1: {"exclude": [90]}})
+    two = tmp_path / "two.jsonl"  # the same lines from two processes
+    run(tiny_model, tiny_db, two, users=users, batch=2, exclude=[30], user_filters=own, workers=2)
+    assert two.read_bytes() == out.read_bytes()
+
+
+def test_bad_user_filters(tiny_model, tiny_db, tmp_path):
+    from genrec_edge.batch import read_users_file
+
+    users_file = tmp_path / "users.txt"
+    for line, says in (('{"user": 1, "exclude": [1.5]}', "exclude is a list of item ids"),
+                       ('{"user": 1, "excluded": [10]}', "a user line is an id or"),
+                       ('{"user": true}', "not a user id: True"),
+                       ('{"user": 1, "only": 10}', "only is a list of item ids"),
+                       ('{"user": 1, "only": [99999999999999999999]}', "out of range"),
+                       ('{"user": 1,', "not a user id or a JSON object"),
+                       ('[1]', "not a user id: '[1]'")):
+        users_file.write_text(f"4\n{line}\n", encoding="utf-8")
+        with pytest.raises(IngestError, match=re.escape(f"{users_file}:2: ") + ".*" + re.escape(says)):
+            read_users_file(users_file)
+    users_file.write_text('{"user": 1, "exclude": [10]}\n1\n', encoding="utf-8")
+    with pytest.raises(IngestError, match=":2: user 1 is listed before with other filters"):
+        read_users_file(users_file)
+    out = tmp_path / "recs.jsonl"
+    with pytest.raises(NotFoundError, match=r"unknown item 999 in only: not in the catalog \(user 2's filters\)"):
+        run(tiny_model, tiny_db, out, users=[1, 2], user_filters={2: {"only": [10, 999]}})
+    with pytest.raises(UsageError, match="filters given for user 3, who is not among"):
+        run(tiny_model, tiny_db, out, users=[1, 2], user_filters={3: {"exclude": [10]}})
+    with pytest.raises(UsageError, match="a user's filters are"):
+        run(tiny_model, tiny_db, out, users=[1], user_filters={1: [10]})
+    assert not out.exists()

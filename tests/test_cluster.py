@@ -86,6 +86,16 @@ def test_ray_applies_exclude_and_only_as_the_local_run_does(local_ray, tiny_mode
     assert report.errors == 1 and "nothing left to recommend" in records[1]["error"]
     shown = {i for r in records.values() for item in r["items"] for i in item["item_ids"]}
     assert shown and shown <= set(filters["only"]) - set(filters["exclude"])
+    # Users' own filters (a users file's JSON lines) travel with their histories, on top of the run's.
+    own = {2: {"exclude": [10]}, 8: {"only": [30, 40, 50, 60]}, 6: {"only": [20]}}  # 6: 20 is excluded
+    local, remote = tmp_path / "own-local.jsonl", tmp_path / "own-ray.jsonl"
+    run(tiny_model, tiny_db, local, users=users, user_filters=own, **filters)
+    report = run(tiny_model, tiny_db, remote, users=users, ray=True, actors=2, user_filters=own, **filters)
+    records = read_records(remote)
+    assert records == read_records(local) and header(remote) == header(local)
+    assert report.errors == 2 and "error" in records[6] and "error" in records[1]
+    assert {i for item in records[8]["items"] for i in item["item_ids"]} <= {30, 40, 50}
+    assert 10 not in {i for item in records[2]["items"] for i in item["item_ids"]}
 
 
 def test_evaluate_on_ray_equals_the_local_evaluation(local_ray, tiny_model, tiny_db, tmp_path):

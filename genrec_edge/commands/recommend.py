@@ -64,12 +64,12 @@ def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior
         raise UsageError("a batch run needs --out FILE.jsonl")
     if (actors is not None or ship_model) and ray is None:
         raise UsageError("--actors and --ship-model apply to --ray runs")
-    users = read_users_file(users_file) if users_file is not None else None
+    users, user_filters = read_users_file(users_file) if users_file is not None else (None, None)
     report = recommend_users(
         db, out, users, users_source=str(users_file) if users_file else None, model=model, k=k, beam=beam,
         batch=batch, threads=threads, prior=prior, prior_weight=prior_weight, parquet=parquet,
         ray=None if ray is None else (True if ray == "local" else ray), actors=actors, ship_model=ship_model,
-        workers=workers, exclude=exclude, only=only,
+        workers=workers, exclude=exclude, only=only, user_filters=user_filters,
     )
     if json_output:
         payload = {**report.__dict__, "out": str(report.out), "parquet": str(report.parquet) if report.parquet else None}
@@ -133,7 +133,9 @@ def register(app: typer.Typer) -> None:
         only_file: Path = typer.Option(None, "--only-file", help="Recommend from the item ids in FILE alone, one "
                                        "per line (with --only: both)."),
         all_users: bool = typer.Option(False, "--all-users", help="Batch: every user with a history (needs --out)."),
-        users_file: Path = typer.Option(None, "--users-file", help="Batch: the user ids in FILE, one per line."),
+        users_file: Path = typer.Option(None, "--users-file", help="Batch: the user ids in FILE, one per line; a "
+                                        "line may also be {\"user\": 42, \"exclude\": [ids], \"only\": [ids]}: that "
+                                        "user's own filters, on top of --exclude / --only."),
         out: Path = typer.Option(None, "--out", help=OUT_HELP),
         batch: int = typer.Option(1, "--batch", min=1, help="Batch: users searched together per llama_decode "
                                   "(the same results; faster only with cores to spare)."),
