@@ -117,10 +117,19 @@ def read_users_file(path: str | Path) -> tuple[list[int], dict[int, UserFilters]
 
 def _user_line(path: Path, number: int, text: str) -> tuple[int, UserFilters | None]:
     where = f"{path}:{number}"
+    def no_repeats(pairs):
+        keys = [key for key, _ in pairs]
+        repeated = next((key for key in keys if keys.count(key) > 1), None)
+        if repeated is not None:  # json.loads would keep the last one, and drop the first without a word
+            raise IngestError(f"{where}: {repeated!r} is given twice")
+        return dict(pairs)
+
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=no_repeats)
     except json.JSONDecodeError as exc:
         raise IngestError(f"{where}: not a user id or a JSON object: {exc.msg}") from None
+    except (ValueError, RecursionError):  # an integer of thousands of digits, lists nested thousands deep
+        raise IngestError(f"{where}: not a user id or a JSON object of ids") from None
     if not isinstance(data, dict) or "user" not in data or set(data) - {"user", "exclude", "only"}:
         raise IngestError(f'{where}: a user line is an id or {{"user": ID, "exclude": [IDS], "only": [IDS]}}')
     user = data["user"]
@@ -160,7 +169,7 @@ def _id_lines(path: str | Path, kind: str) -> Iterator[tuple[Path, int, str]]:
         raise FileAccessError(f"cannot read the {kind}s file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise UsageError(f"cannot read the {kind}s file {path}: {exc}") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): a form feed is no new line
         value = line.split("#", 1)[0].strip()
         if value:
             yield path, number, value
@@ -169,9 +178,13 @@ def _id_lines(path: str | Path, kind: str) -> Iterator[tuple[Path, int, str]]:
 def _parse_id(path: Path, number: int, value: str, kind: str) -> int:
     if not _ID.fullmatch(value):  # int() also takes "4_2" and other scripts' digits
         raise IngestError(f"{path}:{number}: not {'an' if kind == 'item' else 'a'} {kind} id: {value!r}")
-    value_id = int(value)
+    try:
+        value_id = int(value)
+    except ValueError:  # past Python's 4300-digit limit for int(str)
+        value_id = INT64_MAX + 1
     if not INT64_MIN <= value_id <= INT64_MAX:
-        raise IngestError(f"{path}:{number}: {kind} id {value} is out of range (SQLite integers are 64-bit)")
+        shown = value if len(value) <= 24 else f"{value[:20]}... ({len(value)} digits)"
+        raise IngestError(f"{path}:{number}: {kind} id {shown} is out of range (SQLite integers are 64-bit)")
     return value_id
 
 
@@ -492,6 +505,7 @@ def recommend_users(
     if user_filters is not None and not isinstance(user_filters, Mapping):
         raise UsageError(f"user_filters maps user ids to their filters, not {user_filters!r}")
     own = {_user_id(user): UserFilters.of(value) for user, value in (user_filters or {}).items()}
+    own = {user: mine for user, mine in own.items() if mine != UserFilters()}  # none: as a users file drops them
     if parquet:
         try:
             import pyarrow  # noqa: F401

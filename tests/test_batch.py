@@ -436,10 +436,18 @@ def test_bad_user_filters(tiny_model, tiny_db, tmp_path):
                        ('{"user": 1, "only": 10}', "only is a list of item ids"),
                        ('{"user": 1, "only": [99999999999999999999]}', "out of range"),
                        ('{"user": 1,', "not a user id or a JSON object"),
-                       ('[1]', "not a user id: '[1]'")):
+                       ('[1]', "not a user id: '[1]'"),
+                       ('{"user": 2, "user": 3}', "'user' is given twice"),  # json.loads kept the 3
+                       ('{"user": 2, "exclude": [1], "exclude": [2]}', "'exclude' is given twice"),
+                       ('{"user": ' + "9" * 5000 + "}", "not a user id or a JSON object of ids"),  # was exit 70
+                       ('{"user": 2, "exclude": ' + "[" * 100_000 + "}", "not a user id or a JSON object of ids"),
+                       ("9" * 5000, "user id 99999999999999999999... (5000 digits) is out of range")):
         users_file.write_text(f"4\n{line}\n", encoding="utf-8")
         with pytest.raises(IngestError, match=re.escape(f"{users_file}:2: ") + ".*" + re.escape(says)):
             read_users_file(users_file)
+    users_file.write_text("2\x0c\n{bad}\n", encoding="utf-8")  # a form feed is no line break: line 2, not 3
+    with pytest.raises(IngestError, match=":2: not a user id or a JSON object"):
+        read_users_file(users_file)
     users_file.write_text('{"user": 1, "exclude": [10]}\n1\n', encoding="utf-8")
     with pytest.raises(IngestError, match=":2: user 1 is listed before with other filters"):
         read_users_file(users_file)
@@ -451,3 +459,5 @@ def test_bad_user_filters(tiny_model, tiny_db, tmp_path):
     with pytest.raises(UsageError, match="a user's filters are"):
         run(tiny_model, tiny_db, out, users=[1], user_filters={1: [10]})
     assert not out.exists()
+    run(tiny_model, tiny_db, out, users=[1], user_filters={1: {"exclude": [], "only": None}})
+    assert "user_filters_sha256" not in json.loads(out.read_text(encoding="utf-8").splitlines()[0])["config"]  # no filters, as a users file's {"user": 1} has none
