@@ -396,13 +396,20 @@ def batch_config(model_path: Path, db, catalog, k: int, beam: int, prior, exclud
     return config
 
 
-def check_filters(catalog, exclude: Sequence[int], only: Sequence[int] | None) -> None:
-    """Every ``exclude`` / ``only`` id is in the catalog, and they leave some title to recommend (filters act
-    on titles, as results do); else one error, before any user is ranked."""
+def check_filters(catalog, exclude: Sequence[int], only: Sequence[int] | None,
+                  user_filters: Mapping[int, UserFilters], users_source: str | None = None) -> None:
+    """Every ``exclude`` / ``only`` id, the run's and each user's, is in the catalog, and the run's leave some
+    title to recommend (filters act on titles, as results do); else one error, before any user is ranked."""
     from .recommend import check_item_ids
 
     titles_by_id = dict(zip(catalog.item_ids, catalog.titles, strict=True))
     check_item_ids(titles_by_id, exclude, only, "the catalog")
+    for user, mine in user_filters.items():
+        try:
+            check_item_ids(titles_by_id, mine.exclude, mine.only, "the catalog")
+        except NotFoundError as exc:
+            where = f" in {users_source}" if users_source else ""
+            raise NotFoundError(f"{exc} (user {user}'s filters{where})") from None
     if not exclude and only is None:
         return
     allowed = {titles_by_id[i] for i in only} if only is not None else set(titles_by_id.values())
@@ -478,7 +485,6 @@ def recommend_users(
         _item_ids,
         _user_id,
         check_default_model_catalog,
-        check_item_ids,
         default_beam,
         load_prior,
         model_provenance,
@@ -530,14 +536,7 @@ def recommend_users(
         if strays:
             raise UsageError(f"filters given for user {strays[0]}, who is not among the users to recommend for")
         catalog = history.catalog()
-        check_filters(catalog, exclude, only)
-        catalog_ids = set(catalog.item_ids)
-        for user, mine in own.items():
-            try:
-                check_item_ids(catalog_ids, mine.exclude, mine.only, "the catalog")
-            except NotFoundError as exc:
-                where = f" in {users_source}" if users_source else ""
-                raise NotFoundError(f"{exc} (user {user}'s filters{where})") from None
+        check_filters(catalog, exclude, only, own, users_source)
         if model is None:
             check_default_model_catalog(db_path)  # before building the default model
         model_path = Path(model) if model is not None else default_model_path()
@@ -614,6 +613,7 @@ def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, 
 
     options = {"threads": threads, "beam": beam, "warn": warn, "prior": prior, "prior_weight": prior_weight,
                "batch": batch}
+    own = user_filters or {}
     workers = min(workers, len(groups))  # a process per group at most: each loads its own model
     opened = (RecommenderPool.open(model_path, db_path, workers=workers, **options) if workers > 1
               else Recommender.open(model_path, db_path, **options))
@@ -625,7 +625,7 @@ def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, 
         def records(group):
             requests = []
             for user in group:
-                user_exclude, user_only = combine_filters(exclude, only, (user_filters or {}).get(user))
+                user_exclude, user_only = combine_filters(exclude, only, own.get(user))
                 requests.append(Request(user=user, exclude=user_exclude, only=user_only))
             return group_records(group, rank_group(rank, requests), catalog)
 

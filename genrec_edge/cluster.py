@@ -74,17 +74,16 @@ class RankActor:
     def __call__(self, table):
         import pyarrow as pa
 
-        from .batch import rank_group
+        from .batch import UserFilters, combine_filters, rank_group
 
         out = {"key": [], "titles": [], "scores": [], "lm_scores": [], "error": []}
-        from .batch import UserFilters, combine_filters
-
         columns = [table.column(name).to_pylist() for name in ("keys", "items", "exclude", "only")]
         for keys, histories, excludes, onlys in zip(*columns, strict=True):
             requests = []
             for items, exclude, only in zip(histories, excludes, onlys, strict=True):
                 titles = [self.titles_by_id[i] for i in items]
-                own = UserFilters(tuple(exclude), None if only is None else tuple(only))
+                own = UserFilters(tuple(exclude), tuple(only)) if only is not None else (
+                    UserFilters(tuple(exclude)) if exclude else None)
                 requests.append((titles, set(titles), items, *combine_filters(self.exclude, self.only, own)))
             for key, result in zip(keys, rank_group(self._rank, requests), strict=True):
                 ok = isinstance(result, tuple)
@@ -146,8 +145,8 @@ def ray_results(
 
     def histories():
         with HistoryDB.open(db_path, readonly=True) as db:
+            own = user_filters or {}
             for group in groups:
-                own = user_filters or {}
                 yield [(user, items, own.get(user)) for user, items in history_items(db, group)]
 
     for ranked in ray_rankings(model_path, catalog, loaded_prior, histories(), len(groups), k=k, beam=beam,
@@ -220,7 +219,7 @@ def ray_rankings(
         per_block = max(1, min(MAX_GROUPS_PER_BLOCK, n_groups // (4 * pool)))  # every actor gets blocks
         rows: dict[str, list] = {name: [] for name in _request_schema().names}
         for group in groups:
-            own = [request[2] if len(request) > 2 and request[2] is not None else None for request in group]
+            own = [request[2] if len(request) > 2 else None for request in group]
             rows["keys"].append([request[0] for request in group])
             rows["items"].append([list(request[1]) for request in group])
             rows["exclude"].append([list(f.exclude) if f else [] for f in own])

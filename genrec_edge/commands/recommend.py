@@ -167,7 +167,7 @@ def register(app: typer.Typer) -> None:
         from ..errors import UsageError, refuse_options
 
         if all_users or users_file is not None:
-            if (user is not None or history or more_titles or sample or seed is not None or temperature is not None):
+            if user is not None or history or more_titles or sample or seed is not None or temperature is not None:
                 raise UsageError("--all-users / --users-file do not combine with --user, --history or --sample "
                                  "(nor its --seed and --temperature)")
             if parquet and out is not None and out.suffix.lower() == ".parquet":
