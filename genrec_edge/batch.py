@@ -154,10 +154,17 @@ def read_items_file(path: str | Path, *, allow_empty: bool = False) -> list[int]
 
 def read_ids_file(path: str | Path, kind: str, *, allow_empty: bool = False) -> list[int]:
     """``kind`` ids, one per line (blank lines and ``#`` comments skipped), in file order, duplicates dropped."""
-    ids = dict.fromkeys(_parse_id(path_, number, value, kind) for path_, number, value in _id_lines(path, kind))
+    return list(ids_file_lines(path, kind, allow_empty=allow_empty))
+
+
+def ids_file_lines(path: str | Path, kind: str, *, allow_empty: bool = False) -> dict[int, int]:
+    """What :func:`read_ids_file` reads, each id mapped to the number of the first line it is on."""
+    ids: dict[int, int] = {}
+    for path_, number, value in _id_lines(path, kind):
+        ids.setdefault(_parse_id(path_, number, value, kind), number)
     if not ids and not allow_empty:
         raise UsageError(f"the {kind}s file {path} lists no {kind}")
-    return list(ids)
+    return ids
 
 
 def _id_lines(path: str | Path, kind: str) -> Iterator[tuple[Path, int, str]]:

@@ -30,6 +30,17 @@ class NotFoundError(GenrecError):
     exit_code = 4
 
 
+class UnknownItemError(NotFoundError):
+    """An ``exclude`` / ``only`` item id outside the catalog: ``item`` is the id, ``field`` which list."""
+
+    def __init__(self, message: str, item: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.item, self.field = item, field
+
+    def __reduce__(self):  # a worker process's error reaches the parent whole (pickle passes ``args`` alone)
+        return type(self), (str(self), self.item, self.field)
+
+
 class EmptyHistoryError(GenrecError):
     """The user exists but has no history to recommend from."""
 

@@ -47,6 +47,7 @@ from .errors import (
     CorruptModelError,
     EmptyHistoryError,
     NotFoundError,
+    UnknownItemError,
     UsageError,
     stop_if_cancelled,
 )
@@ -245,11 +246,12 @@ def _item_ids(values, name: str) -> tuple[int, ...]:
 
 
 def check_item_ids(known, exclude: Sequence[int], only: Sequence[int] | None, catalog: str) -> None:
-    """NotFoundError naming the first ``exclude`` / ``only`` id not in ``known`` (the ``catalog`` named)."""
+    """UnknownItemError (a NotFoundError) naming the first ``exclude`` / ``only`` id not in ``known`` (the
+    ``catalog`` named)."""
     for name, ids in (("exclude", exclude), ("only", only or ())):
         unknown = [i for i in ids if i not in known]
         if unknown:
-            raise NotFoundError(f"unknown item {unknown[0]} in {name}: not in {catalog}")
+            raise UnknownItemError(f"unknown item {unknown[0]} in {name}: not in {catalog}", unknown[0], name)
 
 
 def _lru_put(store: OrderedDict, key, value, size: int) -> None:

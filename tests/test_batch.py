@@ -375,6 +375,13 @@ def test_cli_batch_with_filter_files(tiny_model, tiny_db, tmp_path, capsys):
     assert shown and not shown & {10, 20, 30}
     assert main([*args[:-2]]) == 2  # without the --exclude it was written with: refused, one line
     assert "(exclude differ)" in capsys.readouterr().err
+    # An id of the file outside the catalog: refused with the file and its line, the output untouched.
+    before = out.read_bytes()
+    stock.write_text("10\n\n999\n", encoding="utf-8")
+    assert main([*args, "--out", str(tmp_path / "other.jsonl")]) == NotFoundError.exit_code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: unknown item 999 in only: not in the catalog ({stock}:3)")
+    assert out.read_bytes() == before and not (tmp_path / "other.jsonl").exists()
 
 
 def test_combine_filters():

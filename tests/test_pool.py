@@ -68,8 +68,9 @@ def test_pool_passes_exclude_and_only(pool, tiny_db, tiny_model):  # noqa: F811
     with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as rec:
         alone = _ranked(rec.recommend(user=2, k=4, exclude=[10, 20, 30], only=list(range(10, 150, 10))))
     assert _same(_ranked(pool.recommend(user=2, k=4, exclude=[10, 20, 30], only=list(range(10, 150, 10)))), alone)
-    with pytest.raises(NotFoundError, match="unknown item 999 in exclude"):
+    with pytest.raises(NotFoundError, match="unknown item 999 in exclude") as raised:
         pool.recommend(user=2, exclude=[999])
+    assert (raised.value.item, raised.value.field) == (999, "exclude")  # whole across the process boundary
 
 
 def test_pool_bad_input_fails_as_one_process_does(pool, tiny_db, tiny_model, tmp_path):  # noqa: F811

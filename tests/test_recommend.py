@@ -790,3 +790,11 @@ def test_cli_recommend_exclude_and_only(tiny_model, tiny_db, cache_home, capsys,
     ids.write_text("10\nten\n", encoding="utf-8")
     assert main([*base, "--exclude-file", str(ids)]) == 6
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {ids}:2: not an item id: 'ten'"
+    # An unknown id from a file is named with the file and the line it is first on; from an option, plainly.
+    ids.write_text(f"{allowed[0]}\n# gone\n999\n999\n", encoding="utf-8")
+    for option, name in (("--exclude-file", "exclude"), ("--only-file", "only")):
+        assert main([*base, option, str(ids)]) == NotFoundError.exit_code
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: unknown item 999 in {name}: not in this model's catalog ({ids}:3)")
+    assert main([*base, "--exclude-file", str(ids), "--exclude", "999"]) == NotFoundError.exit_code
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("not in this model's catalog")

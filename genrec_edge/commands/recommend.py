@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -42,15 +43,38 @@ RAY_HELP = (
 )
 
 
-def _filters(exclude, only, exclude_file, only_file) -> tuple[list[int], list[int] | None]:
-    """``--exclude`` + ``--exclude-file`` ids; ``--only`` + ``--only-file`` ids (None: neither given)."""
-    from ..batch import read_items_file
+def _filters(exclude, only, exclude_file, only_file) -> tuple[list[int], list[int] | None, dict]:
+    """``--exclude`` + ``--exclude-file`` ids; ``--only`` + ``--only-file`` ids (None: neither given); and
+    ``{(list, id): "FILE:LINE"}`` for the ids that come from a file alone (see :func:`_naming_files`)."""
+    from ..batch import ids_file_lines
 
-    exclude = list(exclude or []) + (read_items_file(exclude_file, allow_empty=True) if exclude_file else [])
+    origins: dict[tuple[str, int], str] = {}
+
+    def from_file(name, given, path, allow_empty) -> list[int]:
+        lines = ids_file_lines(path, "item", allow_empty=allow_empty)
+        origins.update({(name, i): f"{path}:{line}" for i, line in lines.items() if i not in set(given)})
+        return list(lines)
+
+    exclude = list(exclude or []) + (from_file("exclude", exclude or [], exclude_file, True) if exclude_file else [])
     if not only and only_file is None:
-        return exclude, None
+        return exclude, None, origins
     # An --only-file with no id is refused unless --only gives some: from nothing, nothing can be recommended.
-    return exclude, list(only or []) + (read_items_file(only_file, allow_empty=bool(only)) if only_file else [])
+    return exclude, list(only or []) + (from_file("only", only or [], only_file, bool(only)) if only_file else []), \
+        origins
+
+
+@contextmanager
+def _naming_files(origins: dict):
+    """An unknown item id that came from --exclude-file / --only-file is reported with the file and line."""
+    from ..errors import UnknownItemError
+
+    try:
+        yield
+    except UnknownItemError as exc:
+        where = origins.get((exc.field, exc.item))
+        if where is None:
+            raise
+        raise UnknownItemError(f"{exc} ({where})", exc.item, exc.field) from None
 
 
 def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet, ray, actors,
@@ -173,8 +197,10 @@ def register(app: typer.Typer) -> None:
             if parquet and out is not None and out.suffix.lower() == ".parquet":
                 raise UsageError(f"--out {out} would be overwritten by the .parquet copy: name --out FILE.jsonl "
                                  "(the copy goes next to it)")
-            _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet,
-                   ray, actors, ship_model, workers, json_output, *_filters(exclude, only, exclude_file, only_file))
+            exclude, only, origins = _filters(exclude, only, exclude_file, only_file)
+            with _naming_files(origins):
+                _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior, prior_weight, parquet,
+                       ray, actors, ship_model, workers, json_output, exclude, only)
             return
         batch_only = (("--out", out), ("--ray", ray), ("--actors", actors), ("--parquet", parquet or None),
                       ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None),
@@ -193,7 +219,7 @@ def register(app: typer.Typer) -> None:
         else:
             refuse_options((name for name, value in (("--seed", seed), ("--temperature", temperature))
                             if value is not None), "--sample only")
-        exclude, only = _filters(exclude, only, exclude_file, only_file)  # after the checks of the options alone
+        exclude, only, origins = _filters(exclude, only, exclude_file, only_file)  # after the options' own checks
         from ..recommend import Recommender
 
         titles = list(history or [])
@@ -206,7 +232,8 @@ def register(app: typer.Typer) -> None:
         if user is not None:
             _check_user(db, user)  # before loading (or, the first time, building) a model
         bar = _SamplingBar(SAMPLE_TRIES_PER_TITLE * k, k) if sample else None
-        with Recommender.open(model, db, threads=threads, beam=beam, prior=prior, prior_weight=prior_weight) as rec:
+        with _naming_files(origins), Recommender.open(model, db, threads=threads, beam=beam, prior=prior,
+                                                      prior_weight=prior_weight) as rec:
             try:
                 result = rec.recommend(
                     user=user, history=titles or None, k=k, sample=sample, seed=seed or 0,
