@@ -11,11 +11,15 @@ count (cpu_share.py): a lone request still runs on every core, concurrent ones s
 :class:`RecommenderPool` has the :class:`~genrec_edge.recommend.Recommender` calls those make
 (``recommend``, ``recommend_many``, ``rank_many``, ``batch``, ``model_path``, ``default_prior``, ``close``)
 plus ``workers``, how many calls it serves at once; :func:`ordered_map` keeps that many busy while the
-results come back in order. The process pool is :class:`concurrent.futures.ProcessPoolExecutor` (spawn: a forked child would
-inherit this process's threads and llama.cpp state): a free worker takes the next call. A worker that
-dies (killed, out of memory) breaks that executor, every worker of it: the pool then starts a fresh one
-(``restarts`` counts them); every call that was in flight, on any worker, raises
-:class:`~genrec_edge.errors.WorkerLostError` (HTTP 503: retry), later ones are served.
+results come back in order. Each worker is a one-process :class:`concurrent.futures.ProcessPoolExecutor`
+(spawn: a forked child would inherit this process's threads and llama.cpp state). The pool hands each call
+to a free worker, in the order calls come, one call per worker at a time; calls wait here while every worker
+is busy. **Affinity:** a request for a user (or an ad-hoc history) goes to the same worker whenever that one
+is free, so that worker's result cache and prompt cache (``cache``, ``prompt_cache``) answer follow-ups
+(another ``k``, other filters, a repeat); when it is busy, any free worker takes the call. A worker that
+dies (killed, out of memory) breaks its executor: the call it was running raises
+:class:`~genrec_edge.errors.WorkerLostError` (HTTP 503: retry) and the next call handed to it starts a fresh
+process first (``restarts`` counts them); the other workers' calls go on.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import signal
 import threading
 import time
+import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, ProcessPoolExecutor, ThreadPoolExecutor
@@ -73,6 +78,18 @@ def _started() -> Any:
     return _loaded
 
 
+def affinity_key(requests: Sequence) -> int | None:
+    """Which worker a ``recommend_many`` call prefers (this number modulo the workers): its first request's
+    user id, or a checksum of its history. The same in every run, unlike ``hash``; consecutive user ids
+    take turns."""
+    if not requests:
+        return None
+    first = requests[0]
+    if first.user is not None:
+        return first.user
+    return zlib.crc32("\n".join(first.history).encode("utf-8", "surrogatepass"))
+
+
 def _recommend_many(requests: list, k: int, slot: int | None = None) -> tuple[int, list]:
     cancel = None if slot is None else (lambda: _cancelled[slot] != 0)
     return os.getpid(), _recommender.recommend_many(requests, k=k, cancel=cancel)
@@ -115,9 +132,18 @@ class RecommenderPool:
         # Its own lock: a slot comes back from the executor's thread when its call ends, and close() holds
         # ``_lock`` while it waits for that thread.
         self._slots_lock = threading.Lock()
-        self._executor, (self.default_prior, warnings) = self._start()
+        self._queue: list[object] = []  # callers waiting for a worker, first come first
+        # Which workers run a call of ours; a caller waits on ``_turn`` for one to be free.
+        self._turn = threading.Condition(threading.Lock())
+        self._busy = [False] * workers
+        self._executors, (self.default_prior, warnings) = self._start(workers)
         for message in warnings:  # the first worker's, once: every worker opened the same files
             (warn or stderr_warning)(message)
+
+    @property
+    def _executor(self) -> ProcessPoolExecutor:
+        """The first worker's executor (a test keeps that worker busy with its own calls)."""
+        return self._executors[0]
 
     @classmethod
     def open(
@@ -149,22 +175,23 @@ class RecommenderPool:
                   "cache": cache, "prompt_cache": prompt_cache}
         return cls(kwargs, workers, warn)
 
-    def _start(self) -> tuple[ProcessPoolExecutor, tuple[str, list[str]]]:
-        """A fresh executor whose workers have all loaded, and the first one's (default prior, warnings)."""
-        executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_load, initargs=(self._kwargs, self._cancelled))
+    def _start(self, count: int) -> tuple[list[ProcessPoolExecutor], tuple[str, list[str]]]:
+        """``count`` fresh one-process executors whose workers have all loaded (side by side), and the first
+        one's (default prior, warnings)."""
+        executors = [ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_load,
+                                         initargs=(self._kwargs, self._cancelled)) for _ in range(count)]
         try:
-            # One call per worker, all at once: the executor starts a process for each (none is idle yet)
-            # and each loads its model before answering, so the first requests do not wait for a load.
-            loaded = [future.result() for future in [executor.submit(_started) for _ in range(self.workers)]]
+            # One call each, all at once: each process loads its model before answering, so the first
+            # requests do not wait for a load.
+            loaded = [future.result() for future in [executor.submit(_started) for executor in executors]]
         except BrokenProcessPool:
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise WorkerLostError("a worker process could not load the model") from None
+            loaded = [WorkerLostError("a worker process could not load the model")]
         failed = [result for result in loaded if isinstance(result, BaseException)]
         if failed:
-            executor.shutdown(wait=False, cancel_futures=True)
+            for executor in executors:
+                executor.shutdown(wait=False, cancel_futures=True)
             raise failed[0]
-        return executor, loaded[0]
+        return executors, loaded[0]
 
     def recommend_many(self, requests: Sequence, k: int = 10, cancel: Callable[[], bool] | None = None) -> list:
         """``Recommender.recommend_many`` in one free worker (the same results: tested). ``cancel`` is asked
@@ -173,7 +200,7 @@ class RecommenderPool:
         from .recommend import Request
 
         requests = [Request.of(r) for r in requests]  # a bad request fails here, before any pickling
-        return self._call(_recommend_many, requests, k, cancel=cancel)
+        return self._call(_recommend_many, requests, k, cancel=cancel, key=affinity_key(requests))
 
     def rank_many(self, requests: Sequence, k: int, prior: str | None = None,
                   prior_weight: float | None = None) -> list:
@@ -181,37 +208,70 @@ class RecommenderPool:
         requests = [(list(h), set(s), None if i is None else list(i)) for h, s, i in requests]
         return self._call(_rank_many, requests, k, prior, prior_weight)
 
-    def _call(self, fn, *args, cancel: Callable[[], bool] | None = None) -> list:
+    def _call(self, fn, *args, cancel: Callable[[], bool] | None = None, key: int | None = None) -> list:
         if self._closed:  # the executor's own RuntimeError ("cannot schedule new futures") escaped before
             raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
         stop_if_cancelled(cancel)
+        worker = self._take_worker(key, cancel)
         slot = self._take_slot() if cancel is not None else None
         extra = {} if slot is None else {"slot": slot}  # the call's flag, for a function that takes one
         future = None
         held = [slot is not None]  # given back once: by whichever of the two below comes first
+        working = [True]  # the worker, likewise
         try:
-            executor = self._executor
+            executor = self._executors[worker]
             try:
                 future = executor.submit(fn, *args, **extra)
-            except BrokenProcessPool:  # a worker died between calls: replace them, then this call goes ahead
-                self._replace(executor)
-                executor = self._executor
+            except BrokenProcessPool:  # it died between calls: replace it, then this call goes ahead
+                self._replace(worker, executor)
+                executor = self._executors[worker]
                 future = executor.submit(fn, *args, **extra)
-            if slot is not None:  # its worker reads the flag until the call ends, whenever our wait ends
-                future.add_done_callback(lambda _: self._give_back_slot(slot, held))
+            # Its worker is busy, and reads the flag, until the call ends, whenever our wait ends.
+            future.add_done_callback(lambda _: self._give_back(worker, slot, held, working))
             try:
                 pid, results = self._wait(future, cancel, slot)
             except BrokenProcessPool:  # died during this call (maybe because of it): replaced, not retried
-                self._replace(executor)
+                self._replace(worker, executor)
                 raise WorkerLostError("a worker process died during this request; it was replaced: try again") from None
-            except CancelledError:  # close() dropped it while it waited for a worker (a bare CancelledError)
+            except CancelledError:  # close() dropped it while it waited in the executor (a bare CancelledError)
                 raise UsageError("this RecommenderPool was closed before the call was served") from None
         finally:
             if future is None or future.done():  # never sent, or ended: back before we return
-                self._give_back_slot(slot, held)
+                self._give_back(worker, slot, held, working)
         with self._lock:
             self.served[pid] += 1
         return results
+
+    def _take_worker(self, key: int | None, cancel: Callable[[], bool] | None) -> int:
+        """A free worker, marked busy: the one ``key`` prefers if it is free, else the first free one; waits
+        (asking ``cancel`` every 0.1 s) while all are busy. Callers are served in the order they came."""
+        me = object()
+        with self._turn:
+            self._queue.append(me)
+            try:
+                while True:
+                    if self._closed:
+                        raise UsageError("this RecommenderPool was closed before the call was served")
+                    free = [w for w, busy in enumerate(self._busy) if not busy]
+                    if free and self._queue[0] is me:
+                        preferred = None if key is None else key % self.workers
+                        worker = preferred if preferred in free else free[0]
+                        self._busy[worker] = True
+                        return worker
+                    self._turn.wait(CANCEL_POLL_S if cancel is not None else None)
+                    if cancel is not None and cancel():
+                        raise SearchCancelled("cancelled: the answer is no longer wanted")
+            finally:
+                self._queue.remove(me)
+                self._turn.notify_all()  # the next caller in line may take a free worker now
+
+    def _give_back(self, worker: int, slot: int | None, held: list[bool], working: list[bool]) -> None:
+        self._give_back_slot(slot, held)
+        with self._turn:
+            if working[0]:
+                working[0] = False
+                self._busy[worker] = False
+                self._turn.notify_all()
 
     def _take_slot(self) -> int | None:
         with self._slots_lock:
@@ -262,21 +322,24 @@ class RecommenderPool:
 
         return self.recommend_many([Request.one_of(user, history, prior, prior_weight, False, exclude, only)], k=k)[0]
 
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
+    def _replace(self, worker: int, broken: ProcessPoolExecutor) -> None:
         with self._lock:
-            if self._closed:  # a worker died while (or after) the pool closed: start no processes nobody stops
+            if self._closed:  # a worker died while (or after) the pool closed: start no process nobody stops
                 raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
-            if self._executor is broken:  # the first caller to see it broken replaces it
+            if self._executors[worker] is broken:  # the first caller to see it broken replaces it
                 broken.shutdown(wait=False, cancel_futures=True)
-                self._executor = self._start()[0]
+                self._executors[worker] = self._start(1)[0][0]
                 self.restarts += 1
 
     _closed = False
 
     def close(self) -> None:
-        with self._lock:
+        with self._turn:  # callers waiting for a worker give up
             self._closed = True
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._turn.notify_all()
+        with self._lock:
+            for executor in self._executors:
+                executor.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> RecommenderPool:
         return self

@@ -90,13 +90,21 @@ def test_pool_bad_input_fails_as_one_process_does(pool, tiny_db, tiny_model, tmp
         RecommenderPool.open(bad, tiny_db, workers=2)
 
 
+def _served_by(pool, call):
+    """``call()``'s result and the pid of the worker that answered it."""
+    before = pool.served.copy()
+    result = call()
+    (pid,) = (pool.served - before).keys()
+    return result, pid
+
+
 def test_a_dead_worker_is_replaced(pool):
-    before = _ranked(pool.recommend(user=2, k=3))
+    before, victim = _served_by(pool, lambda: _ranked(pool.recommend(user=2, k=3)))  # user 2's worker
     restarts = pool.restarts
-    victim = multiprocessing.active_children()[0].pid
+    (other,) = {p.pid for p in multiprocessing.active_children()} - {victim}
     os.kill(victim, signal.SIGKILL)
-    # The executor notices the death on its own thread: until then the other worker answers; the first
-    # call after it (or the one in flight then: WorkerLostError) replaces the pool.
+    # The executor notices the death on its own thread; the next call handed to that worker (user 2's: it
+    # is free) starts a fresh process first, or, in flight then, raises WorkerLostError.
     answers, pids = [], set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -108,11 +116,63 @@ def test_a_dead_worker_is_replaced(pool):
         if victim not in pids and len(pids) == 2:
             break
         time.sleep(0.1)
-    assert victim not in pids and len(pids) == 2, pids
+    assert victim not in pids and other in pids and len(pids) == 2, pids  # the other worker lives on
     assert all(a == before for a in answers)  # answers before the replacement (if any) are right too
     assert _ranked(pool.recommend(user=2, k=3)) == before
     assert pool.restarts == restarts + 1  # what /health reports as worker_restarts
     assert status_for(WorkerLostError("x")) == 503
+
+
+def test_a_users_follow_ups_go_to_the_worker_that_has_its_prompt_and_answers(tiny_db, tiny_model):  # noqa: F811
+    """Affinity: one after another, each user's asks (a repeat, another k, other filters) land on one worker,
+    whose result and prompt caches answer them; the users are spread over both workers; the answers are
+    one process's."""
+    with Recommender.open(tiny_model, tiny_db, threads=1, warn=lambda m: None) as rec:
+        alone = {u: _ranked(rec.recommend(user=u, k=4)) for u in USERS}
+    with RecommenderPool.open(tiny_model, tiny_db, workers=2, cache=8, prompt_cache=8) as pool:
+        workers_of: dict[int, set[int]] = {u: set() for u in USERS}
+        for _ in range(2):
+            for user in USERS:
+                first, pid = _served_by(pool, lambda user=user: pool.recommend(user=user, k=4))
+                workers_of[user].add(pid)
+                assert _same(_ranked(first), alone[user]), user
+                more, pid = _served_by(pool, lambda user=user: pool.recommend(user=user, k=2, exclude=[10]))
+                workers_of[user].add(pid)
+                assert more.timings.prefilled_tokens == 0, f"user {user}'s prompt was decoded again"
+        again, _ = _served_by(pool, lambda: pool.recommend(user=3, k=4))
+        assert again.cached, "a repeat was searched again"
+        assert all(len(pids) == 1 for pids in workers_of.values()), workers_of
+        assert len(set().union(*workers_of.values())) == 2, f"one worker took every user: {workers_of}"
+
+
+def test_a_call_whose_worker_is_busy_takes_a_free_one_or_waits_its_turn(pool):
+    """The dispatch alone: a key's worker when free, else the first free one; with none free, callers wait
+    in the order they came, and a cancelled waiter leaves the line."""
+    assert pool._take_worker(4, None) == 0  # user 4's worker (4 mod 2)
+    assert pool._take_worker(2, None) == 1  # user 2's is busy: the free one
+    got: list[tuple[str, int]] = []
+
+    def take(name: str, key: int) -> None:
+        got.append((name, pool._take_worker(key, None)))
+
+    first = threading.Thread(target=take, args=("first", 1))
+    first.start()
+    time.sleep(0.2)
+    second = threading.Thread(target=take, args=("second", 0))
+    second.start()
+    time.sleep(0.2)
+    with pytest.raises(SearchCancelled):
+        pool._take_worker(0, lambda: True)
+    assert got == [], "a call took a busy worker"
+    pool._give_back(0, None, [False], [True])  # worker 0 frees up: the first in line takes it
+    first.join(5)
+    assert got == [("first", 0)] and second.is_alive()
+    pool._give_back(1, None, [False], [True])
+    second.join(5)
+    assert got == [("first", 0), ("second", 1)]
+    for worker in (0, 1):
+        pool._give_back(worker, None, [False], [True])
+    assert _ranked(pool.recommend(user=2, k=3)), "the pool serves after all that"
 
 
 def test_server_with_workers_answers_concurrent_requests_in_parallel(tiny_db, tiny_model):  # noqa: F811
