@@ -413,8 +413,8 @@ class Health(BaseModel):
     model: str | None
     recommend: bool = Field(description="Whether a model is loaded (POST /recommend answers).")
     workers: int = Field(description="Search processes (serve --workers); 0: searches run in the server process.")
-    worker_restarts: int = Field(0, description="Times a search process died and all were started afresh (the "
-                                 "requests in flight then got 503).")
+    worker_restarts: int = Field(0, description="Times a search process died and was started afresh (the "
+                                 "request it was running got 503).")
     cache: int = Field(0, description="Searches each search process keeps for repeated requests (serve --cache).")
     prompt_cache: int = Field(0, description="Decoded prompts each search process keeps for the same users asked "
                               "again with other settings (serve --prompt-cache).")
