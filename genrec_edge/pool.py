@@ -136,6 +136,7 @@ class RecommenderPool:
         # Which workers run a call of ours; a caller waits on ``_turn`` for one to be free.
         self._turn = threading.Condition(threading.Lock())
         self._busy = [False] * workers
+        self._replacing = [threading.Lock() for _ in range(workers)]  # one fresh process at a time, per worker
         self._executors, (self.default_prior, warnings) = self._start(workers)
         for message in warnings:  # the first worker's, once: every worker opened the same files
             (warn or stderr_warning)(message)
@@ -213,19 +214,15 @@ class RecommenderPool:
             raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
         stop_if_cancelled(cancel)
         worker = self._take_worker(key, cancel)
-        slot = self._take_slot() if cancel is not None else None
-        extra = {} if slot is None else {"slot": slot}  # the call's flag, for a function that takes one
         future = None
-        held = [slot is not None]  # given back once: by whichever of the two below comes first
+        held = [False]  # the slot, given back once: by whichever of the two below comes first
         working = [True]  # the worker, likewise
+        slot = None
         try:
-            executor = self._executors[worker]
-            try:
-                future = executor.submit(fn, *args, **extra)
-            except BrokenProcessPool:  # it died between calls: replace it, then this call goes ahead
-                self._replace(worker, executor)
-                executor = self._executors[worker]
-                future = executor.submit(fn, *args, **extra)
+            slot = self._take_slot() if cancel is not None else None
+            held[0] = slot is not None
+            extra = {} if slot is None else {"slot": slot}  # the call's flag, for a function that takes one
+            executor, future = self._submit(worker, fn, args, extra)
             # Its worker is busy, and reads the flag, until the call ends, whenever our wait ends.
             future.add_done_callback(lambda _: self._give_back(worker, slot, held, working))
             try:
@@ -241,6 +238,23 @@ class RecommenderPool:
         with self._lock:
             self.served[pid] += 1
         return results
+
+    def _submit(self, worker: int, fn, args: tuple, extra: dict):
+        """``(executor, future)`` of the call sent to ``worker``; a worker that died between calls is replaced
+        first, once."""
+        for attempt in range(2):
+            executor = self._executors[worker]
+            try:
+                return executor, executor.submit(fn, *args, **extra)
+            except BrokenProcessPool:  # a RuntimeError too: first
+                if attempt:
+                    raise WorkerLostError("a fresh worker process died before it took a call: try again") from None
+                self._replace(worker, executor)
+            except RuntimeError:  # "cannot schedule new futures after shutdown": close() came first
+                if self._closed:
+                    raise UsageError("this RecommenderPool was closed before the call was served") from None
+                raise
+        raise AssertionError("unreachable")
 
     def _take_worker(self, key: int | None, cancel: Callable[[], bool] | None) -> int:
         """A free worker, marked busy: the one ``key`` prefers if it is free, else the first free one; waits
@@ -323,12 +337,21 @@ class RecommenderPool:
         return self.recommend_many([Request.one_of(user, history, prior, prior_weight, False, exclude, only)], k=k)[0]
 
     def _replace(self, worker: int, broken: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._closed:  # a worker died while (or after) the pool closed: start no process nobody stops
-                raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
-            if self._executors[worker] is broken:  # the first caller to see it broken replaces it
-                broken.shutdown(wait=False, cancel_futures=True)
-                self._executors[worker] = self._start(1)[0][0]
+        """A fresh process for ``worker`` if its executor is still ``broken`` (the first caller to see it does
+        it). The model loads outside ``_lock``: the other workers' calls go on meanwhile."""
+        with self._replacing[worker]:
+            with self._lock:
+                if self._closed:  # a worker died while (or after) the pool closed: start no process nobody stops
+                    raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
+                if self._executors[worker] is not broken:
+                    return
+            broken.shutdown(wait=False, cancel_futures=True)
+            fresh = self._start(1)[0][0]
+            with self._lock:
+                if self._closed:  # closed while it loaded
+                    fresh.shutdown(wait=True, cancel_futures=True)
+                    raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
+                self._executors[worker] = fresh
                 self.restarts += 1
 
     _closed = False

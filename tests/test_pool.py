@@ -123,6 +123,37 @@ def test_a_dead_worker_is_replaced(pool):
     assert status_for(WorkerLostError("x")) == 503
 
 
+def test_the_other_workers_serve_while_a_dead_one_is_replaced(pool):
+    """A fresh process loads its model (seconds, for the real one) while the other workers answer: replacing
+    one held the pool's lock, and every other worker's answer waited for the load."""
+    _, victim = _served_by(pool, lambda: pool.recommend(user=2, k=3))  # worker 0 (2 mod 2)
+    real_start = pool._start
+
+    def slow_start(count: int):
+        time.sleep(3.0)
+        return real_start(count)
+
+    pool._start = slow_start
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(0.5)
+    outcome: list = []
+
+    def on_the_dead_worker() -> None:
+        try:
+            outcome.append(_ranked(pool.recommend(user=2, k=3)))
+        except WorkerLostError as exc:  # in flight when the death was noticed: replaced all the same
+            outcome.append(exc)
+
+    thread = threading.Thread(target=on_the_dead_worker)
+    thread.start()
+    time.sleep(0.3)  # it is loading a fresh process for worker 0
+    began = time.monotonic()
+    assert _ranked(pool.recommend(user=1, k=3))  # worker 1
+    assert time.monotonic() - began < 2.0, "worker 1's answer waited for worker 0's fresh process"
+    thread.join(60)
+    assert len(outcome) == 1 and pool.restarts == 1 and victim not in {p.pid for p in multiprocessing.active_children()}
+
+
 def test_a_users_follow_ups_go_to_the_worker_that_has_its_prompt_and_answers(tiny_db, tiny_model):  # noqa: F811
     """Affinity: one after another, each user's asks (a repeat, another k, other filters) land on one worker,
     whose result and prompt caches answer them; the users are spread over both workers; the answers are
@@ -346,6 +377,8 @@ def test_a_closed_pool_says_so(tiny_db, tiny_model):  # noqa: F811
     pool.close()
     with pytest.raises(UsageError, match="closed"):  # concurrent.futures' RuntimeError before
         pool.recommend(user=1, k=3)
+    with pytest.raises(UsageError, match="closed before the call was served"):  # a call that had its worker
+        pool._submit(0, time.sleep, (0,), {})  # when close() came: the executor's RuntimeError before
 
 
 def test_a_cancelled_call_is_stopped_and_frees_its_worker(tiny_db, tiny_model):  # noqa: F811
