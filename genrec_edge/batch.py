@@ -147,23 +147,14 @@ def _user_line(path: Path, number: int, text: str) -> tuple[int, UserFilters | N
     return user, None if own == UserFilters() else own
 
 
-def read_items_file(path: str | Path, *, allow_empty: bool = False) -> list[int]:
-    """Item ids (``--exclude-file``, ``--only-file``), as :func:`read_users_file` reads user ids."""
-    return read_ids_file(path, "item", allow_empty=allow_empty)
-
-
-def read_ids_file(path: str | Path, kind: str, *, allow_empty: bool = False) -> list[int]:
-    """``kind`` ids, one per line (blank lines and ``#`` comments skipped), in file order, duplicates dropped."""
-    return list(ids_file_lines(path, kind, allow_empty=allow_empty))
-
-
-def ids_file_lines(path: str | Path, kind: str, *, allow_empty: bool = False) -> dict[int, int]:
-    """What :func:`read_ids_file` reads, each id mapped to the number of the first line it is on."""
+def read_items_file(path: str | Path, *, allow_empty: bool = False) -> dict[int, int]:
+    """Item ids (``--exclude-file``, ``--only-file``), one per line (blank lines and ``#`` comments skipped),
+    in file order, each mapped to the number of the first line it is on."""
     ids: dict[int, int] = {}
-    for path_, number, value in _id_lines(path, kind):
-        ids.setdefault(_parse_id(path_, number, value, kind), number)
+    for path_, number, value in _id_lines(path, "item"):
+        ids.setdefault(_parse_id(path_, number, value, "item"), number)
     if not ids and not allow_empty:
-        raise UsageError(f"the {kind}s file {path} lists no {kind}")
+        raise UsageError(f"the items file {path} lists no item")
     return ids
 
 

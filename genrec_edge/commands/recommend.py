@@ -46,13 +46,14 @@ RAY_HELP = (
 def _filters(exclude, only, exclude_file, only_file) -> tuple[list[int], list[int] | None, dict]:
     """``--exclude`` + ``--exclude-file`` ids; ``--only`` + ``--only-file`` ids (None: neither given); and
     ``{(list, id): "FILE:LINE"}`` for the ids that come from a file alone (see :func:`_naming_files`)."""
-    from ..batch import ids_file_lines
+    from ..batch import read_items_file
 
     origins: dict[tuple[str, int], str] = {}
 
     def from_file(name, given, path, allow_empty) -> list[int]:
-        lines = ids_file_lines(path, "item", allow_empty=allow_empty)
-        origins.update({(name, i): f"{path}:{line}" for i, line in lines.items() if i not in set(given)})
+        lines = read_items_file(path, allow_empty=allow_empty)
+        given = set(given)
+        origins.update({(name, i): f"{path}:{line}" for i, line in lines.items() if i not in given})
         return list(lines)
 
     exclude = list(exclude or []) + (from_file("exclude", exclude or [], exclude_file, True) if exclude_file else [])
