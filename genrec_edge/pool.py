@@ -44,6 +44,8 @@ _recommender: Any = None  # in a worker process: its own Recommender
 _loaded: Any = None  # in a worker process: (its default prior, the warnings opening gave) or the GenrecError
 _cancelled: Any = None  # in a worker process: the pool's shared flags, one per cancellable call in flight
 
+_CLOSED = "this RecommenderPool is closed: open another with RecommenderPool.open"
+_CLOSED_BEFORE_SERVED = "this RecommenderPool was closed before the call was served"
 CANCEL_SLOTS = 64  # cancellable calls in flight at once; more are served, just not cancellable
 CANCEL_POLL_S = 0.1  # how often a waiting caller asks its ``cancel``
 
@@ -211,7 +213,7 @@ class RecommenderPool:
 
     def _call(self, fn, *args, cancel: Callable[[], bool] | None = None, key: int | None = None) -> list:
         if self._closed:  # the executor's own RuntimeError ("cannot schedule new futures") escaped before
-            raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
+            raise UsageError(_CLOSED)
         stop_if_cancelled(cancel)
         worker = self._take_worker(key, cancel)
         future = None
@@ -231,7 +233,7 @@ class RecommenderPool:
                 self._replace(worker, executor)
                 raise WorkerLostError("a worker process died during this request; it was replaced: try again") from None
             except CancelledError:  # close() dropped it while it waited in the executor (a bare CancelledError)
-                raise UsageError("this RecommenderPool was closed before the call was served") from None
+                raise UsageError(_CLOSED_BEFORE_SERVED) from None
         finally:
             if future is None or future.done():  # never sent, or ended: back before we return
                 self._give_back(worker, slot, held, working)
@@ -252,7 +254,7 @@ class RecommenderPool:
                 self._replace(worker, executor)
             except RuntimeError:  # "cannot schedule new futures after shutdown": close() came first
                 if self._closed:
-                    raise UsageError("this RecommenderPool was closed before the call was served") from None
+                    raise UsageError(_CLOSED_BEFORE_SERVED) from None
                 raise
         raise AssertionError("unreachable")
 
@@ -265,7 +267,7 @@ class RecommenderPool:
             try:
                 while True:
                     if self._closed:
-                        raise UsageError("this RecommenderPool was closed before the call was served")
+                        raise UsageError(_CLOSED_BEFORE_SERVED)
                     free = [w for w, busy in enumerate(self._busy) if not busy]
                     if free and self._queue[0] is me:
                         preferred = None if key is None else key % self.workers
@@ -342,7 +344,7 @@ class RecommenderPool:
         with self._replacing[worker]:
             with self._lock:
                 if self._closed:  # a worker died while (or after) the pool closed: start no process nobody stops
-                    raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
+                    raise UsageError(_CLOSED)
                 if self._executors[worker] is not broken:
                     return
             broken.shutdown(wait=False, cancel_futures=True)
@@ -350,7 +352,7 @@ class RecommenderPool:
             with self._lock:
                 if self._closed:  # closed while it loaded
                     fresh.shutdown(wait=True, cancel_futures=True)
-                    raise UsageError("this RecommenderPool is closed: open another with RecommenderPool.open")
+                    raise UsageError(_CLOSED)
                 self._executors[worker] = fresh
                 self.restarts += 1
 
