@@ -191,8 +191,12 @@ class RecommenderPool:
             loaded = [WorkerLostError("a worker process could not load the model")]
         failed = [result for result in loaded if isinstance(result, BaseException)]
         if failed:
+            # Waited for: an executor whose manager thread still runs when the interpreter exits can make
+            # concurrent.futures' exit hook write to its closed wake-up pipe ("Exception ignored ... Bad file
+            # descriptor" on stderr after the error line; seen once in CI with 2 workers, CPython 3.11). The
+            # workers have answered, so this is quick.
             for executor in executors:
-                executor.shutdown(wait=False, cancel_futures=True)
+                executor.shutdown(wait=True, cancel_futures=True)
             raise failed[0]
         return executors, loaded[0]
 
