@@ -8,12 +8,13 @@ BIN := $(VENV)/bin
 # llama.cpp is compiled from llama-cpp-python's sdist by scripts/llama_wheel.py (10-35 min on 2 cores, once),
 # into ~/.cache/genrec-edge/llama-cpp/<version>-<key>/, key = hash of the flags, compiler, Python and what
 # -march=native means on this CPU; pip's own wheel cache is never used for it (it ignores CMAKE_ARGS).
-#   LLAMA_CPU=native    (default) -march=native minus AMX: fastest here, built for this machine
+#   LLAMA_CPU=native    (default) -march=native: fastest here, built for this machine
 #   LLAMA_CPU=portable  x86-64-v3 (AVX2/FMA/F16C), no build-machine detection: for images shared between CPUs
-#   LLAMA_AMX=1         allow AMX code paths (only where the OS and hypervisor really let a process use AMX)
+#   LLAMA_AMX=auto      (default) AMX in a native build only where a child process ran an AMX tile product and
+#                       the installed build then passes a batched decode (else rebuilt without); 1 / 0: always / never
 #   LLAMA_CMAKE_EXTRA   more CMake arguments (part of the key)
 LLAMA_CPU ?= native
-LLAMA_AMX ?= 0
+LLAMA_AMX ?= auto
 LLAMA_CMAKE_EXTRA ?=
 export LLAMA_CPU LLAMA_AMX LLAMA_CMAKE_EXTRA
 STAMP := $(VENV)/.installed

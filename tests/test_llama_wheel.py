@@ -65,3 +65,96 @@ def test_the_installed_llama_cpp_is_the_keyed_build_for_this_machine(lw):
     assert record["compiler"] == lw.compiler_identity(native=record["cpu"] == "native"), (
         "the installed llama.cpp was compiled for another CPU (or compiler): run `make install`"
     )
+
+
+def _cpu_lists(flag: str) -> bool:
+    try:
+        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("flags"))
+    except OSError:
+        return False
+
+
+def _can_compile_amx(lw) -> bool:
+    import shutil
+    import subprocess
+    import tempfile
+
+    cc = shutil.which("cc")
+    if not cc or not lw.is_x86():
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "x.c"
+        src.write_text("int main(void){return 0;}\n")
+        return subprocess.run([cc, "-mamx-tile", "-mamx-int8", str(src), "-o", str(Path(tmp) / "x")],
+                              capture_output=True).returncode == 0
+
+
+def test_amx_probe_matches_what_this_machine_can_execute(lw):
+    """Without AMX in CPUID the probe must fail (the tile instructions are illegal); with it, it runs or says why."""
+    if not _can_compile_amx(lw):
+        pytest.skip("no x86 C compiler that knows -mamx-int8 here")
+    usable, why = lw.amx_usable()
+    assert isinstance(usable, bool) and why
+    if not _cpu_lists("amx_int8"):
+        assert not usable, why
+    elif not usable:
+        assert "signal" in why or "arch_prctl" in why, why
+
+
+def test_amx_probe_reports_a_faulting_cpu_as_unusable(lw, monkeypatch):
+    """A VM that advertises AMX and kills the process on it: the probe survives, says no, and names the signal."""
+    if not _can_compile_amx(lw):
+        pytest.skip("no x86 C compiler that knows -mamx-int8 here")
+    monkeypatch.setattr(lw, "AMX_PROBE_C", "int main(void) { __builtin_trap(); }\n")
+    usable, why = lw.amx_usable()
+    assert not usable and "signal 4" in why
+    monkeypatch.setattr(lw, "AMX_PROBE_C", '#include <stdio.h>\nint main(void) { puts("wrong product"); return 4; }\n')
+    usable, why = lw.amx_usable()
+    assert not usable and "wrong product" in why
+
+
+def test_llama_amx_auto_builds_with_amx_only_where_it_was_seen_to_work(lw, monkeypatch, tmp_path):
+    monkeypatch.setattr(lw, "WHEELHOUSE", tmp_path)
+    monkeypatch.setattr(lw, "is_x86", lambda: True)
+    assert lw.resolve_amx("1", "portable", "")[0] and not lw.resolve_amx("0", "native", "")[0]
+    with pytest.raises(SystemExit, match="auto, 1 or 0"):
+        lw.resolve_amx("maybe", "native", "")
+    probed = []
+    monkeypatch.setattr(lw, "amx_usable", lambda: probed.append(1) or (True, "ran"))
+    monkeypatch.setattr(lw, "cpu_lists", lambda flag: False)
+    assert lw.resolve_amx("auto", "native", "") == (False, "LLAMA_AMX=auto: this CPU does not list amx_int8")
+    monkeypatch.setattr(lw, "cpu_lists", lambda flag: flag == "amx_int8")
+    assert not lw.resolve_amx("auto", "portable", "")[0]  # a portable build never takes this CPU's extras
+    assert lw.resolve_amx("auto", "native", "") == (True, "LLAMA_AMX=auto: ran") and probed == [1]
+    monkeypatch.setattr(lw, "amx_usable", lambda: (False, "the AMX probe died with signal 4"))
+    assert lw.resolve_amx("auto", "native", "") == (False, "LLAMA_AMX=auto: the AMX probe died with signal 4")
+    # An AMX build that failed the batched-decode check here is not tried again (until its key changes).
+    monkeypatch.setattr(lw, "amx_usable", lambda: (True, "ran"))
+    failed = lw.wheel_dir(lw.build_spec("native", True, ""))
+    failed.mkdir(parents=True)
+    (failed / lw.FAILED_CHECK).write_text("{}")
+    usable, why = lw.resolve_amx("auto", "native", "")
+    assert not usable and "failed its check" in why
+    assert lw.resolve_amx("auto", "native", "-DGGML_LTO=ON")[0]
+
+
+def test_amx_builds_carry_the_source_patch_in_their_key(lw, monkeypatch):
+    monkeypatch.setattr(lw, "is_x86", lambda: True)
+    assert "source_patches" not in lw.build_spec("native", False, "")
+    with_patch = lw.build_spec("native", True, "")
+    monkeypatch.setattr(lw, "AMX_SOURCE_PATCHES", [("a.cpp", "x", "y")])
+    other = lw.build_spec("native", True, "")
+    assert with_patch["source_patches"] != other["source_patches"] and with_patch["key"] != other["key"]
+
+
+def test_source_patches_apply_once_or_stop_the_build(lw, tmp_path):
+    """The AMX patch rewrites the tile-config code it was written for, and refuses any other version of it."""
+    rel, old, new = lw.AMX_SOURCE_PATCHES[0]
+    src = tmp_path / "llama_cpp_python-0.3.36" / rel
+    src.parent.mkdir(parents=True)
+    src.write_text("static void f() {\n" + old + "\n}\n")
+    lw.apply_patches(src.parents[len(Path(rel).parts) - 1], lw.AMX_SOURCE_PATCHES)
+    assert src.read_text() == "static void f() {\n" + new + "\n}\n" and '"m"(tc)' in new
+    with pytest.raises(SystemExit, match="0 matches"):  # already patched, or upstream changed the code
+        lw.apply_patches(src.parents[len(Path(rel).parts) - 1], lw.AMX_SOURCE_PATCHES)
