@@ -189,10 +189,10 @@ def check_runtime(result=None) -> list[Check]:
                 "rebuild it for this machine with `make install`",
                 UnsupportedCPUError,
             ))
-        elif amx and not llama_probe.amx_opted_in():
+        elif amx and not llama_probe.amx_recorded():
             checks.append(Check("cpu features", WARN, (
-                f"built with {', '.join(amx)} without the LLAMA_AMX=1 opt-in (a wheel from elsewhere?): "
-                "VMs may advertise AMX and fault on it; `make install` rebuilds without it"
+                f"built with {', '.join(amx)}, but not by `make install` (a wheel from elsewhere?): VMs may "
+                "advertise AMX and fault on it; `make install` builds AMX in only where it checked it runs"
             )))
         else:
             checks.append(Check("cpu features", OK, "every compiled instruction set is offered by this CPU"))

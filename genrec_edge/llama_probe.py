@@ -83,14 +83,15 @@ def linux_cpu_flags() -> set[str] | None:
 
 
 def build_record() -> dict | None:
-    """What scripts/llama_wheel.py recorded about the installed build (flags, AMX opt-in), if it built it."""
+    """What scripts/llama_wheel.py recorded about the installed build (flags, AMX and why), if it built it."""
     try:
         return json.loads((Path(sys.prefix) / BUILD_MARKER).read_text())
     except (OSError, ValueError):
         return None
 
 
-def amx_opted_in() -> bool:
+def amx_recorded() -> bool:
+    """Did scripts/llama_wheel.py build AMX in on purpose (``LLAMA_AMX=1``, or ``auto`` after its AMX probe)?"""
     record = build_record()
     return bool(record and record.get("amx"))
 
@@ -205,10 +206,12 @@ def probe(timeout: float = PROBE_TIMEOUT_S, command: list[str] | None = None) ->
         name = signal_name(proc.returncode)
         what = "an illegal instruction" if name == "SIGILL" else name
         stage = "loading llama.cpp" if info is None else "a batched llama_decode"
-        return ProbeResult(info, False, (
-            f"llama.cpp died of {what} ({name}) in {stage}: it was built with instructions this CPU/OS "
-            "cannot execute; rebuild it for this machine with `make install` (or LLAMA_CPU=portable)"
-        ), features)
+        if features.get("AMX_INT8"):  # a VM that faults on AMX, or AMX code miscompiled (FINDINGS.md)
+            advice = "it was built with AMX: rebuild it without with `make install LLAMA_AMX=0`"
+        else:
+            advice = ("it was built with instructions this CPU/OS cannot execute; rebuild it for this machine "
+                      "with `make install` (or LLAMA_CPU=portable)")
+        return ProbeResult(info, False, f"llama.cpp died of {what} ({name}) in {stage}: {advice}", features)
     if proc.returncode != 0 or decode != "ok":
         last = (proc.stderr.strip().splitlines() or [decode or "no output"])[-1]
         return ProbeResult(info, False, f"the llama.cpp probe failed (exit {proc.returncode}): {last[:200]}", features)

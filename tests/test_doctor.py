@@ -216,16 +216,20 @@ def test_doctor_command_is_documented(capsys):
 
 
 # ------------------------------------------------------------------------------ the llama.cpp build
-def test_installed_llama_cpp_has_no_amx_without_the_opt_in():
-    """The build must not contain AMX code paths unless LLAMA_AMX=1 was asked for (issue: SIGILL on VMs)."""
+def test_installed_llama_cpp_has_amx_only_where_its_build_record_says_so():
+    """AMX code paths only in a build that scripts/llama_wheel.py made with AMX on purpose (LLAMA_AMX=1, or
+    auto after its probe ran an AMX tile product here), and there they are compiled in (issue: SIGILL on VMs)."""
     from genrec_edge import llama_probe
 
     result = llama_probe.probe()
     assert result.system_info, "the probe printed no llama.cpp system info"
     assert result.features.get("AVX2") or result.features.get("NEON") or result.features.get("SSE3"), result.system_info
     amx = [f for f in llama_probe.AMX_FEATURES if result.features.get(f)]
-    if not llama_probe.amx_opted_in():
-        assert not amx, f"llama.cpp was built with {amx} without the LLAMA_AMX=1 opt-in: {result.system_info}"
+    record = llama_probe.build_record() or {}  # no record: a wheel from elsewhere, which must not have AMX
+    if record.get("amx"):
+        assert "AMX_INT8" in amx, f"the build record says AMX, llama.cpp reports {result.system_info}"
+    else:
+        assert not amx, f"llama.cpp was built with {amx}, its build record says without: {result.system_info}"
 
 
 def test_the_runtime_probe_passes_here_and_doctor_prints_the_system_info(tiny_db, capsys):
@@ -278,6 +282,9 @@ def test_a_child_killed_by_sigill_becomes_one_failing_check():
     assert not result.ok
     assert "illegal instruction (SIGILL)" in result.detail and "batched llama_decode" in result.detail
     assert result.features == {"AVX2": True, "AMX_INT8": True}
+    assert "LLAMA_AMX=0" in result.detail  # an AMX build that crashes: rebuild without AMX
+    plain = llama_probe.probe(command=[sys.executable, "-c", crash.replace(" | AMX_INT8 = 1", "")])
+    assert not plain.ok and "LLAMA_AMX" not in plain.detail and "cannot execute" in plain.detail
     checks = check_runtime(result)
     failed = [c for c in checks if c.status == FAIL]
     assert failed and failed[-1].name == "batched decode"
