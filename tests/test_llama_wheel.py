@@ -158,3 +158,29 @@ def test_source_patches_apply_once_or_stop_the_build(lw, tmp_path):
     assert src.read_text() == "static void f() {\n" + new + "\n}\n" and '"m"(tc)' in new
     with pytest.raises(SystemExit, match="0 matches"):  # already patched, or upstream changed the code
         lw.apply_patches(src.parents[len(Path(rel).parts) - 1], lw.AMX_SOURCE_PATCHES)
+
+
+def test_an_amx_build_that_fails_its_check_is_replaced_by_one_without(lw, monkeypatch, tmp_path, capsys):
+    """`make install` with LLAMA_AMX=auto: when the installed AMX build fails the batched-decode check, the
+    same run builds and installs the wheel without AMX (compiling is stubbed: this is the script's flow)."""
+    monkeypatch.setattr(lw, "WHEELHOUSE", tmp_path)
+    monkeypatch.setattr(lw, "resolve_amx", lambda value, cpu, extra: (value != "0", "test"))
+    installed, checked = [], []
+
+    def fake_build(spec, python):
+        folder = lw.wheel_dir(spec)
+        folder.mkdir(parents=True)
+        (folder / "build.json").write_text("{}")
+        (folder / "llama_cpp_python-0.3.36-py3-none-any.whl").write_text("")
+        return lw.find_wheel(folder)
+
+    monkeypatch.setattr(lw, "build", fake_build)
+    monkeypatch.setattr(lw, "installed_key", lambda python: None)
+    monkeypatch.setattr(lw, "install", lambda spec, wheel, python: installed.append(spec["amx"]))
+    monkeypatch.setattr(lw, "verified", lambda python, spec: checked.append(spec["amx"]) or False)
+    lw.main(["--amx", "auto", "--cpu", "native"])
+    assert checked == [True] and installed == [True, False]
+    assert "without AMX" in capsys.readouterr().out
+    installed.clear(), checked.clear()
+    lw.main(["--amx", "1", "--cpu", "native"])  # asked for AMX outright: installed as asked, no fallback
+    assert checked == [] and installed == [True]
