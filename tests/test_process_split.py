@@ -12,9 +12,10 @@ from bench.process_split import main, parse_layouts, render, summarize
 
 
 def test_layouts_parse_and_bad_ones_are_refused():
-    assert parse_layouts("1x2, 2x1") == [(1, 2, False), (2, 1, False)]
-    assert parse_layouts("before,1x4", cpus=4) == [(1, 4, True), (1, 4, False)]  # same split, other runtime
-    for bad in ("2", "1x2", "1x2,1x2", "0x1,1x1", "1x2,ax1", "1x-1,2x1", "before,before", "after,1x2"):
+    assert parse_layouts("1x2, 2x1") == [(1, 2, False, ""), (2, 1, False, "")]
+    assert parse_layouts("before,1x4", cpus=4) == [(1, 4, True, ""), (1, 4, False, "")]  # same split, other runtime
+    assert parse_layouts("before@old,1x2@new,1x2") == [(1, 2, True, "old"), (1, 2, False, "new"), (1, 2, False, "")]
+    for bad in ("2", "1x2", "1x2,1x2", "0x1,1x1", "1x2,ax1", "1x-1,2x1", "before,before", "after,1x2", "1x2@a,1x2@a"):
         with pytest.raises(ValueError):
             parse_layouts(bad)
 
@@ -56,6 +57,26 @@ def test_runs_end_to_end_on_the_tiny_model(tiny_model, tiny_db, tmp_path):
     assert_rerender_reproduces(main, render, saved, tmp_path)  # --render redraws the same report
 
 
+def test_a_layout_under_another_interpreter_runs_there_and_is_compared_apart(tiny_model, tiny_db, tmp_path):
+    """LAYOUT@NAME runs in a child of --python NAME=PATH (here this interpreter again, so the same build): its
+    results are held to the same titles (another build would round differently), one process reports a p50."""
+    import sys
+
+    assert main(["--model", str(tiny_model), "--db", str(tiny_db), "--users", "3", "--reps", "2",
+                 "--layouts", "1x1,before@again,1x1@again", "--python", f"again={sys.executable}",
+                 "--out", str(tmp_path)]) == 0
+    saved = next(tmp_path.glob("process-split-*.json"))
+    summ = json.loads(saved.read_text())["summary"]
+    assert summ["base"] == "1x1" and summ["identical_users"] == 3
+    assert summ["others"]["1x1@again"] == {"same_titles": 3, "max_score_diff": 0.0}  # the same build: same bits
+    assert summ["others"]["before@again"]["same_titles"] == 3
+    assert all(len(summ["layouts"][lay]["p50_s"]) == 2 and summ["layouts"][lay]["p50_s"][0] > 0
+               for lay in ("1x1", "before@again", "1x1@again"))
+    text = saved.with_suffix(".md").read_text()
+    assert f"again = `{sys.executable}`" in text and "1x1@again: one user's median time by rep" in text
+    assert_rerender_reproduces(main, render, saved, tmp_path)
+
+
 def test_a_worker_that_cannot_start_is_one_error_line(tiny_db, tmp_path):
     missing = tmp_path / "missing.gguf"
     with pytest.raises(SystemExit) as exc:
@@ -66,9 +87,10 @@ def test_a_worker_that_cannot_start_is_one_error_line(tiny_db, tmp_path):
 
 
 def test_bad_arguments_are_one_usage_line(tmp_path, capsys):
-    err = usage_errors(main, (["--render", str(tmp_path / "missing.json")], ["--layouts", "1x2"], ["--users", "0"]),
-                       capsys)
+    err = usage_errors(main, (["--render", str(tmp_path / "missing.json")], ["--layouts", "1x2"], ["--users", "0"],
+                              ["--layouts", "1x1,1x1@x"], ["--layouts", "1x1,2x1", "--python", "x"]), capsys)
     assert "no such saved run" in err and "--layouts: give at least two" in err
+    assert "no --python NAME=PATH for x" in err and "--python: give NAME=PATH" in err
 
 
 def test_the_benches_refuse_a_missing_or_empty_database_in_one_line(tmp_path):
