@@ -67,14 +67,6 @@ def test_the_installed_llama_cpp_is_the_keyed_build_for_this_machine(lw):
     )
 
 
-def _cpu_lists(flag: str) -> bool:
-    try:
-        return any(flag in line.split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("flags"))
-    except OSError:
-        return False
-
-
 def _can_compile_amx(lw) -> bool:
     import shutil
     import subprocess
@@ -96,7 +88,7 @@ def test_amx_probe_matches_what_this_machine_can_execute(lw):
         pytest.skip("no x86 C compiler that knows -mamx-int8 here")
     usable, why = lw.amx_usable()
     assert isinstance(usable, bool) and why
-    if not _cpu_lists("amx_int8"):
+    if not lw.cpu_lists("amx_int8"):
         assert not usable, why
     elif not usable:
         assert "signal" in why or "arch_prctl" in why, why
