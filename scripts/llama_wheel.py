@@ -242,15 +242,19 @@ def build(spec: dict, python: str) -> Path:
           flush=True)
     start = time.monotonic()
     target = f"llama-cpp-python=={spec['version']}"
-    sources = None
-    if spec.get("source_patches"):
-        sources = Path(tempfile.mkdtemp(prefix=".sources-", dir=WHEELHOUSE))
-        target = str(patched_sources(spec["version"], sources, python, env))
-    cmd = [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python",
-           "--wheel-dir", str(staging), target]
-    proc = subprocess.run(cmd, env=env)
-    if sources is not None:
-        shutil.rmtree(sources, ignore_errors=True)
+    sources = Path(tempfile.mkdtemp(prefix=".sources-", dir=WHEELHOUSE)) if spec.get("source_patches") else None
+    try:
+        if sources is not None:
+            target = str(patched_sources(spec["version"], sources, python, env))
+        cmd = [python, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--no-binary", "llama-cpp-python",
+               "--wheel-dir", str(staging), target]
+        proc = subprocess.run(cmd, env=env)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if sources is not None:
+            shutil.rmtree(sources, ignore_errors=True)
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise SystemExit(f"llama_wheel: building llama-cpp-python failed (exit {proc.returncode}); see pip's output above")

@@ -176,3 +176,17 @@ def test_an_amx_build_that_fails_its_check_is_replaced_by_one_without(lw, monkey
     installed.clear(), checked.clear()
     lw.main(["--amx", "1", "--cpu", "native"])  # asked for AMX outright: installed as asked, no fallback
     assert checked == [] and installed == [True]
+
+
+def test_a_patch_that_does_not_apply_stops_the_build_and_leaves_no_half_made_folders(lw, monkeypatch, tmp_path):
+    monkeypatch.setattr(lw, "WHEELHOUSE", tmp_path)
+
+    def stale(version, folder, python, env):
+        (folder / "llama_cpp_python-0.3.36").mkdir()
+        raise SystemExit("llama_wheel: ... is not the code the AMX patch expects (0 matches); build without AMX")
+
+    monkeypatch.setattr(lw, "patched_sources", stale)
+    spec = dict(lw.build_spec("native", False, ""), source_patches="x")
+    with pytest.raises(SystemExit, match="LLAMA_AMX=0|build without AMX"):
+        lw.build(spec, sys.executable)
+    assert list(tmp_path.iterdir()) == []
