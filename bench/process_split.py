@@ -129,6 +129,7 @@ def run_layout(model: Path, db: Path, users: list[int], procs: int, threads: int
             raise RuntimeError(_first_error(done) or "a worker did not start") from None
         began = time.perf_counter()
         ranked: dict[int, dict] = {}
+        took: dict[int, float] = {}  # each user's own ranking time, in its worker
         while len(ranked) < len(users):
             try:
                 event = done.get(timeout=5.0)
@@ -138,7 +139,8 @@ def run_layout(model: Path, db: Path, users: list[int], procs: int, threads: int
                 continue
             if event[0] == "error":
                 raise RuntimeError(event[1])
-            ranked[event[1]] = {"titles": event[2], "scores": event[3], "seconds": event[4]}
+            ranked[event[1]] = {"titles": event[2], "scores": event[3]}
+            took[event[1]] = event[4]
             if progress:
                 progress()
         seconds = time.perf_counter() - began
@@ -147,8 +149,7 @@ def run_layout(model: Path, db: Path, users: list[int], procs: int, threads: int
             w.join(timeout=30)
             if w.is_alive():
                 w.kill()
-    return {"seconds": seconds, "results": {str(u): {k: v for k, v in ranked[u].items() if k != "seconds"} for u in users},
-            "user_seconds": [ranked[u]["seconds"] for u in users]}
+    return {"seconds": seconds, "results": {str(u): ranked[u] for u in users}, "user_seconds": [took[u] for u in users]}
 
 
 def run_layout_under(python: str, model: Path, db: Path, users: list[int], layout: Layout) -> dict:

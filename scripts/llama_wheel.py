@@ -295,9 +295,15 @@ def apply_patches(root: Path, patches: list[tuple[str, str, str]]) -> None:
         path.write_text(text.replace(old, new))
 
 
+def venv_marker(python: str) -> Path:
+    """The build record in ``python``'s environment (sys.prefix): which keyed wheel is installed there."""
+    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    return Path(prefix) / MARKER
+
+
 def installed_key(python: str) -> str | None:
-    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True).stdout.strip()
-    marker = Path(prefix) / MARKER
+    marker = venv_marker(python)
     if not marker.exists():
         return None
     probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
@@ -312,9 +318,7 @@ def installed_key(python: str) -> str | None:
 def install(spec: dict, wheel: Path, python: str) -> None:
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", "--no-cache-dir",
                     str(wheel)], check=True)
-    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    (Path(prefix) / MARKER).write_text(json.dumps(dict(spec, wheel=str(wheel)), indent=2) + "\n")
+    venv_marker(python).write_text(json.dumps(dict(spec, wheel=str(wheel)), indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,9 +357,7 @@ def verified(python: str, spec: dict) -> bool:
     """Run genrec_edge's batched-decode check on the installed AMX build, once; False (and the build marked
     failed, so ``auto`` leaves AMX out from now on) if it fails. True when the check cannot run yet
     (genrec_edge not installed: the Makefile's second pass runs it)."""
-    prefix = subprocess.run([python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    marker = Path(prefix) / MARKER
+    marker = venv_marker(python)
     record = json.loads(marker.read_text())
     if record.get("checked"):
         return True
