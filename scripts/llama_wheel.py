@@ -20,6 +20,7 @@ else is installed.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -182,7 +183,11 @@ def build_flags(cpu: str, amx: bool, extra: str) -> tuple[list[str], list[str]]:
 
 def compiler_identity(native: bool) -> list[str]:
     """The compiler's version and, for native builds, what -march/-mcpu=native means on this CPU."""
-    cc = os.environ.get("CC", "cc")
+    return list(_compiler_identity(os.environ.get("CC", "cc"), native))
+
+
+@functools.cache  # one install asks for several specs (the AMX one, its fallback): run the compiler once
+def _compiler_identity(cc: str, native: bool) -> tuple[str, ...]:
     out = [cc]
     try:
         out.append(subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0])
@@ -196,7 +201,7 @@ def compiler_identity(native: bool) -> list[str]:
             out += [t.strip('"') for t in line.split()[1:] if "/" not in t and not t.strip('"').startswith("-dump")]
     except (OSError, IndexError, subprocess.TimeoutExpired) as exc:
         out.append(f"unknown ({exc.__class__.__name__})")
-    return out
+    return tuple(out)
 
 
 def build_spec(cpu: str, amx: bool, extra: str) -> dict:
