@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--python: give NAME=PATH (NAME: letters, digits, - and _), not {item!r}")
         if name in builds:
             parser.error(f"--python: {name} given twice")
-        builds[name] = path
+        # Absolute but not resolved: a venv's python is a symlink out of the venv. A bare name is found on PATH.
+        builds[name] = os.path.abspath(path) if os.sep in path else path
     if len(builds) < 2:
         parser.error("--python: give at least two builds to compare")
     if args.workers < 1:

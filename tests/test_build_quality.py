@@ -32,7 +32,10 @@ def test_summary_pairs_users_and_counts_what_moved():
 
 def test_one_build_twice_agrees_with_itself_end_to_end(tiny_model, tiny_db, tmp_path):
     """The same interpreter under two names: the same llama.cpp, so every list and metric must agree."""
-    argv = ["--python", f"one={sys.executable}", "--python", f"two={sys.executable}", "--model", str(tiny_model),
+    import os
+
+    # A relative path too: the children run from the logs folder, so it must be made absolute first.
+    argv = ["--python", f"one={os.path.relpath(sys.executable)}", "--python", f"two={sys.executable}", "--model", str(tiny_model),
             "--db", str(tiny_db), "--users", "4", "--logs", str(tmp_path / "logs"), "--out", str(tmp_path)]
     assert main(argv) == 0
     saved = next(tmp_path.glob("build-quality-*.json"))
