@@ -54,7 +54,8 @@ def evaluate(python: str, log: Path, args) -> tuple[dict, dict]:
 
     logged = ResultLog(log).read()[run["key"]]
     results = [logged[user].to_dict() for user in report["users"]]
-    return {**json.loads(info.stdout), "run": name, "run_key": run["key"], "seconds": report["seconds"]}, results
+    return ({**json.loads(info.stdout), "run": name, "run_key": run["key"], "seconds": report["seconds"],
+             "reused": run["resumed"]}, results)
 
 
 def summarize(results: dict[str, list[dict]]) -> dict:
@@ -117,8 +118,9 @@ def render(data: dict, stem: Path) -> None:
                      f"{a['hit_gained']} | {a['hit_lost']} |")
     lines += ["", "Builds (`llama-cpp-build.json` key, AMX, and what llama.cpp reports as compiled in):", ""]
     for name, b in meta["builds"].items():
+        reused = f", {b['reused']} users' results reused from its log" if b.get("reused") else ""
         lines.append(f"- **{name}** (`{b['python']}`): key {b['key']}, amx {b['amx']}, evaluate took "
-                     f"{b['seconds']:.0f} s; `{b['system_info']}`")
+                     f"{b['seconds']:.0f} s{reused}; `{b['system_info']}`")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
     import matplotlib

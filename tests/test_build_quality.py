@@ -49,6 +49,12 @@ def test_one_build_twice_agrees_with_itself_end_to_end(tiny_model, tiny_db, tmp_
     text = saved.with_suffix(".md").read_text()
     assert "| two − one (paired) |" in text and "| two | 4/4 | 1.000 | 0 | 0 |" in text
     assert_rerender_reproduces(main, render, saved, tmp_path)
+    # A rerun reuses both logs, and says so
+    assert main(argv) == 0
+    (second,) = [p for p in tmp_path.glob("build-quality-*.json") if p != saved]  # a run of record is kept
+    again = json.loads(second.read_text())
+    assert again["meta"]["builds"]["two"]["reused"] == 4 and again["summary"] == s
+    assert "4 users' results reused from its log" in second.with_suffix(".md").read_text()
 
 
 def test_bad_arguments_are_one_usage_line(tmp_path, capsys):
