@@ -78,6 +78,13 @@ from .models import require_model_file  # noqa: E402
 EXACT_BATCH = 63  # tokens per llama_decode: below the tiled attention kernel's 64 rows (module docstring)
 
 
+def build_identity() -> str:
+    """Which llama.cpp computes here: the package version and the instruction sets compiled in. Builds for
+    other instruction sets round differently, so their scores (and top-10 orders) differ (docs/FINDINGS.md)."""
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
+    return f"llama-cpp-python {llama_cpp.__version__}; {info}"
+
+
 # ---------------------------------------------------------------------------------------- logging
 _log_lock = threading.Lock()
 _log_callback = None  # module-level: llama.cpp keeps the pointer, so the ctypes object must stay alive

@@ -51,6 +51,9 @@ class Run:
     config: dict
     produce: Callable[[Sequence[Example]], Iterator[list[UserResult]]] = field(repr=False, compare=False)
     top_k: int | None = None
+    # What computed the results beyond the config, recorded in the log but not in the key: the llama.cpp build
+    # of a local LLM run (a Ray run's workers may have others, so it has none). A resume by another build warns.
+    origin: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:
@@ -155,6 +158,8 @@ def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None,
             prior_weight: float | None = None) -> Run:
     """The LLM behind ``rec`` (an open ``Recommender`` or ``RecommenderPool``) as a top-``k`` run, with ``prior``
     (None: its default)."""
+    from .engine import build_identity
+
     used = rec.default_prior if prior is None else prior
     label, config = _llm_identity(rec.model_path, base_config, k, prior, beam, prior_weight, used)
 
@@ -162,7 +167,7 @@ def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None,
         for example, titles in llm_rankings(rec, examples, catalog, k, prior, prior_weight):
             yield [result_from_titles(example, titles, catalog, keep=k, k_max=k)]
 
-    return Run(label, config, produce, top_k=k)
+    return Run(label, config, produce, top_k=k, origin=build_identity())  # a pool's workers: this venv's build
 
 
 def ray_llm_run(model_path: Path | None, db_path: Path, catalog: Catalog, base_config: dict, k: int,
@@ -336,7 +341,8 @@ def evaluate_recommenders(
             while name in results:  # the same name again: "SASRec #2", "SASRec #3"
                 copy += 1
                 name = f"{run.name} #{copy}"
-            got, resumed = log.run(run, examples, progress) if log else (run_unlogged(run, examples, progress), 0)
+            got, resumed = (log.run(run, examples, progress, warn=warn) if log
+                            else (run_unlogged(run, examples, progress), 0))
         results[name] = got
         runs[name] = {"config": run.config, "key": run.key, "top_k": run.top_k, "resumed": resumed}
 
@@ -401,6 +407,7 @@ class ResultLog:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self.origins: dict[str, str | None] = {}  # run key -> its run line's origin (filled by reading)
 
     def read(self) -> dict[str, dict[int, UserResult]]:
         """Every logged result, by run key then user."""
@@ -410,10 +417,12 @@ class ResultLog:
             raise FileAccessError(f"cannot use {self.path}: it is not a file (a folder is there)")
         return self._parse(self.path.read_bytes())
 
-    def run(self, run: Run, examples: Sequence[Example], progress: bool = True) -> tuple[list[UserResult], int]:
+    def run(self, run: Run, examples: Sequence[Example], progress: bool = True,
+            warn: Callable[[str], None] | None = None) -> tuple[list[UserResult], int]:
         """Every example's result for ``run``: logged ones reused, the others computed and appended.
 
-        Returns the results in ``examples`` order and how many came from the log.
+        Returns the results in ``examples`` order and how many came from the log. ``warn`` (default: a line
+        on stderr) hears of logged results that another llama.cpp build computed (``Run.origin``).
         """
         if self.path.exists() and not self.path.is_file():
             raise FileAccessError(f"cannot use {self.path}: it is not a file (a folder is there)")
@@ -429,7 +438,13 @@ class ResultLog:
             if keep == 0:
                 fh.write(_HEADER)
             if run.key not in everything:
-                fh.write(json_line({"run": run.key, "name": run.name, "config": run.config}))
+                line = {"run": run.key, "name": run.name, "config": run.config}
+                fh.write(json_line({**line, "origin": run.origin} if run.origin else line))
+            elif everything[run.key] and run.origin and self.origins.get(run.key) not in (None, run.origin):
+                (warn or _stderr_warning)(
+                    f"{self.path}: {run.name}'s logged results came from another llama.cpp build "
+                    f"({self.origins[run.key]}), this run's is {run.origin}; builds round differently, so a "
+                    "mix of both is reused: give another --out for this build's results alone")
             fh.flush()
 
             def append(chunk: list[UserResult]) -> None:
@@ -460,6 +475,7 @@ class ResultLog:
                 raise IngestError(f"{self.path}:{number}: a line without a run key")
             if "config" in record:
                 out.setdefault(record["run"], {})
+                self.origins.setdefault(record["run"], record.get("origin"))
                 continue
             try:
                 result = UserResult.from_dict(record)
@@ -470,6 +486,12 @@ class ResultLog:
 
 
 _HEADER = (json.dumps({"format": LOG_FORMAT, "version": LOG_VERSION}) + "\n").encode("utf-8")
+
+
+def _stderr_warning(message: str) -> None:
+    import sys
+
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def run_unlogged(run: Run, examples: Sequence[Example], progress: bool = True) -> list[UserResult]:

@@ -344,3 +344,33 @@ def test_runs_of_the_same_name_are_numbered(db, sasrec_dir, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert list(json.loads(captured.out)["recommenders"]) == ["SASRec", "SASRec #2", "SASRec #3"]
+
+
+def test_the_log_records_the_llama_cpp_build_and_a_resume_by_another_build_warns(db, tiny_model, tmp_path):
+    """Builds for other instruction sets round differently (docs/FINDINGS.md): a log says which build wrote it, and
+    reusing its results under another build is said in one warning (another build simulated by its origin)."""
+    import dataclasses
+
+    from genrec_edge.engine import build_identity
+
+    sequences, catalog = read(db)
+    examples = split_examples(sequences, "test")
+    base = {"split": "test", "data_sha256": data_fingerprint(sequences)}
+    log, heard = ResultLog(tmp_path / "log.jsonl"), []
+    with Recommender.open(tiny_model, db, threads=2, warn=lambda m: None) as rec:
+        run = llm_run(rec, catalog, base, k=10, prior=None, beam=None)
+        assert run.origin == build_identity() and run.origin.startswith("llama-cpp-python ")
+        log.run(run, examples[:2], progress=False, warn=heard.append)
+        config_line = json.loads(log.path.read_text(encoding="utf-8").splitlines()[1])
+        assert config_line["origin"] == run.origin and "origin" not in config_line["config"]  # not in the key
+        log.run(run, examples[:3], progress=False, warn=heard.append)
+        assert heard == []  # the same build resumes silently
+        other = dataclasses.replace(run, origin="llama-cpp-python 0.0.0; CPU : AVX2 = 1 |")
+        results, reused = log.run(other, examples[:3], progress=False, warn=heard.append)
+        assert reused == 3 and len(heard) == 1
+        assert "another llama.cpp build" in heard[0] and "AVX2 = 1" in heard[0] and "give another --out" in heard[0]
+        # A log written without an origin (a Ray run's, or an older one's) cannot tell: nothing is said
+        quiet = ResultLog(tmp_path / "ray.jsonl")
+        quiet.run(dataclasses.replace(run, origin=None), examples[:2], progress=False, warn=heard.append)
+        quiet.run(run, examples[:3], progress=False, warn=heard.append)
+    assert len(heard) == 1
