@@ -441,7 +441,9 @@ class ResultLog:
                 line = {"run": run.key, "name": run.name, "config": run.config}
                 fh.write(json_line({**line, "origin": run.origin} if run.origin else line))
             elif everything[run.key] and run.origin and self.origins.get(run.key) not in (None, run.origin):
-                (warn or _stderr_warning)(
+                from .recommend import stderr_warning
+
+                (warn or stderr_warning)(
                     f"{self.path}: {run.name}'s logged results came from another llama.cpp build "
                     f"({self.origins[run.key]}), this run's is {run.origin}; builds round differently, so a "
                     "mix of both is reused: give another --out for this build's results alone")
@@ -486,12 +488,6 @@ class ResultLog:
 
 
 _HEADER = (json.dumps({"format": LOG_FORMAT, "version": LOG_VERSION}) + "\n").encode("utf-8")
-
-
-def _stderr_warning(message: str) -> None:
-    import sys
-
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def run_unlogged(run: Run, examples: Sequence[Example], progress: bool = True) -> list[UserResult]:
