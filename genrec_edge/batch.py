@@ -49,6 +49,7 @@ class BatchReport:
     errors: int  # users written with an "error" instead of items (every title seen)
     seconds: float
     parquet: Path | None = None
+    processes: int = 1  # ranking here: the worker processes (``workers``, ``auto`` resolved); on Ray: 0
 
 
 # ------------------------------------------------------------------------------------------------ users
@@ -450,7 +451,7 @@ def recommend_users(
     ray: str | bool | None = None,
     actors: int | None = None,
     ship_model: bool = False,
-    workers: int = 1,
+    workers: int | str = 1,
     exclude: Iterable[int] | None = (),
     only: Iterable[int] | None = None,
     user_filters: Mapping[int, UserFilters | Mapping] | None = None,
@@ -466,7 +467,9 @@ def recommend_users(
     ``threads`` CPUs each), with results identical to the local run's.
     ``workers`` > 1 ranks in that many spawned processes here, each with its own model (the lines and
     their order are those of ``workers=1``; on 2 cores 2 processes rank ~1.28x the users/s of one:
-    bench/results/process-split-2026-12-01.md); call it under ``if __name__ == "__main__":`` in a script.
+    bench/results/process-split-2026-12-01.md); ``"auto"`` (the CLI's default) picks one single-thread
+    process per core, within memory and the users to rank (``pool.auto_workers``). Call it under
+    ``if __name__ == "__main__":`` in a script when it may start processes.
     ``parquet`` also writes ``out`` with the suffix ``.parquet`` when every user is done.
     ``exclude`` / ``only``: item ids no user is recommended / the ids every user is recommended from (as
     ``Recommender.recommend`` takes them; e.g. what is out of / in stock); a user they leave nothing for gets
@@ -478,6 +481,7 @@ def recommend_users(
     from .catalog import check_model_catalog
     from .history import HistoryDB
     from .models import default_model_path, require_model_file
+    from .pool import AUTO, parse_workers, resolve_workers
     from .recommend import (
         MAX_SEQUENCES,
         _item_ids,
@@ -494,9 +498,8 @@ def recommend_users(
         raise UsageError(f"--k must be >= 1 (got {k})")
     if batch < 1:
         raise UsageError(f"--batch must be >= 1 (got {batch})")
-    if workers < 1:
-        raise UsageError(f"--workers must be >= 1 (got {workers})")
-    if workers > 1 and ray not in (None, False):
+    workers = parse_workers(workers)
+    if workers != AUTO and workers > 1 and ray not in (None, False):
         raise UsageError("--workers is for runs here; on Ray, --actors says how many")
     width = beam if beam is not None else default_beam(k)
     if not 1 <= width <= MAX_SEQUENCES - 3:
@@ -557,12 +560,14 @@ def recommend_users(
         todo = sum(1 for group in groups for user in group if user not in sink.done)
         resumed = len(wanted) - todo
         errors = 0
+        local = ray is None or ray is False
+        processes, threads = resolve_workers(workers, model_path, len(groups), threads) if local else (0, threads)
         if groups:
             bar = _bar(todo, resumed, progress)
             try:
-                if ray is None or ray is False:
+                if local:
                     results = _local_results(model_path, db_path, groups, k, width, batch, threads, prior,
-                                             prior_weight, catalog, warn, workers, exclude, only, own)
+                                             prior_weight, catalog, warn, processes, exclude, only, own)
                 else:
                     from .cluster import ray_results
 
@@ -578,7 +583,8 @@ def recommend_users(
             finally:
                 bar.close()
     parquet_path = write_parquet(out, out.with_suffix(".parquet")) if parquet else None
-    return BatchReport(out, len(wanted), resumed, todo, errors, time.perf_counter() - started, parquet_path)
+    return BatchReport(out, len(wanted), resumed, todo, errors, time.perf_counter() - started, parquet_path,
+                       processes if groups else 0)
 
 
 def plan_groups(users: Sequence[int], done: set[int], batch: int) -> list[list[int]]:

@@ -291,7 +291,7 @@ def evaluate_recommenders(
     warn=None,
     batch: int = 1,
     ray: str | None = None,
-    workers: int = 1,
+    workers: int | str = 1,
 ) -> Evaluation:
     """Score every recommender in ``specs`` on the same users, with intervals and paired differences.
 
@@ -300,8 +300,9 @@ def evaluate_recommenders(
     ``by`` names slicings (``SLICINGS``) to report the metrics within. ``batch``: LLM requests searched
     together (the results do not depend on it). ``ray``: a Ray address (``local`` for a local instance)
     to run the LLM's searches on an actor pool, same results. ``workers`` > 1: the LLM's searches in that
-    many spawned processes here (``pool.RecommenderPool``), same results (call it under ``if __name__ ==
-    "__main__":`` in a script).
+    many spawned processes here (``pool.RecommenderPool``), same results; ``"auto"`` (the CLI's default): one
+    single-thread process per core, within memory and the users (``pool.auto_workers``). Call it under ``if
+    __name__ == "__main__":`` in a script when it may start processes.
     """
     from . import paths
     from .baselines import split_examples
@@ -314,9 +315,10 @@ def evaluate_recommenders(
         raise UsageError("nothing to evaluate: give --pop, --sasrec DIR or --model GGUF")
     if k < 1:
         raise UsageError(f"--k must be >= 1 (got {k})")
-    if workers < 1:
-        raise UsageError(f"--workers must be >= 1 (got {workers})")
-    if workers > 1 and ray is not None:
+    from .pool import AUTO, parse_workers
+
+    workers = parse_workers(workers)
+    if workers != AUTO and workers > 1 and ray is not None:
         raise UsageError("--workers is for runs here; on Ray the cluster's CPUs say how many actors")
     unknown = [b for b in by if b not in SLICINGS]
     if unknown:
@@ -336,7 +338,7 @@ def evaluate_recommenders(
     order = {"llm": 0, "sasrec": 1, "pop": 2}  # differences read "LLM - SASRec", "SASRec - popularity"
     for spec in sorted(specs, key=lambda sp: order[sp.kind]):
         with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn, batch, ray,
-                       workers) as run:
+                       workers, -(-len(examples) // max(1, batch))) as run:
             name, copy = run.name, 1
             while name in results:  # the same name again: "SASRec #2", "SASRec #3"
                 copy += 1
@@ -371,7 +373,7 @@ def evaluate_recommenders(
 @contextmanager
 def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog, split: str, base: dict, k: int,
               threads: int | None, beam: int | None, warn, batch: int = 1, ray: str | None = None,
-              workers: int = 1):
+              workers: int | str = 1, jobs: int = 1):
     if spec.kind == "pop":
         yield popularity_run(sequences, catalog, split, base, keep=STORED_TITLES)
     elif spec.kind == "sasrec":
@@ -379,9 +381,10 @@ def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog,
     elif ray is not None:
         yield ray_llm_run(spec.path, db_path, catalog, base, k, spec.prior, beam, spec.prior_weight, batch, threads, ray)
     else:
-        from .pool import RecommenderPool
+        from .pool import RecommenderPool, resolve_workers
         from .recommend import Recommender
 
+        workers, threads = resolve_workers(workers, spec.path, jobs, threads)  # the LLM's groups of ``batch``
         options = {"threads": threads, "beam": beam, "warn": warn, "batch": batch}
         opened = (RecommenderPool.open(spec.path, db_path, workers=workers, **options) if workers > 1
                   else Recommender.open(spec.path, db_path, **options))

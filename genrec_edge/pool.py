@@ -115,6 +115,80 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) ->
             yield window.popleft().result()
 
 
+AUTO = "auto"
+WORKER_OVERHEAD_BYTES = 320 << 20  # resident per worker beyond its model file (~410 MB in all at Q8_0's 138 MB)
+MEMORY_SHARE = 0.5  # of the memory available now, the most ``auto`` gives to workers
+UNKNOWN_MODEL_BYTES = 150 << 20  # the default model at Q8_0 (138 MB), for a model not built yet
+
+
+def parse_workers(value: int | str) -> int | str:
+    """``--workers``: a number of processes (1 or more) or ``auto``; one clear line for anything else."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text.isdigit() and int(text) >= 1:
+            return int(text)
+    elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise UsageError(f"--workers takes a number of processes (1 or more) or auto, not {value!r}")
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give without swapping: Linux's MemAvailable; elsewhere (macOS) half the
+    physical memory, a guess; None where neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def auto_workers(model_bytes: int, jobs: int, threads: int | None = None, cpus: int | None = None,
+                 memory: int | None = None) -> tuple[int, int | None]:
+    """``(processes, threads each)`` for ``jobs`` searches run here with ``--workers auto``.
+
+    One single-thread process per usable core: the layout that ranked the most users per second on every
+    machine measured (2 cores: 1.28x one process with both, bench/results/process-split-2026-12-01.md; and
+    more where a hypervisor takes cores away: docs/FINDINGS.md). With ``threads`` given, one process per
+    ``threads`` cores instead. Never more processes than ``jobs`` (each loads its own model), nor than fit in
+    ``MEMORY_SHARE`` of the memory available (``model_bytes`` + ``WORKER_OVERHEAD_BYTES`` each). One process
+    keeps ``threads`` as given (None: every core, adapted to other programs' load), as without workers.
+    ``cpus`` and ``memory`` default to this machine's (``usable_cpus``, ``available_memory``)."""
+    from .cpu_share import usable_cpus
+
+    cpus = usable_cpus() if cpus is None else cpus
+    memory = available_memory() if memory is None else memory
+    count = max(1, cpus // threads) if threads else cpus
+    if memory is not None:
+        count = min(count, max(1, int(memory * MEMORY_SHARE) // (model_bytes + WORKER_OVERHEAD_BYTES)))
+    count = max(1, min(count, jobs))
+    if count == 1:
+        return 1, threads
+    return count, threads if threads else max(1, cpus // count)
+
+
+def resolve_workers(workers: int | str, model_path: str | Path | None, jobs: int,
+                    threads: int | None) -> tuple[int, int | None]:
+    """``(processes, threads each)`` for ``jobs`` searches with ``--workers`` as given: a number (at most
+    ``jobs``), or ``auto`` (:func:`auto_workers`; a model not built yet, ``None`` for the default, counts as
+    ``UNKNOWN_MODEL_BYTES``)."""
+    workers = parse_workers(workers)
+    if workers != AUTO:
+        return max(1, min(workers, jobs)), threads  # a process per job at most: each loads its own model
+    try:
+        size = os.path.getsize(model_path) if model_path is not None else UNKNOWN_MODEL_BYTES
+    except OSError:  # the caller's own check names the file
+        size = UNKNOWN_MODEL_BYTES
+    return auto_workers(size, jobs, threads)
+
+
 class RecommenderPool:
     """``workers`` processes, each with ``Recommender.open(model, db, ...)``. Use :meth:`open`."""
 

@@ -272,7 +272,7 @@ def test_workers_write_the_bytes_one_process_writes(tiny_model, tiny_db, tmp_pat
     cut.write_bytes(b"\n".join(lines[:4]) + b"\n" + lines[4][:7])  # users 1, 2, 42, then a crash
     again = run(tiny_model, tiny_db, cut, users=users, batch=2, workers=2)
     assert (again.resumed, again.written) == (3, 6) and cut.read_bytes() == one.read_bytes()
-    with pytest.raises(UsageError, match="--workers must be >= 1"):
+    with pytest.raises(UsageError, match="--workers takes a number of processes"):
         run(tiny_model, tiny_db, tmp_path / "x.jsonl", workers=0)
     with pytest.raises(UsageError, match="--actors says how many"):
         run(tiny_model, tiny_db, tmp_path / "x.jsonl", workers=2, ray=True)
@@ -295,6 +295,37 @@ def test_no_more_worker_processes_than_groups(tiny_model, tiny_db, tmp_path, mon
 def test_cli_workers_is_for_batch_runs(tiny_model, tiny_db, capsys):
     assert main(["recommend", "--user", "1", "--workers", "2", "--model", str(tiny_model), "--db", str(tiny_db)]) == 2
     assert "--workers applies to batch runs" in capsys.readouterr().err
+
+
+def test_cli_batch_runs_one_single_thread_process_per_core_by_default(tiny_model, tiny_db, tmp_path, capsys,
+                                                                     monkeypatch):
+    """No --workers: as many processes as cores (here 2, whatever CI has), one thread each, and the bytes one
+    process writes; --workers N or auto is checked before anything is written."""
+    from genrec_edge import cpu_share, pool
+
+    monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(pool, "available_memory", lambda: 64 << 30)
+    started = []
+    real_open = pool.RecommenderPool.open
+    monkeypatch.setattr(pool.RecommenderPool, "open", classmethod(
+        lambda cls, *a, **kw: started.append((kw["workers"], kw["threads"])) or real_open(*a, **kw)))
+    base = ["recommend", "--all-users", "--model", str(tiny_model), "--db", str(tiny_db), "--k", "3"]
+    one, auto = tmp_path / "one.jsonl", tmp_path / "auto.jsonl"
+    assert main([*base, "--out", str(one), "--workers", "1"]) == 0, capsys.readouterr().err
+    assert "processes" not in capsys.readouterr().out and started == []
+    assert main([*base, "--out", str(auto)]) == 0, capsys.readouterr().err
+    assert f"{len(TINY_HISTORIES)} users, {len(TINY_HISTORIES)} written by 2 processes in " in capsys.readouterr().out
+    assert started == [(2, 1)]
+    assert auto.read_bytes() == one.read_bytes()
+    # --threads 2 on 2 cores: one process with both, as before.
+    assert main([*base, "--out", str(tmp_path / "t.jsonl"), "--threads", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["processes"] == 1 and started == [(2, 1)]
+    for bad in ("two", "0", "-1"):
+        assert main([*base, "--out", str(tmp_path / "x.jsonl"), "--workers", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--workers takes a number of processes (1 or more) or auto, not {bad!r}"), err
+        assert "\n" not in err
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_exclude_and_only_apply_to_every_user_as_in_one_request(tiny_model, tiny_db, tmp_path):

@@ -317,12 +317,38 @@ def test_workers_write_the_log_one_process_writes(db, tiny_model, tmp_path, caps
     (the results are written in the users' order, as one process writes them)."""
     one_log, two_log = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     args = ["--db", str(db), "--model", str(tiny_model), "--batch", "2"]
-    one = run_json(capsys, *args, "--out", str(one_log))
+    one = run_json(capsys, *args, "--out", str(one_log), "--workers", "1")
     two = run_json(capsys, *args, "--out", str(two_log), "--workers", "2")
     assert comparable(two) == comparable(one)
     assert two_log.read_bytes() == one_log.read_bytes()
     assert main(["evaluate", *args, "--workers", "2", "--ray", "local"]) == 2
     assert "--workers is for runs here" in capsys.readouterr().err
+    assert main(["evaluate", *args, "--workers", "many"]) == 2
+    assert "--workers takes a number of processes (1 or more) or auto, not 'many'" in capsys.readouterr().err
+
+
+def test_the_llm_runs_one_single_thread_process_per_core_by_default(db, tiny_model, tmp_path, capsys, monkeypatch):
+    """No --workers: one process per core (here 2, whatever CI has) with one thread each, as many as there are
+    groups of --batch users at most; the same log bytes as one process."""
+    from genrec_edge import cpu_share, pool
+
+    monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(pool, "available_memory", lambda: 64 << 30)
+    started = []
+    real_open = pool.RecommenderPool.open
+    monkeypatch.setattr(pool.RecommenderPool, "open", classmethod(
+        lambda cls, *a, **kw: started.append((kw["workers"], kw["threads"])) or real_open(*a, **kw)))
+    one_log, auto_log = tmp_path / "one.jsonl", tmp_path / "auto.jsonl"
+    args = ["--db", str(db), "--model", str(tiny_model), "--batch", "2"]
+    one = run_json(capsys, *args, "--out", str(one_log), "--workers", "1")
+    assert started == []
+    auto = run_json(capsys, *args, "--out", str(auto_log))
+    assert started == [(2, 1)]
+    assert comparable(auto) == comparable(one) and auto_log.read_bytes() == one_log.read_bytes()
+    users = len(one["users"])
+    assert users > 2  # else the next check would not tell a cap from the default
+    run_json(capsys, *args[:-1], str(users), "--out", str(tmp_path / "all-in-one.jsonl"))  # one group of every user
+    assert started == [(2, 1)]  # one group: one process, in this one
 
 
 def test_tables_piped_to_a_file_keep_every_column(db, sasrec_dir, capsys, monkeypatch):

@@ -502,3 +502,87 @@ def test_a_batched_group_whose_worker_died_gets_503_not_a_retry(tiny_db, tiny_mo
         assert status_for(outcomes[1]) == 503
         assert pool.restarts == 1
         assert _ranked(pool.recommend(user=1, k=3)), "the fresh pool serves"
+
+
+MB = 1 << 20
+
+
+def test_auto_workers_one_single_thread_process_per_core_within_memory_and_jobs():
+    from genrec_edge.pool import WORKER_OVERHEAD_BYTES, auto_workers
+
+    plenty = 64 << 30
+    model = 138 * MB
+    per = model + WORKER_OVERHEAD_BYTES
+    assert auto_workers(model, jobs=100, cpus=2, memory=plenty) == (2, 1)
+    assert auto_workers(model, jobs=100, cpus=16, memory=plenty) == (16, 1)
+    # --threads T: one process per T cores, each with T threads.
+    assert auto_workers(model, jobs=100, threads=2, cpus=8, memory=plenty) == (4, 2)
+    assert auto_workers(model, jobs=100, threads=2, cpus=2, memory=plenty) == (1, 2)
+    assert auto_workers(model, jobs=100, threads=3, cpus=8, memory=plenty) == (2, 3)
+    # Fewer jobs than cores: no idle processes; their threads share the cores out.
+    assert auto_workers(model, jobs=3, cpus=8, memory=plenty) == (3, 2)
+    assert auto_workers(model, jobs=1, cpus=8, memory=plenty) == (1, None)  # one process keeps every core
+    assert auto_workers(model, jobs=0, cpus=8, memory=plenty) == (1, None)
+    # Half the free memory bounds the count; a machine short of memory gets one process.
+    assert auto_workers(model, jobs=100, cpus=16, memory=2 * 3 * per) == (3, 5)
+    assert auto_workers(model, jobs=100, cpus=16, memory=2 * 3 * per - 1) == (2, 8)
+    assert auto_workers(model, jobs=100, cpus=16, memory=per) == (1, None)
+    assert auto_workers(4 * model, jobs=100, cpus=16, memory=2 * 3 * per) == (1, None)  # a bigger model
+    assert auto_workers(model, jobs=100, cpus=1, memory=plenty) == (1, None)
+
+
+def test_auto_workers_reads_this_machine(monkeypatch):
+    from genrec_edge import pool as pool_mod
+    from genrec_edge.cpu_share import usable_cpus
+    from genrec_edge.pool import auto_workers, available_memory
+
+    memory = available_memory()
+    if sys.platform.startswith("linux"):
+        assert memory is not None and memory > 0
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert memory <= physical
+
+    def no_proc(*args, **kwargs):
+        raise FileNotFoundError("/proc/meminfo")
+
+    monkeypatch.setattr(pool_mod, "open", no_proc, raising=False)  # as on macOS: half the physical memory
+    assert available_memory() == physical // 2
+    monkeypatch.undo()
+    count, threads = auto_workers(100 * MB, jobs=1000)
+    assert count == auto_workers(100 * MB, jobs=1000, cpus=usable_cpus(), memory=memory)[0]
+    assert 1 <= count <= usable_cpus()
+
+
+@pytest.mark.parametrize("given, expected", [("auto", "auto"), (" AUTO ", "auto"), ("3", 3), (1, 1), (12, 12)])
+def test_parse_workers_takes_a_count_or_auto(given, expected):
+    from genrec_edge.pool import parse_workers
+
+    assert parse_workers(given) == expected
+
+
+@pytest.mark.parametrize("given", ["0", "-1", "two", "", "1.5", 0, -2, True, 1.5, None])
+def test_parse_workers_refuses_anything_else_in_one_line(given):
+    from genrec_edge.pool import parse_workers
+
+    with pytest.raises(UsageError, match=r"^--workers takes a number of processes \(1 or more\) or auto, not "):
+        parse_workers(given)
+
+
+def test_resolve_workers_caps_a_count_by_the_jobs_and_sizes_auto_by_the_model(tmp_path, monkeypatch):
+    from genrec_edge import cpu_share
+    from genrec_edge import pool as pool_mod
+
+    assert pool_mod.resolve_workers(8, None, jobs=3, threads=None) == (3, None)
+    assert pool_mod.resolve_workers(2, None, jobs=10, threads=4) == (2, 4)
+    monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 4)
+    per = pool_mod.WORKER_OVERHEAD_BYTES
+    half = 2 * (per + 400 * MB)  # room for two workers of a 400 MB model
+    monkeypatch.setattr(pool_mod, "available_memory", lambda: 2 * half)
+    big = tmp_path / "big.gguf"
+    with open(big, "wb") as f:
+        f.truncate(400 * MB)  # sparse: its size is what counts
+    assert pool_mod.resolve_workers("auto", big, jobs=10, threads=None) == (2, 2)
+    # A model not there (or not built yet) counts as UNKNOWN_MODEL_BYTES: three fit.
+    assert half // (per + pool_mod.UNKNOWN_MODEL_BYTES) == 3
+    assert pool_mod.resolve_workers("auto", tmp_path / "not-built.gguf", jobs=10, threads=None) == (3, 1)
+    assert pool_mod.resolve_workers("auto", None, jobs=10, threads=None) == (3, 1)

@@ -112,10 +112,11 @@ def register(app: typer.Typer) -> None:
             help="Run the LLM's searches on a Ray cluster: its address (auto, ray://host:10001) or local "
             "(needs the \\[cluster] extra; docs/CLUSTER.md).",
         ),
-        workers: int | None = typer.Option(
-            None, "--workers", min=1, help="Processes running the LLM's searches here, each with its own model "
-            "(~410 MB resident at Q8_0); the same results and log. 2 on 2 cores: 1.06-1.30x faster here (docs/CLUSTER.md) "
-            "\\[default: 1].",
+        workers: str | None = typer.Option(
+            None, "--workers", metavar="N|auto", help="Processes running the LLM's searches here, each with its own "
+            "model (~410 MB resident at Q8_0); the same results and log. auto: one single-thread process per core (per "
+            "--threads cores if given), within half the free memory; 2 on 2 cores: 1.06-1.30x faster than 1 "
+            "(docs/CLUSTER.md) \\[default: auto].",
         ),
         sasrec: list[Path] = typer.Option(
             None, "--sasrec", help="A SASRec directory saved by `baseline sasrec --save`; repeatable."
@@ -163,7 +164,7 @@ def register(app: typer.Typer) -> None:
         log_path = out if out is not None else paths.cache_dir() / "evaluate" / "results.jsonl"
         evaluation = evaluate_recommenders(
             specs, db=db, split=split, users=parse_users(users), seed=seed, k=k or DEFAULT_K, out=log_path,
-            by=slicings, threads=threads, beam=beam, batch=batch or DEFAULT_BATCH, ray=ray, workers=workers or 1,
+            by=slicings, threads=threads, beam=beam, batch=batch or DEFAULT_BATCH, ray=ray, workers=workers if workers is not None else "auto",
         )
         resumed = {n: r["resumed"] for n, r in evaluation.runs.items() if r["resumed"]}
         note = f" (reused: {', '.join(f'{n} {c}' for n, c in resumed.items())})" if resumed else ""

@@ -94,7 +94,7 @@ def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior
         db, out, users, users_source=str(users_file) if users_file else None, model=model, k=k, beam=beam,
         batch=batch, threads=threads, prior=prior, prior_weight=prior_weight, parquet=parquet,
         ray=None if ray is None else (True if ray == "local" else ray), actors=actors, ship_model=ship_model,
-        workers=workers, exclude=exclude, only=only, user_filters=user_filters,
+        workers=workers if workers is not None else "auto", exclude=exclude, only=only, user_filters=user_filters,
     )
     if json_output:
         payload = {**report.__dict__, "out": str(report.out), "parquet": str(report.parquet) if report.parquet else None}
@@ -102,8 +102,9 @@ def _batch(all_users, users_file, out, model, db, k, threads, beam, batch, prior
         return
     errors = f", {report.errors} with nothing left to recommend" if report.errors else ""
     resumed = f" ({report.resumed} already there)" if report.resumed else ""
-    typer.echo(f"{report.out}: {report.users} users{resumed}, {report.written} written in {report.seconds:.1f} s{errors}"
-               + (f"; {report.parquet}" if report.parquet else ""))
+    processes = f" by {report.processes} processes" if report.processes > 1 else ""
+    typer.echo(f"{report.out}: {report.users} users{resumed}, {report.written} written{processes} in "
+               f"{report.seconds:.1f} s{errors}" + (f"; {report.parquet}" if report.parquet else ""))
 
 
 class _SamplingBar:
@@ -165,9 +166,10 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1, "--batch", min=1, help="Batch: users searched together per llama_decode "
                                   "(the same results; faster only with cores to spare)."),
         parquet: bool = typer.Option(False, "--parquet", help="Batch: also write OUT as .parquet (needs pyarrow)."),
-        workers: int = typer.Option(1, "--workers", min=1, help="Batch: processes ranking users here, each with its "
-                                    "own model (~410 MB resident at Q8_0); the same lines. 2 on 2 cores: ~1.28x users/s "
-                                    "(bench/results/process-split-2026-12-01.md)."),
+        workers: str = typer.Option(None, "--workers", metavar="N|auto", help="Batch: processes ranking users "
+                                    "here, each with its own model (~410 MB resident at Q8_0); the same lines. auto: one "
+                                    "single-thread process per core (per --threads cores if given), within half the free "
+                                    "memory; 2 on 2 cores: ~1.28x the users/s of 1 (bench/results/process-split-2026-12-01.md) \\[default: auto]."),
         ray: str = typer.Option(None, "--ray", metavar="ADDRESS", help=RAY_HELP),
         actors: int = typer.Option(None, "--actors", min=1, help="With --ray: actors, each with --threads CPUs "
                                    "(default: the cluster's CPUs / threads)."),
@@ -204,7 +206,7 @@ def register(app: typer.Typer) -> None:
                        ray, actors, ship_model, workers, json_output, exclude, only)
             return
         batch_only = (("--out", out), ("--ray", ray), ("--actors", actors), ("--parquet", parquet or None),
-                      ("--ship-model", ship_model or None), ("--workers", workers if workers != 1 else None),
+                      ("--ship-model", ship_model or None), ("--workers", workers),
                       ("--batch", batch if batch != 1 else None))
         refuse_options((name for name, value in batch_only if value is not None),
                        "batch runs: add --all-users or --users-file FILE")
