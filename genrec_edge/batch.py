@@ -610,15 +610,15 @@ def _local_results(model_path, db_path, groups, k, beam, batch, threads, prior, 
                    warn, workers: int = 1, exclude: Sequence[int] = (), only: Sequence[int] | None = None,
                    user_filters: Mapping[int, UserFilters] | None = None) -> Iterator[list[dict]]:
     """The records of each group of users, through ``recommend_many`` (one search per group) of a
-    ``Recommender`` or, with ``workers`` > 1, of a ``RecommenderPool`` searching that many groups at a time;
-    either way in the groups' order, so a resumed file is byte-identical."""
+    ``Recommender`` or, with ``workers`` > 1 (``pool.resolve_workers``'s: no more than groups), of a
+    ``RecommenderPool`` searching that many groups at a time; either way in the groups' order, so a resumed
+    file is byte-identical."""
     from .pool import RecommenderPool, ordered_map
     from .recommend import Recommender, Request
 
     options = {"threads": threads, "beam": beam, "warn": warn, "prior": prior, "prior_weight": prior_weight,
                "batch": batch}
     own = user_filters or {}
-    workers = min(workers, len(groups))  # a process per group at most: each loads its own model
     opened = (RecommenderPool.open(model_path, db_path, workers=workers, **options) if workers > 1
               else Recommender.open(model_path, db_path, **options))
     with opened as rec:

@@ -179,6 +179,21 @@ def tiny_titles() -> dict[int, str]:
     return dict(TINY_TITLES)
 
 
+@pytest.fixture
+def two_core_pool_opens(monkeypatch) -> list[tuple[int, int | None]]:
+    """A machine of 2 usable cores and plenty of memory for ``--workers auto`` (whatever CI has), and the
+    ``(workers, threads)`` of every ``RecommenderPool.open`` from then on (the real pool still starts)."""
+    from genrec_edge import cpu_share, pool
+
+    monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(pool, "available_memory", lambda: 64 << 30)
+    started: list[tuple[int, int | None]] = []
+    real_open = pool.RecommenderPool.open
+    monkeypatch.setattr(pool.RecommenderPool, "open", classmethod(
+        lambda cls, *a, **kw: started.append((kw["workers"], kw["threads"])) or real_open(*a, **kw)))
+    return started
+
+
 def start_cli_as_a_shell_would(*argv: str, **popen) -> subprocess.Popen:
     """``genrec-edge ARGV`` in a child process that takes Ctrl-C and SIGTERM as a shell's foreground job does.
 

@@ -298,17 +298,10 @@ def test_cli_workers_is_for_batch_runs(tiny_model, tiny_db, capsys):
 
 
 def test_cli_batch_runs_one_single_thread_process_per_core_by_default(tiny_model, tiny_db, tmp_path, capsys,
-                                                                     monkeypatch):
+                                                                     two_core_pool_opens):
     """No --workers: as many processes as cores (here 2, whatever CI has), one thread each, and the bytes one
     process writes; --workers N or auto is checked before anything is written."""
-    from genrec_edge import cpu_share, pool
-
-    monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(pool, "available_memory", lambda: 64 << 30)
-    started = []
-    real_open = pool.RecommenderPool.open
-    monkeypatch.setattr(pool.RecommenderPool, "open", classmethod(
-        lambda cls, *a, **kw: started.append((kw["workers"], kw["threads"])) or real_open(*a, **kw)))
+    started = two_core_pool_opens
     base = ["recommend", "--all-users", "--model", str(tiny_model), "--db", str(tiny_db), "--k", "3"]
     one, auto = tmp_path / "one.jsonl", tmp_path / "auto.jsonl"
     assert main([*base, "--out", str(one), "--workers", "1"]) == 0, capsys.readouterr().err

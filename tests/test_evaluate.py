@@ -327,17 +327,11 @@ def test_workers_write_the_log_one_process_writes(db, tiny_model, tmp_path, caps
     assert "--workers takes a number of processes (1 or more) or auto, not 'many'" in capsys.readouterr().err
 
 
-def test_the_llm_runs_one_single_thread_process_per_core_by_default(db, tiny_model, tmp_path, capsys, monkeypatch):
+def test_the_llm_runs_one_single_thread_process_per_core_by_default(db, tiny_model, tmp_path, capsys,
+                                                                    two_core_pool_opens):
     """No --workers: one process per core (here 2, whatever CI has) with one thread each, as many as there are
     groups of --batch users at most; the same log bytes as one process."""
-    from genrec_edge import cpu_share, pool
-
-    monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(pool, "available_memory", lambda: 64 << 30)
-    started = []
-    real_open = pool.RecommenderPool.open
-    monkeypatch.setattr(pool.RecommenderPool, "open", classmethod(
-        lambda cls, *a, **kw: started.append((kw["workers"], kw["threads"])) or real_open(*a, **kw)))
+    started = two_core_pool_opens
     one_log, auto_log = tmp_path / "one.jsonl", tmp_path / "auto.jsonl"
     args = ["--db", str(db), "--model", str(tiny_model), "--batch", "2"]
     one = run_json(capsys, *args, "--out", str(one_log), "--workers", "1")

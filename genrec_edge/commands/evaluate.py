@@ -164,7 +164,8 @@ def register(app: typer.Typer) -> None:
         log_path = out if out is not None else paths.cache_dir() / "evaluate" / "results.jsonl"
         evaluation = evaluate_recommenders(
             specs, db=db, split=split, users=parse_users(users), seed=seed, k=k or DEFAULT_K, out=log_path,
-            by=slicings, threads=threads, beam=beam, batch=batch or DEFAULT_BATCH, ray=ray, workers=workers if workers is not None else "auto",
+            by=slicings, threads=threads, beam=beam, batch=batch or DEFAULT_BATCH, ray=ray,
+            workers=workers if workers is not None else "auto",
         )
         resumed = {n: r["resumed"] for n, r in evaluation.runs.items() if r["resumed"]}
         note = f" (reused: {', '.join(f'{n} {c}' for n, c in resumed.items())})" if resumed else ""
