@@ -57,8 +57,13 @@ class Run:
 
     @property
     def key(self) -> str:
-        text = json.dumps(self.config, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        return config_key(self.config)
+
+
+def config_key(config: dict) -> str:
+    """The key a run with ``config`` logs its results under (``Run.key``)."""
+    text = json.dumps(config, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def data_fingerprint(sequences: Iterable[tuple[int, Sequence[int]]]) -> str:
@@ -133,9 +138,14 @@ def llm_rankings(rec, examples: Sequence[Example], catalog: Catalog, k: int, pri
             yield example, list(ranking.titles)
 
 
-def _llm_identity(model_path: Path, base_config: dict, k: int, prior: str | None, beam: int | None,
-                  prior_weight: float | None, used_prior: str) -> tuple[str, dict]:
-    """(label, config) of an LLM run: the same wherever it runs (here or on a Ray cluster)."""
+def _llm_label(model_path: Path, prior_weight: float | None, used_prior: str) -> str:
+    suffix = "" if used_prior == "none" else f" +{used_prior}" + (f" λ={prior_weight:g}" if prior_weight is not None else "")
+    return "LLM " + model_path.stem + suffix
+
+
+def _llm_config(model_path: Path, base_config: dict, k: int, prior: str | None, beam: int | None,
+                prior_weight: float | None) -> dict:
+    """An LLM run's config: the same wherever it runs (here or on a Ray cluster)."""
     from .cf import BUILD_VARIANT, SIDECAR_JSON, SIDECAR_WEIGHTS
     from .hashing import sha256_file
     from .recommend import _sidecar_kind
@@ -150,18 +160,19 @@ def _llm_identity(model_path: Path, base_config: dict, k: int, prior: str | None
     if prior == "pop" and _sidecar_kind(model_path.parent) != "pop":
         # Counted from the database (its counts are in data_sha256): how it is searched, which is not in any file.
         config["prior_counted"] = {"kind": "pop", "variant": BUILD_VARIANT}
-    suffix = "" if used_prior == "none" else f" +{used_prior}" + (f" λ={prior_weight:g}" if prior_weight is not None else "")
-    return "LLM " + model_path.stem + suffix, config
+    return config
 
 
 def llm_run(rec, catalog: Catalog, base_config: dict, k: int, prior: str | None, beam: int | None,
-            prior_weight: float | None = None) -> Run:
+            prior_weight: float | None = None, config: dict | None = None) -> Run:
     """The LLM behind ``rec`` (an open ``Recommender`` or ``RecommenderPool``) as a top-``k`` run, with ``prior``
-    (None: its default)."""
+    (None: its default). ``config``: its ``_llm_config`` if the caller has it already (else the model is hashed)."""
     from .engine import build_identity
 
     used = rec.default_prior if prior is None else prior
-    label, config = _llm_identity(rec.model_path, base_config, k, prior, beam, prior_weight, used)
+    label = _llm_label(rec.model_path, prior_weight, used)
+    if config is None:
+        config = _llm_config(rec.model_path, base_config, k, prior, beam, prior_weight)
 
     def produce(examples):
         for example, titles in llm_rankings(rec, examples, catalog, k, prior, prior_weight):
@@ -183,7 +194,8 @@ def ray_llm_run(model_path: Path | None, db_path: Path, catalog: Catalog, base_c
     model_path = Path(model_path) if model_path is not None else default_model_path()
     loaded = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
     used = loaded.kind if loaded is not None else "none"
-    label, config = _llm_identity(model_path, base_config, k, prior, beam, prior_weight, used)
+    label, config = _llm_label(model_path, prior_weight, used), _llm_config(model_path, base_config, k, prior,
+                                                                           beam, prior_weight)
     width = beam if beam is not None else default_beam(k)
 
     def produce(examples):
@@ -301,7 +313,8 @@ def evaluate_recommenders(
     together (the results do not depend on it). ``ray``: a Ray address (``local`` for a local instance)
     to run the LLM's searches on an actor pool, same results. ``workers`` > 1: the LLM's searches in that
     many spawned processes here (``pool.RecommenderPool``), same results; ``"auto"`` (the CLI's default): one
-    single-thread process per core, within memory and the users (``pool.auto_workers``). Call it under ``if
+    single-thread process per core, within memory and the users ``out`` does not hold yet
+    (``pool.auto_workers``). Call it under ``if
     __name__ == "__main__":`` in a script when it may start processes.
     """
     from . import paths
@@ -338,7 +351,7 @@ def evaluate_recommenders(
     order = {"llm": 0, "sasrec": 1, "pop": 2}  # differences read "LLM - SASRec", "SASRec - popularity"
     for spec in sorted(specs, key=lambda sp: order[sp.kind]):
         with _open_run(spec, db_path, sequences, catalog, split, base, k, threads, beam, warn, batch, ray,
-                       workers, -(-len(examples) // max(1, batch))) as run:
+                       workers, log, examples) as run:
             name, copy = run.name, 1
             while name in results:  # the same name again: "SASRec #2", "SASRec #3"
                 copy += 1
@@ -373,7 +386,7 @@ def evaluate_recommenders(
 @contextmanager
 def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog, split: str, base: dict, k: int,
               threads: int | None, beam: int | None, warn, batch: int = 1, ray: str | None = None,
-              workers: int | str = 1, jobs: int = 1):
+              workers: int | str = 1, log: ResultLog | None = None, examples: Sequence[Example] = ()):
     if spec.kind == "pop":
         yield popularity_run(sequences, catalog, split, base, keep=STORED_TITLES)
     elif spec.kind == "sasrec":
@@ -381,15 +394,24 @@ def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog,
     elif ray is not None:
         yield ray_llm_run(spec.path, db_path, catalog, base, k, spec.prior, beam, spec.prior_weight, batch, threads, ray)
     else:
+        from .models import built_default_model
         from .pool import RecommenderPool, resolve_workers
         from .recommend import Recommender
 
-        workers, threads = resolve_workers(workers, spec.path, jobs, threads)  # the LLM's groups of ``batch``
+        # Processes for the users the log does not hold yet (none left: the model opens here, to name the run).
+        model_path = Path(spec.path) if spec.path is not None else built_default_model()
+        config, todo = None, len(examples)
+        if model_path is not None and model_path.is_file() and workers != 1:
+            config = _llm_config(model_path, base, k, spec.prior, beam, spec.prior_weight)
+            todo = log.pending(config_key(config), examples) if log is not None else todo
+        groups = -(-todo // max(1, batch))
+        workers, threads = resolve_workers(workers, model_path, groups, threads)
         options = {"threads": threads, "beam": beam, "warn": warn, "batch": batch}
         opened = (RecommenderPool.open(spec.path, db_path, workers=workers, **options) if workers > 1
                   else Recommender.open(spec.path, db_path, **options))
         with opened as rec:
-            yield llm_run(rec, catalog, base, k, spec.prior, beam, spec.prior_weight)
+            yield llm_run(rec, catalog, base, k, spec.prior, beam, spec.prior_weight,
+                          config=config if config is not None and rec.model_path == model_path else None)
 
 
 # ======================================================================================= the results log
@@ -457,6 +479,11 @@ class ResultLog:
                 fh.flush()
 
             return _run_with(run, examples, everything.get(run.key, {}), append, progress)
+
+    def pending(self, key: str, examples: Sequence[Example]) -> int:
+        """How many of ``examples`` have no result logged for the run ``key`` (all of them without a file)."""
+        logged = self.read().get(key, {})
+        return sum(ex.user not in logged for ex in examples)
 
     def _parse(self, data: bytes) -> dict[str, dict[int, UserResult]]:
         out: dict[str, dict[int, UserResult]] = {}

@@ -343,6 +343,15 @@ def test_the_llm_runs_one_single_thread_process_per_core_by_default(db, tiny_mod
     assert users > 2  # else the next check would not tell a cap from the default
     run_json(capsys, *args[:-1], str(users), "--out", str(tmp_path / "all-in-one.jsonl"))  # one group of every user
     assert started == [(2, 1)]  # one group: one process, in this one
+    # A rerun counts only the users the log lacks: all there, no process is started; one group left, one process;
+    # two groups, two. The resumed logs end as they would have.
+    lines = one_log.read_bytes().splitlines(keepends=True)
+    for dropped, pools in ((0, []), (1, []), (3, [(2, 1)])):
+        auto_log.write_bytes(b"".join(lines[:len(lines) - dropped]))
+        again = run_json(capsys, *args, "--out", str(auto_log))
+        assert started == [(2, 1), *pools], dropped
+        assert [r["resumed"] for r in again["recommenders"].values()] == [users - dropped]
+        assert comparable(again) == comparable(one) and auto_log.read_bytes() == one_log.read_bytes()
 
 
 def test_tables_piped_to_a_file_keep_every_column(db, sasrec_dir, capsys, monkeypatch):
