@@ -1,6 +1,6 @@
 """The quality comparison of record: the fused default vs SASRec-CE vs the LLM alone vs popularity.
 
-    .venv/bin/python -m bench.quality [--users all] [--split test] [--batch 4]
+    .venv/bin/python -m bench.quality [--users all] [--split test] [--workers auto]
 
 In one run, on the same users of the bundled ml-latest-small (the project's protocol, README):
 
@@ -67,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", type=Path, default=None, help="default: the database `genrec-edge init` builds")
     parser.add_argument("--split", default="test")
     parser.add_argument("--users", default="all", help="N (seeded sample) or all")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="LLM requests per search (same results)")
+    parser.add_argument("--workers", default="auto", help="LLM search processes: N or auto (one single-thread "
+                        "process per core; evaluate's default)")
+    parser.add_argument("--threads", type=int, default=None, help="threads per search process (default: as "
+                        "--workers auto chooses) and for training SASRec (default: 2, the shipped prior's recipe)")
     parser.add_argument("--sasrec", type=Path, default=None, help="a SASRec saved by `baseline sasrec --save` "
                         "instead of training one here")
     parser.add_argument("--log", type=Path, default=None, help="per-user results log (resumable)")
@@ -95,8 +98,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--split is test or valid (got {args.split!r})")
     users = parse_users(args.users)
     for name in ("batch", "threads"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1 (got {getattr(args, name)})")
+    from genrec_edge.pool import parse_workers
+
+    args.workers = parse_workers(args.workers)
     if args.sasrec is not None and not (args.sasrec / "config.json").is_file():
         raise UsageError(f"--sasrec {args.sasrec}: not a SASRec saved by `genrec-edge baseline sasrec --save`")
 
@@ -122,14 +128,15 @@ def run(args: argparse.Namespace) -> int:
             sequences, catalog = list(db.sequences()), db.catalog()
     if sasrec_dir is None:
         print("training SASRec-CE to early stopping ...", file=sys.stderr, flush=True)
-        sasrec = train_sasrec(sequences, catalog, eval_every=2, patience=4, seed=0, threads=args.threads)
+        sasrec = train_sasrec(sequences, catalog, eval_every=2, patience=4, seed=0, threads=args.threads or 2)
         sasrec_dir = sasrec.save(workdir / "sasrec")
         train_report = sasrec.report.__dict__ if sasrec.report else None
     log = args.log or workdir / "results.jsonl"
     specs = [RecommenderSpec("llm", None, None), RecommenderSpec("llm", None, "none"),
              RecommenderSpec("sasrec", sasrec_dir), RecommenderSpec("pop")]
     evaluation = evaluate_recommenders(specs, db=db_path, split=args.split, users=users, out=log,
-                                       by=("popularity", "history"), threads=args.threads, batch=args.batch)
+                                       by=("popularity", "history"), threads=args.threads, batch=args.batch,
+                                       workers=args.workers)
     names = list(evaluation.runs)
     fused, plain, sas, pop = names
     ranks = per_user_ranks(log, {n: r["key"] for n, r in evaluation.runs.items()})
@@ -147,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model(), "commit": git_commit(),
             "model": str(model.name), "model_sha256": sha256_file(model), "prior": prior_json,
             "sasrec_dir": str(sasrec_dir), "sasrec_training": train_report, "db": str(db_path),
-            "seconds": round(time.perf_counter() - started, 1), "threads": args.threads, "batch": args.batch}
+            "seconds": round(time.perf_counter() - started, 1), "threads": args.threads, "batch": args.batch,
+            "workers": args.workers}
 
     lines = [f"# Quality: fused default vs SASRec-CE vs the LLM alone vs popularity ({evaluation.split} split)", "",
              f"`python -m bench.quality` — {len(order)} users of {dataset_name}, {meta['date']}, {meta['cpu']}, commit "

@@ -14,6 +14,8 @@ from bench.quality import main
     (["--users", "0"], "--users must be >= 1"),
     (["--split", "bogus"], "--split is test or valid"),
     (["--batch", "0"], "--batch must be >= 1"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--workers", "many"], "--workers takes a number of processes (1 or more) or auto, not 'many'"),
     (["--sasrec", "."], "not a SASRec saved by"),
 ])
 def test_bad_arguments_are_one_line_before_any_work(argv, message, tmp_path, capsys):
