@@ -398,12 +398,15 @@ def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog,
         from .pool import RecommenderPool, resolve_workers
         from .recommend import Recommender
 
-        # Processes for the users the log does not hold yet (none left: the model opens here, to name the run).
+        # Processes for the users the log does not hold yet; none left: nothing opened at all.
         model_path = Path(spec.path) if spec.path is not None else built_default_model()
         config, todo = None, len(examples)
-        if model_path is not None and model_path.is_file() and workers != 1:
+        if model_path is not None and model_path.is_file():
             config = _llm_config(model_path, base, k, spec.prior, beam, spec.prior_weight)
             todo = log.pending(config_key(config), examples) if log is not None else todo
+        if config is not None and todo == 0:
+            yield _logged_llm_run(model_path, config, k, spec.prior, spec.prior_weight)
+            return
         groups = -(-todo // max(1, batch))
         workers, threads = resolve_workers(workers, model_path, groups, threads)
         options = {"threads": threads, "beam": beam, "warn": warn, "batch": batch}
@@ -412,6 +415,22 @@ def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog,
         with opened as rec:
             yield llm_run(rec, catalog, base, k, spec.prior, beam, spec.prior_weight,
                           config=config if config is not None and rec.model_path == model_path else None)
+
+
+def _logged_llm_run(model_path: Path, config: dict, k: int, prior: str | None, prior_weight: float | None) -> Run:
+    """:func:`llm_run` for a run whose every result is logged already: named as the opened model would name it
+    (its default prior is its sidecar's kind, the one ``load_prior`` loads), and nothing to compute."""
+    from .cf import has_sidecar
+    from .engine import build_identity
+    from .recommend import _sidecar_kind
+
+    used = prior if prior is not None else (_sidecar_kind(model_path.parent) or "none"
+                                            if has_sidecar(model_path.parent) else "none")
+
+    def produce(examples):
+        raise RuntimeError(f"{len(examples)} users were to come from the log")
+
+    return Run(_llm_label(model_path, prior_weight, used), config, produce, top_k=k, origin=build_identity())
 
 
 # ======================================================================================= the results log

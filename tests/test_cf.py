@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from conftest import TINY_HISTORIES, TINY_TITLES
+from test_evaluate import comparable
 from test_recommend import cache_home  # noqa: F401
 from tinymodel import DEFAULT_TITLES
 
@@ -183,6 +184,33 @@ def test_prior_choices_through_the_cli(model_with_prior, tiny_db, cache_home, ca
         assert (payload["prior"], payload["prior_weight"]) == (kind, weight)
     assert main(base + ["--prior", "knn"]) == 2
     assert "unknown prior" in capsys.readouterr().err
+
+
+def test_an_evaluation_all_in_its_log_opens_no_model_and_names_runs_as_before(
+        model_with_prior, tiny_db, tmp_path, cache_home, capsys, monkeypatch):  # noqa: F811
+    """A rerun over a complete log takes every result from it without loading the model: the runs keep the names
+    the opened model gave them (its default prior, or the one asked for), and the report is the same."""
+    from genrec_edge import pool, recommend
+
+    log = tmp_path / "results.jsonl"
+    base = ["evaluate", "--db", str(tiny_db), "--out", str(log), "--model", str(model_with_prior), "--users", "all",
+            "--json"]
+    runs = {"LLM model +sasrec": [], "LLM model +pop λ=0.5": ["--prior", "pop", "--prior-weight", "0.5"]}
+    first = {}
+    for name, args in runs.items():
+        assert main([*base, *args, "--workers", "1"]) == 0
+        first[name] = json.loads(capsys.readouterr().out)
+        assert list(first[name]["recommenders"]) == [name]
+    opened = []
+    monkeypatch.setattr(recommend.Recommender, "open", classmethod(lambda cls, *a, **kw: opened.append(a)))
+    monkeypatch.setattr(pool.RecommenderPool, "open", classmethod(lambda cls, *a, **kw: opened.append(a)))
+    for name, args in runs.items():
+        assert main([*base, *args]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert opened == []
+        assert list(again["recommenders"]) == [name]
+        assert again["recommenders"][name]["resumed"] == len(again["users"]) > 0
+        assert comparable(again) == comparable(first[name])
 
 
 def test_a_resumed_batch_compares_the_prior_it_resolves_to(
