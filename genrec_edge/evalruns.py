@@ -314,8 +314,8 @@ def evaluate_recommenders(
     to run the LLM's searches on an actor pool, same results. ``workers`` > 1: the LLM's searches in that
     many spawned processes here (``pool.RecommenderPool``), same results; ``"auto"`` (the CLI's default): one
     single-thread process per core, within memory and the users ``out`` does not hold yet
-    (``pool.auto_workers``). Call it under ``if
-    __name__ == "__main__":`` in a script when it may start processes.
+    (``pool.auto_workers``; none left: the model is not even opened). Call it under
+    ``if __name__ == "__main__":`` in a script when it may start processes.
     """
     from . import paths
     from .baselines import split_examples
