@@ -405,7 +405,7 @@ def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog,
             config = _llm_config(model_path, base, k, spec.prior, beam, spec.prior_weight)
             todo = log.pending(config_key(config), examples) if log is not None else todo
         if config is not None and todo == 0:
-            yield _logged_llm_run(model_path, config, k, spec.prior, spec.prior_weight)
+            yield _logged_llm_run(model_path, db_path, catalog, config, k, spec.prior, spec.prior_weight)
             return
         groups = -(-todo // max(1, batch))
         workers, threads = resolve_workers(workers, model_path, groups, threads)
@@ -417,15 +417,17 @@ def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog,
                           config=config if config is not None and rec.model_path == model_path else None)
 
 
-def _logged_llm_run(model_path: Path, config: dict, k: int, prior: str | None, prior_weight: float | None) -> Run:
-    """:func:`llm_run` for a run whose every result is logged already: named as the opened model would name it
-    (its default prior is its sidecar's kind, the one ``load_prior`` loads), and nothing to compute."""
-    from .cf import has_sidecar
+def _logged_llm_run(model_path: Path, db_path: Path, catalog: Catalog, config: dict, k: int, prior: str | None,
+                    prior_weight: float | None) -> Run:
+    """:func:`llm_run` for a run whose every result is logged already, without opening the model: named as the
+    opened model would name it (its default prior resolved by ``load_prior``, as ``Recommender.open`` does)."""
     from .engine import build_identity
-    from .recommend import _sidecar_kind
+    from .recommend import load_prior
 
-    used = prior if prior is not None else (_sidecar_kind(model_path.parent) or "none"
-                                            if has_sidecar(model_path.parent) else "none")
+    used = prior
+    if prior is None:
+        loaded = load_prior(None, prior_weight, model_path.parent, catalog, db_path)
+        used = loaded.kind if loaded is not None else "none"
 
     def produce(examples):
         raise RuntimeError(f"{len(examples)} users were to come from the log")
