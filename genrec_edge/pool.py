@@ -117,6 +117,9 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) ->
 
 AUTO = "auto"
 WORKER_OVERHEAD_BYTES = 320 << 20  # resident per worker beyond its model file (~410 MB in all at Q8_0's 138 MB)
+# A build with AMX keeps a second, repacked copy of the weights for its kernels: ~550-580 MB resident at Q8_0
+# (docs/FINDINGS.md), so ``auto`` counts the model twice there.
+AMX_WEIGHT_COPIES = 2
 MEMORY_SHARE = 0.5  # of the memory available now, the most ``auto`` gives to workers
 UNKNOWN_MODEL_BYTES = 150 << 20  # the default model at Q8_0 (138 MB), for a model not built yet
 
@@ -151,23 +154,29 @@ def available_memory() -> int | None:
 
 
 def auto_workers(model_bytes: int, jobs: int, threads: int | None = None, cpus: int | None = None,
-                 memory: int | None = None) -> tuple[int, int | None]:
+                 memory: int | None = None, amx: bool | None = None) -> tuple[int, int | None]:
     """``(processes, threads each)`` for ``jobs`` searches run here with ``--workers auto``.
 
     One single-thread process per usable core: the layout that ranked the most users per second on every
     machine measured (2 cores: 1.28x one process with both, bench/results/process-split-2026-12-01.md; and
     more where a hypervisor takes cores away: docs/FINDINGS.md). With ``threads`` given, one process per
     ``threads`` cores instead. Never more processes than ``jobs`` (each loads its own model), nor than fit in
-    ``MEMORY_SHARE`` of the memory available (``model_bytes`` + ``WORKER_OVERHEAD_BYTES`` each). One process
-    keeps ``threads`` as given (None: every core, adapted to other programs' load), as without workers.
-    ``cpus`` and ``memory`` default to this machine's (``usable_cpus``, ``available_memory``)."""
+    ``MEMORY_SHARE`` of the memory available (``model_bytes`` + ``WORKER_OVERHEAD_BYTES`` each, the model
+    counted ``AMX_WEIGHT_COPIES`` times when llama.cpp was built with AMX). One process keeps ``threads`` as
+    given (None: every core, adapted to other programs' load), as without workers. ``cpus``, ``memory`` and
+    ``amx`` default to this machine's (``usable_cpus``, ``available_memory``, ``llama_probe.amx_recorded``)."""
     from .cpu_share import usable_cpus
 
     cpus = usable_cpus() if cpus is None else cpus
     memory = available_memory() if memory is None else memory
+    if amx is None:
+        from .llama_probe import amx_recorded
+
+        amx = amx_recorded()
     count = max(1, cpus // threads) if threads else cpus
     if memory is not None:
-        count = min(count, max(1, int(memory * MEMORY_SHARE) // (model_bytes + WORKER_OVERHEAD_BYTES)))
+        each = model_bytes * (AMX_WEIGHT_COPIES if amx else 1) + WORKER_OVERHEAD_BYTES
+        count = min(count, max(1, int(memory * MEMORY_SHARE) // each))
     count = max(1, min(count, jobs))
     if count == 1:
         return 1, threads

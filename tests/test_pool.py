@@ -508,7 +508,7 @@ MB = 1 << 20
 
 
 def test_auto_workers_one_single_thread_process_per_core_within_memory_and_jobs():
-    from genrec_edge.pool import WORKER_OVERHEAD_BYTES, auto_workers
+    from genrec_edge.pool import AMX_WEIGHT_COPIES, WORKER_OVERHEAD_BYTES, auto_workers
 
     plenty = 64 << 30
     model = 138 * MB
@@ -524,11 +524,27 @@ def test_auto_workers_one_single_thread_process_per_core_within_memory_and_jobs(
     assert auto_workers(model, jobs=1, cpus=8, memory=plenty) == (1, None)  # one process keeps every core
     assert auto_workers(model, jobs=0, cpus=8, memory=plenty) == (1, None)
     # Half the free memory bounds the count; a machine short of memory gets one process.
-    assert auto_workers(model, jobs=100, cpus=16, memory=2 * 3 * per) == (3, 5)
-    assert auto_workers(model, jobs=100, cpus=16, memory=2 * 3 * per - 1) == (2, 8)
-    assert auto_workers(model, jobs=100, cpus=16, memory=per) == (1, None)
-    assert auto_workers(4 * model, jobs=100, cpus=16, memory=2 * 3 * per) == (1, None)  # a bigger model
+    assert auto_workers(model, jobs=100, cpus=16, memory=2 * 3 * per, amx=False) == (3, 5)
+    assert auto_workers(model, jobs=100, cpus=16, memory=2 * 3 * per - 1, amx=False) == (2, 8)
+    assert auto_workers(model, jobs=100, cpus=16, memory=per, amx=False) == (1, None)
+    assert auto_workers(4 * model, jobs=100, cpus=16, memory=2 * 3 * per, amx=False) == (1, None)  # a bigger model
     assert auto_workers(model, jobs=100, cpus=1, memory=plenty) == (1, None)
+    # An AMX build holds a repacked copy of the weights too: the same memory fits fewer processes.
+    per_amx = AMX_WEIGHT_COPIES * model + WORKER_OVERHEAD_BYTES
+    assert auto_workers(model, jobs=100, cpus=16, memory=2 * 3 * per, amx=True) == (2, 8)
+    assert auto_workers(model, jobs=100, cpus=16, memory=2 * 3 * per_amx, amx=True) == (3, 5)
+    assert auto_workers(model, jobs=100, cpus=16, memory=plenty, amx=True) == (16, 1)
+
+
+def test_auto_workers_counts_the_amx_copy_of_the_weights_when_the_build_has_amx(monkeypatch):
+    from genrec_edge import llama_probe
+    from genrec_edge.pool import WORKER_OVERHEAD_BYTES, auto_workers
+
+    model = 138 * MB
+    memory = 2 * 3 * (model + WORKER_OVERHEAD_BYTES)  # three plain processes fit, not three with AMX
+    for recorded, expected in ((False, 3), (True, 2)):
+        monkeypatch.setattr(llama_probe, "amx_recorded", lambda recorded=recorded: recorded)
+        assert auto_workers(model, jobs=100, cpus=16, memory=memory)[0] == expected
 
 
 def test_auto_workers_reads_this_machine(monkeypatch):
