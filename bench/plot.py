@@ -38,9 +38,6 @@ def figure(report: dict):
     for ax, key, label in panels:
         values = [r[key] for r in rows]
         ax.plot(sizes, values, "o", color="tab:blue")
-        # Levels crowd around 85-110 MiB: stagger the labels so they stay readable.
-        for i, (row, x, y) in enumerate(zip(rows, sizes, values, strict=True)):
-            ax.annotate(row["name"], (x, y), textcoords="offset points", xytext=(4, 4 + 9 * (i % 3)), fontsize=8)
         if key != "p50_ms" and all(r.get(f"{key}_lo") is not None for r in rows):
             # The quality points alone read as a ranking of the levels; on a small sample they are noise.
             low = [v - r[f"{key}_lo"] for r, v in zip(rows, values, strict=True)]
@@ -84,4 +81,45 @@ def figure(report: dict):
         fontsize=7, color="0.4",
     )
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    # Levels crowd around 85-140 MiB: each name goes where it overlaps no other name and no point (the layout
+    # is final now, so what is measured is what is drawn).
+    names = [r["name"] for r in rows]
+    for ax, key, _ in panels:
+        label_points(fig, ax, names, sizes, [r[key] for r in rows])
     return fig
+
+
+# Where a point's name may go, in points from the point, tried in this order.
+_LABEL_SPOTS = ((4, 4, "left"), (4, -12, "left"), (-4, 4, "right"), (-4, -12, "right"), (4, 16, "left"),
+                (-4, 16, "right"), (4, -24, "left"), (-4, -24, "right"), (4, 28, "left"), (-4, 28, "right"))
+_POINT_RADIUS_PX = 4  # a marker's half-size in pixels, kept clear of names
+
+
+def label_points(fig, ax, names, xs, ys) -> list:
+    """Annotate each point with its name at the first of ``_LABEL_SPOTS`` whose box overlaps no name placed
+    before it, no other point and leaves the axes alone (the first spot if none does); returns the texts."""
+    from matplotlib.transforms import Bbox
+
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    centres = [ax.transData.transform((x, y)) for x, y in zip(xs, ys, strict=True)]
+    marks = [Bbox.from_extents(cx - _POINT_RADIUS_PX, cy - _POINT_RADIUS_PX, cx + _POINT_RADIUS_PX,
+                               cy + _POINT_RADIUS_PX) for cx, cy in centres]
+    taken, texts = [], []
+    for i in sorted(range(len(names)), key=lambda j: (xs[j], ys[j])):
+        for dx, dy, ha in _LABEL_SPOTS:
+            text = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               ha=ha)
+            box = text.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(b) for b in taken + marks[:i] + marks[i + 1:]):
+                break
+            text.remove()
+        else:
+            dx, dy, ha = _LABEL_SPOTS[0]
+            text = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), fontsize=8,
+                               ha=ha)
+            box = text.get_window_extent(renderer)
+        taken.append(box)
+        texts.append(text)
+    return texts

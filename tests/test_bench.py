@@ -357,3 +357,34 @@ def test_the_plot_shows_intervals_and_the_small_sample_note(tiny_f16, tiny_db, t
     rows = report["rows"]
     assert [tuple(seg[:, 1]) for seg in segments] == [(r["HR@10_lo"], r["HR@10_hi"]) for r in rows]
     assert "3 users: noise" in ax_q.get_title()
+
+
+def test_the_plot_s_level_names_overlap_neither_each_other_nor_the_points():
+    """Names staggered by index alone collided where levels crowd (Q6_K's over Q8_0's in the 2026-12-03 run):
+    each name now goes where its drawn box overlaps no other name and no other level's point."""
+    from bench.plot import _POINT_RADIUS_PX, figure
+
+    # The 2026-12-03 run's sizes and latencies, and HR@10 values that put several levels on one spot.
+    levels = [("F16", 258.3, 4869, 0.017), ("Q8_0", 138.1, 3042, 0.017), ("Q6_K", 132.0, 2807, 0.050),
+              ("Q5_K_M", 106.9, 5184, 0.050), ("Q5_0", 100.1, 3808, 0.033), ("Q4_K_M", 100.6, 3840, 0.017),
+              ("Q4_0", 87.5, 3105, 0.017), ("Q3_K_M", 89.2, 3192, 0.017), ("Q2_K", 84.1, 3317, 0.017)]
+    rows = [{"name": n, "size_mb": mb, "p50_ms": p50, "p95_ms": p50 * 1.2, "HR@10": hr, "HR@10_lo": 0.0,
+             "HR@10_hi": hr + 0.05} for n, mb, p50, hr in levels]
+    meta = {"k": 10, "sample": {"users": 60, "test_users": 610, "seed": 0}, "threads": 2, "dataset": "synthetic",
+            "model_kind": "fine-tuned", "date": "2026-12-03", "versions": {}, "model_f16": "model-F16.gguf",
+            "model_f16_sha256": "0" * 64, "cpu": "a CPU"}
+    fig = figure({"meta": meta, "rows": rows, "peers": [], "hf_side_by_side": []})
+    renderer = fig.canvas.get_renderer()
+    for ax, key in zip(fig.axes[:2], ("HR@10", "p50_ms"), strict=True):
+        texts = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+        assert sorted(texts) == sorted(n for n, *_ in levels)
+        names = list(texts)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                assert not texts[a].overlaps(texts[b]), (key, a, b)
+        for row in rows:
+            cx, cy = ax.transData.transform((row["size_mb"], row[key]))
+            for name, box in texts.items():
+                if name != row["name"]:
+                    assert not (box.x0 - _POINT_RADIUS_PX < cx < box.x1 + _POINT_RADIUS_PX
+                                and box.y0 - _POINT_RADIUS_PX < cy < box.y1 + _POINT_RADIUS_PX), (key, name, row)
