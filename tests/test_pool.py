@@ -585,12 +585,13 @@ def test_parse_workers_refuses_anything_else_in_one_line(given):
 
 
 def test_resolve_workers_caps_a_count_by_the_jobs_and_sizes_auto_by_the_model(tmp_path, monkeypatch):
-    from genrec_edge import cpu_share
+    from genrec_edge import cpu_share, llama_probe
     from genrec_edge import pool as pool_mod
 
     assert pool_mod.resolve_workers(8, None, jobs=3, threads=None) == (3, None)
     assert pool_mod.resolve_workers(2, None, jobs=10, threads=4) == (2, 4)
     monkeypatch.setattr(cpu_share, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(llama_probe, "amx_recorded", lambda: False)  # a build without AMX: one copy of the weights
     per = pool_mod.WORKER_OVERHEAD_BYTES
     half = 2 * (per + 400 * MB)  # room for two workers of a 400 MB model
     monkeypatch.setattr(pool_mod, "available_memory", lambda: 2 * half)
@@ -602,3 +603,6 @@ def test_resolve_workers_caps_a_count_by_the_jobs_and_sizes_auto_by_the_model(tm
     assert half // (per + pool_mod.UNKNOWN_MODEL_BYTES) == 3
     assert pool_mod.resolve_workers("auto", tmp_path / "not-built.gguf", jobs=10, threads=None) == (3, 1)
     assert pool_mod.resolve_workers("auto", None, jobs=10, threads=None) == (3, 1)
+    # With AMX the 400 MB model is held twice: one worker fits.
+    monkeypatch.setattr(llama_probe, "amx_recorded", lambda: True)
+    assert pool_mod.resolve_workers("auto", big, jobs=10, threads=None) == (1, None)
