@@ -419,15 +419,14 @@ def _open_run(spec: RecommenderSpec, db_path: Path, sequences, catalog: Catalog,
 
 def _logged_llm_run(model_path: Path, db_path: Path, catalog: Catalog, config: dict, k: int, prior: str | None,
                     prior_weight: float | None) -> Run:
-    """:func:`llm_run` for a run whose every result is logged already, without opening the model: named as the
-    opened model would name it (its default prior resolved by ``load_prior``, as ``Recommender.open`` does)."""
+    """:func:`llm_run` for a run whose every result is logged already, without opening the model: its prior
+    resolved (and refused) by ``load_prior`` as ``Recommender.open`` and :func:`ray_llm_run` do, and named as
+    the opened model would name it."""
     from .engine import build_identity
     from .recommend import load_prior
 
-    used = prior
-    if prior is None:
-        loaded = load_prior(None, prior_weight, model_path.parent, catalog, db_path)
-        used = loaded.kind if loaded is not None else "none"
+    loaded = load_prior(prior, prior_weight, model_path.parent, catalog, db_path)
+    used = loaded.kind if loaded is not None else "none"
 
     def produce(examples):
         raise RuntimeError(f"{len(examples)} users were to come from the log")
