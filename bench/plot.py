@@ -105,21 +105,20 @@ def label_points(fig, ax, names, xs, ys) -> list:
     centres = [ax.transData.transform((x, y)) for x, y in zip(xs, ys, strict=True)]
     marks = [Bbox.from_extents(cx - _POINT_RADIUS_PX, cy - _POINT_RADIUS_PX, cx + _POINT_RADIUS_PX,
                                cy + _POINT_RADIUS_PX) for cx, cy in centres]
+    def put(i, dx, dy, ha):
+        text = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), fontsize=8, ha=ha)
+        return text, text.get_window_extent(renderer)
+
     taken, texts = [], []
     for i in sorted(range(len(names)), key=lambda j: (xs[j], ys[j])):
-        for dx, dy, ha in _LABEL_SPOTS:
-            text = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), fontsize=8,
-                               ha=ha)
-            box = text.get_window_extent(renderer)
+        for spot in _LABEL_SPOTS:
+            text, box = put(i, *spot)
             inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
             if inside and not any(box.overlaps(b) for b in taken + marks[:i] + marks[i + 1:]):
                 break
             text.remove()
         else:
-            dx, dy, ha = _LABEL_SPOTS[0]
-            text = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), fontsize=8,
-                               ha=ha)
-            box = text.get_window_extent(renderer)
+            text, box = put(i, *_LABEL_SPOTS[0])
         taken.append(box)
         texts.append(text)
     return texts
